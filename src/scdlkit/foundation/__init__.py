@@ -1,0 +1,39 @@
+"""scGPT: checkpoints, model, tokenisation, data preparation, adaptation strategies, runner.
+
+Knows nothing about obs/uns key names; ``scdlkit.tl`` writes the results into the AnnData.
+"""
+
+try:
+    import safetensors  # noqa: F401
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    msg = (
+        "The scGPT path of scdlkit needs its 'foundation' extra: pip install 'scdlkit[foundation]'"
+    )
+    raise ImportError(msg) from err
+
+from scdlkit.foundation._checkpoint import (
+    OFFICIAL_CHECKPOINTS,
+    ScGPTCheckpoint,
+    ScGPTModelArgs,
+    default_cache_dir,
+    resolve_checkpoint,
+)
+from scdlkit.foundation._genes import GeneMatch, match_genes, tokenize_adata
+from scdlkit.foundation._loading import CheckpointLoadReport, load_scgpt_model
+from scdlkit.foundation._model import ScGPTEncoder
+from scdlkit.foundation._tokenize import ScGPTTokens
+
+__all__ = [
+    "OFFICIAL_CHECKPOINTS",
+    "CheckpointLoadReport",
+    "GeneMatch",
+    "ScGPTCheckpoint",
+    "ScGPTEncoder",
+    "ScGPTModelArgs",
+    "ScGPTTokens",
+    "default_cache_dir",
+    "load_scgpt_model",
+    "match_genes",
+    "resolve_checkpoint",
+    "tokenize_adata",
+]

@@ -1,0 +1,212 @@
+"""Finding an scGPT checkpoint folder on disk and reading its vocabulary and arguments.
+
+Nothing here touches the network: official checkpoints are looked up in a local cache folder, and a
+missing one is an error that says where to put the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "OFFICIAL_CHECKPOINTS",
+    "ScGPTCheckpoint",
+    "ScGPTModelArgs",
+    "default_cache_dir",
+    "resolve_checkpoint",
+]
+
+CHECKPOINT_FILES = ("args.json", "vocab.json", "best_model.pt")
+SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
+CACHE_ENV_VAR = "SCDLKIT_CACHE_DIR"
+_DRIVE = "https://drive.google.com/drive/folders/"
+
+#: Official scGPT checkpoints (bowang-lab/scGPT README, "Pretrained scGPT Model Zoo").
+OFFICIAL_CHECKPOINTS: dict[str, str] = {
+    "whole-human": _DRIVE + "1oWh_-ZRdhtoGQ2Fw24HP41FgLoomVo-y",
+    "continual-pretrained": _DRIVE + "1_GROJTzXiAV8HB4imruOTk6PEGuNOcgB",
+    "brain": _DRIVE + "1vf1ijfQSk7rGdDGpBntR5bi5g6gNt-Gx",
+    "blood": _DRIVE + "1kkug5C7NjvXIwQGGaGoqXTk_Lb_pDrBU",
+    "heart": _DRIVE + "1GcgXrd7apn6y4Ze_iSCncskX3UsWPY2r",
+    "lung": _DRIVE + "16A1DJ30PT6bodt4bWLa4hpS7gbWZQFBG",
+    "kidney": _DRIVE + "1S-1AR65DF120kNFpEbWCvRHPhpkGK3kK",
+    "pan-cancer": _DRIVE + "13QzLHilYUd0v3HTwa_9n4G4yEF-hdkqa",
+}
+
+
+def default_cache_dir() -> Path:
+    """Folder that holds official checkpoints: ``$SCDLKIT_CACHE_DIR`` or the platform cache dir.
+
+    The checkpoint named ``"whole-human"`` is looked up in ``<cache>/scgpt/whole-human/``.
+    """
+    env = os.environ.get(CACHE_ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if os.name == "nt":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif xdg:
+        base = Path(xdg)
+    elif os.uname().sysname == "Darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path.home() / ".cache"
+    return base / "scdlkit"
+
+
+@dataclass(frozen=True)
+class ScGPTModelArgs:
+    """The fields of an scGPT ``args.json`` that shape the model and its tokens."""
+
+    embsize: int = 512
+    nheads: int = 8
+    d_hid: int = 512
+    nlayers: int = 12
+    n_layers_cls: int = 3
+    dropout: float = 0.2
+    pad_token: str = "<pad>"
+    pad_value: float = -2.0
+    mask_value: float = -1.0
+    n_bins: int = 51
+    max_seq_len: int = 1200
+    input_emb_style: str = "continuous"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ScGPTModelArgs:
+        """Read the relevant fields of a parsed ``args.json``; absent ones keep their defaults."""
+        known = {f: raw[f] for f in cls.__dataclass_fields__ if f in raw and raw[f] is not None}
+        args = cls(**known)
+        if args.input_emb_style != "continuous":
+            msg = (
+                f"args.json has input_emb_style={args.input_emb_style!r}; only the 'continuous' "
+                "value encoder of the official checkpoints is supported."
+            )
+            raise ValueError(msg)
+        if args.embsize % args.nheads:
+            msg = f"args.json: embsize={args.embsize} is not divisible by nheads={args.nheads}."
+            raise ValueError(msg)
+        return args
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-ready copy."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class ScGPTCheckpoint:
+    """A resolved checkpoint folder: paths, parsed arguments and vocabulary.
+
+    Reading the vocabulary and arguments never touches ``best_model.pt``, so preflight checks stay
+    cheap; the weights are read by :func:`scdlkit.foundation.load_scgpt_model`.
+    """
+
+    path: Path
+    name: str
+    args: ScGPTModelArgs
+    raw_args: dict[str, Any] = field(repr=False)
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / "best_model.pt"
+
+    @cached_property
+    def vocab(self) -> dict[str, int]:
+        """``{token: id}``; the specials ``<pad>``, ``<cls>``, ``<eoc>`` appended if absent."""
+        return load_vocab(self.path / "vocab.json")
+
+    @property
+    def pad_id(self) -> int:
+        return self.vocab[self.args.pad_token]
+
+    @property
+    def cls_id(self) -> int:
+        return self.vocab["<cls>"]
+
+    @cached_property
+    def weights_sha256(self) -> str:
+        """sha256 of ``best_model.pt``, recorded in saved runners to detect a different base."""
+        digest = hashlib.sha256()
+        with self.weights_path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+
+def load_vocab(path: Path) -> dict[str, int]:
+    """Read ``vocab.json`` and append missing special tokens in the official order."""
+    with Path(path).open() as fh:
+        raw = json.load(fh)
+    if not isinstance(raw, dict) or not all(isinstance(v, int) for v in raw.values()):
+        msg = f"{path} is not an scGPT vocabulary: expected a JSON object of token -> integer id."
+        raise ValueError(msg)
+    vocab = dict(sorted(raw.items(), key=lambda item: item[1]))
+    ids = sorted(vocab.values())
+    if ids != list(range(len(ids))):
+        msg = f"{path}: token ids must be 0..{len(ids) - 1} without gaps."
+        raise ValueError(msg)
+    for token in SPECIAL_TOKENS:
+        if token not in vocab:
+            vocab[token] = len(vocab)
+    return vocab
+
+
+def _missing_message(checkpoint: str, folder: Path) -> str:
+    if checkpoint in OFFICIAL_CHECKPOINTS:
+        return (
+            f"scGPT checkpoint {checkpoint!r} not found in {folder}. scdlkit never downloads "
+            f"weights itself: get the folder from {OFFICIAL_CHECKPOINTS[checkpoint]} (the official "
+            f"scGPT release) and put its files {', '.join(CHECKPOINT_FILES)} in {folder}, set "
+            f"{CACHE_ENV_VAR} to a folder holding '{checkpoint}/', or pass checkpoint=<path to "
+            "the folder>."
+        )
+    return (
+        f"checkpoint={checkpoint!r} is neither a folder holding {', '.join(CHECKPOINT_FILES)} nor "
+        f"an official scGPT name ({', '.join(OFFICIAL_CHECKPOINTS)})."
+    )
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike | ScGPTCheckpoint) -> ScGPTCheckpoint:
+    """Find a checkpoint folder: an explicit path first, else an official name in the cache.
+
+    Parameters
+    ----------
+    checkpoint
+        A folder holding ``args.json``, ``vocab.json`` and ``best_model.pt``, or an official name
+        such as ``"whole-human"`` looked up in :func:`default_cache_dir` ``/scgpt/<name>``.
+
+    Raises
+    ------
+    FileNotFoundError
+        When no such folder exists, saying where the files go and where upstream publishes them.
+    """
+    if isinstance(checkpoint, ScGPTCheckpoint):
+        return checkpoint
+    candidate = Path(checkpoint).expanduser()
+    name = str(checkpoint)
+    if candidate.is_dir():
+        folder = candidate
+        name = candidate.resolve().name if name not in OFFICIAL_CHECKPOINTS else name
+    elif name in OFFICIAL_CHECKPOINTS:
+        folder = default_cache_dir() / "scgpt" / name
+    else:
+        raise FileNotFoundError(_missing_message(name, candidate))
+    missing = [f for f in CHECKPOINT_FILES if not (folder / f).is_file()]
+    if missing:
+        msg = _missing_message(name, folder)
+        if folder.is_dir():
+            msg = f"{folder} lacks {', '.join(missing)}. " + msg
+        raise FileNotFoundError(msg)
+    with (folder / "args.json").open() as fh:
+        raw_args = json.load(fh)
+    return ScGPTCheckpoint(
+        path=folder.resolve(),
+        name=name,
+        args=ScGPTModelArgs.from_dict(raw_args),
+        raw_args=raw_args,
+    )

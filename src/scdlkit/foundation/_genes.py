@@ -1,0 +1,134 @@
+"""Matching the AnnData's genes to the scGPT vocabulary, and tokenising it once."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from scdlkit.foundation._checkpoint import ScGPTCheckpoint
+from scdlkit.foundation._tokenize import ScGPTTokens, tokenize_matrix
+from scdlkit.foundation._validation import (
+    gene_names,
+    get_matrix,
+    looks_like_ensembl,
+    validate_values,
+)
+
+__all__ = ["GeneMatch", "match_genes", "tokenize_adata"]
+
+logger = logging.getLogger("scdlkit")
+
+
+@dataclass(frozen=True)
+class GeneMatch:
+    """Which of the AnnData's genes the vocabulary knows.
+
+    Attributes
+    ----------
+    names
+        The gene symbols that were matched against the vocabulary, one per ``var``.
+    vocab_ids
+        Vocabulary id per ``var``, -1 where the vocabulary lacks the gene.
+    """
+
+    names: pd.Index
+    vocab_ids: np.ndarray
+
+    @property
+    def n_matched(self) -> int:
+        return int((self.vocab_ids >= 0).sum())
+
+    @property
+    def ratio(self) -> float:
+        return self.n_matched / max(len(self.names), 1)
+
+    @property
+    def matched(self) -> list[str]:
+        return list(self.names[self.vocab_ids >= 0])
+
+    @property
+    def unmatched(self) -> list[str]:
+        return list(self.names[self.vocab_ids < 0])
+
+
+def match_genes(adata: Any, checkpoint: ScGPTCheckpoint, gene_key: str | None) -> GeneMatch:
+    """Look each gene symbol up in the vocabulary (special tokens never match)."""
+    names = gene_names(adata, gene_key)
+    vocab = checkpoint.vocab
+    specials = {checkpoint.args.pad_token, "<cls>", "<eoc>"}
+    ids = np.array([-1 if n in specials else vocab.get(n, -1) for n in names], dtype=np.int64)
+    return GeneMatch(names=names, vocab_ids=ids)
+
+
+def check_gene_overlap(
+    match: GeneMatch, *, gene_key: str | None, min_gene_overlap: int | float = 1
+) -> None:
+    """Refuse data whose genes the vocabulary does not know, naming ``gene_key`` where it helps.
+
+    ``min_gene_overlap`` is a count of genes (int) or a fraction of the input genes (float < 1).
+    """
+    if gene_key is None and looks_like_ensembl(match.names) and match.ratio < 0.5:
+        msg = (
+            "var_names look like Ensembl ids, but the scGPT vocabulary holds gene symbols. Pass "
+            "gene_key= naming the adata.var column with symbols (e.g. gene_key='feature_name' or "
+            "'gene_symbols')."
+        )
+        raise ValueError(msg)
+    needed = (
+        min_gene_overlap * len(match.names)
+        if isinstance(min_gene_overlap, float) and min_gene_overlap < 1
+        else min_gene_overlap
+    )
+    if match.n_matched == 0 or match.n_matched < needed:
+        where = f"adata.var[{gene_key!r}]" if gene_key else "adata.var_names"
+        sample = ", ".join(map(str, match.names[:5]))
+        msg = (
+            f"only {match.n_matched} of {len(match.names)} genes in {where} are in the scGPT "
+            f"vocabulary (need at least {needed:g}; first genes: {sample}). Use human gene "
+            "symbols, or pass gene_key= naming the adata.var column that holds them."
+        )
+        raise ValueError(msg)
+
+
+def tokenize_adata(
+    adata: Any,
+    checkpoint: ScGPTCheckpoint,
+    *,
+    gene_key: str | None = None,
+    layer: str | None = None,
+    min_gene_overlap: int | float = 1,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[ScGPTTokens, GeneMatch]:
+    """Validate values and genes, then tokenise every cell once.
+
+    Raises before any work on negative/non-finite values, too little gene overlap or Ensembl ids
+    without ``gene_key``; the AnnData is never modified.
+    """
+    match = match_genes(adata, checkpoint, gene_key)
+    check_gene_overlap(match, gene_key=gene_key, min_gene_overlap=min_gene_overlap)
+    validate_values(adata, layer)
+    args = checkpoint.args
+    tokens = tokenize_matrix(
+        get_matrix(adata, layer),
+        match.vocab_ids,
+        n_bins=args.n_bins,
+        cls_id=checkpoint.cls_id,
+        pad_id=checkpoint.pad_id,
+        pad_value=args.pad_value,
+        max_seq_len=args.max_seq_len,
+        seed=seed,
+        progress=progress,
+    )
+    logger.info(
+        "tokenised %d cells: %d of %d genes matched the vocabulary, median %d tokens per cell",
+        tokens.n_cells,
+        match.n_matched,
+        len(match.names),
+        int(np.median(tokens.lengths)) if tokens.n_cells else 0,
+    )
+    return tokens, match

@@ -1,0 +1,173 @@
+"""The scGPT encoder in plain PyTorch, state-dict compatible with the official checkpoints.
+
+Module names mirror upstream (``encoder.embedding``, ``value_encoder.linear1``,
+``transformer_encoder.layers.{i}.self_attn.Wqkv``, ...), so an official ``best_model.pt`` loads
+key for key. The encoder layer is ours: torch's ``nn.TransformerEncoderLayer`` takes a fused fast
+path in ``eval()`` that bypasses wrapped sub-modules, which would silently switch PEFT layers off
+at inference (SCGPT_NOTES.md section 6). Every sub-module here is always called.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scdlkit.foundation._checkpoint import ScGPTModelArgs
+
+__all__ = ["ScGPTEncoder", "ScGPTEncoderLayer", "ScGPTSelfAttention"]
+
+VALUE_CLAMP = 512.0
+
+
+class GeneEncoder(nn.Module):
+    """Token embedding followed by LayerNorm (upstream ``GeneEncoder``)."""
+
+    def __init__(self, n_tokens: int, d_model: int, padding_idx: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(n_tokens, d_model, padding_idx=padding_idx)
+        self.enc_norm = nn.LayerNorm(d_model)
+
+    def forward(self, gene_ids: torch.Tensor) -> torch.Tensor:
+        return self.enc_norm(self.embedding(gene_ids))
+
+
+class ContinuousValueEncoder(nn.Module):
+    """MLP on the (binned) expression value (upstream ``ContinuousValueEncoder``)."""
+
+    def __init__(self, d_model: int, dropout: float) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(1, d_model)
+        self.linear2 = nn.Linear(d_model, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        x = values.unsqueeze(-1).clamp(max=VALUE_CLAMP)
+        x = self.linear2(F.relu(self.linear1(x)))
+        return self.dropout(self.norm(x))
+
+
+class ScGPTSelfAttention(nn.Module):
+    """Multi-head self-attention with a packed ``Wqkv`` projection (flash-attn layout).
+
+    ``prefix`` is an optional module returning learned ``(keys, values)`` of shape
+    ``(batch, heads, prefix_length, head_dim)`` that are joined in front of the sequence's own keys
+    and values (prefix tuning); the padding mask is extended so every prefix slot is attended.
+    """
+
+    def __init__(self, d_model: int, nhead: int, dropout: float) -> None:
+        super().__init__()
+        self.nhead = nhead
+        self.head_dim = d_model // nhead
+        self.dropout = dropout
+        self.Wqkv = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.prefix: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        batch, length, d_model = x.shape
+        qkv = self.Wqkv(x).view(batch, length, 3, self.nhead, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, length, head_dim)
+        if self.prefix is not None:
+            prefix_k, prefix_v = self.prefix(batch)
+            k = torch.cat([prefix_k.to(k.dtype), k], dim=2)
+            v = torch.cat([prefix_v.to(v.dtype), v], dim=2)
+            if attn_mask is not None:
+                keep = attn_mask.new_ones((*attn_mask.shape[:-1], prefix_k.shape[2]))
+                attn_mask = torch.cat([keep, attn_mask], dim=-1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        out = out.transpose(1, 2).reshape(batch, length, d_model)
+        return self.out_proj(out)
+
+
+class ScGPTEncoderLayer(nn.Module):
+    """Post-norm transformer layer with ReLU, as in every official scGPT checkpoint."""
+
+    def __init__(self, d_model: int, nhead: int, d_hid: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = ScGPTSelfAttention(d_model, nhead, dropout)
+        self.linear1 = nn.Linear(d_model, d_hid)
+        self.linear2 = nn.Linear(d_hid, d_model)
+        self.norm1 = nn.LayerNorm(d_model, eps=1e-5)
+        self.norm2 = nn.LayerNorm(d_model, eps=1e-5)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.norm1(x + self.dropout1(self.self_attn(x, attn_mask)))
+        hidden = self.dropout(F.relu(self.linear1(x)))
+        return self.norm2(x + self.dropout2(self.linear2(hidden)))
+
+
+class TransformerStack(nn.Module):
+    def __init__(self, layers: list[ScGPTEncoderLayer]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, attn_mask)
+        return x
+
+
+class ScGPTEncoder(nn.Module):
+    """scGPT's gene/value embedding and transformer encoder; the pretraining heads are left out.
+
+    Parameters
+    ----------
+    args
+        Architecture from the checkpoint's ``args.json``.
+    n_tokens
+        Vocabulary size, special tokens included.
+    pad_id
+        Id of ``<pad>`` (its embedding row is the ``padding_idx``).
+    """
+
+    def __init__(self, args: ScGPTModelArgs, n_tokens: int, pad_id: int) -> None:
+        super().__init__()
+        self.args = args
+        self.pad_id = pad_id
+        # set by load_scgpt_model: the resolved checkpoint and what happened to each of its keys
+        self.checkpoint = None
+        self.load_report = None
+        d = args.embsize
+        self.encoder = GeneEncoder(n_tokens, d, pad_id)
+        self.value_encoder = ContinuousValueEncoder(d, args.dropout)
+        self.transformer_encoder = TransformerStack(
+            [ScGPTEncoderLayer(d, args.nheads, args.d_hid, args.dropout) for _ in range(args.nlayers)]
+        )
+
+    @property
+    def d_model(self) -> int:
+        return self.args.embsize
+
+    def forward(
+        self,
+        gene_ids: torch.Tensor,
+        values: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states ``(batch, length, d_model)``.
+
+        ``padding_mask`` is True at pad positions (torch convention); when omitted it is derived
+        from ``gene_ids == pad_id``.
+        """
+        if padding_mask is None:
+            padding_mask = gene_ids.eq(self.pad_id)
+        x = self.encoder(gene_ids) + self.value_encoder(values.to(self.encoder.embedding.weight.dtype))
+        # sdpa's boolean mask means "may attend"; broadcast over heads and queries.
+        attn_mask = (~padding_mask)[:, None, None, :] if padding_mask.any() else None
+        return self.transformer_encoder(x, attn_mask)
+
+    def cls_embedding(
+        self,
+        gene_ids: torch.Tensor,
+        values: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The un-normalised output at the ``<cls>`` position (position 0)."""
+        return self.forward(gene_ids, values, padding_mask)[:, 0, :]

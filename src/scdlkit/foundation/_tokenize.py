@@ -1,0 +1,223 @@
+"""From an expression matrix to scGPT tokens, stored compactly, and from tokens to padded batches.
+
+Tokens of the whole dataset are held CSR-like: per cell, the vocabulary ids (int32) and bins
+(uint8) of its expressed, vocabulary-matched genes. That is 5 bytes per non-zero, never a dense
+padded array. ``<cls>`` is prepended and padding added only when a batch is built.
+
+Conventions (SCGPT_NOTES.md sections 3-4, the official embedding path ``cell_emb.py``):
+``<cls>`` first with value ``pad_value`` (-2); values binned per cell into 1..n_bins-1 by rank;
+ties broken with a seeded generator per cell, so tokens are reproducible and equal to upstream
+wherever no tie occurs; above ``max_seq_len`` a seeded random subset of genes is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from scdlkit.foundation._validation import iter_row_chunks
+
+__all__ = [
+    "ScGPTTokens",
+    "bin_values",
+    "collate_tokens",
+    "length_grouped_batches",
+    "tokenize_matrix",
+]
+
+
+def bin_values(values: np.ndarray, n_bins: int, seed: Sequence[int] | None = None) -> np.ndarray:
+    """Bin one cell's non-zero values into ``1..n_bins-1`` exactly as upstream ``binning``.
+
+    Edges are the ``n_bins - 1`` quantiles of the values; a value gets ``digitize(v, edges)``;
+    where several edges are equal (tied values) the value is spread over the bins they span using
+    a generator seeded with ``seed`` (upstream uses the unseeded global generator there).
+    """
+    edges = np.quantile(values, np.linspace(0, 1, n_bins - 1))
+    left = np.digitize(values, edges)
+    right = np.digitize(values, edges, right=True)
+    span = left - right
+    if not (span > 1).any():
+        # no tie spans several bins: upstream's random draw cannot change the result.
+        return left
+    u = np.random.default_rng(seed).random(len(values))
+    return np.ceil(u * (right - left) + left).astype(np.int64)
+
+
+@dataclass
+class ScGPTTokens:
+    """Tokens of a set of cells, CSR-like.
+
+    Attributes
+    ----------
+    indptr
+        ``(n_cells + 1,)`` int64 offsets into ``gene_ids`` and ``bins``.
+    gene_ids
+        Vocabulary id of each expressed, matched gene (int32).
+    bins
+        Its expression bin, ``1..n_bins-1`` (uint8).
+    cls_id, pad_id, pad_value, max_seq_len
+        What :func:`collate_tokens` needs to build model input.
+    seed
+        Seeds the per-cell gene subsampling above ``max_seq_len``.
+    """
+
+    indptr: np.ndarray
+    gene_ids: np.ndarray
+    bins: np.ndarray
+    cls_id: int
+    pad_id: int
+    pad_value: float
+    max_seq_len: int
+    seed: int = 0
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.indptr) - 1
+
+    def __len__(self) -> int:
+        return self.n_cells
+
+    @property
+    def n_genes_per_cell(self) -> np.ndarray:
+        """Expressed, matched genes per cell (before any truncation)."""
+        return np.diff(self.indptr)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Model input length per cell: ``<cls>`` plus genes, capped at ``max_seq_len``."""
+        return np.minimum(self.n_genes_per_cell + 1, self.max_seq_len)
+
+    @property
+    def nbytes(self) -> int:
+        return self.indptr.nbytes + self.gene_ids.nbytes + self.bins.nbytes
+
+    def cell(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Gene ids and bins of cell ``i``, subsampled (seeded) if longer than ``max_seq_len``."""
+        start, stop = self.indptr[i], self.indptr[i + 1]
+        genes, bins = self.gene_ids[start:stop], self.bins[start:stop]
+        keep = self.max_seq_len - 1
+        if len(genes) > keep:
+            rng = np.random.default_rng([self.seed, i])
+            idx = np.sort(rng.choice(len(genes), size=keep, replace=False))
+            genes, bins = genes[idx], bins[idx]
+        return genes, bins
+
+
+def tokenize_matrix(
+    matrix: Any,
+    vocab_ids: np.ndarray,
+    *,
+    n_bins: int,
+    cls_id: int,
+    pad_id: int,
+    pad_value: float,
+    max_seq_len: int,
+    seed: int = 0,
+    progress: bool = False,
+) -> ScGPTTokens:
+    """Tokenise every cell of ``matrix`` (cells x genes; dense, sparse, backed or dask).
+
+    ``vocab_ids[j]`` is the vocabulary id of column ``j``, or -1 for a gene the vocabulary lacks.
+    Memory beyond the tokens themselves is bounded by one chunk of rows.
+    """
+    from tqdm.auto import tqdm
+
+    vocab_ids = np.asarray(vocab_ids)
+    matched = vocab_ids >= 0
+    if n_bins - 1 > np.iinfo(np.uint8).max:
+        msg = f"n_bins={n_bins} does not fit the uint8 token store (at most 256)."
+        raise ValueError(msg)
+    n_cells = matrix.shape[0]
+    counts = np.zeros(n_cells, dtype=np.int64)
+    gene_chunks: list[np.ndarray] = []
+    bin_chunks: list[np.ndarray] = []
+    bar = tqdm(total=n_cells, desc="tokenising", unit="cell", disable=not progress)
+    for start, block in iter_row_chunks(matrix):
+        block = block[:, np.flatnonzero(matched)]
+        block.eliminate_zeros()
+        block.sort_indices()
+        block_ids = vocab_ids[matched].astype(np.int32)
+        for r in range(block.shape[0]):
+            lo, hi = block.indptr[r], block.indptr[r + 1]
+            if hi == lo:
+                continue
+            cell = start + r
+            values = block.data[lo:hi]
+            gene_chunks.append(block_ids[block.indices[lo:hi]])
+            bin_chunks.append(bin_values(values, n_bins, (seed, cell)).astype(np.uint8))
+            counts[cell] = hi - lo
+        bar.update(block.shape[0])
+    bar.close()
+    indptr = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return ScGPTTokens(
+        indptr=indptr,
+        gene_ids=np.concatenate(gene_chunks) if gene_chunks else np.zeros(0, np.int32),
+        bins=np.concatenate(bin_chunks) if bin_chunks else np.zeros(0, np.uint8),
+        cls_id=cls_id,
+        pad_id=pad_id,
+        pad_value=float(pad_value),
+        max_seq_len=int(max_seq_len),
+        seed=seed,
+    )
+
+
+def collate_tokens(tokens: ScGPTTokens, cells: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Padded model input for ``cells``: ``gene_ids`` (long), ``values`` (float), ``padding_mask``.
+
+    Position 0 holds ``<cls>`` with value ``pad_value``; the batch is padded to its longest cell
+    with ``<pad>`` and ``pad_value``.
+    """
+    per_cell = [tokens.cell(int(i)) for i in cells]
+    width = 1 + max((len(g) for g, _ in per_cell), default=0)
+    gene_ids = np.full((len(per_cell), width), tokens.pad_id, dtype=np.int64)
+    values = np.full((len(per_cell), width), tokens.pad_value, dtype=np.float32)
+    gene_ids[:, 0] = tokens.cls_id
+    for row, (genes, bins) in enumerate(per_cell):
+        gene_ids[row, 1 : 1 + len(genes)] = genes
+        values[row, 1 : 1 + len(genes)] = bins
+    gene_ids_t = torch.from_numpy(gene_ids)
+    return {
+        "gene_ids": gene_ids_t,
+        "values": torch.from_numpy(values),
+        "padding_mask": gene_ids_t.eq(tokens.pad_id),
+    }
+
+
+def length_grouped_batches(
+    lengths: np.ndarray,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+) -> Iterator[np.ndarray]:
+    """Batches of positions into ``lengths`` grouping cells of similar length.
+
+    Without ``shuffle``, cells are taken longest first (so the largest allocation comes first) in
+    fixed batches. With ``shuffle``, cells are shuffled, cut into mega-batches of 50 batches,
+    sorted by length inside each, and the batches are yielded in random order: every epoch sees
+    different batches while padding stays small.
+    """
+    lengths = np.asarray(lengths)
+    n = len(lengths)
+    if not shuffle:
+        order = np.argsort(-lengths, kind="stable")
+        for start in range(0, n, batch_size):
+            yield order[start : start + batch_size]
+        return
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n)
+    mega = batch_size * 50
+    batches = []
+    for start in range(0, n, mega):
+        chunk = order[start : start + mega]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    for b in rng.permutation(len(batches)):
+        yield batches[b]

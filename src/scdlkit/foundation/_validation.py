@@ -1,0 +1,134 @@
+"""Checks on the user's AnnData before any work: expression values and gene identifiers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+__all__ = [
+    "describe_values",
+    "gene_names",
+    "get_matrix",
+    "iter_row_chunks",
+    "looks_like_ensembl",
+    "validate_values",
+]
+
+_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+CHUNK_CELLS = 4096
+
+
+def get_matrix(adata: Any, layer: str | None) -> Any:
+    """The expression matrix the user pointed at: ``adata.layers[layer]`` or ``adata.X``."""
+    if layer is None:
+        if adata.X is None:
+            msg = "adata.X is empty: pass layer= naming the layer that holds counts or log-normalised values."
+            raise ValueError(msg)
+        return adata.X
+    if layer not in adata.layers:
+        available = ", ".join(map(repr, adata.layers.keys())) or "none"
+        msg = f"layer={layer!r} is not in adata.layers (available: {available})."
+        raise KeyError(msg)
+    return adata.layers[layer]
+
+
+def iter_row_chunks(matrix: Any, chunk: int = CHUNK_CELLS) -> Iterator[tuple[int, sparse.csr_matrix]]:
+    """Yield ``(start, rows as CSR float32)``; works for dense, sparse, backed and dask matrices."""
+    n = matrix.shape[0]
+    for start in range(0, n, chunk):
+        block = matrix[start : min(start + chunk, n)]
+        if hasattr(block, "compute"):  # dask
+            block = block.compute()
+        if hasattr(block, "to_memory"):  # anndata backed sparse dataset
+            block = block.to_memory()
+        block = sparse.csr_matrix(block, dtype=np.float32) if not sparse.issparse(block) else block
+        yield start, sparse.csr_matrix(block, dtype=np.float32)
+
+
+def _where(layer: str | None) -> str:
+    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+
+
+def validate_values(adata: Any, layer: str | None) -> None:
+    """Refuse negative or non-finite expression values with a pointer to usable data.
+
+    scGPT bins each cell's non-zero values by rank, so raw counts and log-normalised values work
+    alike; scaled (z-scored) data have negative values and lose the zero/non-zero distinction.
+    """
+    matrix = get_matrix(adata, layer)
+    for _, block in iter_row_chunks(matrix):
+        data = block.data
+        if not np.isfinite(data).all():
+            msg = (
+                f"{_where(layer)} holds NaN or infinite values. scGPT needs raw counts or "
+                "log-normalised expression: fill or drop those cells, or pass layer= naming a "
+                "clean layer."
+            )
+            raise ValueError(msg)
+        if (data < 0).any():
+            hints = []
+            if layer is None and getattr(adata, "raw", None) is not None:
+                hints.append("`adata.raw.to_adata()` (this object has a .raw)")
+            if len(adata.layers):
+                hints.append(f"layer= one of {', '.join(map(repr, adata.layers.keys()))}")
+            hint = " or ".join(hints) if hints else "raw counts or log-normalised values"
+            msg = (
+                f"{_where(layer)} has negative values, so it looks scaled (e.g. sc.pp.scale). "
+                f"scGPT needs raw counts or log-normalised expression: use {hint}."
+            )
+            raise ValueError(msg)
+
+
+def describe_values(adata: Any, layer: str | None, *, max_cells: int = 2000) -> str:
+    """``"raw_counts"``, ``"log_normalised"``, ``"scaled_negative"``, ``"non_finite"`` or ``"empty"``.
+
+    Looks at up to ``max_cells`` cells spread over the data.
+    """
+    matrix = get_matrix(adata, layer)
+    n = matrix.shape[0]
+    rows = np.unique(np.linspace(0, n - 1, min(n, max_cells)).astype(int)) if n else []
+    block = matrix[rows] if len(rows) else None
+    if block is None:
+        return "empty"
+    if hasattr(block, "compute"):
+        block = block.compute()
+    if hasattr(block, "to_memory"):
+        block = block.to_memory()
+    data = block.data if sparse.issparse(block) else np.asarray(block).ravel()
+    data = data[data != 0]
+    if data.size == 0:
+        return "empty"
+    if not np.isfinite(data).all():
+        return "non_finite"
+    if (data < 0).any():
+        return "scaled_negative"
+    if np.allclose(data, np.round(data)):
+        return "raw_counts"
+    return "log_normalised"
+
+
+def gene_names(adata: Any, gene_key: str | None) -> pd.Index:
+    """Gene symbols to match against the vocabulary: ``var[gene_key]`` or ``var_names``."""
+    if gene_key is None:
+        return pd.Index(adata.var_names.astype(str))
+    if gene_key not in adata.var.columns:
+        msg = (
+            f"gene_key={gene_key!r} is not a column of adata.var (columns: "
+            f"{', '.join(map(repr, adata.var.columns)) or 'none'})."
+        )
+        raise KeyError(msg)
+    return pd.Index(adata.var[gene_key].astype(str))
+
+
+def looks_like_ensembl(names: pd.Index, threshold: float = 0.5) -> bool:
+    """True when most names are Ensembl gene ids (ENSG..., ENSMUSG...)."""
+    if len(names) == 0:
+        return False
+    sample = names[: min(len(names), 2000)]
+    hits = sum(bool(_ENSEMBL.match(n)) for n in sample)
+    return hits / len(sample) >= threshold

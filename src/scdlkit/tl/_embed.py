@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from anndata import AnnData
+
+from scdlkit.tl._utils import package_versions
+
+__all__ = ["embed"]
+
+
+def embed(
+    adata: AnnData,
+    *,
+    checkpoint: str | os.PathLike = "whole-human",
+    gene_key: str | None = None,
+    layer: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    precision: str = "auto",
+    random_state: int = 0,
+    progress: bool = True,
+    key_added: str = "scgpt",
+    copy: bool = False,
+) -> AnnData | None:
+    """Embed cells with a pretrained scGPT encoder (frozen, no training).
+
+    The cell embedding is the encoder output at the ``<cls>`` position, L2-normalised per cell,
+    as in upstream's ``embed_data``. Genes are matched to the vocabulary by symbol; each cell's
+    expressed genes are binned by rank, so raw counts and log-normalised values give the same
+    result.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes with raw counts or log-normalised values (non-negative) and gene symbols.
+    checkpoint
+        Official checkpoint name (found in the local cache) or a folder holding ``args.json``,
+        ``vocab.json`` and ``best_model.pt``.
+    gene_key
+        Column of ``adata.var`` with gene symbols; default ``adata.var_names``.
+    layer
+        Layer holding the values; default ``adata.X``.
+    batch_size
+        Cells per forward pass (cells of similar length are batched together).
+    device
+        ``"auto"`` (CUDA, then MPS, then CPU) or a torch device string.
+    precision
+        ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"fp32"`` or ``"bf16"``.
+    random_state
+        Seeds tie-breaking in binning and gene subsampling above ``max_seq_len``.
+    progress
+        Show a progress bar.
+    key_added
+        Writes ``adata.obsm[f"X_{key_added}"]`` and ``adata.uns[key_added]``.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None``, or the annotated copy when ``copy=True``. Writes:
+
+    - ``obsm[f"X_{key_added}"]``: float32 ``(n_cells, d_model)``, unit-length rows;
+    - ``uns[key_added]["params"]``: the arguments and the checkpoint used;
+    - ``uns[key_added]["n_genes_matched"]``, ``uns[key_added]["versions"]``.
+
+    Examples
+    --------
+    >>> sck.tl.embed(adata, checkpoint="path/to/scGPT_human")  # doctest: +SKIP
+    >>> sc.pp.neighbors(adata, use_rep="X_scgpt")  # doctest: +SKIP
+    """
+    from scdlkit.foundation import load_scgpt_model, resolve_checkpoint
+    from scdlkit.foundation._device import resolve_device
+    from scdlkit.foundation._embed import encode_cells, l2_normalise
+    from scdlkit.foundation._genes import tokenize_adata
+
+    ckpt = resolve_checkpoint(checkpoint)
+    tokens, match = tokenize_adata(
+        adata, ckpt, gene_key=gene_key, layer=layer, seed=random_state, progress=progress
+    )
+    torch_device = resolve_device(device)
+    model = load_scgpt_model(ckpt, device=torch_device)
+    raw = encode_cells(
+        tokens,
+        lambda b: model.cls_embedding(b["gene_ids"], b["values"], b["padding_mask"]),
+        device=torch_device,
+        batch_size=batch_size,
+        precision=precision,
+        progress=progress,
+    )
+    if copy:
+        adata = adata.copy()
+    adata.obsm[f"X_{key_added}"] = l2_normalise(raw)
+    adata.uns[key_added] = {
+        "params": {
+            "checkpoint": str(ckpt.name),
+            "checkpoint_path": str(ckpt.path),
+            "gene_key": gene_key or "",
+            "layer": layer or "",
+            "batch_size": batch_size,
+            "device": str(torch_device),
+            "precision": precision,
+            "random_state": random_state,
+        },
+        "n_genes_matched": match.n_matched,
+        "versions": package_versions(),
+    }
+    return adata if copy else None

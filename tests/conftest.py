@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+DATA = Path(__file__).parent / "data"
+FIXTURE = DATA / "scgpt-tiny-flash"
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    return FIXTURE
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir() -> Path:
+    return FIXTURE / "checkpoint"
+
+
+@pytest.fixture
+def fixture_adata() -> ad.AnnData:
+    return ad.read_h5ad(FIXTURE / "data.h5ad")
+
+
+@pytest.fixture(scope="session")
+def expected() -> dict[str, np.ndarray]:
+    with np.load(FIXTURE / "expected.npz") as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+@pytest.fixture
+def checkpoint_copy(tmp_path: Path, checkpoint_dir: Path) -> Path:
+    """A writable copy of the fixture checkpoint for tests that alter it."""
+    dest = tmp_path / "ckpt"
+    shutil.copytree(checkpoint_dir, dest)
+    for f in dest.iterdir():
+        f.chmod(0o644)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def _pbmc_raw() -> ad.AnnData:
+    import scanpy as sc
+
+    pbmc = sc.datasets.pbmc68k_reduced()
+    raw = pbmc.raw.to_adata()
+    raw.obs["bulk_labels"] = pbmc.obs["bulk_labels"].copy()
+    return raw
+
+
+@pytest.fixture
+def pbmc_raw(_pbmc_raw: ad.AnnData) -> ad.AnnData:
+    """pbmc68k_reduced's log-normalised ``.raw`` (765 symbols) with ``bulk_labels``."""
+    return _pbmc_raw.copy()

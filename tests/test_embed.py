@@ -1,0 +1,208 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import scdlkit as sck
+from scdlkit.foundation import load_scgpt_model, resolve_checkpoint, tokenize_adata
+from scdlkit.foundation._tokenize import collate_tokens
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_embed_reproduces_upstream(fixture_adata, checkpoint_dir, expected):
+    sck.tl.embed(fixture_adata, checkpoint=checkpoint_dir, progress=False, batch_size=16)
+    emb = fixture_adata.obsm["X_scgpt"]
+    assert emb.dtype == np.float32
+    assert emb.shape == expected["cls_embedding"].shape
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    assert _cosine(emb, expected["cls_embedding"]).min() > 0.9999
+    params = fixture_adata.uns["scgpt"]["params"]
+    assert params["batch_size"] == 16
+    assert params["checkpoint_path"] == str(checkpoint_dir.resolve())
+
+
+def test_tokens_match_upstream(fixture_adata, checkpoint_dir, expected):
+    ckpt = resolve_checkpoint(checkpoint_dir)
+    tokens, match = tokenize_adata(fixture_adata, ckpt)
+    assert match.n_matched == 350
+    np.testing.assert_array_equal(tokens.lengths, expected["lengths"])
+    for i in range(tokens.n_cells):
+        batch = collate_tokens(tokens, [i])
+        ours = dict(zip(batch["gene_ids"][0].tolist(), batch["values"][0].tolist(), strict=True))
+        n = expected["lengths"][i]
+        theirs = dict(
+            zip(expected["gene_ids"][i, :n].tolist(), expected["values"][i, :n].tolist(), strict=True)
+        )
+        assert ours == theirs
+    # compact storage: int32 gene id + uint8 bin per non-zero gene
+    per_nonzero = (tokens.gene_ids.nbytes + tokens.bins.nbytes) / len(tokens.gene_ids)
+    assert per_nonzero == 5
+
+
+def test_raw_cls_matches_upstream(fixture_adata, checkpoint_dir, expected):
+    model = load_scgpt_model(checkpoint_dir, device="cpu")
+    batch = {
+        "gene_ids": torch.as_tensor(expected["gene_ids"]).long(),
+        "values": torch.as_tensor(expected["values"]).float(),
+    }
+    with torch.inference_mode():
+        cls = model.cls_embedding(batch["gene_ids"], batch["values"]).numpy()
+    np.testing.assert_allclose(cls, expected["cls_raw"], atol=1e-4, rtol=1e-4)
+
+
+def test_load_report(checkpoint_dir):
+    model = load_scgpt_model(checkpoint_dir, device="cpu")
+    report = model.load_report
+    assert "flag_encoder.weight" in report.ignored
+    assert any(k.startswith("decoder.") for k in report.ignored)
+    assert any(k.startswith("mvc_decoder.") for k in report.ignored)
+    assert "transformer_encoder.layers.0.self_attn.Wqkv.weight" in report.used
+    assert not model.training
+
+
+def _rewrite_layout(src: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in src.items():
+        if layout == "in_proj":
+            key = key.replace("self_attn.Wqkv.weight", "self_attn.in_proj_weight")
+            key = key.replace("self_attn.Wqkv.bias", "self_attn.in_proj_bias")
+        elif layout == "impl":
+            key = key.replace("self_attn.Wqkv.", "self_attn._impl.Wqkv.")
+            key = key.replace("self_attn.out_proj.", "self_attn._impl.out_proj.")
+        out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("layout", ["in_proj", "impl"])
+def test_other_attention_layouts_load_identically(
+    layout, checkpoint_copy, fixture_adata, expected
+):
+    path = checkpoint_copy / "best_model.pt"
+    state = torch.load(path, weights_only=True)
+    rewritten = _rewrite_layout(state, layout)
+    assert rewritten.keys() != state.keys()
+    torch.save(rewritten, path)
+    model = load_scgpt_model(checkpoint_copy, device="cpu")
+    assert len(model.load_report.renamed) == (4 if layout == "in_proj" else 8)
+    sck.tl.embed(fixture_adata, checkpoint=checkpoint_copy, progress=False)
+    assert _cosine(fixture_adata.obsm["X_scgpt"], expected["cls_embedding"]).min() > 0.9999
+
+
+def test_missing_encoder_key_is_named(checkpoint_copy):
+    path = checkpoint_copy / "best_model.pt"
+    state = torch.load(path, weights_only=True)
+    del state["transformer_encoder.layers.1.self_attn.out_proj.weight"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.out_proj\.weight"):
+        load_scgpt_model(checkpoint_copy, device="cpu")
+
+
+def test_misshaped_encoder_key_is_named(checkpoint_copy):
+    path = checkpoint_copy / "best_model.pt"
+    state = torch.load(path, weights_only=True)
+    state["value_encoder.linear2.weight"] = torch.zeros(3, 3)
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"value_encoder\.linear2\.weight.*shape"):
+        load_scgpt_model(checkpoint_copy, device="cpu")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickled_object_is_refused(checkpoint_copy, capsys):
+    path = checkpoint_copy / "best_model.pt"
+    state = torch.load(path, weights_only=True)
+    state["evil"] = _Payload()
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="weights_only"):
+        load_scgpt_model(checkpoint_copy, device="cpu")
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_vocab_specials_appended(checkpoint_copy):
+    import json
+
+    vocab_path = checkpoint_copy / "vocab.json"
+    vocab = json.loads(vocab_path.read_text())
+    for special in ("<pad>", "<cls>", "<eoc>"):
+        vocab.pop(special)
+    vocab_path.write_text(json.dumps(vocab))
+    ckpt = resolve_checkpoint(checkpoint_copy)
+    assert ckpt.vocab["<pad>"] == 5000
+    assert ckpt.vocab["<cls>"] == 5001
+    assert ckpt.vocab["<eoc>"] == 5002
+    load_scgpt_model(ckpt, device="cpu")
+
+
+def test_missing_official_checkpoint_says_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCDLKIT_CACHE_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as info:
+        resolve_checkpoint("whole-human")
+    text = str(info.value)
+    assert str(tmp_path / "scgpt" / "whole-human") in text
+    assert "drive.google.com" in text
+    assert "best_model.pt" in text
+
+
+def test_official_name_found_in_cache(tmp_path, monkeypatch, checkpoint_dir):
+    import shutil
+
+    shutil.copytree(checkpoint_dir, tmp_path / "scgpt" / "blood")
+    monkeypatch.setenv("SCDLKIT_CACHE_DIR", str(tmp_path))
+    ckpt = resolve_checkpoint("blood")
+    assert ckpt.name == "blood"
+    assert ckpt.args.embsize == 32
+
+
+def test_scaled_x_points_to_raw(checkpoint_dir):
+    import scanpy as sc
+
+    pbmc = sc.datasets.pbmc68k_reduced()
+    before = pbmc.copy()
+    with pytest.raises(ValueError, match=r"negative.*adata\.raw\.to_adata\(\)"):
+        sck.tl.embed(pbmc, checkpoint=checkpoint_dir, progress=False)
+    assert "X_scgpt" not in pbmc.obsm
+    assert set(pbmc.uns) == set(before.uns)
+
+
+def test_non_finite_values_refused(fixture_adata, checkpoint_dir):
+    fixture_adata.X[3, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        sck.tl.embed(fixture_adata, checkpoint=checkpoint_dir, progress=False)
+    assert "scgpt" not in fixture_adata.uns
+
+
+def test_no_gene_overlap(fixture_adata, checkpoint_dir):
+    fixture_adata.var_names = [f"NOTAGENE{i}" for i in range(fixture_adata.n_vars)]
+    with pytest.raises(ValueError, match="gene_key"):
+        sck.tl.embed(fixture_adata, checkpoint=checkpoint_dir, progress=False)
+    assert "X_scgpt" not in fixture_adata.obsm
+
+
+def test_ensembl_ids_need_gene_key(fixture_adata, checkpoint_dir, expected):
+    symbols = fixture_adata.var_names.copy()
+    fixture_adata.var["symbol"] = symbols
+    fixture_adata.var_names = [f"ENSG{i:011d}" for i in range(fixture_adata.n_vars)]
+    with pytest.raises(ValueError, match=r"Ensembl.*gene_key"):
+        sck.tl.embed(fixture_adata, checkpoint=checkpoint_dir, progress=False)
+    assert "X_scgpt" not in fixture_adata.obsm
+    out = sck.tl.embed(
+        fixture_adata, checkpoint=checkpoint_dir, gene_key="symbol", progress=False, copy=True
+    )
+    assert "X_scgpt" not in fixture_adata.obsm
+    assert _cosine(out.obsm["X_scgpt"], expected["cls_embedding"]).min() > 0.9999
+
+
+def test_layer_and_sparse_input(fixture_adata, checkpoint_dir, expected):
+    from scipy import sparse
+
+    fixture_adata.layers["counts"] = sparse.csr_matrix(fixture_adata.X)
+    fixture_adata.X = np.zeros_like(fixture_adata.X)
+    sck.tl.embed(fixture_adata, checkpoint=checkpoint_dir, layer="counts", progress=False)
+    assert _cosine(fixture_adata.obsm["X_scgpt"], expected["cls_embedding"]).min() > 0.9999
