@@ -18,7 +18,15 @@ from scdlkit.foundation._checkpoint import (
     default_cache_dir,
     resolve_checkpoint,
 )
+from scdlkit.foundation._data import (
+    ScGPTCellDataset,
+    ScGPTPreparedData,
+    ScGPTSplitData,
+    prepare_scgpt_data,
+    split_scgpt_data,
+)
 from scdlkit.foundation._genes import GeneMatch, match_genes, tokenize_adata
+from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
 from scdlkit.foundation._loading import CheckpointLoadReport, load_scgpt_model
 from scdlkit.foundation._model import ScGPTEncoder
 from scdlkit.foundation._tokenize import ScGPTTokens
@@ -27,13 +35,20 @@ __all__ = [
     "OFFICIAL_CHECKPOINTS",
     "CheckpointLoadReport",
     "GeneMatch",
+    "ScGPTAnnotationDataReport",
+    "ScGPTCellDataset",
+    "ScGPTPreparedData",
+    "ScGPTSplitData",
     "ScGPTCheckpoint",
     "ScGPTEncoder",
     "ScGPTModelArgs",
     "ScGPTTokens",
     "default_cache_dir",
+    "inspect_annotation_data",
     "load_scgpt_model",
     "match_genes",
+    "prepare_scgpt_data",
     "resolve_checkpoint",
+    "split_scgpt_data",
     "tokenize_adata",
 ]

@@ -1,0 +1,336 @@
+"""Throughput of ``sck.tl.embed`` against scGPT run "the upstream way", on this machine.
+
+Both paths run the same whole-human-sized encoder (random weights: 12 layers, d=512, vocab
+60,697) on the same synthetic cells, whose numbers of expressed genes are realistic (log-normal,
+a few hundred to two thousand). Both include reading the checkpoint and tokenising, so the ratio
+is end to end:
+
+- ``sck.tl.embed``: the package as a user calls it (length-grouped batches, default precision:
+  bf16 autocast on CUDA, fp32 on CPU);
+- "upstream way", as in upstream ``embed_data``: the same tokens, cells in input order, consecutive
+  batches of ``--batch-size`` padded to the batch's longest cell, fp32, no length grouping.
+
+Also reported: tokenisation cells/s and the bytes of stored tokens per non-zero gene. On CUDA
+(or with ``--mfu``) a second table gives cells/s at 1,200 tokens per cell in bf16 and the model
+FLOP utilisation, with FLOPs counted analytically (``2 * matmul params * tokens`` plus
+``4 * L^2 * d`` per layer for attention) against 989 TFLOP/s (H100 SXM, bf16 dense).
+
+Run ``python benchmarks/embed_throughput.py`` (about 5 minutes on 2 CPU cores), or ``--quick``
+for a seconds-long smoke run with a tiny model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import scdlkit as sck
+from scdlkit.foundation import load_scgpt_model, resolve_checkpoint, tokenize_adata
+from scdlkit.foundation._device import resolve_device
+from scdlkit.foundation._embed import encode_cells, l2_normalise
+from scdlkit.foundation._tokenize import collate_tokens
+
+
+def _load_synthetic() -> Any:
+    name = "scdlkit_benchmarks_synthetic"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_synthetic.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+syn = _load_synthetic()
+
+#: H100 SXM dense bf16 peak, the denominator of the reported model FLOP utilisation.
+H100_BF16_PEAK_TFLOPS = 989.0
+
+COLUMNS = (
+    "machine",
+    "cores / torch threads",
+    "torch",
+    "device",
+    "model",
+    "cells",
+    "tokens/cell (median)",
+    "sck.tl.embed cells/s",
+    "upstream way cells/s",
+    "speed-up",
+    "agreement (min cosine)",
+    "tokenise cells/s",
+    "token bytes / non-zero",
+)
+MFU_COLUMNS = (
+    "device",
+    "precision",
+    "tokens/cell",
+    "batch",
+    "cells/s",
+    "GFLOP/cell",
+    "achieved TFLOP/s",
+    "MFU",
+)
+
+TINY = {"embsize": 32, "nheads": 4, "d_hid": 64, "nlayers": 2, "n_vocab_genes": 3000}
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo``), else whatever ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} + {cpu_model()}"
+    return cpu_model()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    _sync(device)
+    start = time.perf_counter()
+    result = fn()
+    _sync(device)
+    return time.perf_counter() - start, result
+
+
+def embed_upstream_way(
+    adata: Any, checkpoint: Path, *, batch_size: int, device: torch.device
+) -> np.ndarray:
+    """Cell embeddings computed as upstream ``embed_data`` does, with our encoder and tokens.
+
+    Cells in input order, consecutive batches padded to their longest cell, fp32 (no autocast).
+    Reads the checkpoint and tokenises, as ``sck.tl.embed`` does, so the two time the same work.
+    """
+    ckpt = resolve_checkpoint(checkpoint)
+    tokens, _ = tokenize_adata(adata, ckpt, seed=0)
+    model = load_scgpt_model(ckpt, device=device)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, tokens.n_cells, batch_size):
+            batch = collate_tokens(tokens, range(start, min(start + batch_size, tokens.n_cells)))
+            batch = {k: v.to(device) for k, v in batch.items()}
+            cls = model.cls_embedding(batch["gene_ids"], batch["values"], batch["padding_mask"])
+            out.append(cls.float().cpu().numpy())
+    return l2_normalise(np.concatenate(out))
+
+
+def embed_ours(adata: Any, checkpoint: Path, *, batch_size: int, device: torch.device) -> np.ndarray:
+    sck.tl.embed(
+        adata, checkpoint=checkpoint, batch_size=batch_size, device=str(device), progress=False
+    )
+    return adata.obsm["X_scgpt"]
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Weights that take part in a matrix product per token (all ``nn.Linear`` weights)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def flops_per_cell(model: Any, length: int) -> float:
+    """Forward FLOPs for one cell of ``length`` tokens: matmuls plus attention scores/values."""
+    args = model.args
+    return 2.0 * matmul_params(model) * length + args.nlayers * 4.0 * length**2 * args.embsize
+
+
+def fixed_length_throughput(
+    checkpoint: Path,
+    genes: Sequence[str],
+    *,
+    device: torch.device,
+    n_cells: int,
+    batch_size: int,
+    repeats: int,
+    precision: str = "bf16",
+) -> dict[str, Any]:
+    """Cells/s and FLOP rate of ``encode_cells`` on cells of exactly ``max_seq_len`` tokens."""
+    ckpt = resolve_checkpoint(checkpoint)
+    length = ckpt.args.max_seq_len
+    known = [g for g in genes if g in ckpt.vocab]  # every expressed gene must become a token
+    adata = syn.synthetic_adata(
+        n_cells, known, min_expressed=length - 1, max_expressed=length - 1, seed=1
+    )
+    tokens, _ = tokenize_adata(adata, ckpt, seed=0)
+    assert (tokens.lengths == length).all(), "fixed-length cells did not tokenise to max_seq_len"
+    model = load_scgpt_model(ckpt, device=device)
+
+    def run() -> np.ndarray:
+        return encode_cells(
+            tokens,
+            lambda b: model.cls_embedding(b["gene_ids"], b["values"], b["padding_mask"]),
+            device=device,
+            batch_size=batch_size,
+            precision=precision,
+        )
+
+    run()  # warm-up: kernels, allocator
+    seconds = statistics.median(timed(run, device)[0] for _ in range(repeats))
+    cells_per_s = n_cells / seconds
+    flops = flops_per_cell(model, length)
+    achieved = cells_per_s * flops / 1e12
+    mfu = (
+        f"{100 * achieved / H100_BF16_PEAK_TFLOPS:.1f}% of {H100_BF16_PEAK_TFLOPS:g}"
+        if device.type == "cuda"
+        else "n/a (no GPU peak)"
+    )
+    return {
+        "device": machine_name(device),
+        "precision": precision,
+        "tokens/cell": length,
+        "batch": batch_size,
+        "cells/s": f"{cells_per_s:,.1f}",
+        "GFLOP/cell": f"{flops / 1e9:.1f}",
+        "achieved TFLOP/s": f"{achieved:.3g}",
+        "MFU": mfu,
+    }
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n-cells", type=int, default=128, help="cells embedded per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    p.add_argument("--batch-size", type=int, default=64, help="cells per batch, both paths")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+    p.add_argument(
+        "--tokenize-cells", type=int, default=2000, help="cells in the tokenisation timing"
+    )
+    p.add_argument(
+        "--mfu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fixed-length bf16 FLOP-utilisation table (default: only on CUDA)",
+    )
+    p.add_argument("--mfu-cells", type=int, default=4096, help="cells in the MFU timing")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--quick", action="store_true", help="tiny model and data: a smoke run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n_cells, args.repeats, args.tokenize_cells = 24, 1, 48
+        args.batch_size, args.mfu_cells = 8, 16
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """Run the benchmark, print the markdown table(s) and return them."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    arch = TINY if args.quick else syn.WHOLE_HUMAN
+    n_data_genes = 2000 if args.quick else 20000
+    expressed = {"min_expressed": 20, "max_expressed": 200} if args.quick else {}
+
+    with tempfile.TemporaryDirectory(prefix="scdlkit-bench-") as tmp:
+        folder = syn.write_random_checkpoint(Path(tmp) / "scgpt-random", **arch)
+        # a dataset's genes: a random subset of the vocabulary plus 5% the vocabulary lacks
+        rng = np.random.default_rng(0)
+        vocab_genes = np.array(syn.fake_gene_symbols(arch["n_vocab_genes"]))
+        genes = [
+            *vocab_genes[np.sort(rng.choice(len(vocab_genes), n_data_genes, replace=False))],
+            *(f"NOTINVOCAB{i}" for i in range(n_data_genes // 20)),
+        ]
+        adata = syn.synthetic_adata(args.n_cells, genes, seed=0, **expressed)
+        ckpt = resolve_checkpoint(folder)
+
+        # tokenisation alone, on a larger dataset so the timing is not noise
+        tok_adata = syn.synthetic_adata(args.tokenize_cells, genes, seed=2, **expressed)
+        tok_seconds = statistics.median(
+            timed(lambda: tokenize_adata(tok_adata, ckpt), device)[0] for _ in range(args.repeats)
+        )
+        tokens, _ = tokenize_adata(adata, ckpt)
+
+        warm = adata[: min(8, adata.n_obs)].copy()  # first-call costs stay out of the timings
+        embed_ours(warm, folder, batch_size=args.batch_size, device=device)
+        embed_upstream_way(warm, folder, batch_size=args.batch_size, device=device)
+
+        ours_s, upstream_s = [], []
+        for _ in range(args.repeats):
+            run_adata = adata.copy()
+            seconds, ours = timed(
+                lambda a=run_adata: embed_ours(a, folder, batch_size=args.batch_size, device=device),
+                device,
+            )
+            ours_s.append(seconds)
+            seconds, theirs = timed(
+                lambda: embed_upstream_way(
+                    adata, folder, batch_size=args.batch_size, device=device
+                ),
+                device,
+            )
+            upstream_s.append(seconds)
+        ours_rate = args.n_cells / statistics.median(ours_s)
+        upstream_rate = args.n_cells / statistics.median(upstream_s)
+        n_layers, d = arch["nlayers"], arch["embsize"]
+        row = {
+            "machine": machine_name(device),
+            "cores / torch threads": f"{os.cpu_count()} / {torch.get_num_threads()}",
+            "torch": torch.__version__,
+            "device": str(device),
+            "model": f"{n_layers} layers, d={d}, vocab {len(ckpt.vocab):,}",
+            "cells": args.n_cells,
+            "tokens/cell (median)": int(np.median(tokens.lengths)),
+            "sck.tl.embed cells/s": f"{ours_rate:.2f}",
+            "upstream way cells/s": f"{upstream_rate:.2f}",
+            "speed-up": f"{ours_rate / upstream_rate:.2f}x",
+            "agreement (min cosine)": f"{float((ours * theirs).sum(1).min()):.5f}",
+            "tokenise cells/s": f"{args.tokenize_cells / tok_seconds:,.0f}",
+            "token bytes / non-zero": f"{tokens.nbytes / max(len(tokens.gene_ids), 1):.2f}",
+        }
+        out = [markdown_table(COLUMNS, [row])]
+        out.append(
+            f"\nMedian of {args.repeats} repeat(s), end to end (checkpoint read + tokenise + "
+            f"encode); batch size {args.batch_size}. Upstream way: input order, padded to the "
+            "batch maximum, fp32."
+        )
+
+        if args.mfu if args.mfu is not None else device.type == "cuda":
+            mfu_row = fixed_length_throughput(
+                folder,
+                genes,
+                device=device,
+                n_cells=args.mfu_cells,
+                batch_size=args.batch_size,
+                repeats=args.repeats,
+            )
+            out += ["", markdown_table(MFU_COLUMNS, [mfu_row])]
+            out.append(
+                "\nFLOPs per cell = 2 x (nn.Linear weights) x tokens + layers x 4 x tokens^2 x d."
+            )
+    text = "\n".join(out)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

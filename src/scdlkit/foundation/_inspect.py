@@ -1,0 +1,264 @@
+"""Preflight: does this AnnData fit scGPT? Reads vocab.json and args.json only, never the weights."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
+from scdlkit.foundation._data import MIN_CELLS_TO_STRATIFY
+from scdlkit.foundation._genes import match_genes
+from scdlkit.foundation._labels import encode_labels, read_label_column
+from scdlkit.foundation._validation import (
+    describe_values,
+    get_matrix,
+    iter_row_chunks,
+    looks_like_ensembl,
+)
+
+__all__ = ["ScGPTAnnotationDataReport", "inspect_annotation_data"]
+
+UNMATCHED_SAMPLE = 20
+LOW_OVERLAP = 0.5
+
+
+@dataclass
+class ScGPTAnnotationDataReport:
+    """What the preflight found. ``problems`` block training; ``warnings`` deserve a look.
+
+    Every problem and warning says how to fix it. :meth:`to_dict` gives a plain dict that
+    ``sck.tl.inspect`` stores in ``adata.uns`` (it survives ``write_h5ad``/``write_zarr``).
+    """
+
+    checkpoint: str
+    n_cells: int
+    n_genes_input: int
+    n_genes_matched: int
+    gene_match_ratio: float
+    n_genes_unmatched: int
+    unmatched_genes_sample: list[str]
+    gene_key: str
+    layer: str
+    value_kind: str
+    expressed_genes_median: float
+    expressed_genes_max: int
+    max_seq_len: int
+    n_cells_over_max_seq_len: int
+    label_key: str
+    label_categories: list[str] = field(default_factory=list)
+    label_counts: list[int] = field(default_factory=list)
+    n_unlabelled: int = 0
+    stratified_split_possible: bool = False
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No blocking problem found."""
+        return not self.problems
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.label_categories)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (str, int, float, bool, lists), ready for ``adata.uns`` or JSON."""
+        out = asdict(self)
+        out["ok"] = self.ok
+        out["n_classes"] = self.n_classes
+        return out
+
+    def __repr__(self) -> str:
+        lines = [
+            f"scGPT preflight ({'ok' if self.ok else 'PROBLEMS FOUND'}), checkpoint {self.checkpoint!r}",
+            f"  cells: {self.n_cells}",
+            f"  genes: {self.n_genes_matched} of {self.n_genes_input} in the vocabulary "
+            f"({self.gene_match_ratio:.1%})",
+            f"  values: {self.value_kind}",
+            f"  expressed genes per cell: median {self.expressed_genes_median:g}, max "
+            f"{self.expressed_genes_max} (max_seq_len {self.max_seq_len}; "
+            f"{self.n_cells_over_max_seq_len} cells subsampled)",
+        ]
+        if self.label_key:
+            counts = ", ".join(
+                f"{c} ({n})" for c, n in zip(self.label_categories, self.label_counts, strict=True)
+            )
+            lines += [
+                f"  labels ({self.label_key!r}): {self.n_classes} classes, "
+                f"{self.n_unlabelled} unlabelled cells",
+                f"    {counts}",
+                f"  stratified split possible: {self.stratified_split_possible}",
+            ]
+        lines += [f"  PROBLEM: {p}" for p in self.problems]
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _expressed_per_cell(adata: Any, layer: str | None, matched: np.ndarray) -> np.ndarray:
+    columns = np.flatnonzero(matched)
+    counts = []
+    for _, block in iter_row_chunks(get_matrix(adata, layer)):
+        block = block[:, columns]
+        block.eliminate_zeros()
+        counts.append(np.diff(block.indptr))
+    return np.concatenate(counts) if counts else np.zeros(0, np.int64)
+
+
+def inspect_annotation_data(
+    adata: Any,
+    *,
+    label_key: str | None,
+    checkpoint: str | os.PathLike | ScGPTCheckpoint = "whole-human",
+    gene_key: str | None = None,
+    layer: str | None = None,
+    min_gene_overlap: int | float = 100,
+) -> ScGPTAnnotationDataReport:
+    """Check whether an AnnData fits scGPT before any training.
+
+    Reads the checkpoint's ``vocab.json`` and ``args.json`` only (never the weights) and reports
+    gene overlap, labels, value type and sequence lengths, with a fix for every problem. Data
+    problems are reported, not raised, so one call shows all of them; arguments that name
+    something absent (``label_key``, ``gene_key``, ``layer``) raise.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes with gene symbols.
+    label_key
+        ``adata.obs`` column with cell types, or ``None`` to check genes and values only.
+    checkpoint
+        Official checkpoint name or a checkpoint folder.
+    gene_key
+        ``adata.var`` column with gene symbols; default ``var_names``.
+    layer
+        Layer holding the values; default ``adata.X``.
+    min_gene_overlap
+        Matched genes needed (int) or fraction of input genes (float below 1).
+
+    Returns
+    -------
+    :class:`ScGPTAnnotationDataReport`
+
+    Raises
+    ------
+    KeyError
+        ``label_key``, ``gene_key`` or ``layer`` not found.
+
+    Examples
+    --------
+    >>> report = sck.inspect_annotation_data(adata, label_key="cell_type")  # doctest: +SKIP
+    >>> report.ok, report.n_genes_matched  # doctest: +SKIP
+    """
+    ckpt = resolve_checkpoint(checkpoint)
+    labels = read_label_column(adata.obs, label_key) if label_key is not None else None
+    value_kind = describe_values(adata, layer)  # raises KeyError for a missing layer
+    match = match_genes(adata, ckpt, gene_key)
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    needed = (
+        min_gene_overlap * match.names.size
+        if isinstance(min_gene_overlap, float) and min_gene_overlap < 1
+        else min_gene_overlap
+    )
+    if gene_key is None and looks_like_ensembl(match.names):
+        problems.append(
+            "var_names look like Ensembl ids but the vocabulary holds gene symbols: pass gene_key= "
+            "naming the adata.var column with symbols (e.g. 'feature_name', 'gene_symbols')."
+        )
+    elif match.n_matched < max(needed, 1):
+        problems.append(
+            f"only {match.n_matched} genes are in the vocabulary (need {needed:g}): use human gene "
+            "symbols, or pass gene_key= naming the adata.var column that holds them."
+        )
+    elif match.ratio < LOW_OVERLAP:
+        warnings.append(
+            f"only {match.ratio:.0%} of the genes are in the vocabulary; scGPT ignores the rest. "
+            "Check the gene identifiers (symbols expected) or gene_key."
+        )
+
+    if value_kind == "scaled_negative":
+        fix = "`adata.raw.to_adata()`" if layer is None and adata.raw is not None else "raw counts"
+        problems.append(
+            "values are negative (scaled data); scGPT needs raw counts or log-normalised values: "
+            f"use {fix} or pass layer= naming a counts layer."
+        )
+    elif value_kind == "non_finite":
+        problems.append("values contain NaN or infinity: clean them or pass layer= naming a clean layer.")
+    elif value_kind == "empty":
+        problems.append("the expression matrix has no non-zero values.")
+
+    expressed = (
+        _expressed_per_cell(adata, layer, match.vocab_ids >= 0)
+        if value_kind not in {"non_finite", "empty"}
+        else np.zeros(adata.n_obs, np.int64)
+    )
+    max_len = ckpt.args.max_seq_len
+    over = int((expressed + 1 > max_len).sum())
+    if over:
+        warnings.append(
+            f"{over} cells express more than {max_len - 1} matched genes; a seeded random subset "
+            "of their genes is used (as upstream does)."
+        )
+    if expressed.size and (expressed == 0).any():
+        warnings.append(
+            f"{int((expressed == 0).sum())} cells express none of the matched genes; their "
+            "embedding is the <cls> token alone. Consider filtering them (sc.pp.filter_cells)."
+        )
+
+    categories: list[str] = []
+    counts: list[int] = []
+    n_unlabelled = 0
+    stratifiable = False
+    if labels is not None:
+        try:
+            encoded = encode_labels(labels, min_classes=0)
+        except ValueError as err:  # pragma: no cover - min_classes=0 never raises
+            problems.append(str(err))
+        else:
+            categories = encoded.categories
+            counts = list(encoded.counts().values())
+            n_unlabelled = int((~encoded.labelled).sum())
+            if len(categories) < 2:
+                problems.append(
+                    f"{label_key!r} has {len(categories)} labelled class(es); at least 2 are "
+                    "needed. Check label_key or label more cells."
+                )
+            small = [c for c, n in zip(categories, counts, strict=True) if n < MIN_CELLS_TO_STRATIFY]
+            stratifiable = len(categories) >= 2 and not small
+            if small:
+                warnings.append(
+                    f"classes with fewer than {MIN_CELLS_TO_STRATIFY} cells cannot be stratified "
+                    f"into train/val/test and will be used for training only: {', '.join(small)}."
+                )
+            if n_unlabelled:
+                warnings.append(
+                    f"{n_unlabelled} cells have no label; they are left out of training and "
+                    "evaluation and still get predictions."
+                )
+    return ScGPTAnnotationDataReport(
+        checkpoint=ckpt.name,
+        n_cells=int(adata.n_obs),
+        n_genes_input=int(match.names.size),
+        n_genes_matched=match.n_matched,
+        gene_match_ratio=float(match.ratio),
+        n_genes_unmatched=len(match.unmatched),
+        unmatched_genes_sample=match.unmatched[:UNMATCHED_SAMPLE],
+        gene_key=gene_key or "",
+        layer=layer or "",
+        value_kind=value_kind,
+        expressed_genes_median=float(np.median(expressed)) if expressed.size else 0.0,
+        expressed_genes_max=int(expressed.max()) if expressed.size else 0,
+        max_seq_len=max_len,
+        n_cells_over_max_seq_len=over,
+        label_key=label_key or "",
+        label_categories=categories,
+        label_counts=counts,
+        n_unlabelled=n_unlabelled,
+        stratified_split_possible=stratifiable,
+        problems=problems,
+        warnings=warnings,
+    )

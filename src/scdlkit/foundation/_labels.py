@@ -1,0 +1,73 @@
+"""Label columns: missing values mean "unlabelled", never a class called "nan"."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["EncodedLabels", "encode_labels", "read_label_column"]
+
+
+@dataclass(frozen=True)
+class EncodedLabels:
+    """Integer codes (-1 = unlabelled) and the categories they index."""
+
+    codes: np.ndarray
+    categories: list[str]
+
+    @property
+    def labelled(self) -> np.ndarray:
+        return self.codes >= 0
+
+    def counts(self) -> dict[str, int]:
+        counts = np.bincount(self.codes[self.labelled], minlength=len(self.categories))
+        return dict(zip(self.categories, counts.tolist(), strict=True))
+
+
+def read_label_column(obs: pd.DataFrame, label_key: str) -> pd.Series:
+    """``obs[label_key]``, or a KeyError naming the available columns."""
+    if label_key not in obs.columns:
+        cols = ", ".join(map(repr, obs.columns[:20])) or "none"
+        msg = f"label_key={label_key!r} is not a column of adata.obs (columns: {cols})."
+        raise KeyError(msg)
+    return obs[label_key]
+
+
+def _missing(values: pd.Series) -> np.ndarray:
+    as_str = values.astype("string")
+    return (values.isna() | as_str.str.strip().fillna("").eq("")).to_numpy()
+
+
+def encode_labels(
+    values: pd.Series, *, categories: list[str] | None = None, min_classes: int = 2
+) -> EncodedLabels:
+    """Encode a label column; NaN, None and empty strings become -1 (unlabelled).
+
+    Categories keep the column's categorical order when it has one (unused ones dropped), else
+    sorted order, so codes are stable across runs. With ``categories`` given (a fitted model's),
+    labels outside them are treated as unlabelled.
+    """
+    missing = _missing(values)
+    as_str = values.astype(object).where(~missing, None)
+    if categories is None:
+        present = set(as_str[~missing].astype(str))
+        if isinstance(values.dtype, pd.CategoricalDtype):
+            categories = [str(c) for c in values.cat.categories if str(c) in present]
+        else:
+            categories = sorted(present)
+        if len(categories) < min_classes:
+            msg = (
+                f"the label column has {len(categories)} labelled class(es) "
+                f"({', '.join(categories) or 'none'}); at least {min_classes} are needed to "
+                "train a classifier. Check label_key, or label more cells."
+            )
+            raise ValueError(msg)
+    lookup: dict[Any, int] = {c: i for i, c in enumerate(categories)}
+    codes = np.array(
+        [-1 if m else lookup.get(str(v), -1) for v, m in zip(as_str, missing, strict=True)],
+        dtype=np.int64,
+    )
+    return EncodedLabels(codes=codes, categories=list(categories))

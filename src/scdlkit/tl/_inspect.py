@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import os
+
+from anndata import AnnData
+
+__all__ = ["inspect"]
+
+
+def inspect(
+    adata: AnnData,
+    label_key: str | None = None,
+    *,
+    checkpoint: str | os.PathLike = "whole-human",
+    gene_key: str | None = None,
+    layer: str | None = None,
+    key_added: str = "scgpt_inspect",
+    copy: bool = False,
+) -> AnnData | None:
+    """Preflight an AnnData for scGPT: gene overlap, labels, values, sequence lengths.
+
+    Reads only the checkpoint's ``vocab.json`` and ``args.json``. Data problems are reported (with
+    a fix for each) rather than raised, so one call shows everything; the report is also logged.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes with gene symbols.
+    label_key
+        ``adata.obs`` column with cell types; ``None`` checks genes and values only.
+    checkpoint
+        Official checkpoint name or a checkpoint folder.
+    gene_key
+        ``adata.var`` column with gene symbols; default ``var_names``.
+    layer
+        Layer holding the values; default ``adata.X``.
+    key_added
+        Writes the report to ``adata.uns[key_added]``.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None``, or the copy when ``copy=True``. ``adata.uns[key_added]`` holds the report of
+    :func:`scdlkit.inspect_annotation_data` as a plain dict (``ok``, ``problems``, ``warnings``,
+    ``n_genes_matched``, ``label_categories``, ``label_counts``, ...).
+
+    Examples
+    --------
+    >>> sck.tl.inspect(adata, "cell_type", checkpoint="path/to/scGPT_human")  # doctest: +SKIP
+    >>> adata.uns["scgpt_inspect"]["problems"]  # doctest: +SKIP
+    """
+    import logging
+
+    from scdlkit.foundation import inspect_annotation_data
+
+    report = inspect_annotation_data(
+        adata, label_key=label_key, checkpoint=checkpoint, gene_key=gene_key, layer=layer
+    )
+    logging.getLogger("scdlkit").info("%r", report)
+    if copy:
+        adata = adata.copy()
+    adata.uns[key_added] = report.to_dict()
+    return adata if copy else None
