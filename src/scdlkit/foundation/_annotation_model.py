@@ -224,6 +224,13 @@ class ScGPTAnnotationModel(nn.Module):
             raise ValueError(msg)
         self.n_layers_cls = n_layers_cls
 
+        self.encoder = encoder
+        # the head is drawn first, so one seed gives every strategy the same initial head
+        weight = encoder.encoder.embedding.weight
+        self.dropout = nn.Dropout(self.classifier_dropout)
+        self.cls_decoder = ClsDecoder(encoder.d_model, num_classes, n_layers_cls).to(
+            device=weight.device, dtype=weight.dtype
+        )
         if self.strategy_config is not None:
             apply_peft(encoder, self.strategy_config)
         if tuning_strategy == "full_finetune":
@@ -232,12 +239,6 @@ class ScGPTAnnotationModel(nn.Module):
             encoder.requires_grad_(False)
         else:
             freeze_except_peft(encoder)
-        self.encoder = encoder
-        weight = encoder.encoder.embedding.weight
-        self.dropout = nn.Dropout(self.classifier_dropout)
-        self.cls_decoder = ClsDecoder(encoder.d_model, num_classes, n_layers_cls).to(
-            device=weight.device, dtype=weight.dtype
-        )
         self.train(encoder.training)
 
     # ------------------------------------------------------------------ modes and forward

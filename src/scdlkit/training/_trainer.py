@@ -1,0 +1,811 @@
+"""A generic supervised / self-supervised Trainer on Lightning Fabric.
+
+The Trainer knows nothing about scGPT; any model and dataset that follow this protocol work.
+
+Dataset protocol
+----------------
+- ``len(dataset)`` is the number of cells and ``dataset[i]`` returns a dict of tensors, arrays
+  or numbers for cell ``i``.
+- If the dataset has an attribute ``collate_fn`` it is the DataLoader's ``collate_fn`` (for
+  example to pad variable-length token sequences); otherwise torch's default collate is used.
+- If the dataset has a method ``batches(batch_size, *, shuffle, seed, epoch)`` returning an
+  iterable of index sequences, it forms the batches (for example to group cells of similar
+  length); it must yield every index exactly once. Otherwise batches are consecutive slices of
+  a permutation seeded by ``(seed, epoch)`` when training, and of ``range(len(dataset))`` when
+  evaluating or predicting.
+- Under DDP each process takes every ``world_size``-th batch. When training, the list is
+  truncated so that every process runs the same number of steps; evaluation and prediction use
+  every batch and gather the rows back in dataset order.
+- Classification: ``batch["labels"]`` is an integer tensor of class codes; ``-1`` marks an
+  unlabelled cell, which the loss and the metrics ignore. If the dataset has a ``labels``
+  attribute (``numpy.ndarray`` of codes) it is used for ``class_weight="balanced"``; otherwise
+  the codes are read item by item.
+
+Model protocol
+--------------
+- ``model(batch)`` takes the collated batch dict (already on the device) and returns a dict.
+- Classification: ``"logits"`` of shape ``(B, C)`` and optionally ``"latent"`` of shape
+  ``(B, d)``. The loss is cross-entropy over the labelled cells (class-weighted with
+  ``class_weight="balanced"``).
+- If the output holds ``"loss"`` (a scalar tensor), the Trainer optimises it instead of
+  cross-entropy. This is how ``task="representation"`` works (autoencoders, VAEs); ``predict``
+  then returns every per-sample tensor of the output (e.g. ``"latent"``, ``"reconstruction"``).
+- Only parameters with ``requires_grad`` are optimised (AdamW). The Trainer calls
+  ``model.train()`` and ``model.eval()``; a model may override ``train()`` to keep frozen parts
+  in eval mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from lightning_fabric import Fabric
+from lightning_fabric.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning_fabric.strategies.launchers import _SubprocessScriptLauncher
+from lightning_fabric.utilities.seed import seed_everything
+from tqdm.auto import tqdm
+
+from scdlkit.training._batching import batch_indices, gather_in_order, make_loader, shard
+from scdlkit.training._precision import resolve_devices, resolve_precision
+from scdlkit.training.metrics import classification_metrics
+
+__all__ = ["Trainer"]
+
+logger = logging.getLogger("scdlkit")
+
+_TASKS = ("classification", "representation")
+_MONITORS = {"val_loss": "min", "val_macro_f1": "max"}
+_HISTORY_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "val_macro_f1",
+    "lr",
+    "seconds",
+]
+_LABELS = "labels"
+
+
+class Trainer:
+    """Fit, evaluate and apply a model that follows the scdlkit batch/output protocol.
+
+    Runs on Lightning Fabric, so CPU, one GPU, several GPUs (DDP) or several nodes are a matter
+    of ``accelerator``, ``devices``, ``strategy`` and ``num_nodes``. See the module docstring of
+    :mod:`scdlkit.training._trainer` for the protocol that datasets and models follow.
+
+    Parameters
+    ----------
+    model
+        A :class:`torch.nn.Module` whose ``forward(batch)`` returns a dict (``"logits"``,
+        optionally ``"latent"``, or a scalar ``"loss"``).
+    task
+        ``"classification"`` (cross-entropy on ``batch["labels"]``, unless the model returns
+        ``"loss"``) or ``"representation"`` (the model must return ``"loss"``).
+    batch_size
+        Cells per batch (per process under DDP).
+    epochs
+        Maximum number of passes over the training data.
+    lr
+        Peak learning rate of AdamW.
+    weight_decay
+        AdamW weight decay.
+    warmup
+        Linear learning-rate warm-up from ~0 to ``lr``: a fraction of the planned total steps
+        (float in ``[0, 1)``) or a number of steps (int).
+    lr_decay
+        If given, the learning rate is multiplied by this factor after every epoch (StepLR with
+        step size 1; the published scGPT recipe uses 0.9). ``None`` keeps it constant.
+    grad_clip
+        Maximum gradient norm; ``None`` disables clipping.
+    early_stopping_patience
+        Stop after this many epochs without improvement of ``monitor``; ``None`` runs all
+        epochs.
+    monitor
+        ``"val_loss"`` (lower is better) or ``"val_macro_f1"`` (higher is better). Without a
+        validation set the training loss is monitored instead.
+    class_weight
+        ``None`` or ``"balanced"``: weight classes by ``n / (k * count)`` computed from the
+        training labels (``k`` classes present; classes absent from training get weight 1).
+        The validation loss and :meth:`evaluate`'s ``"loss"`` use the same weighted criterion.
+    precision
+        ``"auto"`` (``"bf16-mixed"`` on a CUDA GPU with native bf16, else ``"32-true"``),
+        ``"fp32"``, ``"bf16"``, or any Lightning Fabric precision string.
+    accelerator
+        Lightning Fabric accelerator (``"auto"``, ``"cpu"``, ``"cuda"``, ...).
+    devices
+        Lightning Fabric devices. ``"auto"`` means one device unless ``strategy`` or
+        ``num_nodes`` asks for a distributed run (then every visible device).
+    strategy
+        Lightning Fabric strategy, e.g. ``"ddp"`` (re-launches the calling script once per
+        device, so run it as a script) or ``"ddp_spawn"``. Single-device and DDP strategies are
+        supported; sharded strategies (FSDP, DeepSpeed) are not.
+    num_nodes
+        Number of nodes for multi-node DDP.
+    seed
+        Seeds Python, NumPy and torch at the start of :meth:`fit` and the batch order of every
+        epoch; with the same seed two fits on CPU are identical.
+    progress
+        Show tqdm progress bars (on the main process only).
+
+    Attributes
+    ----------
+    history_
+        :class:`pandas.DataFrame`, one row per epoch run: ``epoch`` (1-based), ``train_loss``,
+        ``val_loss``, ``val_accuracy``, ``val_macro_f1`` (NaN without validation data), ``lr``
+        (of the epoch's last step) and ``seconds``.
+    best_epoch_
+        The epoch whose weights were restored at the end of :meth:`fit`.
+    trainable_parameters_
+        Number of parameters with ``requires_grad``.
+    fabric
+        The :class:`lightning_fabric.Fabric` object.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> import scdlkit as sck
+    >>> class Data(torch.utils.data.Dataset):
+    ...     def __init__(self):
+    ...         g = torch.Generator().manual_seed(0)
+    ...         self.labels = torch.arange(64) % 2
+    ...         self.x = torch.randn(64, 4, generator=g) + 3 * self.labels[:, None]
+    ...
+    ...     def __len__(self):
+    ...         return 64
+    ...
+    ...     def __getitem__(self, i):
+    ...         return {"x": self.x[i], "labels": self.labels[i]}
+    >>> class Model(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.net = nn.Linear(4, 2)
+    ...
+    ...     def forward(self, batch):
+    ...         return {"logits": self.net(batch["x"])}
+    >>> trainer = sck.Trainer(Model(), epochs=20, lr=1e-2, progress=False).fit(Data())
+    >>> trainer.evaluate(Data())["accuracy"] > 0.9
+    True
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        task: str = "classification",
+        *,
+        batch_size: int = 64,
+        epochs: int = 10,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup: float | int = 0.0,
+        lr_decay: float | None = None,
+        grad_clip: float | None = 1.0,
+        early_stopping_patience: int | None = None,
+        monitor: str = "val_loss",
+        class_weight: str | None = None,
+        precision: str = "auto",
+        accelerator: Any = "auto",
+        devices: Any = "auto",
+        strategy: Any = "auto",
+        num_nodes: int = 1,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            msg = f"`model` must be a torch.nn.Module; got {type(model).__name__}."
+            raise TypeError(msg)
+        if task not in _TASKS:
+            msg = f"`task`={task!r} is not supported; choose one of {_TASKS}."
+            raise ValueError(msg)
+        _check_int(batch_size, "batch_size", minimum=1)
+        _check_int(epochs, "epochs", minimum=1)
+        _check_int(num_nodes, "num_nodes", minimum=1)
+        _check_int(seed, "seed", minimum=0)
+        _check_number(lr, "lr", positive=True)
+        _check_number(weight_decay, "weight_decay", positive=False)
+        _check_warmup(warmup)
+        if lr_decay is not None and not (_is_number(lr_decay) and 0 < lr_decay <= 1):
+            msg = f"`lr_decay` must be None or a factor in (0, 1] such as 0.9; got {lr_decay!r}."
+            raise ValueError(msg)
+        if grad_clip is not None:
+            _check_number(grad_clip, "grad_clip", positive=True, hint="or None to disable")
+        if early_stopping_patience is not None:
+            _check_int(early_stopping_patience, "early_stopping_patience", minimum=1)
+        if monitor not in _MONITORS:
+            msg = f"`monitor`={monitor!r} is not supported; choose one of {tuple(_MONITORS)}."
+            raise ValueError(msg)
+        if class_weight not in (None, "balanced"):
+            msg = f"`class_weight`={class_weight!r}; choose None or 'balanced'."
+            raise ValueError(msg)
+        if task == "representation" and monitor == "val_macro_f1":
+            msg = "`monitor='val_macro_f1'` needs task='classification'; use monitor='val_loss'."
+            raise ValueError(msg)
+        if task == "representation" and class_weight is not None:
+            msg = "`class_weight` applies to task='classification' only; leave it as None."
+            raise ValueError(msg)
+
+        self.model = model
+        self.task = task
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.warmup = warmup
+        self.lr_decay = lr_decay
+        self.grad_clip = grad_clip
+        self.early_stopping_patience = early_stopping_patience
+        self.monitor = monitor
+        self.class_weight = class_weight
+        self.seed = seed
+        self.progress = progress
+        self.precision = resolve_precision(precision, accelerator=accelerator)
+        self.fabric = Fabric(
+            accelerator=accelerator,
+            devices=resolve_devices(devices, strategy=strategy, num_nodes=num_nodes),
+            strategy=strategy,
+            num_nodes=num_nodes,
+            precision=self.precision,
+        )
+        self.history_: pd.DataFrame | None = None
+        self.best_epoch_: int | None = None
+        self._module: Any = None  # the Fabric-wrapped model, set up on first use
+        self._launched = False
+        self._class_weights: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        fitted = f", best_epoch_={self.best_epoch_}" if self.best_epoch_ is not None else ""
+        return (
+            f"Trainer({type(self.model).__name__}, task={self.task!r}, epochs={self.epochs}, "
+            f"lr={self.lr:g}, precision={self.precision!r}{fitted})"
+        )
+
+    @property
+    def trainable_parameters_(self) -> int:
+        """Number of model parameters with ``requires_grad``."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------ public API
+
+    def fit(self, train: Any, val: Any | None = None) -> Trainer:
+        """Train the model, then restore the weights of the best epoch.
+
+        Parameters
+        ----------
+        train
+            Training dataset following the protocol of :mod:`scdlkit.training._trainer`.
+        val
+            Optional validation dataset; evaluated after every epoch for ``monitor`` and
+            early stopping. Without it the best epoch is the one with the lowest training loss.
+
+        Returns
+        -------
+        Trainer
+            ``self``, with ``history_`` and ``best_epoch_`` set.
+
+        Examples
+        --------
+        >>> trainer = sck.Trainer(model, epochs=5).fit(train_ds, val_ds)  # doctest: +SKIP
+        >>> trainer.history_[["epoch", "val_loss"]]  # doctest: +SKIP
+        """
+        _check_dataset(train, "train")
+        if val is not None:
+            _check_dataset(val, "val")
+        if self.trainable_parameters_ == 0:
+            msg = "`model` has no parameters with requires_grad=True; unfreeze something to train."
+            raise ValueError(msg)
+        if self._spawns():
+            result = self.fabric.launch(_in_worker, self, "_fit_and_state", (train, val))
+            self._restore(result["state"])
+            self.history_ = result["history"]
+            self.best_epoch_ = result["best_epoch"]
+            self._class_weights = result["class_weights"]
+            return self
+        self._ready()
+        self._fit(train, val)
+        return self
+
+    def predict(self, dataset: Any) -> dict[str, np.ndarray]:
+        """Run the model over a dataset and collect its per-cell outputs.
+
+        Parameters
+        ----------
+        dataset
+            Dataset following the protocol; labels are not needed.
+
+        Returns
+        -------
+        dict
+            Rows in dataset order. For classification: ``"logits"`` (``(n, C)`` float32),
+            ``"probabilities"`` (softmax of the logits), ``"latent"`` (``(n, d)``, if the model
+            returns it) and ``"label_codes"`` (argmax, int64). When the model returns
+            ``"loss"`` (``task="representation"``), every per-sample tensor it returns, as
+            arrays (plus ``"probabilities"``/``"label_codes"`` if it returns ``"logits"``).
+
+        Examples
+        --------
+        >>> out = trainer.predict(query_ds)  # doctest: +SKIP
+        >>> out["probabilities"].shape  # doctest: +SKIP
+        (1000, 8)
+        """
+        _check_dataset(dataset, "dataset")
+        return self._dispatch("_predict", dataset)
+
+    def evaluate(self, dataset: Any) -> dict[str, Any]:
+        """Metrics of the model on a labelled dataset.
+
+        Parameters
+        ----------
+        dataset
+            Dataset following the protocol; for classification its batches carry
+            ``"labels"`` (``-1`` = unlabelled, ignored).
+
+        Returns
+        -------
+        dict
+            For classification the output of
+            :func:`~scdlkit.training.metrics.classification_metrics` (``accuracy``,
+            ``macro_f1``, ``balanced_accuracy``, ``weighted_f1``, ``auroc_ovr``, ``n_cells``)
+            plus ``"loss"`` (the training criterion averaged over labelled cells). For a model
+            that returns ``"loss"``: ``"loss"`` (mean over cells) and ``"n_cells"``. Undefined
+            values are ``None``.
+
+        Examples
+        --------
+        >>> trainer.evaluate(test_ds)["macro_f1"]  # doctest: +SKIP
+        0.93
+        """
+        _check_dataset(dataset, "dataset")
+        return self._dispatch("_evaluate", dataset)
+
+    # ------------------------------------------------------------------ processes
+
+    def _spawns(self) -> bool:
+        # ddp_spawn / ddp_fork / XLA must run the work inside `fabric.launch(function)`
+        launcher = self.fabric.strategy.launcher
+        return launcher is not None and not isinstance(launcher, _SubprocessScriptLauncher)
+
+    def _ready(self) -> None:
+        if not self._launched:
+            self.fabric.launch()  # with strategy="ddp" this starts the other processes
+            self._launched = True
+        self._setup_module()
+
+    def _setup_module(self) -> Any:
+        if self._module is None:
+            self._module = self.fabric.setup_module(self.model)
+        return self._module
+
+    def _dispatch(self, method: str, *args: Any) -> Any:
+        if self._spawns():
+            return self.fabric.launch(_in_worker, self, method, args)
+        self._ready()
+        return getattr(self, method)(*args)
+
+    # ------------------------------------------------------------------ training
+
+    def _fit_and_state(self, train: Any, val: Any) -> dict[str, Any]:
+        self._fit(train, val)
+        return {
+            "state": self._snapshot(),
+            "history": self.history_,
+            "best_epoch": self.best_epoch_,
+            "class_weights": self._class_weights,
+        }
+
+    def _fit(self, train: Any, val: Any | None) -> None:
+        fabric = self.fabric
+        seed_everything(self.seed, verbose=False)
+        module = self._setup_module()
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = fabric.setup_optimizers(
+            torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        )
+        self._class_weights = None
+        counts = _label_counts(train) if self.class_weight == "balanced" else None
+
+        def epoch_batches(epoch: int) -> list[list[int]]:
+            batches = batch_indices(
+                train, self.batch_size, shuffle=True, seed=self.seed, epoch=epoch
+            )
+            mine = shard(batches, rank=fabric.global_rank, world_size=fabric.world_size, equal=True)
+            if not mine:
+                msg = (
+                    f"`train` has {len(train)} cells, too few for batch_size={self.batch_size} "
+                    f"on {fabric.world_size} processes; lower `batch_size` or `devices`."
+                )
+                raise ValueError(msg)
+            return mine
+
+        warmup_steps = _warmup_steps(self.warmup, self.epochs * len(epoch_batches(0)))
+        direction = "min" if val is None else _MONITORS[self.monitor]
+        monitored = "train_loss" if val is None else self.monitor
+        if val is None and self.monitor != "val_loss":
+            logger.info("No validation data: selecting the best epoch by train_loss.")
+
+        rows: list[dict[str, Any]] = []
+        best_value, best_state, best_epoch, stale, step = None, None, None, 0, 0
+        bar = tqdm(
+            range(1, self.epochs + 1),
+            desc="Training",
+            unit="epoch",
+            disable=not (self.progress and fabric.is_global_zero),
+        )
+        for epoch in bar:
+            start = time.perf_counter()
+            self.model.train()
+            totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)
+            batches = epoch_batches(epoch - 1)
+            lr_now = self.lr
+            for indices, batch in zip(batches, make_loader(train, batches), strict=True):
+                batch = fabric.to_device(batch)
+                output = module(batch)
+                if counts is not None and self._class_weights is None:
+                    self._class_weights = _balanced_weights(counts, _n_classes(output))
+                loss, numerator, denominator = self._loss(output, batch, len(indices))
+                optimizer.zero_grad(set_to_none=True)
+                fabric.backward(loss)
+                if self.grad_clip is not None:
+                    fabric.clip_gradients(module, optimizer, max_norm=self.grad_clip)
+                lr_now = self._lr_at(step, epoch - 1, warmup_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_now
+                optimizer.step()
+                step += 1
+                totals += torch.stack([numerator.detach(), denominator.detach()]).double()
+            totals = fabric.all_reduce(totals, reduce_op="sum")
+            row: dict[str, Any] = {"epoch": epoch, "train_loss": _ratio(totals)}
+            row.update(self._validate(val) if val is not None else {})
+            row["lr"] = lr_now
+            row["seconds"] = time.perf_counter() - start
+            rows.append(row)
+
+            value = row.get(monitored)
+            if _improves(value, best_value, direction):
+                best_value, best_state, best_epoch, stale = value, self._snapshot(), epoch, 0
+            else:
+                stale += 1
+            bar.set_postfix({k: f"{row[k]:.4g}" for k in ("train_loss", "val_loss") if k in row})
+            logger.debug("epoch %d: %s", epoch, row)
+            if self.early_stopping_patience is not None and stale >= self.early_stopping_patience:
+                logger.info(
+                    "Early stopping after epoch %d: %s did not improve for %d epochs.",
+                    epoch,
+                    monitored,
+                    stale,
+                )
+                break
+        bar.close()
+
+        if best_state is None:
+            logger.warning("%s was never finite; keeping the weights of the last epoch.", monitored)
+            best_epoch = rows[-1]["epoch"]
+        else:
+            self._restore(best_state)
+        self.model.eval()
+        self.history_ = pd.DataFrame(rows).reindex(columns=_HISTORY_COLUMNS)
+        self.history_["epoch"] = self.history_["epoch"].astype(int)
+        self.best_epoch_ = int(best_epoch)
+        if fabric.is_global_zero:
+            logger.info(
+                "Trained %d epochs; restored epoch %d (%s=%s).",
+                len(rows),
+                self.best_epoch_,
+                monitored,
+                best_value,
+            )
+
+    def _lr_at(self, step: int, epoch_index: int, warmup_steps: int) -> float:
+        factor = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if self.lr_decay is not None:
+            factor *= self.lr_decay**epoch_index
+        return self.lr * factor
+
+    def _loss(
+        self, output: Any, batch: Any, batch_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss to optimise, plus numerator/denominator for an exact epoch average."""
+        if not isinstance(output, Mapping):
+            msg = f"`model(batch)` must return a dict; got {type(output).__name__}."
+            raise TypeError(msg)
+        if "loss" in output:
+            loss = output["loss"]
+            if not (torch.is_tensor(loss) and loss.numel() == 1):
+                msg = "The model's output 'loss' must be a scalar tensor."
+                raise ValueError(msg)
+            loss = loss.reshape(())
+            n = torch.tensor(float(batch_len), device=loss.device)
+            return loss, loss.float() * n, n
+        if self.task == "representation":
+            msg = "task='representation' needs `model(batch)` to return a scalar 'loss'."
+            raise ValueError(msg)
+        logits = _logits(output)
+        labels = _batch_labels(batch)
+        return _cross_entropy(logits.float(), labels, self._class_weights)
+
+    def _validate(self, val: Any) -> dict[str, float]:
+        metrics = self._evaluate(val, show=False, keys=("logits",))
+        return {
+            "val_loss": _nan_if_none(metrics.get("loss")),
+            "val_accuracy": _nan_if_none(metrics.get("accuracy")),
+            "val_macro_f1": _nan_if_none(metrics.get("macro_f1")),
+        }
+
+    def _trainable_items(self) -> list[tuple[str, torch.Tensor]]:
+        params = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
+        return params + list(self.model.named_buffers())
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: t.detach().to("cpu", copy=True) for k, t in self._trainable_items()}
+
+    def _restore(self, state: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for key, tensor in self._trainable_items():
+                tensor.copy_(state[key])
+
+    # ------------------------------------------------------------------ inference
+
+    def _eval_module(self) -> Any:
+        # Forward through the plain module under DDP: DDP's forward may sync buffers, a
+        # collective that would hang when ranks hold different numbers of eval batches.
+        if isinstance(self.fabric.strategy, DDPStrategy | SingleDeviceStrategy):
+            return self.model
+        return self._module
+
+    def _infer(
+        self, dataset: Any, *, show: bool, keys: tuple[str, ...] | None = None
+    ) -> tuple[dict[str, np.ndarray], float | None]:
+        """Per-sample outputs (plus ``"labels"``) in dataset order, and the mean model loss."""
+        fabric = self.fabric
+        module = self._eval_module()
+        self.model.eval()
+        batches = batch_indices(dataset, self.batch_size, shuffle=False, seed=self.seed, epoch=0)
+        mine = shard(batches, rank=fabric.global_rank, world_size=fabric.world_size, equal=False)
+        parts: dict[str, list[np.ndarray]] = defaultdict(list)
+        indices: list[np.ndarray] = []
+        loss_totals = torch.zeros(2, dtype=torch.float64)
+        precision = fabric.strategy.precision
+        bar = tqdm(
+            total=len(mine),
+            desc="Predicting",
+            unit="batch",
+            disable=not (show and self.progress and fabric.is_global_zero),
+        )
+        with torch.inference_mode():
+            for idx, batch in zip(mine, make_loader(dataset, mine), strict=True):
+                batch = precision.convert_input(fabric.to_device(batch))
+                with fabric.autocast():
+                    output = module(batch)
+                if not isinstance(output, Mapping):
+                    msg = f"`model(batch)` must return a dict; got {type(output).__name__}."
+                    raise TypeError(msg)
+                n = len(idx)
+                has_loss = torch.is_tensor(output.get("loss"))
+                if has_loss:
+                    loss_totals += torch.tensor([float(output["loss"]) * n, n], dtype=torch.float64)
+                wanted = keys
+                if wanted is None:
+                    wanted = None if has_loss or self.task != "classification" else _CLS_KEYS
+                for key, value in output.items():
+                    if key == "loss" or (wanted is not None and key not in wanted):
+                        continue
+                    if torch.is_tensor(value) and value.ndim >= 1 and value.shape[0] == n:
+                        parts[key].append(_to_numpy(value))
+                labels = batch.get(_LABELS) if isinstance(batch, Mapping) else None
+                if torch.is_tensor(labels):
+                    parts[_LABELS].append(labels.detach().cpu().numpy().astype(np.int64))
+                indices.append(np.asarray(idx, dtype=np.int64))
+                bar.update()
+        bar.close()
+        out = gather_in_order(fabric, indices, parts, len(dataset))
+        loss_totals = fabric.all_reduce(loss_totals.to(fabric.device), reduce_op="sum").cpu()
+        mean_loss = _ratio(loss_totals) if loss_totals[1] > 0 else None
+        return out, mean_loss
+
+    def _predict(self, dataset: Any) -> dict[str, np.ndarray]:
+        raw, _ = self._infer(dataset, show=True)
+        raw.pop(_LABELS, None)
+        out: dict[str, np.ndarray] = {}
+        if "logits" in raw:
+            logits = raw.pop("logits").astype(np.float32)
+            out["logits"] = logits
+            out["probabilities"] = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+            if "latent" in raw:
+                out["latent"] = raw.pop("latent")
+            out["label_codes"] = logits.argmax(axis=1).astype(np.int64)
+        out.update(raw)
+        return out
+
+    def _evaluate(
+        self, dataset: Any, *, show: bool = True, keys: tuple[str, ...] | None = None
+    ) -> dict[str, Any]:
+        raw, model_loss = self._infer(dataset, show=show, keys=keys)
+        if model_loss is not None or self.task == "representation":
+            result: dict[str, Any] = {}
+            if "logits" in raw and _LABELS in raw:
+                result.update(_metrics(raw["logits"], raw[_LABELS]))
+            result["loss"] = model_loss
+            result.setdefault("n_cells", len(dataset))
+            return result
+        if "logits" not in raw:
+            msg = "task='classification' needs `model(batch)` to return 'logits'."
+            raise ValueError(msg)
+        if _LABELS not in raw:
+            msg = "`evaluate` needs labelled batches: `dataset[i]` must hold 'labels'."
+            raise ValueError(msg)
+        logits = torch.from_numpy(raw["logits"].astype(np.float32))
+        labels = torch.from_numpy(raw[_LABELS])
+        _, numerator, denominator = _cross_entropy(logits, labels, _cpu(self._class_weights))
+        result = _metrics(raw["logits"], raw[_LABELS])
+        result["loss"] = float(numerator / denominator) if denominator > 0 else None
+        return result
+
+
+_CLS_KEYS = ("logits", "latent")
+
+
+def _in_worker(fabric: Fabric, trainer: Trainer, method: str, args: tuple[Any, ...]) -> Any:
+    """Body of a spawned/forked process: set up the module there and run ``method``."""
+    trainer.fabric = fabric
+    trainer._launched = True
+    trainer._setup_module()
+    return getattr(trainer, method)(*args)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    probabilities = torch.softmax(torch.from_numpy(logits.astype(np.float32)), dim=1).numpy()
+    return classification_metrics(labels, probabilities)
+
+
+def _cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over labelled cells; 0 (not NaN) for a batch without labels."""
+    labels = labels.long().reshape(-1)
+    if labels.shape[0] != logits.shape[0]:
+        msg = f"batch['labels'] has {labels.shape[0]} entries for {logits.shape[0]} logits rows."
+        raise ValueError(msg)
+    mask = labels >= 0
+    if weight is not None:
+        weight = weight.to(logits.device, logits.dtype)
+    total = F.cross_entropy(logits, labels, weight=weight, ignore_index=-1, reduction="sum")
+    safe = labels.clamp(min=0)
+    per_cell = weight[safe] if weight is not None else torch.ones_like(safe, dtype=logits.dtype)
+    denominator = (per_cell * mask).sum()
+    return total / denominator.clamp(min=1e-12), total, denominator
+
+
+def _logits(output: Mapping[str, Any]) -> torch.Tensor:
+    logits = output.get("logits")
+    if not torch.is_tensor(logits) or logits.ndim != 2:
+        msg = (
+            "task='classification' needs `model(batch)` to return 'logits' of shape "
+            "(batch, n_classes), or a scalar 'loss'."
+        )
+        raise ValueError(msg)
+    return logits
+
+
+def _n_classes(output: Mapping[str, Any]) -> int:
+    return int(_logits(output).shape[1])
+
+
+def _batch_labels(batch: Any) -> torch.Tensor:
+    labels = batch.get(_LABELS) if isinstance(batch, Mapping) else None
+    if not torch.is_tensor(labels):
+        msg = "task='classification' needs `dataset[i]` to hold 'labels' (class code, -1 = none)."
+        raise ValueError(msg)
+    return labels
+
+
+def _label_counts(dataset: Any) -> np.ndarray:
+    labels = getattr(dataset, _LABELS, None)
+    if labels is None:
+        labels = [int(np.asarray(dataset[i][_LABELS])) for i in range(len(dataset))]
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    labels = labels[labels >= 0]
+    if labels.size == 0:
+        msg = "class_weight='balanced' needs labelled training cells; `train` has none."
+        raise ValueError(msg)
+    return np.bincount(labels)
+
+
+def _balanced_weights(counts: np.ndarray, n_classes: int) -> torch.Tensor:
+    if counts.size > n_classes:
+        msg = (
+            f"The training labels hold code {counts.size - 1} but the model returns "
+            f"{n_classes} logits; give the model one output per class."
+        )
+        raise ValueError(msg)
+    counts = np.pad(counts, (0, n_classes - counts.size)).astype(np.float64)
+    present = counts > 0
+    weights = np.ones(n_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().cpu()
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach()
+    if tensor.is_floating_point():
+        tensor = tensor.float()
+    return tensor.cpu().numpy()
+
+
+def _ratio(totals: torch.Tensor) -> float:
+    return float(totals[0] / totals[1]) if float(totals[1]) > 0 else math.nan
+
+
+def _nan_if_none(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _improves(value: Any, best: Any, direction: str) -> bool:
+    if value is None or not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value < best if direction == "min" else value > best
+
+
+def _warmup_steps(warmup: float | int, total_steps: int) -> int:
+    if isinstance(warmup, int):
+        return warmup
+    return math.ceil(warmup * total_steps)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_int(value: Any, name: str, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        msg = f"`{name}` must be an integer >= {minimum}; got {value!r}."
+        raise ValueError(msg)
+
+
+def _check_number(value: Any, name: str, *, positive: bool, hint: str = "") -> None:
+    ok = _is_number(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        bound = "> 0" if positive else ">= 0"
+        msg = f"`{name}` must be a finite number {bound}{' ' + hint if hint else ''}; got {value!r}."
+        raise ValueError(msg)
+
+
+def _check_warmup(warmup: Any) -> None:
+    if isinstance(warmup, bool) or not isinstance(warmup, int | float):
+        msg = f"`warmup` must be a fraction in [0, 1) or a number of steps; got {warmup!r}."
+        raise ValueError(msg)
+    if isinstance(warmup, int) and warmup < 0:
+        msg = f"`warmup`={warmup} steps must be >= 0."
+        raise ValueError(msg)
+    if isinstance(warmup, float) and not (0.0 <= warmup < 1.0):
+        msg = (
+            f"`warmup`={warmup!r}: a float is a fraction of all steps and must be in [0, 1); "
+            "pass an int for a number of steps."
+        )
+        raise ValueError(msg)
+
+
+def _check_dataset(dataset: Any, name: str) -> None:
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        msg = f"`{name}` must be a map-style dataset with __len__ and __getitem__."
+        raise TypeError(msg)
+    if len(dataset) == 0:
+        msg = f"`{name}` is empty; pass a dataset with at least one cell."
+        raise ValueError(msg)
