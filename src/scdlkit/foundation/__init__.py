@@ -26,12 +26,41 @@ from scdlkit.foundation._data import (
     split_scgpt_data,
 )
 from scdlkit.foundation._genes import GeneMatch, match_genes, tokenize_adata
+from scdlkit.foundation._annotation_model import (
+    ScGPTAnnotationModel,
+    build_annotation_model,
+    load_scgpt_annotation_model,
+)
 from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
 from scdlkit.foundation._loading import CheckpointLoadReport, load_scgpt_model
 from scdlkit.foundation._model import ScGPTEncoder
+from scdlkit.foundation._peft import (
+    AdapterConfig,
+    IA3Config,
+    LoRAConfig,
+    PEFTConfig,
+    PrefixTuningConfig,
+    ScGPTLoRAConfig,
+    merge_lora,
+)
+from scdlkit.foundation._runner import ScGPTAnnotationRunner, adapt_scgpt_annotation
+from scdlkit.foundation._strategies import STRATEGIES
 from scdlkit.foundation._tokenize import ScGPTTokens
 
 __all__ = [
+    "STRATEGIES",
+    "AdapterConfig",
+    "IA3Config",
+    "LoRAConfig",
+    "PEFTConfig",
+    "PrefixTuningConfig",
+    "ScGPTAnnotationModel",
+    "ScGPTAnnotationRunner",
+    "ScGPTLoRAConfig",
+    "adapt_scgpt_annotation",
+    "build_annotation_model",
+    "load_scgpt_annotation_model",
+    "merge_lora",
     "OFFICIAL_CHECKPOINTS",
     "CheckpointLoadReport",
     "GeneMatch",

@@ -1,6 +1,8 @@
 """scanpy-style tools: validate the AnnData, run scGPT, write obs/obsm/uns."""
 
+from scdlkit.tl._adapt_annotation import adapt_annotation
+from scdlkit.tl._annotate import annotate
 from scdlkit.tl._embed import embed
 from scdlkit.tl._inspect import inspect
 
-__all__ = ["embed", "inspect"]
+__all__ = ["adapt_annotation", "annotate", "embed", "inspect"]

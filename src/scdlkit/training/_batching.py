@@ -21,10 +21,7 @@ def batch_indices(
         out = [[int(i) for i in b] for b in batches]
         return [b for b in out if b]
     n = len(dataset)
-    if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-    else:
-        order = np.arange(n)
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     return [order[i : i + batch_size].tolist() for i in range(0, n, batch_size)]
 
 

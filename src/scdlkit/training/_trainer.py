@@ -308,7 +308,8 @@ class Trainer:
             self._restore(result["state"])
             self.history_ = result["history"]
             self.best_epoch_ = result["best_epoch"]
-            self._class_weights = result["class_weights"]
+            weights = result["class_weights"]
+            self._class_weights = None if weights is None else torch.from_numpy(weights)
             return self
         self._ready()
         self._fit(train, val)
@@ -395,11 +396,14 @@ class Trainer:
 
     def _fit_and_state(self, train: Any, val: Any) -> dict[str, Any]:
         self._fit(train, val)
+        # numpy, not tensors: torch would share tensor storage with the parent through file
+        # descriptors, and the worker exits before the parent reads them
+        weights = self._class_weights
         return {
-            "state": self._snapshot(),
+            "state": {k: v.numpy() for k, v in self._snapshot().items()},
             "history": self.history_,
             "best_epoch": self.best_epoch_,
-            "class_weights": self._class_weights,
+            "class_weights": None if weights is None else weights.cpu().numpy(),
         }
 
     def _fit(self, train: Any, val: Any | None) -> None:
@@ -550,7 +554,7 @@ class Trainer:
     def _restore(self, state: Mapping[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for key, tensor in self._trainable_items():
-                tensor.copy_(state[key])
+                tensor.copy_(torch.as_tensor(state[key]))
 
     # ------------------------------------------------------------------ inference
 
@@ -783,7 +787,8 @@ def _check_number(value: Any, name: str, *, positive: bool, hint: str = "") -> N
     ok = _is_number(value) and (value > 0 if positive else value >= 0)
     if not ok:
         bound = "> 0" if positive else ">= 0"
-        msg = f"`{name}` must be a finite number {bound}{' ' + hint if hint else ''}; got {value!r}."
+        hint = f" {hint}" if hint else ""
+        msg = f"`{name}` must be a finite number {bound}{hint}; got {value!r}."
         raise ValueError(msg)
 
 

@@ -25,10 +25,10 @@ def _labelled_codes(y_true: Any, *, name: str = "y_true") -> np.ndarray:
     if y.ndim != 1:
         msg = f"`{name}` must be one-dimensional; got shape {y.shape}."
         raise ValueError(msg)
-    if y.size and not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.isfinite(y)) or not np.all(np.equal(np.mod(y, 1), 0)):
-            msg = f"`{name}` must hold integer label codes (-1 for unlabelled)."
-            raise ValueError(msg)
+    integral = np.issubdtype(y.dtype, np.integer)
+    if y.size and not integral and not (np.all(np.isfinite(y)) and np.all(np.mod(y, 1) == 0)):
+        msg = f"`{name}` must hold integer label codes (-1 for unlabelled)."
+        raise ValueError(msg)
     y = y.astype(np.int64, copy=False)
     if y.size and y.min() < -1:
         msg = f"`{name}` holds code {int(y.min())}; codes must be >= 0, or -1 for unlabelled."

@@ -1,0 +1,129 @@
+"""The plain baseline: logistic regression on log-normalised expression, no foundation model.
+
+A fair comparison always shows one (SCGPT_NOTES.md section 5: L1/L2 logistic regression on
+expression comes close to fine-tuned scGPT on several published benchmarks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+__all__ = ["ExpressionLogisticBaseline", "log_normalised_matrix"]
+
+TARGET_SUM = 1e4
+
+
+def log_normalised_matrix(adata: Any, layer: str | None = None) -> sparse.csr_matrix:
+    """Cells x genes, log-normalised: raw counts get ``normalize_total(1e4)`` + ``log1p``.
+
+    Values that are already non-integer (log-normalised) are used as they are.
+    """
+    from scdlkit.foundation._validation import describe_values, get_matrix, iter_row_chunks
+
+    kind = describe_values(adata, layer)
+    blocks = [block for _, block in iter_row_chunks(get_matrix(adata, layer))]
+    matrix = sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix(adata.shape)
+    if kind == "raw_counts":
+        totals = np.asarray(matrix.sum(axis=1)).ravel()
+        scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
+        matrix = sparse.diags(scale.astype(np.float32)) @ matrix
+        matrix.data = np.log1p(matrix.data)
+    return sparse.csr_matrix(matrix, dtype=np.float32)
+
+
+class ExpressionLogisticBaseline:
+    """Standardised log-expression -> multinomial logistic regression; PCA of it as latent.
+
+    Parameters
+    ----------
+    C
+        Inverse L2 regularisation strength of :class:`sklearn.linear_model.LogisticRegression`.
+    n_components
+        Dimensions of the latent representation (truncated SVD of the scaled expression).
+    max_iter
+        Solver iterations.
+    random_state
+        Seeds the SVD.
+    """
+
+    def __init__(
+        self, *, C: float = 1.0, n_components: int = 50, max_iter: int = 1000, random_state: int = 0
+    ) -> None:
+        self.C = C
+        self.n_components = n_components
+        self.max_iter = max_iter
+        self.random_state = random_state
+        self.genes_: list[str] = []
+
+    def _align(self, matrix: sparse.csr_matrix, genes: pd.Index) -> sparse.csr_matrix:
+        """Columns in the fitted gene order; genes absent from the query are zeros."""
+        position = pd.Index(genes).get_indexer(self.genes_)
+        present = np.flatnonzero(position >= 0)
+        selector = sparse.csr_matrix(
+            (np.ones(len(present), np.float32), (position[present], present)),
+            shape=(matrix.shape[1], len(self.genes_)),
+        )
+        return sparse.csr_matrix(matrix @ selector)
+
+    def _scaled(self, matrix: sparse.csr_matrix) -> sparse.csr_matrix:
+        return sparse.csr_matrix(matrix @ sparse.diags(1.0 / self.scale_))
+
+    def fit(self, matrix: sparse.csr_matrix, genes: pd.Index, labels: np.ndarray) -> ExpressionLogisticBaseline:
+        """Fit on log-normalised ``matrix`` (cells x ``genes``) with integer ``labels``."""
+        from sklearn.decomposition import TruncatedSVD
+        from sklearn.linear_model import LogisticRegression
+
+        self.genes_ = [str(g) for g in genes]
+        dense_sq = matrix.multiply(matrix).mean(axis=0)
+        mean = np.asarray(matrix.mean(axis=0)).ravel()
+        std = np.sqrt(np.maximum(np.asarray(dense_sq).ravel() - mean**2, 0))
+        self.scale_ = np.where(std > 0, std, 1.0).astype(np.float32)
+        scaled = self._scaled(matrix)
+        self.classifier_ = LogisticRegression(C=self.C, max_iter=self.max_iter)
+        self.classifier_.fit(scaled, labels)
+        n_comp = max(1, min(self.n_components, scaled.shape[0] - 1, scaled.shape[1] - 1))
+        self.svd_ = TruncatedSVD(n_components=n_comp, random_state=self.random_state).fit(scaled)
+        return self
+
+    def predict_proba(self, matrix: sparse.csr_matrix, genes: pd.Index) -> np.ndarray:
+        return self.classifier_.predict_proba(self._scaled(self._align(matrix, genes)))
+
+    def latent(self, matrix: sparse.csr_matrix, genes: pd.Index) -> np.ndarray:
+        return self.svd_.transform(self._scaled(self._align(matrix, genes))).astype(np.float32)
+
+    @property
+    def n_parameters(self) -> int:
+        return int(self.classifier_.coef_.size + self.classifier_.intercept_.size)
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Everything needed to predict, as arrays (saved with safetensors, no pickle)."""
+        return {
+            "scale": self.scale_,
+            "coef": self.classifier_.coef_.astype(np.float64),
+            "intercept": self.classifier_.intercept_.astype(np.float64),
+            "classes": self.classifier_.classes_.astype(np.int64),
+            "svd_components": self.svd_.components_.astype(np.float64),
+        }
+
+    @classmethod
+    def from_state(cls, arrays: dict[str, np.ndarray], genes: list[str]) -> ExpressionLogisticBaseline:
+        """Rebuild a fitted baseline from :meth:`state_arrays` and its gene list."""
+        from sklearn.decomposition import TruncatedSVD
+        from sklearn.linear_model import LogisticRegression
+
+        model = cls()
+        model.genes_ = list(genes)
+        model.scale_ = np.asarray(arrays["scale"], dtype=np.float32)
+        clf = LogisticRegression()
+        clf.coef_ = np.asarray(arrays["coef"])
+        clf.intercept_ = np.asarray(arrays["intercept"])
+        clf.classes_ = np.asarray(arrays["classes"])
+        model.classifier_ = clf
+        svd = TruncatedSVD(n_components=arrays["svd_components"].shape[0])
+        svd.components_ = np.asarray(arrays["svd_components"])
+        model.svd_ = svd
+        return model

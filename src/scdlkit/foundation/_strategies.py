@@ -1,0 +1,166 @@
+"""What each adaptation strategy trains, its default training settings, and fitting them.
+
+Defaults follow the published recipes (SCGPT_NOTES.md section 5): full fine-tuning uses the scGPT
+tutorial's Adam lr 1e-4, StepLR gamma 0.9 per epoch and gradient clipping at 1.0; parameter-
+efficient methods train few parameters and use a larger lr (1e-3, as scPEFT and the LoRA/IA3
+papers do); the frozen ``head`` trains only the classifier on ``<cls>`` features computed once, so
+it affords many cheap epochs. Every neural strategy keeps the epoch with the lowest validation
+loss (the tutorial's rule) and stops after ``early_stopping_patience`` epochs without improvement.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DEFAULT_TRAINING",
+    "STRATEGIES",
+    "FeatureDataset",
+    "StrategyResult",
+    "resolve_training",
+]
+
+STRATEGIES = (
+    "frozen_probe",
+    "head",
+    "full_finetune",
+    "lora",
+    "adapter",
+    "prefix_tuning",
+    "ia3",
+    "baseline",
+)
+NEURAL_STRATEGIES = ("head", "full_finetune", "lora", "adapter", "prefix_tuning", "ia3")
+PEFT_STRATEGIES = ("lora", "adapter", "prefix_tuning", "ia3")
+#: Strategies that read ``<cls>`` features of the frozen pretrained encoder.
+FEATURE_STRATEGIES = ("frozen_probe", "head")
+
+_COMMON = {
+    "weight_decay": 0.0,
+    "warmup": 0.0,
+    "grad_clip": 1.0,
+    "monitor": "val_loss",
+    "class_weight": None,
+}
+_PEFT = {"epochs": 10, "lr": 1e-3, "lr_decay": 0.9, "early_stopping_patience": 3}
+#: Training settings per neural strategy (``batch_size`` comes from the runner).
+DEFAULT_TRAINING: dict[str, dict[str, Any]] = {
+    "head": {**_COMMON, "epochs": 50, "lr": 1e-3, "lr_decay": None, "early_stopping_patience": 10},
+    "full_finetune": {
+        **_COMMON,
+        "epochs": 10,
+        "lr": 1e-4,
+        "lr_decay": 0.9,
+        "early_stopping_patience": 3,
+    },
+    **{name: {**_COMMON, **_PEFT} for name in PEFT_STRATEGIES},
+}
+TRAINING_KEYS = frozenset(DEFAULT_TRAINING["head"])
+
+
+def resolve_training(
+    strategy: str, overrides: Mapping[str, Any] | None, shortcuts: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Settings for ``strategy``: defaults, then global overrides, then per-strategy ones.
+
+    ``overrides`` may hold setting names (apply to every strategy) and strategy names mapping to
+    dicts of settings; ``shortcuts`` are the runner's own arguments (``epochs=``, ``lr=``, ...)
+    where not ``None``.
+    """
+    settings = dict(DEFAULT_TRAINING[strategy])
+    settings.update({k: v for k, v in shortcuts.items() if v is not None})
+    overrides = dict(overrides or {})
+    settings.update({k: v for k, v in overrides.items() if k in TRAINING_KEYS})
+    settings.update(overrides.get(strategy, {}))
+    return settings
+
+
+def check_training_overrides(overrides: Mapping[str, Any] | None) -> None:
+    """Unknown keys in ``training=`` are errors, not silently ignored settings."""
+    for key, value in (overrides or {}).items():
+        if key in STRATEGIES:
+            if key not in NEURAL_STRATEGIES:
+                msg = f"training[{key!r}]: {key} is not trained by gradient descent; it has no settings."
+                raise ValueError(msg)
+            unknown = set(value) - TRAINING_KEYS
+        elif key not in TRAINING_KEYS:
+            unknown = {key}
+        else:
+            continue
+        if unknown:
+            msg = (
+                f"training= has unknown setting(s) {sorted(unknown)}; known: "
+                f"{sorted(TRAINING_KEYS)} (globally or under a strategy name)."
+            )
+            raise ValueError(msg)
+
+
+class FeatureDataset(Dataset):
+    """Precomputed ``<cls>`` features and labels, for the frozen ``head`` strategy."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray) -> None:
+        self.features = torch.as_tensor(features, dtype=torch.float32)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"features": self.features[i], "labels": int(self.labels[i])}
+
+
+@dataclass
+class StrategyResult:
+    """One fitted strategy: its metrics and how to predict with it."""
+
+    strategy: str
+    metrics: dict[str, Any]
+    trainable_parameters: int
+    runtime_sec: float
+    history: pd.DataFrame | None = None
+    config: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None
+    model: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Stopwatch:
+    def __enter__(self) -> Stopwatch:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def rank_key(row: Mapping[str, Any]) -> tuple:
+    """Validation macro-F1, then balanced accuracy, accuracy, fewer parameters, less runtime."""
+
+    def score(name: str) -> float:
+        value = row.get(f"validation_{name}")
+        return -np.inf if value is None or not np.isfinite(value) else float(value)
+
+    return (
+        -score("macro_f1"),
+        -score("balanced_accuracy"),
+        -score("accuracy"),
+        row["trainable_parameters"],
+        row["runtime_sec"],
+    )
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+Predictor = Callable[..., tuple[np.ndarray, np.ndarray]]

@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from anndata import AnnData
+
+from scdlkit.tl._slots import write_annotation_slots
+
+__all__ = ["adapt_annotation"]
+
+logger = logging.getLogger("scdlkit")
+
+
+def adapt_annotation(
+    adata: AnnData,
+    label_key: str,
+    *,
+    checkpoint: str | os.PathLike = "whole-human",
+    strategies: Sequence[str] = ("frozen_probe", "head"),
+    strategy_configs: Mapping[str, Any] | None = None,
+    lora_config: Any = None,
+    batch_size: int = 64,
+    val_size: float = 0.15,
+    test_size: float = 0.15,
+    random_state: int = 42,
+    device: str = "auto",
+    output_dir: str | os.PathLike | None = None,
+    key_added: str = "scgpt_annotation",
+    copy: bool = False,
+    **kwargs: Any,
+) -> AnnData | None:
+    """Adapt scGPT to the labelled cells of ``adata``, compare strategies, keep the best.
+
+    Fits every strategy on a stratified train split, ranks them by validation macro-F1, keeps
+    the best, labels every cell (unlabelled ones included) and writes the results into ``adata``.
+    The fitted runner is saved to ``output_dir/runner`` (a temporary folder when ``output_dir``
+    is ``None``); its path is in ``uns[key_added]["runner_dir"]`` for :func:`scdlkit.tl.annotate`.
+
+    Parameters
+    ----------
+    adata
+        Reference cells: raw counts or log-normalised values, gene symbols.
+    label_key
+        ``adata.obs`` column with cell types; missing values mark unlabelled cells (left out of
+        training and evaluation, still labelled).
+    checkpoint
+        Official scGPT checkpoint name (found in the local cache) or a checkpoint folder.
+    strategies
+        Among ``"frozen_probe"``, ``"head"``, ``"full_finetune"``, ``"lora"``, ``"adapter"``,
+        ``"prefix_tuning"``, ``"ia3"``, ``"baseline"``.
+    strategy_configs
+        ``{strategy: config}`` for parameter-efficient strategies.
+    lora_config
+        Legacy alias of ``strategy_configs={"lora": ...}``.
+    batch_size, val_size, test_size, random_state, device
+        See :class:`scdlkit.AnnotationRunner`.
+    output_dir
+        Folder for the saved runner and the artifacts (metrics CSV, predictions CSV, report.md,
+        PNG plots).
+    key_added
+        Prefix of the written slots.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+    **kwargs
+        Further :class:`scdlkit.AnnotationRunner` arguments: ``gene_key``, ``layer``,
+        ``training``, ``epochs``, ``lr``, ``early_stopping_patience``, ``class_weight``,
+        ``precision``, ``confidence_threshold``, ``progress``.
+
+    Returns
+    -------
+    ``None``, or the annotated copy when ``copy=True``. Writes:
+
+    - ``obs[key_added]``: predicted labels (categorical);
+    - ``obs[f"{key_added}_confidence"]``: probability of the predicted label;
+    - ``obs[f"{key_added}_split"]``: ``train``/``val``/``test``/``unlabelled``;
+    - ``obsm[f"X_{key_added}"]``: the best model's cell representation;
+    - ``uns[key_added]``: ``params``, ``best_strategy``, ``strategy_metrics`` (DataFrame),
+      ``label_categories``, ``history``, ``runner_dir``, ``split``, ``versions``.
+
+    Examples
+    --------
+    >>> sck.tl.adapt_annotation(
+    ...     adata, "cell_type", strategies=("frozen_probe", "head", "lora"), output_dir="runs/pbmc"
+    ... )  # doctest: +SKIP
+    >>> sck.pl.strategy_comparison(adata)  # doctest: +SKIP
+    """
+    from scdlkit.foundation import ScGPTAnnotationRunner
+    from scdlkit.foundation._runner import default_runner_dir
+
+    runner = ScGPTAnnotationRunner(
+        label_key=label_key,
+        checkpoint=checkpoint,
+        strategies=strategies,
+        strategy_configs=strategy_configs,
+        lora_config=lora_config,
+        batch_size=batch_size,
+        val_size=val_size,
+        test_size=test_size,
+        random_state=random_state,
+        device=device,
+        output_dir=output_dir,
+        **kwargs,
+    ).fit(adata)
+    if runner.runner_dir_ is None:
+        runner.save(default_runner_dir())
+        logger.warning(
+            "runner saved to the temporary folder %s; pass output_dir= to keep it",
+            runner.runner_dir_,
+        )
+    if copy:
+        adata = adata.copy()
+    write_annotation_slots(
+        adata,
+        runner,
+        runner.reference_predictions(),
+        key_added=key_added,
+        split=runner.split_.split_labels(),
+        uns=annotation_uns(runner),
+    )
+    return adata if copy else None
+
+
+def annotation_uns(runner: Any) -> dict[str, Any]:
+    """The fit-specific part of ``uns[key_added]``."""
+    return {
+        "params": runner.params(),
+        "strategy_metrics": runner.strategy_metrics_.copy(),
+        "history": {name: frame.copy() for name, frame in runner.history_.items()},
+        "split": dict(runner.split_summary_),
+    }

@@ -1,0 +1,67 @@
+"""Writing annotation results into AnnData slots, h5ad/zarr-safe."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from scdlkit.tl._utils import package_versions
+
+__all__ = ["h5ad_safe", "write_annotation_slots"]
+
+SPLIT_CATEGORIES = ["train", "val", "test", "unlabelled"]
+
+
+def h5ad_safe(value: Any) -> Any:
+    """Recursively make ``value`` writable by ``write_h5ad``/``write_zarr``.
+
+    ``None`` becomes the string ``"None"`` (HDF5 has no null), lists of strings become string
+    arrays and tuples lists; DataFrames and arrays pass through.
+    """
+    if value is None:
+        return "None"
+    if isinstance(value, Mapping):
+        return {str(k): h5ad_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        items = [h5ad_safe(v) for v in value]
+        if items and all(isinstance(v, str) for v in items):
+            return np.asarray(items, dtype=object)
+        if items and all(isinstance(v, int | float | bool | np.number) for v in items):
+            return np.asarray(items)
+        if not items:
+            return np.asarray([], dtype=object)
+        return {str(i): v for i, v in enumerate(items)}
+    return value
+
+
+def write_annotation_slots(
+    adata: AnnData,
+    runner: Any,
+    predictions: Mapping[str, np.ndarray],
+    *,
+    key_added: str,
+    split: np.ndarray,
+    uns: Mapping[str, Any],
+) -> None:
+    """obs labels/confidence/split, obsm latent and ``uns[key_added]`` (written last)."""
+    categories = list(runner.label_categories_)
+    if runner.confidence_threshold is not None:
+        categories.append("Unknown")
+    split_categories = [c for c in (*SPLIT_CATEGORIES, "query") if c in set(split)]
+    adata.obs[key_added] = pd.Categorical(predictions["labels"], categories=categories)
+    adata.obs[f"{key_added}_confidence"] = predictions["probabilities"].max(axis=1).astype(np.float32)
+    adata.obs[f"{key_added}_split"] = pd.Categorical(split, categories=split_categories)
+    adata.obsm[f"X_{key_added}"] = predictions["latent"]
+    adata.uns[key_added] = h5ad_safe(
+        {
+            **uns,
+            "best_strategy": runner.best_strategy_,
+            "label_categories": list(runner.label_categories_),
+            "runner_dir": str(runner.runner_dir_),
+            "versions": package_versions(),
+        }
+    )
