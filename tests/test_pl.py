@@ -133,11 +133,17 @@ def _h5ad_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def _read_back(_h5ad_path: Path) -> ad.AnnData:
+    return ad.read_h5ad(_h5ad_path)
+
+
 @pytest.fixture(params=["memory", "h5ad"])
-def adata(request: pytest.FixtureRequest, _h5ad_path: Path) -> ad.AnnData:
+def adata(request: pytest.FixtureRequest, _read_back: ad.AnnData) -> ad.AnnData:
     """Annotated AnnData, as built and after a write_h5ad/read_h5ad round trip."""
     if request.param == "h5ad":
-        return ad.read_h5ad(_h5ad_path)
+        assert isinstance(_read_back.uns[KEY]["label_categories"], np.ndarray)
+        return _read_back.copy()
     adata = make_annotated()
     adata.uns[KEY]["batch_metrics"] = _batch_metrics_frame()
     return adata
@@ -192,7 +198,7 @@ def test_strategy_comparison_draws_metric(adata, metric, split, tmp_path):
     assert split in xlabel
     assert {"macro_f1": "F1", "auroc_ovr": "AUROC"}.get(metric, metric.replace("_", " ")) in xlabel
 
-    if metric == "macro_f1":
+    if metric == "macro_f1" and split == "test":
         out = tmp_path / "comparison.png"
         fig.savefig(out, dpi=50)
         assert out.stat().st_size > 0
@@ -410,9 +416,10 @@ def test_batch_metrics_grouped_bars(adata, metric, tmp_path):
     assert ticks == ["donor_a\n(n=10)", "donor_b\n(n=20)", "donor_c\n(n=30)"]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend == [f"{s} (best)" if s == BEST else s for s in STRATEGIES]
-    out = tmp_path / "batches.png"
-    fig.savefig(out, dpi=50)
-    assert out.stat().st_size > 0
+    if metric == "macro_f1":
+        out = tmp_path / "batches.png"
+        fig.savefig(out, dpi=50)
+        assert out.stat().st_size > 0
 
 
 def test_batch_metrics_missing(adata):

@@ -353,6 +353,14 @@ def test_bad_arguments_are_named(kwargs, match):
         _trainer(**kwargs)
 
 
+def test_labels_beyond_the_logits_are_an_error():
+    data = ToyData(64)
+    data.labels = data.labels.copy()
+    data.labels[0] = 5
+    with pytest.raises(ValueError, match="code 5"):
+        _trainer(epochs=1).fit(data)
+
+
 def test_no_trainable_parameters_is_an_error():
     model = MLP()
     model.requires_grad_(False)
@@ -366,8 +374,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
-def test_ddp_two_cpu_processes(tmp_path: Path, strategy: str):
+def test_ddp_two_cpu_processes(tmp_path: Path):
+    # Fabric's "ddp" launcher re-runs the script for rank 1; gloo on two CPU processes.
     script = Path(__file__).with_name("_ddp_script.py")
     env = {
         **os.environ,
@@ -379,17 +387,16 @@ def test_ddp_two_cpu_processes(tmp_path: Path, strategy: str):
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
         env.pop(key, None)
     proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), strategy],
+        [sys.executable, str(script), str(tmp_path), "ddp"],
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,  # a hang guard only; the run takes seconds on an idle machine
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
-    ranks = 2 if strategy == "ddp" else 1  # ddp_spawn reports from the main process
-    assert len(results) == ranks
+    assert len(results) == 2
     for result in results:
         assert result["world_size"] == 2
         assert result["accuracy"] > 0.9

@@ -15,7 +15,7 @@ from torch import nn
 
 from scdlkit.foundation._checkpoint import ScGPTModelArgs
 
-__all__ = ["ScGPTEncoder", "ScGPTEncoderLayer", "ScGPTSelfAttention"]
+__all__ = ["ScGPTEncoder", "ScGPTEncoderLayer", "ScGPTSelfAttention", "set_attention_dropout"]
 
 VALUE_CLAMP = 512.0
 
@@ -171,3 +171,19 @@ class ScGPTEncoder(nn.Module):
     ) -> torch.Tensor:
         """The un-normalised output at the ``<cls>`` position (position 0)."""
         return self.forward(gene_ids, values, padding_mask)[:, 0, :]
+
+
+def set_attention_dropout(module: nn.Module, p: float) -> nn.Module:
+    """Set the dropout on attention weights of every scGPT attention block in ``module``.
+
+    Upstream trains with attention dropout equal to ``args.dropout`` (0.2). On CPU, torch has no
+    fused attention kernel with dropout, so each attention call becomes several times slower;
+    ``p=0`` keeps the fused kernel while the residual and feed-forward dropouts stay in place.
+    """
+    if not 0 <= p < 1:
+        msg = f"attention dropout must be in [0, 1), got {p}."
+        raise ValueError(msg)
+    for sub in module.modules():
+        if isinstance(sub, ScGPTSelfAttention):
+            sub.dropout = float(p)
+    return module

@@ -19,6 +19,7 @@ from scdlkit.foundation._data import ScGPTPreparedData, prepare_scgpt_data, spli
 from scdlkit.foundation._device import resolve_device
 from scdlkit.foundation._embed import encode_cells
 from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
+from scdlkit.foundation._model import set_attention_dropout
 from scdlkit.foundation._strategies import (
     FEATURE_STRATEGIES,
     NEURAL_STRATEGIES,
@@ -131,6 +132,9 @@ class ScGPTAnnotationRunner:
         ``"auto"`` (bf16 mixed precision on CUDA, fp32 elsewhere), ``"fp32"`` or ``"bf16"``.
     confidence_threshold
         Cells whose top probability is below it are labelled ``"Unknown"`` in predictions.
+    attention_dropout
+        Dropout on attention weights while training; ``None`` keeps the checkpoint's ``dropout``
+        as upstream does. ``0.0`` is several times faster on CPU (no fused kernel with dropout).
     progress
         Show progress bars.
 
@@ -182,6 +186,7 @@ class ScGPTAnnotationRunner:
         class_weight: str | None = None,
         precision: str = "auto",
         confidence_threshold: float | None = None,
+        attention_dropout: float | None = None,
         progress: bool = True,
     ) -> None:
         self.strategies, self.strategy_configs = _check_strategies(
@@ -216,6 +221,7 @@ class ScGPTAnnotationRunner:
         }
         self.precision = precision
         self.confidence_threshold = confidence_threshold
+        self.attention_dropout = attention_dropout
         self.progress = progress
         self._fitted = False
         self.runner_dir_: Path | None = None
@@ -250,6 +256,7 @@ class ScGPTAnnotationRunner:
             "training": {s: self.training_settings(s) for s in self.strategies if s in NEURAL_STRATEGIES},
             "precision": self.precision,
             "confidence_threshold": self.confidence_threshold,
+            "attention_dropout": self.attention_dropout,
         }
 
     def training_settings(self, strategy: str) -> dict[str, Any]:
@@ -352,7 +359,7 @@ class ScGPTAnnotationRunner:
         self._fitted = True
         self._reference_predictions = self._predict_prepared(self.prepared_, adata)
         if self.output_dir is not None:
-            from scdlkit.foundation._artifacts import write_artifacts
+            from scdlkit._artifacts import write_artifacts
 
             self.save(self.output_dir / "runner")
             write_artifacts(self, self.output_dir)
@@ -462,6 +469,8 @@ class ScGPTAnnotationRunner:
             label_categories=self.label_categories_,
             seed=self.random_state,
         )
+        if self.attention_dropout is not None:
+            set_attention_dropout(model, self.attention_dropout)
         trainer = Trainer(
             model,
             batch_size=self.batch_size,

@@ -252,6 +252,7 @@ def load_runner(cls: type, path: Path, *, checkpoint: Any, device: str, verify: 
         layer=params.get("layer") or None,
         precision=params.get("precision", "auto"),
         confidence_threshold=params.get("confidence_threshold"),
+        attention_dropout=params.get("attention_dropout"),
         progress=False,
     )
     runner.checkpoint_ = ckpt

@@ -177,12 +177,10 @@ def batch_metrics(
     labels = [f"{b}\n(n={n_cells[b]})" if b in n_cells else b for b in batches]
     ax.set_xticks(positions, labels=labels)
     ax.set_xlim(-0.6, n_b - 0.4)
-    ax.set_ylim(0.0, upper * 1.2)
+    ax.set_ylim(0.0, upper * 1.18)
     ax.set_xlabel("held-out batch")
     ax.set_ylabel(f"test {METRIC_LABELS.get(metric, metric)}")
     ax.set_title("Per-batch test performance")
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    if created:
-        fig.tight_layout()
     return finish(fig, created=created, show=show, return_fig=return_fig, save=save)

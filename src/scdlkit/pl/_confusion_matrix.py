@@ -199,6 +199,4 @@ def confusion_matrix(
     if best is not None:
         title = f"{best}: {title}"
     ax.set_title(title)
-    if created:
-        fig.tight_layout()
     return finish(fig, created=created, show=show, return_fig=return_fig, save=save)

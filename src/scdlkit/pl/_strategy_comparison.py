@@ -168,6 +168,4 @@ def strategy_comparison(
     ax.set_xlabel(f"{split_name} {METRIC_LABELS[metric]}")
     ax.set_title("Strategy comparison")
     ax.spines[["top", "right"]].set_visible(False)
-    if created:
-        fig.tight_layout()
     return finish(fig, created=created, show=show, return_fig=return_fig, save=save)

@@ -185,6 +185,4 @@ def training_history(
                 handles.append(Line2D([], [], color="#4d4d4d", linestyle=style))
                 labels.append(label)
     ax.legend(handles, labels, frameon=False, fontsize=8)
-    if created:
-        fig.tight_layout()
     return finish(fig, created=created, show=show, return_fig=return_fig, save=save)

@@ -152,7 +152,7 @@ def get_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axe
     """The figure and axes to draw into, and whether the figure was created here."""
     if ax is not None:
         return ax.figure, ax, False
-    fig, ax = plt.subplots(figsize=figsize)
+    fig, ax = plt.subplots(figsize=figsize, layout="constrained")
     return fig, ax, True
 
 

@@ -47,7 +47,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from lightning_fabric import Fabric
 from lightning_fabric.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning_fabric.strategies.launchers import _SubprocessScriptLauncher
@@ -55,6 +54,23 @@ from lightning_fabric.utilities.seed import seed_everything
 from tqdm.auto import tqdm
 
 from scdlkit.training._batching import batch_indices, gather_in_order, make_loader, shard
+from scdlkit.training._checks import (
+    check_dataset,
+    check_int,
+    check_number,
+    check_warmup,
+    is_number,
+)
+from scdlkit.training._loss import (
+    LABELS,
+    balanced_weights,
+    batch_labels,
+    check_label_range,
+    count_classes,
+    cross_entropy,
+    get_logits,
+    label_counts,
+)
 from scdlkit.training._precision import resolve_devices, resolve_precision
 from scdlkit.training.metrics import classification_metrics
 
@@ -73,7 +89,6 @@ _HISTORY_COLUMNS = [
     "lr",
     "seconds",
 ]
-_LABELS = "labels"
 
 
 class Trainer:
@@ -207,20 +222,20 @@ class Trainer:
         if task not in _TASKS:
             msg = f"`task`={task!r} is not supported; choose one of {_TASKS}."
             raise ValueError(msg)
-        _check_int(batch_size, "batch_size", minimum=1)
-        _check_int(epochs, "epochs", minimum=1)
-        _check_int(num_nodes, "num_nodes", minimum=1)
-        _check_int(seed, "seed", minimum=0)
-        _check_number(lr, "lr", positive=True)
-        _check_number(weight_decay, "weight_decay", positive=False)
-        _check_warmup(warmup)
-        if lr_decay is not None and not (_is_number(lr_decay) and 0 < lr_decay <= 1):
+        check_int(batch_size, "batch_size", minimum=1)
+        check_int(epochs, "epochs", minimum=1)
+        check_int(num_nodes, "num_nodes", minimum=1)
+        check_int(seed, "seed", minimum=0)
+        check_number(lr, "lr", positive=True)
+        check_number(weight_decay, "weight_decay", positive=False)
+        check_warmup(warmup)
+        if lr_decay is not None and not (is_number(lr_decay) and 0 < lr_decay <= 1):
             msg = f"`lr_decay` must be None or a factor in (0, 1] such as 0.9; got {lr_decay!r}."
             raise ValueError(msg)
         if grad_clip is not None:
-            _check_number(grad_clip, "grad_clip", positive=True, hint="or None to disable")
+            check_number(grad_clip, "grad_clip", positive=True, hint="or None to disable")
         if early_stopping_patience is not None:
-            _check_int(early_stopping_patience, "early_stopping_patience", minimum=1)
+            check_int(early_stopping_patience, "early_stopping_patience", minimum=1)
         if monitor not in _MONITORS:
             msg = f"`monitor`={monitor!r} is not supported; choose one of {tuple(_MONITORS)}."
             raise ValueError(msg)
@@ -297,9 +312,9 @@ class Trainer:
         >>> trainer = sck.Trainer(model, epochs=5).fit(train_ds, val_ds)  # doctest: +SKIP
         >>> trainer.history_[["epoch", "val_loss"]]  # doctest: +SKIP
         """
-        _check_dataset(train, "train")
+        check_dataset(train, "train")
         if val is not None:
-            _check_dataset(val, "val")
+            check_dataset(val, "val")
         if self.trainable_parameters_ == 0:
             msg = "`model` has no parameters with requires_grad=True; unfreeze something to train."
             raise ValueError(msg)
@@ -338,7 +353,7 @@ class Trainer:
         >>> out["probabilities"].shape  # doctest: +SKIP
         (1000, 8)
         """
-        _check_dataset(dataset, "dataset")
+        check_dataset(dataset, "dataset")
         return self._dispatch("_predict", dataset)
 
     def evaluate(self, dataset: Any) -> dict[str, Any]:
@@ -365,7 +380,7 @@ class Trainer:
         >>> trainer.evaluate(test_ds)["macro_f1"]  # doctest: +SKIP
         0.93
         """
-        _check_dataset(dataset, "dataset")
+        check_dataset(dataset, "dataset")
         return self._dispatch("_evaluate", dataset)
 
     # ------------------------------------------------------------------ processes
@@ -415,7 +430,7 @@ class Trainer:
             torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         )
         self._class_weights = None
-        counts = _label_counts(train) if self.class_weight == "balanced" else None
+        counts = label_counts(train) if self.class_weight == "balanced" else None
 
         def epoch_batches(epoch: int) -> list[list[int]]:
             batches = batch_indices(
@@ -453,8 +468,10 @@ class Trainer:
             for indices, batch in zip(batches, make_loader(train, batches), strict=True):
                 batch = fabric.to_device(batch)
                 output = module(batch)
-                if counts is not None and self._class_weights is None:
-                    self._class_weights = _balanced_weights(counts, _n_classes(output))
+                if step == 0 and "loss" not in output:
+                    check_label_range(train, count_classes(output))
+                    if counts is not None:
+                        self._class_weights = balanced_weights(counts, count_classes(output))
                 loss, numerator, denominator = self._loss(output, batch, len(indices))
                 optimizer.zero_grad(set_to_none=True)
                 fabric.backward(loss)
@@ -532,9 +549,9 @@ class Trainer:
         if self.task == "representation":
             msg = "task='representation' needs `model(batch)` to return a scalar 'loss'."
             raise ValueError(msg)
-        logits = _logits(output)
-        labels = _batch_labels(batch)
-        return _cross_entropy(logits.float(), labels, self._class_weights)
+        logits = get_logits(output)
+        labels = batch_labels(batch)
+        return cross_entropy(logits.float(), labels, self._class_weights)
 
     def _validate(self, val: Any) -> dict[str, float]:
         metrics = self._evaluate(val, show=False, keys=("logits",))
@@ -604,9 +621,9 @@ class Trainer:
                         continue
                     if torch.is_tensor(value) and value.ndim >= 1 and value.shape[0] == n:
                         parts[key].append(_to_numpy(value))
-                labels = batch.get(_LABELS) if isinstance(batch, Mapping) else None
+                labels = batch.get(LABELS) if isinstance(batch, Mapping) else None
                 if torch.is_tensor(labels):
-                    parts[_LABELS].append(labels.detach().cpu().numpy().astype(np.int64))
+                    parts[LABELS].append(labels.detach().cpu().numpy().astype(np.int64))
                 indices.append(np.asarray(idx, dtype=np.int64))
                 bar.update()
         bar.close()
@@ -617,7 +634,7 @@ class Trainer:
 
     def _predict(self, dataset: Any) -> dict[str, np.ndarray]:
         raw, _ = self._infer(dataset, show=True)
-        raw.pop(_LABELS, None)
+        raw.pop(LABELS, None)
         out: dict[str, np.ndarray] = {}
         if "logits" in raw:
             logits = raw.pop("logits").astype(np.float32)
@@ -635,21 +652,21 @@ class Trainer:
         raw, model_loss = self._infer(dataset, show=show, keys=keys)
         if model_loss is not None or self.task == "representation":
             result: dict[str, Any] = {}
-            if "logits" in raw and _LABELS in raw:
-                result.update(_metrics(raw["logits"], raw[_LABELS]))
+            if "logits" in raw and LABELS in raw:
+                result.update(_metrics(raw["logits"], raw[LABELS]))
             result["loss"] = model_loss
             result.setdefault("n_cells", len(dataset))
             return result
         if "logits" not in raw:
             msg = "task='classification' needs `model(batch)` to return 'logits'."
             raise ValueError(msg)
-        if _LABELS not in raw:
+        if LABELS not in raw:
             msg = "`evaluate` needs labelled batches: `dataset[i]` must hold 'labels'."
             raise ValueError(msg)
+        result = _metrics(raw["logits"], raw[LABELS])  # validates the label codes first
         logits = torch.from_numpy(raw["logits"].astype(np.float32))
-        labels = torch.from_numpy(raw[_LABELS])
-        _, numerator, denominator = _cross_entropy(logits, labels, _cpu(self._class_weights))
-        result = _metrics(raw["logits"], raw[_LABELS])
+        labels = torch.from_numpy(raw[LABELS])
+        _, numerator, denominator = cross_entropy(logits, labels, _cpu(self._class_weights))
         result["loss"] = float(numerator / denominator) if denominator > 0 else None
         return result
 
@@ -671,73 +688,6 @@ def _in_worker(fabric: Fabric, trainer: Trainer, method: str, args: tuple[Any, .
 def _metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     probabilities = torch.softmax(torch.from_numpy(logits.astype(np.float32)), dim=1).numpy()
     return classification_metrics(labels, probabilities)
-
-
-def _cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over labelled cells; 0 (not NaN) for a batch without labels."""
-    labels = labels.long().reshape(-1)
-    if labels.shape[0] != logits.shape[0]:
-        msg = f"batch['labels'] has {labels.shape[0]} entries for {logits.shape[0]} logits rows."
-        raise ValueError(msg)
-    mask = labels >= 0
-    if weight is not None:
-        weight = weight.to(logits.device, logits.dtype)
-    total = F.cross_entropy(logits, labels, weight=weight, ignore_index=-1, reduction="sum")
-    safe = labels.clamp(min=0)
-    per_cell = weight[safe] if weight is not None else torch.ones_like(safe, dtype=logits.dtype)
-    denominator = (per_cell * mask).sum()
-    return total / denominator.clamp(min=1e-12), total, denominator
-
-
-def _logits(output: Mapping[str, Any]) -> torch.Tensor:
-    logits = output.get("logits")
-    if not torch.is_tensor(logits) or logits.ndim != 2:
-        msg = (
-            "task='classification' needs `model(batch)` to return 'logits' of shape "
-            "(batch, n_classes), or a scalar 'loss'."
-        )
-        raise ValueError(msg)
-    return logits
-
-
-def _n_classes(output: Mapping[str, Any]) -> int:
-    return int(_logits(output).shape[1])
-
-
-def _batch_labels(batch: Any) -> torch.Tensor:
-    labels = batch.get(_LABELS) if isinstance(batch, Mapping) else None
-    if not torch.is_tensor(labels):
-        msg = "task='classification' needs `dataset[i]` to hold 'labels' (class code, -1 = none)."
-        raise ValueError(msg)
-    return labels
-
-
-def _label_counts(dataset: Any) -> np.ndarray:
-    labels = getattr(dataset, _LABELS, None)
-    if labels is None:
-        labels = [int(np.asarray(dataset[i][_LABELS])) for i in range(len(dataset))]
-    labels = np.asarray(labels).astype(np.int64).reshape(-1)
-    labels = labels[labels >= 0]
-    if labels.size == 0:
-        msg = "class_weight='balanced' needs labelled training cells; `train` has none."
-        raise ValueError(msg)
-    return np.bincount(labels)
-
-
-def _balanced_weights(counts: np.ndarray, n_classes: int) -> torch.Tensor:
-    if counts.size > n_classes:
-        msg = (
-            f"The training labels hold code {counts.size - 1} but the model returns "
-            f"{n_classes} logits; give the model one output per class."
-        )
-        raise ValueError(msg)
-    counts = np.pad(counts, (0, n_classes - counts.size)).astype(np.float64)
-    present = counts > 0
-    weights = np.ones(n_classes)
-    weights[present] = counts.sum() / (present.sum() * counts[present])
-    return torch.tensor(weights, dtype=torch.float32)
 
 
 def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -771,46 +721,3 @@ def _warmup_steps(warmup: float | int, total_steps: int) -> int:
     if isinstance(warmup, int):
         return warmup
     return math.ceil(warmup * total_steps)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_int(value: Any, name: str, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        msg = f"`{name}` must be an integer >= {minimum}; got {value!r}."
-        raise ValueError(msg)
-
-
-def _check_number(value: Any, name: str, *, positive: bool, hint: str = "") -> None:
-    ok = _is_number(value) and (value > 0 if positive else value >= 0)
-    if not ok:
-        bound = "> 0" if positive else ">= 0"
-        hint = f" {hint}" if hint else ""
-        msg = f"`{name}` must be a finite number {bound}{hint}; got {value!r}."
-        raise ValueError(msg)
-
-
-def _check_warmup(warmup: Any) -> None:
-    if isinstance(warmup, bool) or not isinstance(warmup, int | float):
-        msg = f"`warmup` must be a fraction in [0, 1) or a number of steps; got {warmup!r}."
-        raise ValueError(msg)
-    if isinstance(warmup, int) and warmup < 0:
-        msg = f"`warmup`={warmup} steps must be >= 0."
-        raise ValueError(msg)
-    if isinstance(warmup, float) and not (0.0 <= warmup < 1.0):
-        msg = (
-            f"`warmup`={warmup!r}: a float is a fraction of all steps and must be in [0, 1); "
-            "pass an int for a number of steps."
-        )
-        raise ValueError(msg)
-
-
-def _check_dataset(dataset: Any, name: str) -> None:
-    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
-        msg = f"`{name}` must be a map-style dataset with __len__ and __getitem__."
-        raise TypeError(msg)
-    if len(dataset) == 0:
-        msg = f"`{name}` is empty; pass a dataset with at least one cell."
-        raise ValueError(msg)

@@ -1,0 +1,162 @@
+"""Files a fitted annotation runner leaves in ``output_dir``: tables, a Markdown report, plots.
+
+Plots are drawn by :mod:`scdlkit.pl` from an AnnData holding the same slots that
+:func:`scdlkit.tl.adapt_annotation` writes, so a saved figure and a notebook figure never differ.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+__all__ = ["results_adata", "write_artifacts"]
+
+logger = logging.getLogger("scdlkit")
+KEY = "scgpt_annotation"
+
+
+def results_adata(runner: Any) -> AnnData:
+    """An obs-only AnnData of the reference cells with the annotation slots written."""
+    from scdlkit.tl._adapt_annotation import annotation_uns
+    from scdlkit.tl._slots import write_annotation_slots
+
+    prepared = runner.prepared_
+    codes = prepared.label_codes
+    truth = np.where(codes >= 0, np.asarray(runner.label_categories_, dtype=object)[codes], None)
+    obs = pd.DataFrame(index=pd.Index(prepared.obs_names.astype(str), name=None))
+    obs[runner.label_key] = pd.Categorical(truth, categories=runner.label_categories_)
+    adata = AnnData(obs=obs)
+    write_annotation_slots(
+        adata,
+        runner,
+        runner.reference_predictions(),
+        key_added=KEY,
+        split=runner.split_.split_labels(),
+        uns=annotation_uns(runner),
+    )
+    return adata
+
+
+def _markdown_table(frame: pd.DataFrame) -> str:
+    def fmt(value: Any) -> str:
+        if isinstance(value, float):
+            return "n/a" if not np.isfinite(value) else f"{value:.3f}"
+        return str(value)
+
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    rows = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
+def _environment() -> str:
+    try:
+        import session_info2
+
+        return str(session_info2.session_info(dependencies=False))
+    except Exception as err:  # noqa: BLE001 - the report must not fail on environment reporting
+        return f"(session-info2 unavailable: {err})"
+
+
+def _report(runner: Any, adata: AnnData, per_class: pd.DataFrame, figures: list[str]) -> str:
+    from scdlkit.tl._utils import package_versions
+
+    report = runner.report_
+    metrics = runner.strategy_metrics_
+    best = runner.best_strategy_
+    best_row = metrics.set_index("strategy").loc[best]
+    baseline_note = ""
+    if "baseline" in set(metrics["strategy"]) and best != "baseline":
+        base = metrics.set_index("strategy").loc["baseline", "test_macro_f1"]
+        baseline_note = (
+            f"\nThe plain baseline (logistic regression on expression) reached test macro-F1 "
+            f"{base:.3f}; the best scGPT strategy {best_row['test_macro_f1']:.3f}.\n"
+        )
+    lines = [
+        "# scGPT cell-type annotation report",
+        "",
+        "## Data",
+        "",
+        "```",
+        repr(report),
+        "```",
+        "",
+        f"Split: {runner.split_summary_}",
+        "",
+        "## Strategy comparison",
+        "",
+        "Ranked by validation macro-F1 (then balanced accuracy, accuracy, fewer trainable "
+        "parameters, runtime); test metrics are reported, never used to choose.",
+        "",
+        _markdown_table(metrics),
+        "",
+        f"**Best strategy: `{best}`** (validation macro-F1 {best_row['validation_macro_f1']:.3f}, "
+        f"test macro-F1 {best_row['test_macro_f1']:.3f}).",
+        baseline_note,
+        "## Per-class metrics of the best strategy (test split)",
+        "",
+        _markdown_table(per_class),
+        "",
+        "## Figures",
+        "",
+        *[f"![{name}]({name})" for name in figures],
+        "",
+        "## Environment",
+        "",
+        f"Package versions: {package_versions()}",
+        "",
+        "```",
+        _environment(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_artifacts(runner: Any, output_dir: Path) -> None:
+    """``strategy_metrics.csv``, ``predictions.csv``, ``report.md`` and PNG plots."""
+    import matplotlib
+
+    from scdlkit import pl
+    from scdlkit.training.metrics import per_class_metrics
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    adata = results_adata(runner)
+    runner.strategy_metrics_.to_csv(output_dir / "strategy_metrics.csv", index=False)
+    predictions = pd.DataFrame(
+        {
+            "cell": adata.obs_names,
+            "label": adata.obs[runner.label_key].astype(object).to_numpy(),
+            "split": adata.obs[f"{KEY}_split"].astype(str).to_numpy(),
+            "predicted": adata.obs[KEY].astype(str).to_numpy(),
+            "confidence": adata.obs[f"{KEY}_confidence"].to_numpy(),
+        }
+    )
+    predictions.to_csv(output_dir / "predictions.csv", index=False)
+    test = runner.split_.test_indices
+    codes = runner.prepared_.label_codes
+    predicted = runner.reference_predictions()["label_codes"]
+    per_class = per_class_metrics(codes[test], predicted[test], labels=runner.label_categories_)
+    figures = []
+    with matplotlib.rc_context({"backend": "Agg"}):
+        import matplotlib.pyplot as plt
+
+        plots = {
+            "strategy_comparison.png": lambda: pl.strategy_comparison(adata, key=KEY, return_fig=True, show=False),
+            "confusion_matrix.png": lambda: pl.confusion_matrix(adata, key=KEY, return_fig=True, show=False),
+            "training_history.png": lambda: pl.training_history(adata, key=KEY, return_fig=True, show=False),
+        }
+        for name, draw in plots.items():
+            if name == "training_history.png" and not runner.history_:
+                continue
+            fig = draw()
+            fig.savefig(output_dir / name, dpi=120, bbox_inches="tight")
+            plt.close(fig)
+            figures.append(name)
+    (output_dir / "report.md").write_text(_report(runner, adata, per_class, figures))
+    logger.info("annotation artifacts written to %s", output_dir)

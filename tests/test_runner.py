@@ -1,0 +1,319 @@
+from __future__ import annotations
+
+import json
+import pickle
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from anndata.tests.helpers import assert_equal
+
+import scdlkit as sck
+from scdlkit.foundation import STRATEGIES, LoRAConfig, ScGPTAnnotationRunner
+
+KEY = "scgpt_annotation"
+FAST = {"epochs": 1, "attention_dropout": 0.0, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def adapted(_pbmc_raw, checkpoint_dir, tmp_path_factory):
+    """All eight strategies through sck.tl.adapt_annotation on pbmc68k_reduced (once)."""
+    adata = _pbmc_raw.copy()
+    labels = adata.obs["bulk_labels"].astype(object)
+    labels.iloc[:7] = np.nan  # unlabelled cells still get predictions
+    adata.obs["bulk_labels"] = labels
+    out = tmp_path_factory.mktemp("run")
+    sck.tl.adapt_annotation(
+        adata,
+        "bulk_labels",
+        checkpoint=checkpoint_dir,
+        strategies=STRATEGIES,
+        output_dir=out,
+        **FAST,
+    )
+    return adata, out
+
+
+def test_all_strategies_write_every_slot(adapted):
+    adata, out = adapted
+    assert isinstance(adata.obs[KEY].dtype, pd.CategoricalDtype)
+    assert adata.obs[KEY].notna().all()
+    conf = adata.obs[f"{KEY}_confidence"]
+    assert ((conf > 0) & (conf <= 1)).all()
+    split = adata.obs[f"{KEY}_split"]
+    assert set(split.cat.categories) == {"train", "val", "test", "unlabelled"}
+    assert (split.iloc[:7] == "unlabelled").all()
+    assert (split.iloc[7:] != "unlabelled").all()
+    assert adata.obsm[f"X_{KEY}"].shape[0] == adata.n_obs
+    uns = adata.uns[KEY]
+    assert uns["best_strategy"] in STRATEGIES
+    assert list(uns["label_categories"]) == list(adata.obs["bulk_labels"].astype("category").cat.categories)
+    assert uns["runner_dir"] == str(out / "runner")
+    assert set(uns["params"]["strategies"]) == set(STRATEGIES)
+    metrics = uns["strategy_metrics"]
+    assert list(metrics["strategy"]) == list(STRATEGIES)
+    for col in ("accuracy", "macro_f1", "balanced_accuracy", "auroc_ovr"):
+        assert np.isfinite(metrics[f"validation_{col}"]).all(), col
+        assert np.isfinite(metrics[f"test_{col}"]).all(), col
+    assert (metrics["trainable_parameters"] > 0).all()
+    assert (metrics["runtime_sec"] > 0).all()
+    assert set(uns["history"]) == {"head", "full_finetune", "lora", "adapter", "prefix_tuning", "ia3"}
+    assert "scdlkit" in uns["versions"]
+    # the winner is the one ranked first on validation macro-F1
+    assert metrics.loc[metrics["validation_macro_f1"].idxmax(), "validation_macro_f1"] == float(
+        metrics.set_index("strategy").loc[uns["best_strategy"], "validation_macro_f1"]
+    )
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_slots_round_trip(adapted, tmp_path, fmt):
+    adata, _ = adapted
+    path = tmp_path / f"a.{fmt}"
+    getattr(adata, f"write_{fmt}")(path)
+    back = ad.read_h5ad(path) if fmt == "h5ad" else ad.read_zarr(path)
+    assert_equal(back.uns[KEY], adata.uns[KEY])
+    for col in (KEY, f"{KEY}_confidence", f"{KEY}_split"):
+        pd.testing.assert_series_equal(back.obs[col], adata.obs[col])
+    np.testing.assert_array_equal(back.obsm[f"X_{KEY}"], adata.obsm[f"X_{KEY}"])
+
+
+def test_artifacts(adapted):
+    adata, out = adapted
+    metrics = pd.read_csv(out / "strategy_metrics.csv")
+    assert list(metrics["strategy"]) == list(STRATEGIES)
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == adata.n_obs
+    assert (preds["predicted"].to_numpy() == adata.obs[KEY].astype(str).to_numpy()).all()
+    report = (out / "report.md").read_text()
+    assert f"Best strategy: `{adata.uns[KEY]['best_strategy']}`" in report
+    assert "baseline" in report
+    assert "705 of 765" in report
+    for png in ("strategy_comparison.png", "confusion_matrix.png", "training_history.png"):
+        data = (out / png).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000
+    manifest = json.loads((out / "runner" / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1
+    assert manifest["best_strategy"] == adata.uns[KEY]["best_strategy"]
+
+
+def test_annotate_query_from_runner_dir(adapted, _pbmc_raw):
+    adata, _ = adapted
+    query = _pbmc_raw[:50].copy()
+    del query.obs["bulk_labels"]
+    sck.tl.annotate(query, adata.uns[KEY]["runner_dir"])
+    np.testing.assert_array_equal(
+        query.obs[KEY].astype(str).to_numpy(), adata.obs[KEY].iloc[:50].astype(str).to_numpy()
+    )
+    np.testing.assert_allclose(
+        query.obs[f"{KEY}_confidence"], adata.obs[f"{KEY}_confidence"].iloc[:50], rtol=1e-5
+    )
+    assert (query.obs[f"{KEY}_split"] == "query").all()
+    assert query.uns[KEY]["best_strategy"] == adata.uns[KEY]["best_strategy"]
+
+
+@pytest.fixture(scope="module")
+def small_ref(_pbmc_raw):
+    rng = np.random.default_rng(0)
+    return _pbmc_raw[np.sort(rng.choice(_pbmc_raw.n_obs, 300, replace=False))].copy()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_save_load_predicts_identically(strategy, small_ref, checkpoint_dir, tmp_path):
+    runner = ScGPTAnnotationRunner(
+        label_key="bulk_labels", checkpoint=checkpoint_dir, strategies=(strategy,), **FAST
+    ).fit(small_ref)
+    before = runner.predict(small_ref)
+    runner.save(tmp_path / "r")
+    loaded = ScGPTAnnotationRunner.load(tmp_path / "r", device="cpu")
+    after = loaded.predict(small_ref)
+    assert loaded.best_strategy_ == strategy
+    np.testing.assert_array_equal(after["labels"], before["labels"])
+    np.testing.assert_array_equal(after["probabilities"], before["probabilities"])
+    np.testing.assert_array_equal(after["latent"], before["latent"])
+    pd.testing.assert_frame_equal(loaded.strategy_metrics_, runner.strategy_metrics_)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+@pytest.fixture(scope="module")
+def saved_lora(small_ref, checkpoint_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("saved") / "runner"
+    runner = ScGPTAnnotationRunner(
+        label_key="bulk_labels",
+        checkpoint=checkpoint_dir,
+        strategies=("lora",),
+        strategy_configs={"lora": LoRAConfig(rank=2)},
+        **FAST,
+    ).fit(small_ref)
+    runner.save(path)
+    return runner, path
+
+
+def _copy_runner(src, dest):
+    import shutil
+
+    shutil.copytree(src, dest)
+    return dest
+
+
+def test_pickled_weights_are_refused(saved_lora, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, src = saved_lora
+    path = _copy_runner(src, tmp_path / "r")
+    manifest = json.loads((path / "manifest.json").read_text())
+    weights = path / manifest["weights_file"]
+    weights.write_bytes(pickle.dumps({"model.x": _Payload()}))
+    with pytest.raises(ValueError, match="sha256"):
+        ScGPTAnnotationRunner.load(path)
+    # an attacker who also rewrites the recorded hash still gets no unpickling
+    import hashlib
+
+    manifest["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match=r"(?i)safetensor|header|deserializ"):
+        ScGPTAnnotationRunner.load(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_interrupted_save_keeps_previous(saved_lora, small_ref, tmp_path, monkeypatch):
+    runner, src = saved_lora
+    path = _copy_runner(src, tmp_path / "r")
+    expected = ScGPTAnnotationRunner.load(path).predict(small_ref)["probabilities"]
+    import scdlkit.foundation._runner_io as runner_io
+
+    def crash(*args, **kwargs):
+        msg = "disk full"
+        raise OSError(msg)
+
+    monkeypatch.setattr(runner_io.json, "dumps", crash)
+    runner._best.model.cls_decoder.out_layer.bias.data += 1.0  # a different model to save
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            runner.save(path)
+    finally:
+        runner._best.model.cls_decoder.out_layer.bias.data -= 1.0
+    monkeypatch.undo()
+    again = ScGPTAnnotationRunner.load(path).predict(small_ref)["probabilities"]
+    np.testing.assert_array_equal(again, expected)
+
+
+def test_bad_manifest_and_other_base_checkpoint(saved_lora, tmp_path, checkpoint_copy):
+    import torch
+
+    _, src = saved_lora
+    path = _copy_runner(src, tmp_path / "r")
+    state = torch.load(checkpoint_copy / "best_model.pt", weights_only=True)
+    state["value_encoder.linear1.bias"] = state["value_encoder.linear1.bias"] + 0.1
+    torch.save(state, checkpoint_copy / "best_model.pt")
+    with pytest.raises(ValueError, match="differs"):
+        ScGPTAnnotationRunner.load(path, checkpoint=checkpoint_copy)
+    ScGPTAnnotationRunner.load(path, checkpoint=checkpoint_copy, verify_checkpoint=False)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="schema_version"):
+        ScGPTAnnotationRunner.load(path)
+    del manifest["best_strategy"]
+    manifest["schema_version"] = 1
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="best_strategy"):
+        ScGPTAnnotationRunner.load(path)
+
+
+def test_wrong_order_calls(checkpoint_dir, small_ref, tmp_path):
+    runner = ScGPTAnnotationRunner(label_key="bulk_labels", checkpoint=checkpoint_dir)
+    for call in (
+        lambda: runner.predict(small_ref),
+        lambda: runner.annotate_adata(small_ref),
+        lambda: runner.save(tmp_path / "x"),
+    ):
+        with pytest.raises(RuntimeError, match="fit"):
+            call()
+
+
+def test_confidence_threshold_and_annotate_adata(small_ref, checkpoint_dir):
+    runner = ScGPTAnnotationRunner(
+        label_key="bulk_labels",
+        checkpoint=checkpoint_dir,
+        strategies=("frozen_probe",),
+        confidence_threshold=0.9,
+        **FAST,
+    ).fit(small_ref)
+    out = runner.predict(small_ref)
+    unsure = out["probabilities"].max(axis=1) < 0.9
+    assert unsure.any()
+    assert (out["labels"][unsure] == "Unknown").all()
+    assert (out["label_codes"][unsure] == -1).all()
+    query = small_ref.copy()
+    runner.annotate_adata(query)
+    assert "Unknown" in query.obs["scgpt_label"].cat.categories
+    assert query.obsm["X_scgpt_best"].shape == (query.n_obs, 32)
+
+
+def test_same_seed_same_metrics(small_ref, checkpoint_dir):
+    def fit():
+        return ScGPTAnnotationRunner(
+            label_key="bulk_labels",
+            checkpoint=checkpoint_dir,
+            strategies=("frozen_probe", "head", "baseline"),
+            **FAST,
+        ).fit(small_ref)
+
+    a, b = fit(), fit()
+    cols = [c for c in a.strategy_metrics_.columns if c != "runtime_sec"]
+    pd.testing.assert_frame_equal(a.strategy_metrics_[cols], b.strategy_metrics_[cols])
+
+
+def _scale(adata):
+    adata.X.data[::5] *= -1
+
+
+def _one_class(adata):
+    adata.obs["bulk_labels"] = "T"
+
+
+def _ensembl(adata):
+    adata.var_names = [f"ENSG{i:011d}" for i in range(adata.n_vars)]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "kwargs", "error", "match"),
+    [
+        (None, {"strategies": ("head", "magic")}, ValueError, "unknown strategy 'magic'"),
+        (None, {"strategy_configs": {"lora": {"rank": 4}}}, ValueError, "not in strategies"),
+        (
+            None,
+            {"strategies": ("lora",), "strategy_configs": {"lora": {}}, "lora_config": {}},
+            ValueError,
+            "not both",
+        ),
+        (None, {"strategies": ("lora",), "strategy_configs": {"lora": {"rank": 0}}}, ValueError, "rank"),
+        (None, {"label_key": "cell_type"}, KeyError, "label_key"),
+        (_one_class, {}, ValueError, "at least 2"),
+        (_scale, {}, ValueError, "negative"),
+        (_ensembl, {}, ValueError, "gene_key"),
+        (None, {"training": {"epoch": 3}}, ValueError, "unknown setting"),
+    ],
+)
+def test_error_battery_leaves_adata_unchanged(small_ref, checkpoint_dir, mutate, kwargs, error, match):
+    adata = small_ref.copy()
+    if mutate is not None:
+        mutate(adata)
+    before = adata.copy()
+    args = {"label_key": "bulk_labels", **kwargs}
+    with pytest.raises(error, match=match):
+        sck.tl.adapt_annotation(adata, args.pop("label_key"), checkpoint=checkpoint_dir, **args, **FAST)
+    assert_equal(adata, before)
+
+
+def test_top_level_aliases():
+    from scdlkit import foundation
+
+    assert sck.AnnotationRunner is foundation.ScGPTAnnotationRunner
+    assert sck.adapt_annotation is foundation.adapt_scgpt_annotation
+    assert sck.inspect_annotation_data is foundation.inspect_annotation_data
+    assert foundation.ScGPTLoRAConfig is foundation.LoRAConfig
