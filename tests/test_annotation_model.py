@@ -357,10 +357,10 @@ def test_whole_human_counts_on_meta_device():
 
 @pytest.fixture(scope="module")
 def pbmc_batch(_pbmc_raw, ckpt):
-    """64 pbmc68k cells (10 classes), each cut to 47 genes (seeded) to keep the test fast."""
-    adata = _pbmc_raw[np.arange(0, 700, 11)[:64]]
+    """32 pbmc68k cells (several classes), each cut to 23 genes (seeded) to keep the test fast."""
+    adata = _pbmc_raw[np.arange(0, 700, 21)[:32]]
     tokens, _ = tokenize_adata(adata, ckpt)
-    tokens = dataclasses.replace(tokens, max_seq_len=48)
+    tokens = dataclasses.replace(tokens, max_seq_len=24)
     batch = collate_tokens(tokens, range(tokens.n_cells))
     codes = adata.obs["bulk_labels"].cat.codes.to_numpy().astype(np.int64)
     batch["labels"] = torch.from_numpy(codes)
@@ -369,10 +369,11 @@ def pbmc_batch(_pbmc_raw, ckpt):
 
 @pytest.mark.parametrize("strategy", TUNING_STRATEGIES)
 def test_a_few_adam_steps_reduce_the_loss(state, ckpt, pbmc_batch, strategy):
+    torch.manual_seed(0)  # dropout masks
     n_classes = 10
     model = _build(state, ckpt, strategy, num_classes=n_classes).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.Adam(params, lr=3e-3 if strategy != "full_finetune" else 1e-3)
+    optimiser = torch.optim.Adam(params, lr=3e-3 if strategy != "full_finetune" else 2e-3)
     own = {n: p.detach().clone() for n, p in model.named_parameters() if n in _own_params(model)}
     batch = pbmc_batch
     if strategy == "head":

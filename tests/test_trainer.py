@@ -96,7 +96,7 @@ def fitted() -> tuple[Trainer, ToyData, ToyData]:
 
 
 def test_fit_learns_and_records_history(fitted):
-    trainer, train, val = fitted
+    trainer, _, val = fitted
     history = trainer.history_
     assert list(history.columns) == [
         "epoch",
@@ -256,7 +256,7 @@ def test_all_unlabelled_batch_gives_zero_loss_not_nan():
     trainer = _trainer(epochs=1)
     trainer._ready()
     batch = {"x": torch.from_numpy(train.x[:32]), "labels": torch.from_numpy(train.labels[:32])}
-    loss, numerator, denominator = trainer._loss(trainer.model(batch), batch, 32)
+    loss, _, denominator = trainer._loss(trainer.model(batch), batch, 32)
     assert loss.item() == 0.0
     assert denominator.item() == 0.0
     loss.backward()  # still differentiable

@@ -59,8 +59,25 @@ def _environment() -> str:
         import session_info2
 
         return str(session_info2.session_info(dependencies=False))
-    except Exception as err:  # noqa: BLE001 - the report must not fail on environment reporting
+    except Exception as err:
         return f"(session-info2 unavailable: {err})"
+
+
+def _batch_section(runner: Any) -> list[str]:
+    frame = getattr(runner, "batch_metrics_", None)
+    if frame is None or frame.empty:
+        return []
+    split = runner.split_summary_
+    held_out = ", ".join(split.get("test_batches") or []) or "(test cells of every batch)"
+    return [
+        "## Per-batch test metrics",
+        "",
+        f"Batch column `{runner.batch_key}`, split by {split.get('split_by')}; test batches: "
+        f"{held_out}. Macro-F1 is over the classes present in each batch.",
+        "",
+        _markdown_table(frame),
+        "",
+    ]
 
 
 def _report(runner: Any, adata: AnnData, per_class: pd.DataFrame, figures: list[str]) -> str:
@@ -98,6 +115,7 @@ def _report(runner: Any, adata: AnnData, per_class: pd.DataFrame, figures: list[
         f"**Best strategy: `{best}`** (validation macro-F1 {best_row['validation_macro_f1']:.3f}, "
         f"test macro-F1 {best_row['test_macro_f1']:.3f}).",
         baseline_note,
+        *_batch_section(runner),
         "## Per-class metrics of the best strategy (test split)",
         "",
         _markdown_table(per_class),
@@ -147,12 +165,23 @@ def write_artifacts(runner: Any, output_dir: Path) -> None:
         import matplotlib.pyplot as plt
 
         plots = {
-            "strategy_comparison.png": lambda: pl.strategy_comparison(adata, key=KEY, return_fig=True, show=False),
-            "confusion_matrix.png": lambda: pl.confusion_matrix(adata, key=KEY, return_fig=True, show=False),
-            "training_history.png": lambda: pl.training_history(adata, key=KEY, return_fig=True, show=False),
+            "strategy_comparison.png": lambda: pl.strategy_comparison(
+                adata, key=KEY, return_fig=True, show=False
+            ),
+            "confusion_matrix.png": lambda: pl.confusion_matrix(
+                adata, key=KEY, return_fig=True, show=False
+            ),
+            "training_history.png": lambda: pl.training_history(
+                adata, key=KEY, return_fig=True, show=False
+            ),
+            "batch_metrics.png": lambda: pl.batch_metrics(
+                adata, key=KEY, return_fig=True, show=False
+            ),
         }
         for name, draw in plots.items():
             if name == "training_history.png" and not runner.history_:
+                continue
+            if name == "batch_metrics.png" and getattr(runner, "batch_metrics_", None) is None:
                 continue
             fig = draw()
             fig.savefig(output_dir / name, dpi=120, bbox_inches="tight")

@@ -63,7 +63,9 @@ def _find_checkpoint(explicit: str | None) -> tuple[str | Path, bool]:
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m scdlkit.demo", description=__doc__)
-    parser.add_argument("--checkpoint", help="scGPT checkpoint folder (default: whole-human in the cache)")
+    parser.add_argument(
+        "--checkpoint", help="scGPT checkpoint folder (default: whole-human in the cache)"
+    )
     parser.add_argument("--output-dir", default="scdlkit_demo", help="where artifacts go")
     parser.add_argument(
         "--strategies",
@@ -95,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         print("Put the whole-human checkpoint in the cache (see README) for real results.")
         print(BANNER)
     sck.tl.inspect(adata, "bulk_labels", checkpoint=checkpoint)
-    print(adata.uns["scgpt_inspect"]["n_genes_matched"], "of", adata.n_vars, "genes in the vocabulary")
+    print(
+        adata.uns["scgpt_inspect"]["n_genes_matched"], "of", adata.n_vars, "genes in the vocabulary"
+    )
     sck.tl.adapt_annotation(
         adata,
         "bulk_labels",
@@ -109,13 +113,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     uns = adata.uns["scgpt_annotation"]
     table = uns["strategy_metrics"][
-        ["strategy", "validation_macro_f1", "test_macro_f1", "test_accuracy", "trainable_parameters", "runtime_sec"]
+        [
+            "strategy",
+            "validation_macro_f1",
+            "test_macro_f1",
+            "test_accuracy",
+            "trainable_parameters",
+            "runtime_sec",
+        ]
     ]
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"best strategy: {uns['best_strategy']}")
     adata.write_h5ad(out / "pbmc_annotated.h5ad")
     print(f"artifacts (report.md, metrics, predictions, plots) in {out.resolve()}")
-    print(f"saved runner in {uns['runner_dir']}; annotated AnnData in {out / 'pbmc_annotated.h5ad'}")
+    print(
+        f"saved runner in {uns['runner_dir']}; annotated AnnData in {out / 'pbmc_annotated.h5ad'}"
+    )
     return 0
 
 

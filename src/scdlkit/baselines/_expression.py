@@ -72,7 +72,9 @@ class ExpressionLogisticBaseline:
     def _scaled(self, matrix: sparse.csr_matrix) -> sparse.csr_matrix:
         return sparse.csr_matrix(matrix @ sparse.diags(1.0 / self.scale_))
 
-    def fit(self, matrix: sparse.csr_matrix, genes: pd.Index, labels: np.ndarray) -> ExpressionLogisticBaseline:
+    def fit(
+        self, matrix: sparse.csr_matrix, genes: pd.Index, labels: np.ndarray
+    ) -> ExpressionLogisticBaseline:
         """Fit on log-normalised ``matrix`` (cells x ``genes``) with integer ``labels``."""
         from sklearn.decomposition import TruncatedSVD
         from sklearn.linear_model import LogisticRegression
@@ -103,14 +105,16 @@ class ExpressionLogisticBaseline:
         """Everything needed to predict, as arrays (saved with safetensors, no pickle)."""
         return {
             "scale": self.scale_,
-            "coef": self.classifier_.coef_.astype(np.float64),
-            "intercept": self.classifier_.intercept_.astype(np.float64),
+            "coef": self.classifier_.coef_,
+            "intercept": self.classifier_.intercept_,
             "classes": self.classifier_.classes_.astype(np.int64),
-            "svd_components": self.svd_.components_.astype(np.float64),
+            "svd_components": self.svd_.components_,
         }
 
     @classmethod
-    def from_state(cls, arrays: dict[str, np.ndarray], genes: list[str]) -> ExpressionLogisticBaseline:
+    def from_state(
+        cls, arrays: dict[str, np.ndarray], genes: list[str]
+    ) -> ExpressionLogisticBaseline:
         """Rebuild a fitted baseline from :meth:`state_arrays` and its gene list."""
         from sklearn.decomposition import TruncatedSVD
         from sklearn.linear_model import LogisticRegression

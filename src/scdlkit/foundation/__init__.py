@@ -11,6 +11,11 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     )
     raise ImportError(msg) from err
 
+from scdlkit.foundation._annotation_model import (
+    ScGPTAnnotationModel,
+    build_annotation_model,
+    load_scgpt_annotation_model,
+)
 from scdlkit.foundation._checkpoint import (
     OFFICIAL_CHECKPOINTS,
     ScGPTCheckpoint,
@@ -26,11 +31,6 @@ from scdlkit.foundation._data import (
     split_scgpt_data,
 )
 from scdlkit.foundation._genes import GeneMatch, match_genes, tokenize_adata
-from scdlkit.foundation._annotation_model import (
-    ScGPTAnnotationModel,
-    build_annotation_model,
-    load_scgpt_annotation_model,
-)
 from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
 from scdlkit.foundation._loading import CheckpointLoadReport, load_scgpt_model
 from scdlkit.foundation._model import ScGPTEncoder

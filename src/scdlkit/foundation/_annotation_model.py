@@ -67,9 +67,9 @@ _NOT_HERE = {
 
 
 def _check_strategy(tuning_strategy: Any) -> str:
-    if tuning_strategy in _NOT_HERE:
+    if isinstance(tuning_strategy, str) and tuning_strategy in _NOT_HERE:
         raise ValueError(_NOT_HERE[tuning_strategy])
-    if tuning_strategy not in TUNING_STRATEGIES:
+    if not isinstance(tuning_strategy, str) or tuning_strategy not in TUNING_STRATEGIES:
         msg = (
             f"unknown tuning_strategy={tuning_strategy!r}; valid strategies for an scGPT "
             f"annotation model are {', '.join(map(repr, TUNING_STRATEGIES))} ('frozen_probe' and "

@@ -15,7 +15,12 @@ from torch.utils.data import Dataset
 
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._genes import tokenize_adata
-from scdlkit.foundation._labels import EncodedLabels, encode_labels, read_label_column
+from scdlkit.foundation._labels import (
+    EncodedLabels,
+    encode_labels,
+    read_batch_column,
+    read_label_column,
+)
 from scdlkit.foundation._tokenize import ScGPTTokens, collate_tokens, length_grouped_batches
 
 __all__ = [
@@ -87,6 +92,8 @@ class ScGPTPreparedData:
         Cell names, to align results with the AnnData.
     settings
         The arguments that shaped the tokens (gene_key, layer, label_key, seed, ...).
+    batches
+        Batch (donor, study, ...) of each cell as strings, when ``batch_key`` was given.
     """
 
     tokens: ScGPTTokens
@@ -97,6 +104,7 @@ class ScGPTPreparedData:
     checkpoint: ScGPTCheckpoint
     obs_names: np.ndarray
     settings: dict[str, Any] = field(default_factory=dict)
+    batches: np.ndarray | None = None
 
     @property
     def n_cells(self) -> int:
@@ -133,6 +141,7 @@ def prepare_scgpt_data(
     batch_size: int = 64,
     min_gene_overlap: int | float = 100,
     label_categories: list[str] | None = None,
+    batch_key: str | None = None,
     random_state: int = 42,
     progress: bool = False,
 ) -> ScGPTPreparedData:
@@ -158,6 +167,9 @@ def prepare_scgpt_data(
         in the vocabulary. scGPT sees only matched genes; below a few hundred, embeddings degrade.
     label_categories
         Fix the classes (a fitted model's); labels outside them count as unlabelled.
+    batch_key
+        ``adata.obs`` column with the batch, donor or study of each cell, carried through for
+        batch-aware splits and per-batch metrics. Missing values are an error.
     random_state
         Seeds binning ties and gene subsampling above ``max_seq_len``.
     progress
@@ -183,6 +195,7 @@ def prepare_scgpt_data(
     >>> splits = sck.foundation.split_scgpt_data(prepared, random_state=0)  # doctest: +SKIP
     """
     ckpt = resolve_checkpoint(checkpoint)
+    batches = read_batch_column(adata.obs, batch_key) if batch_key is not None else None
     if label_key is not None:
         labels: EncodedLabels = encode_labels(
             read_label_column(adata.obs, label_key), categories=label_categories
@@ -208,12 +221,14 @@ def prepare_scgpt_data(
         obs_names=np.asarray(adata.obs_names),
         settings={
             "label_key": label_key or "",
+            "batch_key": batch_key or "",
             "gene_key": gene_key or "",
             "layer": layer or "",
             "batch_size": batch_size,
             "min_gene_overlap": min_gene_overlap,
             "random_state": random_state,
         },
+        batches=batches,
     )
 
 
@@ -231,6 +246,10 @@ class ScGPTSplitData:
         Whether the split was stratified by label.
     small_classes
         Classes with fewer than 3 labelled cells, put entirely into ``train``.
+    split_by
+        ``"cells"`` or ``"batch"``.
+    test_batches, val_batches
+        Held-out batches (``split_by="batch"``).
     """
 
     prepared: ScGPTPreparedData
@@ -240,6 +259,9 @@ class ScGPTSplitData:
     random_state: int
     stratified: bool
     small_classes: list[str] = field(default_factory=list)
+    split_by: str = "cells"
+    test_batches: list[str] = field(default_factory=list)
+    val_batches: list[str] = field(default_factory=list)
 
     @property
     def train(self) -> ScGPTCellDataset:
@@ -254,7 +276,9 @@ class ScGPTSplitData:
         return self.prepared.dataset(self.test_indices)
 
     def indices(self, name: str) -> np.ndarray:
-        return {"train": self.train_indices, "val": self.val_indices, "test": self.test_indices}[name]
+        return {"train": self.train_indices, "val": self.val_indices, "test": self.test_indices}[
+            name
+        ]
 
     def split_labels(self) -> np.ndarray:
         """Per cell: ``"train"``, ``"val"``, ``"test"`` or ``"unlabelled"``."""
@@ -293,6 +317,61 @@ def _allocate(n: int, val_size: float, test_size: float) -> tuple[int, int]:
     return n_val, n_test
 
 
+def _split_cells(
+    prepared: ScGPTPreparedData,
+    cells: np.ndarray,
+    *,
+    val_size: float,
+    test_size: float,
+    rng: np.random.Generator,
+    stratify: bool,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Stratified (or plain) split of ``cells`` into train/val/test; returns small classes too."""
+    codes = prepared.label_codes
+    groups = (
+        [cells[codes[cells] == c] for c in range(len(prepared.label_categories))]
+        if stratify
+        else [cells]
+    )
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLIT_NAMES}
+    small = []
+    for class_code, group in enumerate(groups):
+        group = rng.permutation(group)
+        if stratify and len(group) < MIN_CELLS_TO_STRATIFY and (val_size or test_size):
+            if len(group):
+                small.append(prepared.label_categories[class_code])
+            parts["train"].append(group)
+            continue
+        n_val, n_test = _allocate(len(group), val_size, test_size)
+        parts["test"].append(group[:n_test])
+        parts["val"].append(group[n_test : n_test + n_val])
+        parts["train"].append(group[n_test + n_val :])
+    out = {
+        name: np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64)
+        for name, p in parts.items()
+    }
+    return out, small
+
+
+def _choose_batches(
+    names: list[str],
+    requested: Sequence[str] | None,
+    fraction: float,
+    rng: np.random.Generator,
+    role: str,
+) -> list[str]:
+    if requested is not None:
+        unknown = sorted(set(map(str, requested)) - set(names))
+        if unknown:
+            msg = f"{role}_batches={unknown} are not batches of the data ({', '.join(names)})."
+            raise ValueError(msg)
+        return [str(b) for b in requested]
+    if fraction == 0:
+        return []
+    n = max(1, round(len(names) * fraction))
+    return sorted(rng.choice(names, size=min(n, len(names)), replace=False).tolist())
+
+
 def split_scgpt_data(
     prepared: ScGPTPreparedData,
     *,
@@ -300,24 +379,40 @@ def split_scgpt_data(
     test_size: float = 0.15,
     random_state: int = 42,
     stratify: bool = True,
+    split_by: str = "cells",
+    test_batches: Sequence[str] | None = None,
+    val_batches: Sequence[str] | None = None,
 ) -> ScGPTSplitData:
     """Split the labelled cells into train, validation and test sets.
 
-    Unlabelled cells go in no split. With ``stratify`` each class is split in the given
-    proportions (at least one cell per split when the class has 3 or more). Fallback for small
-    classes: a class with fewer than 3 labelled cells cannot appear in all three splits, so all its
-    cells go to ``train`` and a warning is logged; its validation/test metrics are then undefined.
+    Unlabelled cells go in no split. With ``split_by="cells"`` (default) and ``stratify`` each
+    class is split in the given proportions (at least one cell per split when the class has 3 or
+    more). Fallback for small classes: a class with fewer than 3 labelled cells cannot appear in
+    all three splits, so all its cells go to ``train`` and a warning is issued; its
+    validation/test metrics are then undefined.
+
+    With ``split_by="batch"`` whole batches (donors, studies; ``batch_key`` of
+    :func:`prepare_scgpt_data`) are held out, so test metrics say how well a new batch is
+    labelled. Test batches are ``test_batches`` or, by default, ``round(n_batches * test_size)``
+    batches (at least one) drawn with ``random_state``; validation batches likewise from the
+    rest. When too few batches remain for a validation batch, validation cells are a stratified
+    ``val_size`` share of the training batches instead (logged).
 
     Parameters
     ----------
     prepared
         Output of :func:`prepare_scgpt_data` with labels.
     val_size, test_size
-        Fractions of the labelled cells (0 allowed; their sum must be below 1).
+        Fractions of the labelled cells (``split_by="cells"``) or of the batches
+        (``split_by="batch"``); 0 allowed, their sum must be below 1.
     random_state
         Same value, same split.
     stratify
         Split each class separately (default) or all labelled cells together.
+    split_by
+        ``"cells"`` or ``"batch"``.
+    test_batches, val_batches
+        Batches to hold out by name (``split_by="batch"`` only).
 
     Returns
     -------
@@ -325,45 +420,78 @@ def split_scgpt_data(
 
     Examples
     --------
-    >>> splits = sck.foundation.split_scgpt_data(prepared, val_size=0.1, test_size=0.2)  # doctest: +SKIP
-    >>> len(splits.train), len(splits.test)  # doctest: +SKIP
+    >>> splits = sck.foundation.split_scgpt_data(
+    ...     prepared, val_size=0.1, test_size=0.2
+    ... )  # doctest: +SKIP
+    >>> by_donor = sck.foundation.split_scgpt_data(
+    ...     prepared, split_by="batch", test_batches=["donor3"]
+    ... )  # doctest: +SKIP
     """
     _check_fraction("val_size", val_size)
     _check_fraction("test_size", test_size)
     if val_size + test_size >= 1:
         msg = f"val_size + test_size = {val_size + test_size} leaves no cells for training."
         raise ValueError(msg)
+    if split_by not in {"cells", "batch"}:
+        msg = f"split_by={split_by!r}; choose 'cells' or 'batch'."
+        raise ValueError(msg)
+    if split_by == "cells" and (test_batches is not None or val_batches is not None):
+        msg = "test_batches/val_batches need split_by='batch'."
+        raise ValueError(msg)
     labelled = np.flatnonzero(prepared.labelled)
     if len(labelled) == 0:
         msg = "prepared data has no labelled cells: pass label_key= to prepare_scgpt_data."
         raise ValueError(msg)
     rng = np.random.default_rng(random_state)
-    codes = prepared.label_codes
-    groups = [labelled[codes[labelled] == c] for c in range(len(prepared.label_categories))]
-    if not stratify:
-        groups = [labelled]
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLIT_NAMES}
-    small = []
-    for class_code, cells in enumerate(groups):
-        cells = rng.permutation(cells)
-        if stratify and len(cells) < MIN_CELLS_TO_STRATIFY and (val_size or test_size):
-            if len(cells):
-                small.append(prepared.label_categories[class_code])
-            parts["train"].append(cells)
-            continue
-        n_val, n_test = _allocate(len(cells), val_size, test_size)
-        parts["test"].append(cells[:n_test])
-        parts["val"].append(cells[n_test : n_test + n_val])
-        parts["train"].append(cells[n_test + n_val :])
+    chosen: dict[str, list[str]] = {"test": [], "val": []}
+    if split_by == "cells":
+        indices, small = _split_cells(
+            prepared, labelled, val_size=val_size, test_size=test_size, rng=rng, stratify=stratify
+        )
+    else:
+        if prepared.batches is None:
+            msg = "split_by='batch' needs batch_key= in prepare_scgpt_data (or the runner)."
+            raise ValueError(msg)
+        batch_of = prepared.batches
+        names = sorted(set(batch_of[labelled]))
+        if len(names) < 2:
+            msg = (
+                f"split_by='batch' needs at least 2 batches with labelled cells; found "
+                f"{len(names)} ({', '.join(names)}). Use split_by='cells'."
+            )
+            raise ValueError(msg)
+        chosen["test"] = _choose_batches(names, test_batches, test_size, rng, "test")
+        rest = [b for b in names if b not in chosen["test"]]
+        if not rest:
+            msg = "every batch is a test batch; leave at least one for training."
+            raise ValueError(msg)
+        if val_batches is not None or len(rest) > 1:
+            chosen["val"] = _choose_batches(rest, val_batches, val_size, rng, "val")
+            if set(chosen["val"]) & set(chosen["test"]):
+                msg = "val_batches and test_batches overlap."
+                raise ValueError(msg)
+            if len(chosen["val"]) >= len(rest):
+                chosen["val"] = chosen["val"][: len(rest) - 1]
+        is_test = np.isin(batch_of[labelled], chosen["test"])
+        is_val = np.isin(batch_of[labelled], chosen["val"])
+        train_pool = labelled[~is_test & ~is_val]
+        indices = {"test": labelled[is_test], "val": labelled[is_val], "train": train_pool}
+        small = []
+        if not chosen["val"] and val_size > 0:
+            logger.info(
+                "too few batches for a validation batch: "
+                "validation cells come from the training batches"
+            )
+            inner, small = _split_cells(
+                prepared, train_pool, val_size=val_size, test_size=0.0, rng=rng, stratify=stratify
+            )
+            indices["train"], indices["val"] = inner["train"], inner["val"]
     if small:
         msg = (
             f"classes with fewer than {MIN_CELLS_TO_STRATIFY} labelled cells go entirely to the "
             f"training split (their validation/test metrics are undefined): {', '.join(small)}"
         )
         warnings.warn(msg, UserWarning, stacklevel=2)
-    indices = {
-        name: np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for name, p in parts.items()
-    }
     return ScGPTSplitData(
         prepared=prepared,
         train_indices=indices["train"],
@@ -372,4 +500,7 @@ def split_scgpt_data(
         random_state=random_state,
         stratified=stratify,
         small_classes=small,
+        split_by=split_by,
+        test_batches=chosen["test"],
+        val_batches=chosen["val"],
     )

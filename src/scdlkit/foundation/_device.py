@@ -22,7 +22,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def autocast_context(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+def autocast_context(
+    device: torch.device, precision: str = "auto"
+) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA under ``"auto"`` (or anywhere under ``"bf16"``); fp32 otherwise."""
     if precision not in {"auto", "fp32", "bf16"}:
         msg = f"precision={precision!r}; choose 'auto', 'fp32' or 'bf16'."

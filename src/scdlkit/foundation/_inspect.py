@@ -1,4 +1,4 @@
-"""Preflight: does this AnnData fit scGPT? Reads vocab.json and args.json only, never the weights."""
+"""Preflight: does this AnnData fit scGPT? Reads vocab.json and args.json, never the weights."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._data import MIN_CELLS_TO_STRATIFY
 from scdlkit.foundation._genes import match_genes
-from scdlkit.foundation._labels import encode_labels, read_label_column
+from scdlkit.foundation._labels import encode_labels, read_batch_column, read_label_column
 from scdlkit.foundation._validation import (
     describe_values,
     get_matrix,
@@ -52,6 +52,11 @@ class ScGPTAnnotationDataReport:
     label_counts: list[int] = field(default_factory=list)
     n_unlabelled: int = 0
     stratified_split_possible: bool = False
+    batch_key: str = ""
+    batch_names: list[str] = field(default_factory=list)
+    batch_cell_counts: list[int] = field(default_factory=list)
+    batch_class_counts: list[int] = field(default_factory=list)
+    classes_in_one_batch: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -73,7 +78,8 @@ class ScGPTAnnotationDataReport:
 
     def __repr__(self) -> str:
         lines = [
-            f"scGPT preflight ({'ok' if self.ok else 'PROBLEMS FOUND'}), checkpoint {self.checkpoint!r}",
+            f"scGPT preflight ({'ok' if self.ok else 'PROBLEMS FOUND'}), "
+            f"checkpoint {self.checkpoint!r}",
             f"  cells: {self.n_cells}",
             f"  genes: {self.n_genes_matched} of {self.n_genes_input} in the vocabulary "
             f"({self.gene_match_ratio:.1%})",
@@ -92,6 +98,14 @@ class ScGPTAnnotationDataReport:
                 f"    {counts}",
                 f"  stratified split possible: {self.stratified_split_possible}",
             ]
+        if self.batch_key:
+            per_batch = ", ".join(
+                f"{b} ({n} cells, {k} classes)"
+                for b, n, k in zip(
+                    self.batch_names, self.batch_cell_counts, self.batch_class_counts, strict=True
+                )
+            )
+            lines.append(f"  batches ({self.batch_key!r}): {per_batch}")
         lines += [f"  PROBLEM: {p}" for p in self.problems]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -115,6 +129,7 @@ def inspect_annotation_data(
     gene_key: str | None = None,
     layer: str | None = None,
     min_gene_overlap: int | float = 100,
+    batch_key: str | None = None,
 ) -> ScGPTAnnotationDataReport:
     """Check whether an AnnData fits scGPT before any training.
 
@@ -137,6 +152,10 @@ def inspect_annotation_data(
         Layer holding the values; default ``adata.X``.
     min_gene_overlap
         Matched genes needed (int) or fraction of input genes (float below 1).
+    batch_key
+        ``adata.obs`` column with the batch/donor/study: reports cells and classes per batch and
+        warns about classes seen in one batch only (a batch-held-out test cannot score them
+        fairly). Missing values are an error.
 
     Returns
     -------
@@ -145,7 +164,9 @@ def inspect_annotation_data(
     Raises
     ------
     KeyError
-        ``label_key``, ``gene_key`` or ``layer`` not found.
+        ``label_key``, ``gene_key``, ``layer`` or ``batch_key`` not found.
+    ValueError
+        ``batch_key`` has missing values.
 
     Examples
     --------
@@ -154,6 +175,7 @@ def inspect_annotation_data(
     """
     ckpt = resolve_checkpoint(checkpoint)
     labels = read_label_column(adata.obs, label_key) if label_key is not None else None
+    batches = read_batch_column(adata.obs, batch_key) if batch_key is not None else None
     value_kind = describe_values(adata, layer)  # raises KeyError for a missing layer
     match = match_genes(adata, ckpt, gene_key)
     problems: list[str] = []
@@ -187,7 +209,9 @@ def inspect_annotation_data(
             f"use {fix} or pass layer= naming a counts layer."
         )
     elif value_kind == "non_finite":
-        problems.append("values contain NaN or infinity: clean them or pass layer= naming a clean layer.")
+        problems.append(
+            "values contain NaN or infinity: clean them or pass layer= naming a clean layer."
+        )
     elif value_kind == "empty":
         problems.append("the expression matrix has no non-zero values.")
 
@@ -227,7 +251,9 @@ def inspect_annotation_data(
                     f"{label_key!r} has {len(categories)} labelled class(es); at least 2 are "
                     "needed. Check label_key or label more cells."
                 )
-            small = [c for c, n in zip(categories, counts, strict=True) if n < MIN_CELLS_TO_STRATIFY]
+            small = [
+                c for c, n in zip(categories, counts, strict=True) if n < MIN_CELLS_TO_STRATIFY
+            ]
             stratifiable = len(categories) >= 2 and not small
             if small:
                 warnings.append(
@@ -239,6 +265,9 @@ def inspect_annotation_data(
                     f"{n_unlabelled} cells have no label; they are left out of training and "
                     "evaluation and still get predictions."
                 )
+    batch_fields = (
+        _batch_summary(batches, labels, categories, warnings) if batches is not None else {}
+    )
     return ScGPTAnnotationDataReport(
         checkpoint=ckpt.name,
         n_cells=int(adata.n_obs),
@@ -259,6 +288,34 @@ def inspect_annotation_data(
         label_counts=counts,
         n_unlabelled=n_unlabelled,
         stratified_split_possible=stratifiable,
+        batch_key=batch_key or "",
+        **batch_fields,
         problems=problems,
         warnings=warnings,
     )
+
+
+def _batch_summary(
+    batches: np.ndarray, labels: Any, categories: list[str], warnings: list[str]
+) -> dict[str, Any]:
+    names = sorted(set(batches))
+    out: dict[str, Any] = {
+        "batch_names": names,
+        "batch_cell_counts": [int((batches == b).sum()) for b in names],
+        "batch_class_counts": [0] * len(names),
+        "classes_in_one_batch": [],
+    }
+    if labels is None or not categories:
+        return out
+    encoded = encode_labels(labels, categories=categories, min_classes=0)
+    present = {b: set(encoded.codes[(batches == b) & encoded.labelled].tolist()) for b in names}
+    out["batch_class_counts"] = [len(present[b]) for b in names]
+    lonely = [c for code, c in enumerate(categories) if sum(code in present[b] for b in names) == 1]
+    out["classes_in_one_batch"] = lonely
+    if lonely and len(names) > 1:
+        warnings.append(
+            f"classes present in only one batch: {', '.join(lonely)}. With split_by='batch', "
+            "a held-out batch may contain classes never seen in training (or training may miss "
+            "them); read per-batch metrics with that in mind."
+        )
+    return out

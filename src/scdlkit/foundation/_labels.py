@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["EncodedLabels", "encode_labels", "read_label_column"]
+__all__ = ["EncodedLabels", "encode_labels", "read_batch_column", "read_label_column"]
 
 
 @dataclass(frozen=True)
@@ -71,3 +71,20 @@ def encode_labels(
         dtype=np.int64,
     )
     return EncodedLabels(codes=codes, categories=list(categories))
+
+
+def read_batch_column(obs: pd.DataFrame, batch_key: str) -> np.ndarray:
+    """``obs[batch_key]`` as strings; a missing column or missing values are errors."""
+    if batch_key not in obs.columns:
+        cols = ", ".join(map(repr, obs.columns[:20])) or "none"
+        msg = f"batch_key={batch_key!r} is not a column of adata.obs (columns: {cols})."
+        raise KeyError(msg)
+    values = obs[batch_key]
+    missing = _missing(values)
+    if missing.any():
+        msg = (
+            f"batch_key={batch_key!r}: {int(missing.sum())} cells have no batch (NaN/None/empty). "
+            "Every cell needs one: fill them (e.g. 'unknown') or drop those cells."
+        )
+        raise ValueError(msg)
+    return values.astype(str).to_numpy(dtype=object)

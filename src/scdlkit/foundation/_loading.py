@@ -70,7 +70,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "weights with torch.load(weights_only=True) so a file you were handed cannot run code."
         )
         raise ValueError(msg) from err
-    if isinstance(obj, dict) and "model_state_dict" in obj and isinstance(obj["model_state_dict"], dict):
+    if (
+        isinstance(obj, dict)
+        and "model_state_dict" in obj
+        and isinstance(obj["model_state_dict"], dict)
+    ):
         obj = obj["model_state_dict"]
     if not isinstance(obj, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
@@ -80,7 +84,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _normalise_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _normalise_keys(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     out: dict[str, torch.Tensor] = {}
     renamed: dict[str, str] = {}
     for key, value in state.items():

@@ -138,7 +138,10 @@ class ScGPTEncoder(nn.Module):
         self.encoder = GeneEncoder(n_tokens, d, pad_id)
         self.value_encoder = ContinuousValueEncoder(d, args.dropout)
         self.transformer_encoder = TransformerStack(
-            [ScGPTEncoderLayer(d, args.nheads, args.d_hid, args.dropout) for _ in range(args.nlayers)]
+            [
+                ScGPTEncoderLayer(d, args.nheads, args.d_hid, args.dropout)
+                for _ in range(args.nlayers)
+            ]
         )
 
     @property
@@ -158,7 +161,9 @@ class ScGPTEncoder(nn.Module):
         """
         if padding_mask is None:
             padding_mask = gene_ids.eq(self.pad_id)
-        x = self.encoder(gene_ids) + self.value_encoder(values.to(self.encoder.embedding.weight.dtype))
+        x = self.encoder(gene_ids) + self.value_encoder(
+            values.to(self.encoder.embedding.weight.dtype)
+        )
         # sdpa's boolean mask means "may attend"; broadcast over heads and queries.
         attn_mask = (~padding_mask)[:, None, None, :] if padding_mask.any() else None
         return self.transformer_encoder(x, attn_mask)

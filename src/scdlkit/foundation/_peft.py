@@ -532,7 +532,23 @@ class LoRALinear(_WrappedLinear):
 
     For the packed ``Wqkv`` the targets are ``"q"``, ``"k"``, ``"v"`` and each update touches only
     its third of the output rows; for another projection the single target covers all rows.
-    Parameters: ``lora_A.<t>`` (rank x d_in) and ``lora_B.<t>`` (rows x rank).
+    New parameters: ``lora_A.<t>`` (rank x d_in, Kaiming-uniform) and ``lora_B.<t>`` (rows x rank,
+    zeros).
+
+    Parameters
+    ----------
+    base
+        The plain ``nn.Linear`` to wrap; its weight and bias are kept (same objects, same names).
+    targets
+        ``"q"``/``"k"``/``"v"`` blocks of a packed projection, or one name covering all rows.
+    rank, alpha, dropout
+        See :class:`LoRAConfig`.
+
+    Examples
+    --------
+    >>> layer = LoRALinear(nn.Linear(8, 24), ["q", "v"], rank=2, alpha=4.0, dropout=0.0)
+    >>> layer(torch.zeros(3, 8)).shape
+    torch.Size([3, 24])
     """
 
     def __init__(
@@ -596,7 +612,20 @@ class LoRALinear(_WrappedLinear):
 
 
 class BottleneckAdapter(nn.Module):
-    """``up(dropout(act(down(h))))`` with ``up`` initialised to zero."""
+    """``up(dropout(act(down(h))))`` with ``up`` initialised to zero.
+
+    Parameters
+    ----------
+    d_model
+        Input and output width.
+    bottleneck, activation, dropout
+        See :class:`AdapterConfig` (``bottleneck_dim``, ``activation``, ``dropout``).
+
+    Examples
+    --------
+    >>> BottleneckAdapter(16, 4, "gelu", 0.0)(torch.ones(2, 16)).abs().max().item()
+    0.0
+    """
 
     def __init__(self, d_model: int, bottleneck: int, activation: str, dropout: float) -> None:
         super().__init__()
@@ -616,6 +645,20 @@ class AdapterLinear(_WrappedLinear):
 
     Wrapping ``self_attn.out_proj`` puts the adapter on the attention block's output, wrapping
     ``linear2`` on the feed-forward output, in both cases before the layer's residual and norm.
+    New parameters: ``adapter.down.*`` and ``adapter.up.*``.
+
+    Parameters
+    ----------
+    base
+        The plain ``nn.Linear`` to wrap; its weight and bias are kept (same objects, same names).
+    bottleneck, activation, dropout
+        See :class:`AdapterConfig`.
+
+    Examples
+    --------
+    >>> layer = AdapterLinear(nn.Linear(16, 16), 4, "relu", 0.0)
+    >>> layer(torch.zeros(2, 16)).shape
+    torch.Size([2, 16])
     """
 
     def __init__(self, base: nn.Linear, bottleneck: int, activation: str, dropout: float) -> None:
@@ -635,6 +678,21 @@ class IA3Linear(_WrappedLinear):
     ``ia3_scale.k`` / ``ia3_scale.v`` multiply the key / value thirds of ``Wqkv``'s output;
     ``ia3_scale.ff`` multiplies the input of ``linear2`` (the feed-forward hidden activations).
     All start at one.
+
+    Parameters
+    ----------
+    base
+        The plain ``nn.Linear`` to wrap; its weight and bias are kept (same objects, same names).
+    out_blocks
+        ``"q"``/``"k"``/``"v"`` output blocks of a packed ``Wqkv`` to rescale (may be empty).
+    scale_input
+        Rescale the input features (``ia3_scale.ff``).
+
+    Examples
+    --------
+    >>> layer = IA3Linear(nn.Linear(8, 24), ["k", "v"], scale_input=False)
+    >>> sorted(layer.ia3_scale)
+    ['k', 'v']
     """
 
     def __init__(self, base: nn.Linear, out_blocks: Sequence[str], scale_input: bool) -> None:
@@ -673,6 +731,23 @@ class AttentionPrefix(_PEFTModule):
     ``keys`` and ``values`` are ``(prefix_length, d_model)``, laid out like the rows of
     ``Wqkv``'s key/value blocks (heads contiguous). Called with a batch size, it returns them as
     ``(batch, heads, prefix_length, head_dim)``.
+
+    Parameters
+    ----------
+    prefix_length
+        Number of prefix slots.
+    d_model, nhead
+        Model width and number of attention heads.
+    dropout
+        Dropout on the prefixes (training only).
+    std
+        Standard deviation of the random initial values.
+
+    Examples
+    --------
+    >>> keys, values = AttentionPrefix(4, 16, 2, 0.0)(batch=3)
+    >>> keys.shape
+    torch.Size([3, 2, 4, 8])
     """
 
     def __init__(

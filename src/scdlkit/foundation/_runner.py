@@ -132,6 +132,15 @@ class ScGPTAnnotationRunner:
         ``"auto"`` (bf16 mixed precision on CUDA, fp32 elsewhere), ``"fp32"`` or ``"bf16"``.
     confidence_threshold
         Cells whose top probability is below it are labelled ``"Unknown"`` in predictions.
+    batch_key
+        ``adata.obs`` column with the batch, donor or study of each cell: carried through,
+        reported by the preflight, and used for per-batch test metrics (``batch_metrics_``).
+    split_by
+        ``"cells"`` (stratified by label) or ``"batch"``: whole batches held out for test (and
+        validation), so metrics say how well an unseen batch is labelled.
+    test_batches, val_batches
+        Batches to hold out by name with ``split_by="batch"`` (default: drawn with
+        ``random_state``).
     attention_dropout
         Dropout on attention weights while training; ``None`` keeps the checkpoint's ``dropout``
         as upstream does. ``0.0`` is several times faster on CPU (no fused kernel with dropout).
@@ -187,6 +196,10 @@ class ScGPTAnnotationRunner:
         precision: str = "auto",
         confidence_threshold: float | None = None,
         attention_dropout: float | None = None,
+        batch_key: str | None = None,
+        split_by: str = "cells",
+        test_batches: Sequence[str] | None = None,
+        val_batches: Sequence[str] | None = None,
         progress: bool = True,
     ) -> None:
         self.strategies, self.strategy_configs = _check_strategies(
@@ -222,6 +235,16 @@ class ScGPTAnnotationRunner:
         self.precision = precision
         self.confidence_threshold = confidence_threshold
         self.attention_dropout = attention_dropout
+        if split_by not in {"cells", "batch"}:
+            msg = f"split_by={split_by!r}; choose 'cells' or 'batch'."
+            raise ValueError(msg)
+        if split_by == "batch" and batch_key is None:
+            msg = "split_by='batch' needs batch_key= naming the adata.obs column of batches."
+            raise ValueError(msg)
+        self.batch_key = batch_key
+        self.split_by = split_by
+        self.test_batches = None if test_batches is None else [str(b) for b in test_batches]
+        self.val_batches = None if val_batches is None else [str(b) for b in val_batches]
         self.progress = progress
         self._fitted = False
         self.runner_dir_: Path | None = None
@@ -253,10 +276,16 @@ class ScGPTAnnotationRunner:
             "device": str(self.device),
             "gene_key": self.gene_key or "",
             "layer": self.layer or "",
-            "training": {s: self.training_settings(s) for s in self.strategies if s in NEURAL_STRATEGIES},
+            "training": {
+                s: self.training_settings(s) for s in self.strategies if s in NEURAL_STRATEGIES
+            },
             "precision": self.precision,
             "confidence_threshold": self.confidence_threshold,
             "attention_dropout": self.attention_dropout,
+            "batch_key": self.batch_key,
+            "split_by": self.split_by,
+            "test_batches": self.test_batches,
+            "val_batches": self.val_batches,
         }
 
     def training_settings(self, strategy: str) -> dict[str, Any]:
@@ -273,6 +302,7 @@ class ScGPTAnnotationRunner:
             checkpoint=self.checkpoint,
             gene_key=self.gene_key,
             layer=self.layer,
+            batch_key=self.batch_key,
         )
         return self.report_
 
@@ -303,6 +333,7 @@ class ScGPTAnnotationRunner:
             gene_key=self.gene_key,
             layer=self.layer,
             batch_size=self.batch_size,
+            batch_key=self.batch_key,
             random_state=self.random_state,
             progress=self.progress,
         )
@@ -314,10 +345,16 @@ class ScGPTAnnotationRunner:
             val_size=self.val_size,
             test_size=self.test_size,
             random_state=self.random_state,
+            split_by=self.split_by,
+            test_batches=self.test_batches,
+            val_batches=self.val_batches,
         )
         split = self.split_
         self.split_summary_ = {
-            "split_by": "cells",
+            "split_by": split.split_by,
+            "batch_key": self.batch_key or "",
+            "test_batches": list(split.test_batches),
+            "val_batches": list(split.val_batches),
             "random_state": self.random_state,
             "val_size": self.val_size,
             "test_size": self.test_size,
@@ -352,6 +389,7 @@ class ScGPTAnnotationRunner:
         self.best_strategy_ = ranked[0]["strategy"]
         self.strategy_metrics_ = pd.DataFrame(rows)
         self.history_ = {s: r.history for s, r in results.items() if r.history is not None}
+        self.batch_metrics_ = self._batch_metrics(results) if self.batch_key else None
         for name, result in results.items():  # keep only the best model in memory
             if name != self.best_strategy_:
                 result.model = None
@@ -396,21 +434,26 @@ class ScGPTAnnotationRunner:
         cells = self.split_.indices(name)
         return cells, self.prepared_.label_codes[cells]
 
-    def _evaluate(self, proba_for: Any) -> dict[str, Any]:
-        """Metrics of each split; ``proba_for(split, cells)`` gives that split's probabilities."""
+    def _evaluate(self, proba_for: Any) -> tuple[dict[str, Any], np.ndarray | None]:
+        """Metrics of each split and the test probabilities.
+
+        ``proba_for(split, cells)`` gives the probabilities of that split's cells.
+        """
         from scdlkit.training.metrics import classification_metrics
 
         out: dict[str, Any] = {}
+        test_proba = None
         for split, prefix in (("train", "train"), ("val", "validation"), ("test", "test")):
             cells, labels = self._labels(split)
             if len(cells) == 0:
                 out.update({f"{prefix}_{m}": None for m in METRIC_NAMES})
                 continue
-            metrics = classification_metrics(
-                labels, proba_for(split, cells), n_classes=len(self.label_categories_)
-            )
+            proba = proba_for(split, cells)
+            if split == "test":
+                test_proba = proba
+            metrics = classification_metrics(labels, proba, n_classes=len(self.label_categories_))
             out.update({f"{prefix}_{m}": metrics[m] for m in METRIC_NAMES})
-        return out
+        return out, test_proba
 
     def _fit_probe(self) -> StrategyResult:
         from sklearn.linear_model import LogisticRegression
@@ -422,10 +465,11 @@ class ScGPTAnnotationRunner:
         probe.fit(scaler.transform(self._features[train]), labels)
         model = {"scaler": scaler, "probe": probe}
         n_classes = len(self.label_categories_)
-        metrics = self._evaluate(
+        metrics, test_proba = self._evaluate(
             lambda _, cells: _probe_proba(model, self._features[cells], n_classes)
         )
         return StrategyResult(
+            extra={"test_probabilities": test_proba},
             strategy="frozen_probe",
             metrics=metrics,
             trainable_parameters=int(probe.coef_.size + probe.intercept_.size),
@@ -444,10 +488,13 @@ class ScGPTAnnotationRunner:
             matrix[train], genes, labels
         )
         n_classes = len(self.label_categories_)
-        metrics = self._evaluate(
-            lambda _, cells: _full_proba(model.predict_proba(matrix[cells], genes), model, n_classes)
+        metrics, test_proba = self._evaluate(
+            lambda _, cells: _full_proba(
+                model.predict_proba(matrix[cells], genes), model, n_classes
+            )
         )
         return StrategyResult(
+            extra={"test_probabilities": test_proba},
             strategy="baseline",
             metrics=metrics,
             trainable_parameters=model.n_parameters,
@@ -491,8 +538,11 @@ class ScGPTAnnotationRunner:
             datasets = {name: getattr(self.split_, name) for name in ("train", "val", "test")}
         trainer.fit(datasets["train"], datasets["val"] if len(datasets["val"]) else None)
         model = model.to("cpu").eval()
-        metrics = self._evaluate(lambda split, _: trainer.predict(datasets[split])["probabilities"])
+        metrics, test_proba = self._evaluate(
+            lambda split, _: trainer.predict(datasets[split])["probabilities"]
+        )
         return StrategyResult(
+            extra={"test_probabilities": test_proba},
             strategy=strategy,
             metrics=metrics,
             trainable_parameters=model.trainable_parameter_count(),
@@ -502,6 +552,40 @@ class ScGPTAnnotationRunner:
             training=settings,
             model=model,
         )
+
+    def _batch_metrics(self, results: dict[str, StrategyResult]) -> pd.DataFrame:
+        """Accuracy and macro-F1 (over the classes present) per test batch and strategy."""
+        from sklearn.metrics import accuracy_score, f1_score
+
+        cells, labels = self._labels("test")
+        batch_of = self.prepared_.batches[cells]
+        rows = []
+        for name, result in results.items():
+            proba = result.extra.get("test_probabilities")
+            if proba is None:
+                continue
+            predicted = proba.argmax(axis=1)
+            for batch in sorted(set(batch_of)):
+                mask = batch_of == batch
+                present = np.unique(labels[mask])
+                rows.append(
+                    {
+                        "strategy": name,
+                        "batch": batch,
+                        "n_cells": int(mask.sum()),
+                        "accuracy": float(accuracy_score(labels[mask], predicted[mask])),
+                        "macro_f1": float(
+                            f1_score(
+                                labels[mask],
+                                predicted[mask],
+                                labels=present,
+                                average="macro",
+                                zero_division=0,
+                            )
+                        ),
+                    }
+                )
+        return pd.DataFrame(rows, columns=["strategy", "batch", "n_cells", "accuracy", "macro_f1"])
 
     def _metrics_row(self, result: StrategyResult) -> dict[str, Any]:
         row: dict[str, Any] = {"strategy": result.strategy}
@@ -525,7 +609,9 @@ class ScGPTAnnotationRunner:
 
             matrix = log_normalised_matrix(adata, self.layer)
             genes = gene_names(adata, self.gene_key)
-            probabilities = _full_proba(best.model.predict_proba(matrix, genes), best.model, n_classes)
+            probabilities = _full_proba(
+                best.model.predict_proba(matrix, genes), best.model, n_classes
+            )
             latent = best.model.latent(matrix, genes)
         elif best.strategy in FEATURE_STRATEGIES:
             features = (
@@ -683,7 +769,9 @@ class ScGPTAnnotationRunner:
         """
         from scdlkit.foundation._runner_io import load_runner
 
-        return load_runner(cls, Path(path), checkpoint=checkpoint, device=device, verify=verify_checkpoint)
+        return load_runner(
+            cls, Path(path), checkpoint=checkpoint, device=device, verify=verify_checkpoint
+        )
 
     def __repr__(self) -> str:
         state = f"best={self.best_strategy_!r}" if self._fitted else "not fitted"
@@ -730,7 +818,9 @@ def adapt_scgpt_annotation(
     ----------
     adata
         Labelled reference cells.
-    label_key, checkpoint, strategies, strategy_configs, lora_config, batch_size, val_size, test_size, random_state, device, output_dir
+    label_key, checkpoint, strategies, strategy_configs, lora_config, batch_size
+        See :class:`ScGPTAnnotationRunner`.
+    val_size, test_size, random_state, device, output_dir
         See :class:`ScGPTAnnotationRunner`.
     **kwargs
         Further :class:`ScGPTAnnotationRunner` arguments (``gene_key``, ``layer``, ``training``,
@@ -768,4 +858,3 @@ def adapt_scgpt_annotation(
 def default_runner_dir() -> Path:
     """A fresh temporary folder for a runner saved without ``output_dir``."""
     return Path(tempfile.mkdtemp(prefix="scdlkit-runner-"))
-

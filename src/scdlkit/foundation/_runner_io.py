@@ -108,6 +108,9 @@ def save_runner(runner: Any, path: Path) -> Path:
         "baseline_genes": list(best.model.genes_) if best.strategy == "baseline" else None,
         "strategy_metrics": runner.strategy_metrics_.to_dict(orient="records"),
         "history": _history_records(runner),
+        "batch_metrics": None
+        if getattr(runner, "batch_metrics_", None) is None
+        else runner.batch_metrics_.to_dict(orient="records"),
         "split": runner.split_summary_,
         "weights_file": weights_name,
         "weights_sha256": digest,
@@ -176,7 +179,9 @@ def _read_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tenso
         raise ValueError(msg) from err
 
 
-def _resolve_base(manifest: dict[str, Any], checkpoint: Any, verify: bool) -> ScGPTCheckpoint | None:
+def _resolve_base(
+    manifest: dict[str, Any], checkpoint: Any, verify: bool
+) -> ScGPTCheckpoint | None:
     if manifest["best_strategy"] == "baseline":
         return None
     recorded = manifest["checkpoint"]
@@ -197,8 +202,14 @@ def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def _rebuild_model(strategy: str, manifest: dict[str, Any], tensors: dict, ckpt: Any, runner: Any) -> Any:
-    from scdlkit.foundation._loading import build_encoder, load_encoder_weights, load_state_dict_file
+def _rebuild_model(
+    strategy: str, manifest: dict[str, Any], tensors: dict, ckpt: Any, runner: Any
+) -> Any:
+    from scdlkit.foundation._loading import (
+        build_encoder,
+        load_encoder_weights,
+        load_state_dict_file,
+    )
 
     if strategy == "baseline":
         from scdlkit.baselines._expression import ExpressionLogisticBaseline
@@ -253,6 +264,10 @@ def load_runner(cls: type, path: Path, *, checkpoint: Any, device: str, verify: 
         precision=params.get("precision", "auto"),
         confidence_threshold=params.get("confidence_threshold"),
         attention_dropout=params.get("attention_dropout"),
+        batch_key=params.get("batch_key"),
+        split_by=params.get("split_by", "cells"),
+        test_batches=params.get("test_batches"),
+        val_batches=params.get("val_batches"),
         progress=False,
     )
     runner.checkpoint_ = ckpt
@@ -262,6 +277,8 @@ def load_runner(cls: type, path: Path, *, checkpoint: Any, device: str, verify: 
     runner.strategy_metrics_ = _metrics_frame(manifest["strategy_metrics"])
     runner.history_ = {k: pd.DataFrame(v) for k, v in (manifest.get("history") or {}).items()}
     runner.split_summary_ = manifest.get("split") or {}
+    batch_records = manifest.get("batch_metrics")
+    runner.batch_metrics_ = None if batch_records is None else pd.DataFrame(batch_records)
     runner._features = None
     runner._best = StrategyResult(
         strategy=runner.best_strategy_,

@@ -88,7 +88,7 @@ def check_training_overrides(overrides: Mapping[str, Any] | None) -> None:
     for key, value in (overrides or {}).items():
         if key in STRATEGIES:
             if key not in NEURAL_STRATEGIES:
-                msg = f"training[{key!r}]: {key} is not trained by gradient descent; it has no settings."
+                msg = f"training[{key!r}]: {key} is not trained by gradient descent (no settings)."
                 raise ValueError(msg)
             unknown = set(value) - TRAINING_KEYS
         elif key not in TRAINING_KEYS:

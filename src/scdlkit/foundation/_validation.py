@@ -27,7 +27,7 @@ def get_matrix(adata: Any, layer: str | None) -> Any:
     """The expression matrix the user pointed at: ``adata.layers[layer]`` or ``adata.X``."""
     if layer is None:
         if adata.X is None:
-            msg = "adata.X is empty: pass layer= naming the layer that holds counts or log-normalised values."
+            msg = "adata.X is empty: pass layer= naming a layer with counts or log-normalised data."
             raise ValueError(msg)
         return adata.X
     if layer not in adata.layers:
@@ -37,7 +37,9 @@ def get_matrix(adata: Any, layer: str | None) -> Any:
     return adata.layers[layer]
 
 
-def iter_row_chunks(matrix: Any, chunk: int = CHUNK_CELLS) -> Iterator[tuple[int, sparse.csr_matrix]]:
+def iter_row_chunks(
+    matrix: Any, chunk: int = CHUNK_CELLS
+) -> Iterator[tuple[int, sparse.csr_matrix]]:
     """Yield ``(start, rows as CSR float32)``; works for dense, sparse, backed and dask matrices."""
     n = matrix.shape[0]
     for start in range(0, n, chunk):
@@ -85,7 +87,7 @@ def validate_values(adata: Any, layer: str | None) -> None:
 
 
 def describe_values(adata: Any, layer: str | None, *, max_cells: int = 2000) -> str:
-    """``"raw_counts"``, ``"log_normalised"``, ``"scaled_negative"``, ``"non_finite"`` or ``"empty"``.
+    """What the values look like: raw_counts, log_normalised, scaled_negative, non_finite, empty.
 
     Looks at up to ``max_cells`` cells spread over the data.
     """

@@ -66,7 +66,8 @@ def adapt_annotation(
         Return a modified copy instead of writing into ``adata``.
     **kwargs
         Further :class:`scdlkit.AnnotationRunner` arguments: ``gene_key``, ``layer``,
-        ``training``, ``epochs``, ``lr``, ``early_stopping_patience``, ``class_weight``,
+        ``batch_key``, ``split_by``, ``test_batches``, ``val_batches``, ``training``,
+        ``epochs``, ``lr``, ``early_stopping_patience``, ``class_weight``,
         ``precision``, ``confidence_threshold``, ``progress``.
 
     Returns
@@ -78,7 +79,9 @@ def adapt_annotation(
     - ``obs[f"{key_added}_split"]``: ``train``/``val``/``test``/``unlabelled``;
     - ``obsm[f"X_{key_added}"]``: the best model's cell representation;
     - ``uns[key_added]``: ``params``, ``best_strategy``, ``strategy_metrics`` (DataFrame),
-      ``label_categories``, ``history``, ``runner_dir``, ``split``, ``versions``.
+      ``label_categories``, ``history``, ``runner_dir``, ``split``, ``versions``, and with
+      ``batch_key`` ``batch_metrics`` (DataFrame: strategy, batch, n_cells, accuracy, macro_f1
+      for each test batch).
 
     Examples
     --------
@@ -125,9 +128,12 @@ def adapt_annotation(
 
 def annotation_uns(runner: Any) -> dict[str, Any]:
     """The fit-specific part of ``uns[key_added]``."""
-    return {
+    uns = {
         "params": runner.params(),
         "strategy_metrics": runner.strategy_metrics_.copy(),
         "history": {name: frame.copy() for name, frame in runner.history_.items()},
         "split": dict(runner.split_summary_),
     }
+    if getattr(runner, "batch_metrics_", None) is not None:
+        uns["batch_metrics"] = runner.batch_metrics_.copy()
+    return uns

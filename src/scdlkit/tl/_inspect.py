@@ -14,6 +14,7 @@ def inspect(
     checkpoint: str | os.PathLike = "whole-human",
     gene_key: str | None = None,
     layer: str | None = None,
+    batch_key: str | None = None,
     key_added: str = "scgpt_inspect",
     copy: bool = False,
 ) -> AnnData | None:
@@ -34,6 +35,9 @@ def inspect(
         ``adata.var`` column with gene symbols; default ``var_names``.
     layer
         Layer holding the values; default ``adata.X``.
+    batch_key
+        ``adata.obs`` column with batches/donors: reports cells and classes per batch and warns
+        about classes present in one batch only.
     key_added
         Writes the report to ``adata.uns[key_added]``.
     copy
@@ -55,7 +59,12 @@ def inspect(
     from scdlkit.foundation import inspect_annotation_data
 
     report = inspect_annotation_data(
-        adata, label_key=label_key, checkpoint=checkpoint, gene_key=gene_key, layer=layer
+        adata,
+        label_key=label_key,
+        checkpoint=checkpoint,
+        gene_key=gene_key,
+        layer=layer,
+        batch_key=batch_key,
     )
     logging.getLogger("scdlkit").info("%r", report)
     if copy:

@@ -53,7 +53,9 @@ def write_annotation_slots(
         categories.append("Unknown")
     split_categories = [c for c in (*SPLIT_CATEGORIES, "query") if c in set(split)]
     adata.obs[key_added] = pd.Categorical(predictions["labels"], categories=categories)
-    adata.obs[f"{key_added}_confidence"] = predictions["probabilities"].max(axis=1).astype(np.float32)
+    adata.obs[f"{key_added}_confidence"] = (
+        predictions["probabilities"].max(axis=1).astype(np.float32)
+    )
     adata.obs[f"{key_added}_split"] = pd.Categorical(split, categories=split_categories)
     adata.obsm[f"X_{key_added}"] = predictions["latent"]
     adata.uns[key_added] = h5ad_safe(

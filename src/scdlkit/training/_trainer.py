@@ -188,7 +188,9 @@ class Trainer:
     ...
     ...     def forward(self, batch):
     ...         return {"logits": self.net(batch["x"])}
-    >>> trainer = sck.Trainer(Model(), epochs=20, lr=1e-2, progress=False).fit(Data())
+    >>> _ = torch.manual_seed(0)
+    >>> trainer = sck.Trainer(Model(), batch_size=16, epochs=20, lr=1e-2, progress=False)
+    >>> trainer = trainer.fit(Data())
     >>> trainer.evaluate(Data())["accuracy"] > 0.9
     True
     """
@@ -346,6 +348,7 @@ class Trainer:
             returns it) and ``"label_codes"`` (argmax, int64). When the model returns
             ``"loss"`` (``task="representation"``), every per-sample tensor it returns, as
             arrays (plus ``"probabilities"``/``"label_codes"`` if it returns ``"logits"``).
+            Under DDP every process receives the full result.
 
         Examples
         --------
@@ -518,11 +521,11 @@ class Trainer:
         self.best_epoch_ = int(best_epoch)
         if fabric.is_global_zero:
             logger.info(
-                "Trained %d epochs; restored epoch %d (%s=%s).",
+                "Trained %d epochs; restored epoch %d (%s=%.4g).",
                 len(rows),
                 self.best_epoch_,
                 monitored,
-                best_value,
+                math.nan if best_value is None else best_value,
             )
 
     def _lr_at(self, step: int, epoch_index: int, warmup_steps: int) -> float:
@@ -588,6 +591,8 @@ class Trainer:
         """Per-sample outputs (plus ``"labels"``) in dataset order, and the mean model loss."""
         fabric = self.fabric
         module = self._eval_module()
+        if module is self.model:
+            fabric.to_device(self.model)  # the caller may have moved the model since fit
         self.model.eval()
         batches = batch_indices(dataset, self.batch_size, shuffle=False, seed=self.seed, epoch=0)
         mine = shard(batches, rank=fabric.global_rank, world_size=fabric.world_size, equal=False)
