@@ -45,7 +45,10 @@ templates_path = ["_templates"]
 html_theme = "sphinx_book_theme"
 html_title = "scdlkit"
 html_static_path = ["_static"]
-html_theme_options = {"repository_url": "https://github.com/scdlkit/scdlkit", "use_repository_button": True}
+html_theme_options = {
+    "repository_url": "https://github.com/scdlkit/scdlkit",
+    "use_repository_button": True,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,9 +61,9 @@ html_theme_options = {"repository_url": "https://github.com/scdlkit/scdlkit", "u
 
 _CONSTANT_FALLBACKS = {
     "scdlkit.foundation.STRATEGIES": [
-        "Names accepted by ``strategies=`` of :func:`scdlkit.tl.adapt_annotation` and "
-        ":class:`scdlkit.AnnotationRunner`, in the order they are listed in results "
-        "(see the strategies page of this documentation).",
+        "Every adaptation strategy name accepted by ``strategies=`` of "
+        ":func:`scdlkit.tl.adapt_annotation` and :class:`scdlkit.AnnotationRunner`; see "
+        ":doc:`/strategies` for what each one trains.",
     ],
 }
 
@@ -83,14 +86,11 @@ def _defining_comment(modname: str, name: str, obj: object) -> list[str] | None:
     return None
 
 
-def _constant_docstring(app, what, name, obj, options, lines):  # noqa: ARG001 - Sphinx hook API
+def _constant_docstring(app, what, name, obj, options, lines):
+    # A constant has no docstring of its own: what autodoc found is its type's (a tuple's, a
+    # dict's), so it is always replaced.
     if what != "data" or not name.startswith("scdlkit."):
         return
-    print("HOOK", name, repr(lines[:3]))
-    type_doc = (type(obj).__doc__ or "").strip()
-    own = "\n".join(lines).strip()
-    if own and not (type_doc and own.startswith(type_doc.splitlines()[0])):
-        return  # a real docstring of its own
     modname, _, attr = name.rpartition(".")
     found = _defining_comment(modname, attr, obj) or _CONSTANT_FALLBACKS.get(name)
     lines[:] = [*found, ""] if found else []
