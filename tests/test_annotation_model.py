@@ -327,7 +327,7 @@ def test_build_rejects_bad_arguments(state, ckpt):
     with pytest.raises(ValueError, match="classifier_dropout must be a number"):
         _build(state, ckpt, "head", classifier_dropout=1.5)
     with pytest.raises(ValueError, match="bottleneck_dim=128 must be smaller"):
-        _build(state, ckpt, "adapter", strategy_config=None)
+        _build(state, ckpt, "adapter", strategy_config={"bottleneck_dim": 128})
     with pytest.raises(ValueError, match="checkpoint is missing encoder weights"):
         _build({"encoder.embedding.weight": state["encoder.embedding.weight"]}, ckpt, "head")
 

@@ -95,7 +95,7 @@ def test_config_defaults_follow_published_recipes():
     assert lora.scaling == 2.0
     adapter = AdapterConfig()
     assert (adapter.bottleneck_dim, adapter.placement, adapter.activation) == (
-        128,
+        None,
         "attention",
         "gelu",
     )
@@ -276,7 +276,14 @@ def test_adapter_identity_counts_and_effect(encoder, batch, placement, per_layer
 
 def test_adapter_bottleneck_must_be_narrower_than_model(encoder):
     with pytest.raises(ValueError, match=r"bottleneck_dim=128 must be smaller than .* d_model=32"):
-        apply_adapter(encoder)  # default 128 is scPEFT's width for d_model=512
+        apply_adapter(encoder, AdapterConfig(bottleneck_dim=128))
+
+
+def test_adapter_default_width_is_a_quarter_of_the_model(encoder):
+    apply_adapter(encoder)  # scPEFT's 512 -> 128 -> 512, scaled to d_model=32
+    freeze_except_peft(encoder)
+    per_adapter = D * 8 + 8 + 8 * D + D
+    assert sum(_trainable(encoder).values()) == N_LAYERS * per_adapter
 
 
 # ---------------------------------------------------------------------------- IA3

@@ -305,9 +305,9 @@ class AdapterConfig(PEFTConfig):
     Parameters
     ----------
     bottleneck_dim
-        Width of the bottleneck. Default 128, scPEFT's 512 -> 128 -> 512 (a quarter of the
-        whole-human model's 512). It must be smaller than the model width; this is checked when
-        the adapter is applied (a model narrower than 129 needs a smaller value).
+        Width of the bottleneck. Default ``None``: a quarter of the model width, i.e. scPEFT's
+        512 -> 128 -> 512 on whole-human and a proportionate width on smaller checkpoints. An
+        explicit value must be smaller than the model width (checked when applied).
     dropout
         Dropout after the activation (training only). Default 0.0: scPEFT's adapter has none, and
         the encoder's own dropout stays active around it.
@@ -329,7 +329,7 @@ class AdapterConfig(PEFTConfig):
 
     strategy: ClassVar[str] = "adapter"
 
-    bottleneck_dim: int = 128
+    bottleneck_dim: int | None = None
     dropout: float = 0.0
     activation: str = "gelu"
     placement: str = "attention"
@@ -337,7 +337,8 @@ class AdapterConfig(PEFTConfig):
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        _check_positive_int(owner, "bottleneck_dim", self.bottleneck_dim)
+        if self.bottleneck_dim is not None:
+            _check_positive_int(owner, "bottleneck_dim", self.bottleneck_dim)
         self._set("dropout", _check_dropout(owner, self.dropout))
         _check_choice(owner, "activation", self.activation, ADAPTER_ACTIVATIONS)
         _check_choice(owner, "placement", self.placement, ADAPTER_PLACEMENTS)
@@ -899,14 +900,15 @@ def apply_adapter(encoder: ScGPTEncoder, config: AdapterConfig | None = None) ->
         msg = f"apply_adapter needs an AdapterConfig, got {type(config).__name__}."
         raise ValueError(msg)
     d_model = encoder.d_model
-    if config.bottleneck_dim >= d_model:
+    width = config.bottleneck_dim or max(d_model // 4, 1)
+    if width >= d_model:
         msg = (
             f"AdapterConfig.bottleneck_dim={config.bottleneck_dim} must be smaller than the "
             f"model width d_model={d_model} (a bottleneck); scPEFT uses 128 for d_model=512, "
             f"i.e. a quarter: try bottleneck_dim={max(d_model // 4, 1)}."
         )
         raise ValueError(msg)
-    args = (config.bottleneck_dim, config.activation, config.dropout)
+    args = (width, config.activation, config.dropout)
     for layer in _selected_layers(encoder, config.layers, "AdapterConfig"):
         if config.placement in ("attention", "both"):
             layer.self_attn.out_proj = AdapterLinear(layer.self_attn.out_proj, *args)
