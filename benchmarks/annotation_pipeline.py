@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     print()
     print("strategies on pbmc68k_reduced, tiny fixture checkpoint (random weights), CPU")
-    print("| strategy | runtime s | val macro-F1 | test macro-F1 | test accuracy | test AUROC | trainable |")
+    print(
+        "| strategy | runtime s | val macro-F1 | test macro-F1 | test accuracy | test AUROC | trainable |"
+    )
     print("|---|---|---|---|---|---|---|")
     for line in per_strategy(adata, 1 if args.quick else args.epochs):
         print(line)

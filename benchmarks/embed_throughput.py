@@ -140,7 +140,9 @@ def embed_upstream_way(
     return l2_normalise(np.concatenate(out))
 
 
-def embed_ours(adata: Any, checkpoint: Path, *, batch_size: int, device: torch.device) -> np.ndarray:
+def embed_ours(
+    adata: Any, checkpoint: Path, *, batch_size: int, device: torch.device
+) -> np.ndarray:
     sck.tl.embed(
         adata, checkpoint=checkpoint, batch_size=batch_size, device=str(device), progress=False
     )
@@ -278,7 +280,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         for _ in range(args.repeats):
             run_adata = adata.copy()
             seconds, ours = timed(
-                lambda a=run_adata: embed_ours(a, folder, batch_size=args.batch_size, device=device),
+                lambda a=run_adata: embed_ours(
+                    a, folder, batch_size=args.batch_size, device=device
+                ),
                 device,
             )
             ours_s.append(seconds)

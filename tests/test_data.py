@@ -24,7 +24,9 @@ PBMC_COUNTS = {
 
 
 def test_report_on_pbmc(pbmc_raw, checkpoint_dir):
-    report = sck.inspect_annotation_data(pbmc_raw, label_key="bulk_labels", checkpoint=checkpoint_dir)
+    report = sck.inspect_annotation_data(
+        pbmc_raw, label_key="bulk_labels", checkpoint=checkpoint_dir
+    )
     assert report.ok
     assert report.n_cells == 700
     assert report.n_genes_input == 765
@@ -164,7 +166,9 @@ def test_small_class_fallback(pbmc_raw, checkpoint_dir):
         splits = split_scgpt_data(prepared)
     assert splits.small_classes == ["rare"]
     assert {0, 1} <= set(splits.train_indices.tolist())
-    report = sck.inspect_annotation_data(pbmc_raw, label_key="bulk_labels", checkpoint=checkpoint_dir)
+    report = sck.inspect_annotation_data(
+        pbmc_raw, label_key="bulk_labels", checkpoint=checkpoint_dir
+    )
     assert not report.stratified_split_possible
     assert any("rare" in w for w in report.warnings)
 

@@ -35,7 +35,11 @@ def test_tokens_match_upstream(fixture_adata, checkpoint_dir, expected):
         ours = dict(zip(batch["gene_ids"][0].tolist(), batch["values"][0].tolist(), strict=True))
         n = expected["lengths"][i]
         theirs = dict(
-            zip(expected["gene_ids"][i, :n].tolist(), expected["values"][i, :n].tolist(), strict=True)
+            zip(
+                expected["gene_ids"][i, :n].tolist(),
+                expected["values"][i, :n].tolist(),
+                strict=True,
+            )
         )
         assert ours == theirs
     # compact storage: int32 gene id + uint8 bin per non-zero gene
@@ -78,9 +82,7 @@ def _rewrite_layout(src: dict[str, torch.Tensor], layout: str) -> dict[str, torc
 
 
 @pytest.mark.parametrize("layout", ["in_proj", "impl"])
-def test_other_attention_layouts_load_identically(
-    layout, checkpoint_copy, fixture_adata, expected
-):
+def test_other_attention_layouts_load_identically(layout, checkpoint_copy, fixture_adata, expected):
     path = checkpoint_copy / "best_model.pt"
     state = torch.load(path, weights_only=True)
     rewritten = _rewrite_layout(state, layout)
@@ -206,3 +208,25 @@ def test_layer_and_sparse_input(fixture_adata, checkpoint_dir, expected):
     fixture_adata.X = np.zeros_like(fixture_adata.X)
     sck.tl.embed(fixture_adata, checkpoint=checkpoint_dir, layer="counts", progress=False)
     assert _cosine(fixture_adata.obsm["X_scgpt"], expected["cls_embedding"]).min() > 0.9999
+
+
+def test_precision_resolution(monkeypatch):
+    from scdlkit.foundation import _device
+
+    cpu = torch.device("cpu")
+    assert _device.resolve_precision("fp32", cpu) == "fp32"
+    assert _device.resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(_device, "_cpu_flags", lambda: frozenset({"avx2"}))
+    assert _device.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(_device, "_cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    assert _device.resolve_precision("auto", cpu) == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        _device.resolve_precision("fp16", cpu)
+
+
+def test_bf16_embedding_agrees_with_fp32(fixture_adata, checkpoint_dir, expected):
+    out = sck.tl.embed(
+        fixture_adata, checkpoint=checkpoint_dir, precision="bf16", progress=False, copy=True
+    )
+    assert out.uns["scgpt"]["params"]["precision_used"] == "bf16"
+    assert _cosine(out.obsm["X_scgpt"], expected["cls_embedding"]).min() > 0.999

@@ -48,7 +48,9 @@ def test_all_strategies_write_every_slot(adapted):
     assert adata.obsm[f"X_{KEY}"].shape[0] == adata.n_obs
     uns = adata.uns[KEY]
     assert uns["best_strategy"] in STRATEGIES
-    assert list(uns["label_categories"]) == list(adata.obs["bulk_labels"].astype("category").cat.categories)
+    assert list(uns["label_categories"]) == list(
+        adata.obs["bulk_labels"].astype("category").cat.categories
+    )
     assert uns["runner_dir"] == str(out / "runner")
     assert set(uns["params"]["strategies"]) == set(STRATEGIES)
     metrics = uns["strategy_metrics"]
@@ -58,7 +60,14 @@ def test_all_strategies_write_every_slot(adapted):
         assert np.isfinite(metrics[f"test_{col}"]).all(), col
     assert (metrics["trainable_parameters"] > 0).all()
     assert (metrics["runtime_sec"] > 0).all()
-    assert set(uns["history"]) == {"head", "full_finetune", "lora", "adapter", "prefix_tuning", "ia3"}
+    assert set(uns["history"]) == {
+        "head",
+        "full_finetune",
+        "lora",
+        "adapter",
+        "prefix_tuning",
+        "ia3",
+    }
     assert "scdlkit" in uns["versions"]
     # the winner is the one ranked first on validation macro-F1
     assert metrics.loc[metrics["validation_macro_f1"].idxmax(), "validation_macro_f1"] == float(
@@ -115,7 +124,7 @@ def test_annotate_query_from_runner_dir(adapted, _pbmc_raw):
 @pytest.fixture(scope="module")
 def small_ref(_pbmc_raw):
     rng = np.random.default_rng(0)
-    return _pbmc_raw[np.sort(rng.choice(_pbmc_raw.n_obs, 300, replace=False))].copy()
+    return _pbmc_raw[np.sort(rng.choice(_pbmc_raw.n_obs, 160, replace=False))].copy()
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -291,7 +300,12 @@ def _ensembl(adata):
             ValueError,
             "not both",
         ),
-        (None, {"strategies": ("lora",), "strategy_configs": {"lora": {"rank": 0}}}, ValueError, "rank"),
+        (
+            None,
+            {"strategies": ("lora",), "strategy_configs": {"lora": {"rank": 0}}},
+            ValueError,
+            "rank",
+        ),
         (None, {"label_key": "cell_type"}, KeyError, "label_key"),
         (_one_class, {}, ValueError, "at least 2"),
         (_scale, {}, ValueError, "negative"),
@@ -299,14 +313,18 @@ def _ensembl(adata):
         (None, {"training": {"epoch": 3}}, ValueError, "unknown setting"),
     ],
 )
-def test_error_battery_leaves_adata_unchanged(small_ref, checkpoint_dir, mutate, kwargs, error, match):
+def test_error_battery_leaves_adata_unchanged(
+    small_ref, checkpoint_dir, mutate, kwargs, error, match
+):
     adata = small_ref.copy()
     if mutate is not None:
         mutate(adata)
     before = adata.copy()
     args = {"label_key": "bulk_labels", **kwargs}
     with pytest.raises(error, match=match):
-        sck.tl.adapt_annotation(adata, args.pop("label_key"), checkpoint=checkpoint_dir, **args, **FAST)
+        sck.tl.adapt_annotation(
+            adata, args.pop("label_key"), checkpoint=checkpoint_dir, **args, **FAST
+        )
     assert_equal(adata, before)
 
 

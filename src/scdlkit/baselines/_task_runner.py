@@ -275,7 +275,10 @@ class TaskRunner:
     kl_weight
         Weight of the VAE's KL term (``model="vae"`` only).
     class_weight
-        ``None`` or ``"balanced"`` (classification only); see :class:`scdlkit.Trainer`.
+        ``"balanced"`` weights the cross-entropy by inverse class frequency in the training
+        split (see :class:`scdlkit.Trainer`), which favours macro-F1 on imbalanced cell types;
+        ``None`` weights every cell alike. ``"auto"`` (default) is ``"balanced"`` for
+        classification and ``None`` for representation (where only ``None`` is allowed).
     device
         ``"auto"`` (CUDA, then MPS, then CPU) or a torch device string.
     precision
@@ -343,7 +346,7 @@ class TaskRunner:
         weight_decay: float = 1e-2,
         dropout: float = 0.2,
         kl_weight: float = 1.0,
-        class_weight: str | None = None,
+        class_weight: str | None = "auto",
         device: str = "auto",
         precision: str = "auto",
         label_key: str | None = None,
@@ -388,9 +391,11 @@ class TaskRunner:
         if val_size + test_size >= 1:
             msg = f"val_size + test_size = {val_size + test_size} leaves no cells for training."
             raise ValueError(msg)
-        if class_weight not in (None, "balanced"):
-            msg = f"`class_weight`={class_weight!r}; choose None or 'balanced'."
+        if class_weight not in ("auto", None, "balanced"):
+            msg = f"`class_weight`={class_weight!r}; choose 'auto', None or 'balanced'."
             raise ValueError(msg)
+        if class_weight == "auto":
+            class_weight = "balanced" if self.task == "classification" else None
         if class_weight is not None and self.task != "classification":
             msg = "`class_weight` applies to task='classification' only; leave it as None."
             raise ValueError(msg)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+from pathlib import Path
 
 import torch
 
-__all__ = ["autocast_context", "resolve_device"]
+__all__ = ["autocast_context", "native_bf16", "resolve_device", "resolve_precision"]
+
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -22,14 +26,45 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matrix work natively (not emulated).
+
+    CUDA devices that report bf16 support without emulation (Ampere and newer); CPUs with AMX
+    or AVX512-BF16 instructions.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"fp32"`` or ``"bf16"``: ``"auto"`` is bf16 where :func:`native_bf16` says so."""
+    if precision not in PRECISIONS:
+        msg = f"precision={precision!r}; choose 'auto', 'fp32' or 'bf16'."
+        raise ValueError(msg)
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 def autocast_context(
     device: torch.device, precision: str = "auto"
 ) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA under ``"auto"`` (or anywhere under ``"bf16"``); fp32 otherwise."""
-    if precision not in {"auto", "fp32", "bf16"}:
-        msg = f"precision={precision!r}; choose 'auto', 'fp32' or 'bf16'."
-        raise ValueError(msg)
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    """bf16 autocast when the resolved precision is bf16; a no-op context for fp32."""
+    if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -2,15 +2,52 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
 from scdlkit.foundation._device import autocast_context
-from scdlkit.foundation._tokenize import ScGPTTokens, collate_tokens, length_grouped_batches
+from scdlkit.foundation._tokenize import ScGPTTokens, collate_tokens
 
-__all__ = ["encode_cells", "l2_normalise"]
+__all__ = ["encode_cells", "inference_batches", "l2_normalise"]
+
+#: A batch holds cells at least this fraction of its longest cell's length, so padding (and the
+#: attention spent on it) stays within a few percent whatever the dataset's size.
+LENGTH_SLACK = 0.9
+
+
+def inference_batches(
+    lengths: np.ndarray, batch_size: int, *, slack: float = LENGTH_SLACK
+) -> Iterator[np.ndarray]:
+    """Positions into ``lengths``, longest first, in batches of similar length.
+
+    A batch takes up to ``batch_size`` cells in decreasing length and stops early at the first
+    cell shorter than ``slack`` times its first (longest) cell. With many cells the batches are
+    full; with few, they are smaller rather than padded to a much longer neighbour.
+    """
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    ascending = -lengths[order]  # non-decreasing, for searchsorted
+    start, n = 0, len(order)
+    while start < n:
+        limit = -np.ceil(slack * -ascending[start])  # shortest length allowed in this batch
+        stop = min(start + batch_size, int(np.searchsorted(ascending, limit, side="right")))
+        stop = max(stop, start + 1)
+        yield order[start:stop]
+        start = stop
+
+
+def _copy_to_host(result: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying a batch result to (pinned) host memory; the event says when it is done."""
+    result = result.float()
+    if result.device.type != "cuda":
+        return result.cpu(), None
+    host = torch.empty(result.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(result, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
 
 
 def encode_cells(
@@ -26,23 +63,39 @@ def encode_cells(
 ) -> np.ndarray:
     """Apply ``forward`` (batch dict -> ``(batch, k)`` tensor) to every cell, in input order.
 
-    Cells of similar length share a batch, so padding costs almost nothing; results are put back
-    in the order of ``cells`` (default: all cells).
+    Cells of similar length share a batch (:func:`inference_batches`), so padding costs almost
+    nothing; results are put back in the order of ``cells`` (default: all cells). On CUDA, the
+    next batch is built on the CPU while the GPU runs the current one.
     """
     from tqdm.auto import tqdm
 
     cells = np.arange(tokens.n_cells) if cells is None else np.asarray(cells)
     out: np.ndarray | None = None
+    pending: tuple[np.ndarray, torch.Tensor, torch.cuda.Event | None] | None = None
+    pin = device.type == "cuda"
+
+    def finish(positions: np.ndarray, host: torch.Tensor, done: torch.cuda.Event | None) -> None:
+        if done is not None:
+            done.synchronize()
+        out[positions] = host.numpy()
+        bar.update(len(positions))
+
     bar = tqdm(total=len(cells), desc=desc, unit="cell", disable=not progress)
     with torch.inference_mode(), autocast_context(device, precision):
-        for positions in length_grouped_batches(tokens.lengths[cells], batch_size):
+        for positions in inference_batches(tokens.lengths[cells], batch_size):
             batch = collate_tokens(tokens, cells[positions])
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            result = forward(batch).float().cpu().numpy()
+            batch = {
+                k: (v.pin_memory() if pin else v).to(device, non_blocking=True)
+                for k, v in batch.items()
+            }
+            result = forward(batch)
             if out is None:
                 out = np.empty((len(cells), result.shape[1]), dtype=np.float32)
-            out[positions] = result
-            bar.update(len(positions))
+            if pending is not None:  # the previous batch: finished or about to be
+                finish(*pending)
+            pending = (positions, *_copy_to_host(result))
+        if pending is not None:
+            finish(*pending)
     bar.close()
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 

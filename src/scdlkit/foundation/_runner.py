@@ -16,7 +16,7 @@ import torch
 
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._data import ScGPTPreparedData, prepare_scgpt_data, split_scgpt_data
-from scdlkit.foundation._device import resolve_device
+from scdlkit.foundation._device import resolve_device, resolve_precision
 from scdlkit.foundation._embed import encode_cells
 from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
 from scdlkit.foundation._model import set_attention_dropout
@@ -129,7 +129,9 @@ class ScGPTAnnotationRunner:
     epochs, lr, early_stopping_patience, class_weight
         Shortcuts for the same settings, applied to every neural strategy when given.
     precision
-        ``"auto"`` (bf16 mixed precision on CUDA, fp32 elsewhere), ``"fp32"`` or ``"bf16"``.
+        ``"auto"`` (bf16 where the hardware runs it natively: recent CUDA GPUs, CPUs with AMX or
+        AVX512-BF16; fp32 elsewhere), ``"fp32"`` or ``"bf16"``; the precision used is recorded in
+        ``params()["precision_used"]`` and the manifest.
     confidence_threshold
         Cells whose top probability is below it are labelled ``"Unknown"`` in predictions.
     batch_key
@@ -280,6 +282,7 @@ class ScGPTAnnotationRunner:
                 s: self.training_settings(s) for s in self.strategies if s in NEURAL_STRATEGIES
             },
             "precision": self.precision,
+            "precision_used": resolve_precision(self.precision, self._torch_device),
             "confidence_threshold": self.confidence_threshold,
             "attention_dropout": self.attention_dropout,
             "batch_key": self.batch_key,
@@ -523,7 +526,7 @@ class ScGPTAnnotationRunner:
             batch_size=self.batch_size,
             accelerator=self._torch_device.type,
             devices=1,
-            precision=self.precision,
+            precision=resolve_precision(self.precision, self._torch_device),
             seed=self.random_state,
             progress=self.progress,
             **settings,

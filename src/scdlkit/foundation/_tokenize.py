@@ -12,6 +12,7 @@ wherever no tie occurs; above ``max_seq_len`` a seeded random subset of genes is
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,13 @@ __all__ = [
 ]
 
 
+@functools.cache
+def _quantile_levels(n_bins: int) -> np.ndarray:
+    levels = np.linspace(0, 1, n_bins - 1)
+    levels.flags.writeable = False
+    return levels
+
+
 def bin_values(values: np.ndarray, n_bins: int, seed: Sequence[int] | None = None) -> np.ndarray:
     """Bin one cell's non-zero values into ``1..n_bins-1`` exactly as upstream ``binning``.
 
@@ -37,9 +45,11 @@ def bin_values(values: np.ndarray, n_bins: int, seed: Sequence[int] | None = Non
     where several edges are equal (tied values) the value is spread over the bins they span using
     a generator seeded with ``seed`` (upstream uses the unseeded global generator there).
     """
-    edges = np.quantile(values, np.linspace(0, 1, n_bins - 1))
-    left = np.digitize(values, edges)
-    right = np.digitize(values, edges, right=True)
+    edges = np.quantile(values, _quantile_levels(n_bins))
+    # quantiles never decrease, and for non-decreasing edges ``digitize(v, edges)`` is exactly
+    # ``searchsorted(edges, v, "right")`` (and ``right=True`` is "left"), minus its checks
+    left = np.searchsorted(edges, values, side="right")
+    right = np.searchsorted(edges, values, side="left")
     span = left - right
     if not (span > 1).any():
         # no tie spans several bins: upstream's random draw cannot change the result.
@@ -171,21 +181,33 @@ def collate_tokens(tokens: ScGPTTokens, cells: Sequence[int]) -> dict[str, torch
     """Padded model input for ``cells``: ``gene_ids`` (long), ``values`` (float), ``padding_mask``.
 
     Position 0 holds ``<cls>`` with value ``pad_value``; the batch is padded to its longest cell
-    with ``<pad>`` and ``pad_value``.
+    with ``<pad>`` and ``pad_value``. Cells within ``max_seq_len`` are gathered in one vectorised
+    step; only cells above it go through :meth:`ScGPTTokens.cell` for their seeded subsample.
     """
-    per_cell = [tokens.cell(int(i)) for i in cells]
-    width = 1 + max((len(g) for g, _ in per_cell), default=0)
-    gene_ids = np.full((len(per_cell), width), tokens.pad_id, dtype=np.int64)
-    values = np.full((len(per_cell), width), tokens.pad_value, dtype=np.float32)
+    cells = np.asarray(cells, dtype=np.int64).reshape(-1)
+    starts = tokens.indptr[cells]
+    counts = tokens.indptr[cells + 1] - starts
+    n_kept = np.minimum(counts, tokens.max_seq_len - 1)
+    width = 1 + int(n_kept.max(initial=0))
+    # every kept token of the batch, row after row: a contiguous slice of the store per cell...
+    first = np.cumsum(n_kept) - n_kept
+    src = np.arange(int(n_kept.sum())) + np.repeat(starts - first, n_kept)
+    genes, bins = tokens.gene_ids[src], tokens.bins[src]
+    # ...except cells above max_seq_len, which get their seeded subsample
+    for row in np.flatnonzero(counts > n_kept):
+        at = slice(first[row], first[row] + n_kept[row])
+        genes[at], bins[at] = tokens.cell(int(cells[row]))
+    filled = np.arange(1, width) <= n_kept[:, None]  # row-major, the order of ``src``
+    gene_ids = np.full((len(cells), width), tokens.pad_id, dtype=np.int64)
+    values = np.full((len(cells), width), tokens.pad_value, dtype=np.float32)
     gene_ids[:, 0] = tokens.cls_id
-    for row, (genes, bins) in enumerate(per_cell):
-        gene_ids[row, 1 : 1 + len(genes)] = genes
-        values[row, 1 : 1 + len(genes)] = bins
-    gene_ids_t = torch.from_numpy(gene_ids)
+    gene_ids[:, 1:][filled] = genes
+    values[:, 1:][filled] = bins
     return {
-        "gene_ids": gene_ids_t,
+        "gene_ids": torch.from_numpy(gene_ids),
         "values": torch.from_numpy(values),
-        "padding_mask": gene_ids_t.eq(tokens.pad_id),
+        # numpy, not torch: a tiny elementwise op is not worth torch's intra-op thread pool
+        "padding_mask": torch.from_numpy(gene_ids == tokens.pad_id),
     }
 
 

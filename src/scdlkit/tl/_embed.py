@@ -46,7 +46,9 @@ def embed(
     device
         ``"auto"`` (CUDA, then MPS, then CPU) or a torch device string.
     precision
-        ``"auto"`` (bf16 autocast on CUDA, fp32 elsewhere), ``"fp32"`` or ``"bf16"``.
+        ``"auto"`` (bf16 autocast where the hardware runs bf16 natively: recent CUDA GPUs, CPUs
+        with AMX or AVX512-BF16; fp32 elsewhere), ``"fp32"`` or ``"bf16"``. The precision used is
+        recorded in ``uns[key_added]["params"]["precision_used"]``.
     random_state
         Seeds tie-breaking in binning and gene subsampling above ``max_seq_len``.
     progress
@@ -70,7 +72,7 @@ def embed(
     >>> sc.pp.neighbors(adata, use_rep="X_scgpt")  # doctest: +SKIP
     """
     from scdlkit.foundation import load_scgpt_model, resolve_checkpoint
-    from scdlkit.foundation._device import resolve_device
+    from scdlkit.foundation._device import resolve_device, resolve_precision
     from scdlkit.foundation._embed import encode_cells, l2_normalise
     from scdlkit.foundation._genes import tokenize_adata
 
@@ -100,6 +102,7 @@ def embed(
             "batch_size": batch_size,
             "device": str(torch_device),
             "precision": precision,
+            "precision_used": resolve_precision(precision, torch_device),
             "random_state": random_state,
         },
         "n_genes_matched": match.n_matched,

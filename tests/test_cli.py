@@ -1,0 +1,347 @@
+"""The ``scdlkit`` command line: in-process ``main([...])`` calls plus one real subprocess."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from scdlkit import cli
+from scdlkit._version import __version__
+from scdlkit.cli import main
+
+KEY = "scgpt_annotation"
+COMMANDS = ("inspect", "embed", "adapt", "annotate")
+
+
+@pytest.fixture(scope="module")
+def files(_pbmc_raw, tmp_path_factory) -> dict[str, Path]:
+    """ref.h5ad (labelled), query.h5ad (held-out cells, labels removed), scaled.h5ad."""
+    import scanpy as sc
+
+    folder = tmp_path_factory.mktemp("cli")
+    is_query = np.random.default_rng(0).random(_pbmc_raw.n_obs) < 0.2
+    ref = _pbmc_raw[~is_query].copy()
+    query = _pbmc_raw[is_query].copy()
+    del query.obs["bulk_labels"]
+    paths = {name: folder / f"{name}.h5ad" for name in ("ref", "query", "scaled")}
+    ref.write_h5ad(paths["ref"])
+    query.write_h5ad(paths["query"])
+    sc.datasets.pbmc68k_reduced().write_h5ad(paths["scaled"])  # X is scaled: negative values
+    return paths
+
+
+def run(argv: list[str]) -> tuple[int, str, str]:
+    """``main(argv)`` with stdout and stderr captured (usable from module-scoped fixtures)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def round_trip(files, checkpoint_dir, tmp_path_factory) -> dict:
+    """``scdlkit adapt`` on the reference, then ``scdlkit annotate`` on the query (once)."""
+    folder = tmp_path_factory.mktemp("round_trip")
+    ref_out = folder / "results" / "ref_annotated.h5ad"  # "results/" does not exist yet
+    adapt = run(
+        [
+            "adapt", files["ref"], "--label-key", "bulk_labels", "-o", ref_out,
+            "--checkpoint", checkpoint_dir, "--strategies", "frozen_probe", "baseline",
+            "--epochs", "1", "--attention-dropout", "0",
+        ]
+    )  # fmt: skip
+    assert adapt[0] == 0, adapt[2]
+    runner_dir = ad.read_h5ad(ref_out).uns[KEY]["runner_dir"]
+    query_out = folder / "query_annotated.h5ad"
+    annotate = run(["annotate", files["query"], "--runner", runner_dir, "-o", query_out])
+    assert annotate[0] == 0, annotate[2]
+    return {
+        "folder": folder,
+        "ref_out": ref_out,
+        "query_out": query_out,
+        "adapt": adapt,
+        "annotate": annotate,
+    }
+
+
+# ---------------------------------------------------------------------------- the parser
+
+
+def test_help_in_a_real_process():
+    result = subprocess.run(
+        [sys.executable, "-m", "scdlkit.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for command in COMMANDS:
+        assert command in result.stdout
+    assert "Exit codes" in result.stdout
+    script = Path(sys.executable).with_name("scdlkit")  # the console script of pyproject
+    if script.exists():
+        result = subprocess.run(
+            [script, "--version"], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert result.returncode == 0
+        assert __version__ in result.stdout
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_is_explained_with_its_default(command, capsys):
+    assert main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    sub = _subparsers(cli.build_parser())[command]
+    for action in sub._actions:
+        assert action.help, action.dest
+        if action.option_strings:
+            assert action.option_strings[-1] in text
+        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            assert "default" in action.help or f"(default: {action.default}" in text, action.dest
+    assert "-q, --quiet" in text
+    assert "-v, --verbose" in text
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"scdlkit {__version__}"
+
+
+def test_strategy_choices_match_the_library():
+    from scdlkit.foundation import STRATEGIES
+
+    assert tuple(cli.STRATEGIES) == tuple(STRATEGIES)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["adapt", "ref.h5ad", "-o", "out.h5ad"],  # --label-key missing
+        ["adapt", "ref.h5ad", "--label-key", "x", "-o", "o.h5ad", "--strategies", "magic"],
+        ["adapt", "ref.h5ad", "--label-key", "x", "-o", "o.h5ad", "--epochs", "0"],
+        ["adapt", "ref.h5ad", "--label-key", "x", "-o", "o.h5ad", "--val-size", "1.5"],
+        ["annotate", "query.h5ad", "-o", "out.h5ad"],  # --runner missing
+        ["embed", "cells.h5ad"],  # -o missing
+    ],
+)
+def test_usage_errors_exit_2(argv, capsys):
+    assert main(argv) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ errors, logging
+
+
+def test_missing_input_exits_2_with_a_message(tmp_path, capsys):
+    missing = tmp_path / "missing.h5ad"
+    assert main(["inspect", str(missing), "--label-key", "bulk_labels"]) == 2
+    err = capsys.readouterr().err
+    assert f"scdlkit: error: input file {str(missing)!r} does not exist" in err
+    assert "Traceback" not in err
+
+
+def test_unreadable_input_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.h5ad"
+    bad.write_text("not hdf5")
+    assert main(["embed", str(bad), "-o", str(tmp_path / "out.h5ad")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert not (tmp_path / "out.h5ad").exists()
+
+
+def test_library_errors_exit_2_traceback_only_with_verbose(files, checkpoint_dir, capsys):
+    argv = [
+        "inspect",
+        str(files["ref"]),
+        "--label-key",
+        "nope",
+        "--checkpoint",
+        str(checkpoint_dir),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scdlkit: error: label_key='nope'")
+    assert "Traceback" not in err
+    assert main([*argv, "-v"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    assert "KeyError" in err
+
+
+def test_unexpected_error_exits_1_with_traceback(monkeypatch, capsys):
+    def boom(args):
+        raise RuntimeError("something broke")
+
+    monkeypatch.setattr(cli, "run_inspect", boom)
+    assert main(["inspect", "whatever.h5ad"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    assert "scdlkit: error: unexpected RuntimeError: something broke" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "level"),
+    [
+        (["inspect", "in.h5ad"], logging.WARNING),
+        (["-q", "inspect", "in.h5ad"], logging.ERROR),
+        (["-v", "inspect", "in.h5ad"], logging.INFO),
+        (["-vv", "inspect", "in.h5ad"], logging.DEBUG),
+        (["inspect", "in.h5ad", "-v"], logging.INFO),  # after the sub-command works too
+    ],
+)
+def test_quiet_and_verbose_set_the_scdlkit_logger(argv, level, monkeypatch):
+    logger = logging.getLogger("scdlkit")
+    seen = {}
+
+    def record(args):
+        seen["level"] = logger.level
+        seen["handlers"] = len(logger.handlers)
+        return 0
+
+    monkeypatch.setattr(cli, "run_inspect", record)
+    before = (logger.level, list(logger.handlers))
+    assert main(argv) == 0
+    assert seen["level"] == level
+    assert seen["handlers"] == len(before[1]) + 1
+    assert (logger.level, list(logger.handlers)) == before  # restored afterwards
+
+
+def test_atomic_write_replaces_whole_or_keeps_the_old_file(tmp_path):
+    target = tmp_path / "out.h5ad"
+    target.write_text("old")
+
+    def interrupted_write():
+        with cli.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        interrupted_write()
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.h5ad"]
+    with cli.atomic_path(target) as tmp:
+        assert tmp.parent == target.parent
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.h5ad"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def test_inspect_ok_exits_0_and_writes_reports(files, checkpoint_dir, tmp_path, capsys):
+    report_json = tmp_path / "report.json"
+    out = tmp_path / "inspected.h5ad"
+    argv = ["inspect", files["ref"], "--label-key", "bulk_labels", "--checkpoint", checkpoint_dir]
+    code = main([str(a) for a in argv] + ["--json", str(report_json), "-o", str(out)])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "scGPT preflight (ok)" in stdout
+    assert "705 of 765" in stdout
+    report = json.loads(report_json.read_text())
+    assert report["ok"] is True
+    assert report["n_genes_matched"] == 705
+    assert ad.read_h5ad(out).uns["scgpt_inspect"]["n_genes_matched"] == 705
+
+
+def test_inspect_scaled_data_exits_2(files, checkpoint_dir, tmp_path, capsys):
+    report_json = tmp_path / "report.json"
+    argv = [
+        "inspect",
+        files["scaled"],
+        "--label-key",
+        "bulk_labels",
+        "--checkpoint",
+        checkpoint_dir,
+    ]
+    assert main([str(a) for a in argv] + ["--json", str(report_json)]) == 2
+    captured = capsys.readouterr()
+    assert "PROBLEM: values are negative (scaled data)" in captured.out
+    assert "1 blocking problem found" in captured.err
+    report = json.loads(report_json.read_text())  # the report is written also on problems
+    assert report["ok"] is False
+    assert report["value_kind"] == "scaled_negative"
+
+
+def test_embed_writes_obsm(files, checkpoint_dir, tmp_path, capsys):
+    out = tmp_path / "embedded.h5ad"
+    argv = ["embed", files["query"], "-o", out, "--checkpoint", checkpoint_dir, "--batch-size", 32]
+    assert main([str(a) for a in argv]) == 0
+    assert "obsm['X_scgpt']" in capsys.readouterr().out
+    embedded = ad.read_h5ad(out)
+    emb = embedded.obsm["X_scgpt"]
+    assert emb.shape == (embedded.n_obs, 32)
+    assert emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    assert embedded.uns["scgpt"]["params"]["batch_size"] == 32
+
+
+def test_adapt_writes_the_annotated_reference(round_trip, files):
+    _, stdout, _ = round_trip["adapt"]
+    assert "frozen_probe" in stdout
+    assert "baseline" in stdout
+    assert "validation_macro_f1" in stdout
+    ref = ad.read_h5ad(round_trip["ref_out"])
+    assert ref.n_obs == ad.read_h5ad(files["ref"]).n_obs
+    assert isinstance(ref.obs[KEY].dtype, pd.CategoricalDtype)
+    assert ref.obs[f"{KEY}_confidence"].between(0, 1).all()
+    assert set(ref.obs[f"{KEY}_split"]) == {"train", "val", "test"}
+    assert ref.obsm[f"X_{KEY}"].shape[0] == ref.n_obs
+    uns = ref.uns[KEY]
+    assert uns["best_strategy"] in {"frozen_probe", "baseline"}
+    assert list(uns["strategy_metrics"]["strategy"]) == ["frozen_probe", "baseline"]
+    assert uns["params"]["attention_dropout"] == 0
+    # the runner and artifacts go beside the output by default, with an absolute runner_dir
+    output_dir = round_trip["ref_out"].parent / "ref_annotated_scdlkit"
+    runner_dir = Path(uns["runner_dir"])
+    assert runner_dir.is_absolute()
+    assert runner_dir == (output_dir / "runner").resolve()
+    assert f"runner folder: {runner_dir}" in stdout
+    assert (output_dir / "strategy_metrics.csv").is_file()
+    assert sorted(p.name for p in round_trip["ref_out"].parent.iterdir()) == [
+        "ref_annotated.h5ad",
+        "ref_annotated_scdlkit",
+    ]  # no temporary file left behind
+
+
+def test_annotate_labels_the_query(round_trip, files):
+    _, stdout, _ = round_trip["annotate"]
+    assert "AnnData written to" in stdout
+    query = ad.read_h5ad(round_trip["query_out"])
+    ref = ad.read_h5ad(round_trip["ref_out"])
+    assert query.n_obs == ad.read_h5ad(files["query"]).n_obs
+    assert set(query.obs[KEY].dropna()) <= set(ref.uns[KEY]["label_categories"])
+    assert query.obs[KEY].notna().all()
+    assert (query.obs[f"{KEY}_split"] == "query").all()
+    assert query.obsm[f"X_{KEY}"].shape[0] == query.n_obs
+    assert query.uns[KEY]["best_strategy"] == ref.uns[KEY]["best_strategy"]
+    assert query.uns[KEY]["runner_dir"] == ref.uns[KEY]["runner_dir"]
+
+
+def test_annotate_with_a_missing_runner_exits_2(files, tmp_path, capsys):
+    out = tmp_path / "x.h5ad"
+    argv = ["annotate", str(files["query"]), "--runner", str(tmp_path / "nope"), "-o", str(out)]
+    assert main(argv) == 2
+    assert "runner folder" in capsys.readouterr().err
