@@ -75,7 +75,7 @@ def test_missing_batch_values_fail_and_leave_adata_unchanged(donors, checkpoint_
             **FAST,
         ),
     ):
-        with pytest.raises(ValueError, match="batch_key='donor'.*no batch"):
+        with pytest.raises(ValueError, match=r"batch_key='donor'.*no batch"):
             call()
     assert_equal(donors, before)
 

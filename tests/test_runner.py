@@ -100,7 +100,8 @@ def test_artifacts(adapted):
     assert "705 of 765" in report
     for png in ("strategy_comparison.png", "confusion_matrix.png", "training_history.png"):
         data = (out / png).read_bytes()
-        assert data.startswith(b"\x89PNG") and len(data) > 5000
+        assert data.startswith(b"\x89PNG")
+        assert len(data) > 5000
     manifest = json.loads((out / "runner" / "manifest.json").read_text())
     assert manifest["schema_version"] == 1
     assert manifest["best_strategy"] == adata.uns[KEY]["best_strategy"]
