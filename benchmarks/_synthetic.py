@@ -43,7 +43,7 @@ def fake_gene_symbols(n: int) -> list[str]:
     return [f"SYN{i:05d}" for i in range(n)]
 
 
-def _args_json(embsize: int, nheads: int, d_hid: int, nlayers: int) -> dict:
+def _args_json(embsize: int, nheads: int, d_hid: int, nlayers: int, max_seq_len: int) -> dict:
     # The fields of the official whole-human args.json that matter for inference, plus a few
     # training-only fields so the file looks like the real one.
     return {
@@ -52,7 +52,7 @@ def _args_json(embsize: int, nheads: int, d_hid: int, nlayers: int) -> dict:
         "input_style": "binned",
         "input_emb_style": "continuous",
         "n_bins": 51,
-        "max_seq_len": 1200,
+        "max_seq_len": max_seq_len,
         "mask_ratio": [0.25, 0.5, 0.75],
         "batch_size": 32,
         "eval_batch_size": 64,
@@ -122,6 +122,7 @@ def write_random_checkpoint(
     d_hid: int = 512,
     nlayers: int = 12,
     n_vocab_genes: int = 60694,
+    max_seq_len: int = 1200,
     seed: int = 0,
 ) -> Path:
     """Write an official-layout scGPT checkpoint folder with random weights; return its path.
@@ -129,6 +130,7 @@ def write_random_checkpoint(
     The defaults are the whole-human architecture (about 51 M parameters, about 200 MiB on disk).
     ``vocab.json`` holds :func:`fake_gene_symbols` ``(n_vocab_genes)`` then ``<pad>``, ``<cls>``,
     ``<eoc>``, its keys written in a shuffled order as upstream's hash-ordered files are.
+    ``max_seq_len`` (official: 1200) goes to ``args.json``; smaller values make smoke tests fast.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -138,7 +140,7 @@ def write_random_checkpoint(
     with (folder / "vocab.json").open("w") as fh:
         json.dump({tokens[i]: int(i) for i in order}, fh)
     with (folder / "args.json").open("w") as fh:
-        json.dump(_args_json(embsize, nheads, d_hid, nlayers), fh, indent=4)
+        json.dump(_args_json(embsize, nheads, d_hid, nlayers, max_seq_len), fh, indent=4)
     state = random_state_dict(
         embsize=embsize,
         d_hid=d_hid,

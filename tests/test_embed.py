@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -230,3 +231,59 @@ def test_bf16_embedding_agrees_with_fp32(fixture_adata, checkpoint_dir, expected
     )
     assert out.uns["scgpt"]["params"]["precision_used"] == "bf16"
     assert _cosine(out.obsm["X_scgpt"], expected["cls_embedding"]).min() > 0.999
+
+
+def test_backed_and_chunked_embedding_match_in_memory(fixture_adata, checkpoint_dir, tmp_path):
+    from scipy import sparse
+
+    fixture_adata.X = sparse.csr_matrix(fixture_adata.X)
+    in_memory = sck.tl.embed(fixture_adata, checkpoint=checkpoint_dir, progress=False, copy=True)
+    path = tmp_path / "cells.h5ad"
+    fixture_adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    sck.tl.embed(backed, checkpoint=checkpoint_dir, progress=False, chunk_size=7)
+    np.testing.assert_allclose(
+        backed.obsm["X_scgpt"], in_memory.obsm["X_scgpt"], rtol=1e-5, atol=1e-6
+    )
+    backed.file.close()
+
+
+def test_dask_matrix_embedding(fixture_adata, checkpoint_dir, expected):
+    da = pytest.importorskip("dask.array")
+    fixture_adata.X = da.from_array(fixture_adata.X, chunks=(10, 400))
+    sck.tl.embed(fixture_adata, checkpoint=checkpoint_dir, progress=False, chunk_size=16)
+    assert _cosine(fixture_adata.obsm["X_scgpt"], expected["cls_embedding"]).min() > 0.9999
+
+
+def test_subsampling_above_max_seq_len_is_chunk_invariant(fixture_adata, checkpoint_copy):
+    import json
+
+    args = json.loads((checkpoint_copy / "args.json").read_text())
+    args["max_seq_len"] = 64  # fixture cells express far more genes: every cell is subsampled
+    (checkpoint_copy / "args.json").write_text(json.dumps(args))
+    whole = sck.tl.embed(fixture_adata, checkpoint=checkpoint_copy, progress=False, copy=True)
+    chunked = sck.tl.embed(
+        fixture_adata, checkpoint=checkpoint_copy, progress=False, chunk_size=5, copy=True
+    )
+    np.testing.assert_allclose(chunked.obsm["X_scgpt"], whole.obsm["X_scgpt"], rtol=1e-5, atol=1e-6)
+    again = sck.tl.embed(fixture_adata, checkpoint=checkpoint_copy, progress=False, copy=True)
+    np.testing.assert_array_equal(again.obsm["X_scgpt"], whole.obsm["X_scgpt"])
+
+
+def test_sharded_embedding_over_two_processes(fixture_adata, checkpoint_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "_shard_embed_script.py"
+    data = tmp_path / "cells.h5ad"
+    fixture_adata.write_h5ad(data)
+    subprocess.run(
+        [sys.executable, str(script), str(checkpoint_dir), str(data), str(tmp_path)],
+        check=True,
+        timeout=300,
+    )
+    single = sck.tl.embed(fixture_adata, checkpoint=checkpoint_dir, progress=False, copy=True)
+    for rank in (0, 1):
+        got = np.load(tmp_path / f"rank{rank}.npy")
+        np.testing.assert_allclose(got, single.obsm["X_scgpt"], rtol=1e-5, atol=1e-6)

@@ -102,19 +102,26 @@ def tokenize_adata(
     layer: str | None = None,
     min_gene_overlap: int | float = 1,
     seed: int = 0,
+    rows: slice | None = None,
+    check_values: bool = True,
     progress: bool = False,
 ) -> tuple[ScGPTTokens, GeneMatch]:
     """Validate values and genes, then tokenise every cell once.
 
     Raises before any work on negative/non-finite values, too little gene overlap or Ensembl ids
-    without ``gene_key``; the AnnData is never modified.
+    without ``gene_key``; the AnnData is never modified. ``rows`` tokenises a contiguous range of
+    cells only (streaming over a backed AnnData), with the tokens the whole dataset would give
+    them; ``check_values=False`` skips the value check (done once before streaming).
     """
     match = match_genes(adata, checkpoint, gene_key)
     check_gene_overlap(match, gene_key=gene_key, min_gene_overlap=min_gene_overlap)
-    validate_values(adata, layer)
+    if check_values:
+        validate_values(adata, layer)
     args = checkpoint.args
+    matrix = get_matrix(adata, layer)
+    rows = slice(0, matrix.shape[0]) if rows is None else rows
     tokens = tokenize_matrix(
-        get_matrix(adata, layer),
+        matrix[rows] if (rows.start, rows.stop) != (0, matrix.shape[0]) else matrix,
         match.vocab_ids,
         n_bins=args.n_bins,
         cls_id=checkpoint.cls_id,
@@ -122,6 +129,7 @@ def tokenize_adata(
         pad_value=args.pad_value,
         max_seq_len=args.max_seq_len,
         seed=seed,
+        cell_offset=rows.start or 0,
         progress=progress,
     )
     logger.info(

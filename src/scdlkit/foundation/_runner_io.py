@@ -72,6 +72,13 @@ def _history_records(runner: Any) -> dict[str, list[dict[str, Any]]]:
     return {name: json_safe(df.to_dict(orient="records")) for name, df in runner.history_.items()}
 
 
+def _readable(file: Path) -> None:
+    """Ordinary file permissions (some writers create 0600 files), so shared folders work."""
+    umask = os.umask(0)
+    os.umask(umask)
+    file.chmod(0o666 & ~umask)
+
+
 def save_runner(runner: Any, path: Path) -> Path:
     """Write ``runner`` to the folder ``path`` (created if needed); returns the folder."""
     from safetensors.torch import save_file
@@ -86,6 +93,7 @@ def save_runner(runner: Any, path: Path) -> Path:
     save_file(tensors, str(tmp_weights))
     digest = _sha256(tmp_weights)
     weights_name = f"weights-{digest[:16]}.safetensors"
+    _readable(tmp_weights)
     os.replace(tmp_weights, path / weights_name)
     ckpt: ScGPTCheckpoint = runner.checkpoint_
     manifest = {
@@ -118,6 +126,7 @@ def save_runner(runner: Any, path: Path) -> Path:
     text = json.dumps(json_safe(manifest), indent=2, allow_nan=False)
     tmp_manifest = path / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
     tmp_manifest.write_text(text)
+    _readable(tmp_manifest)
     os.replace(tmp_manifest, path / MANIFEST_NAME)
     for stale in path.glob("weights-*.safetensors"):
         if stale.name != weights_name:

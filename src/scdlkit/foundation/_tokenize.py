@@ -74,6 +74,10 @@ class ScGPTTokens:
         What :func:`collate_tokens` needs to build model input.
     seed
         Seeds the per-cell gene subsampling above ``max_seq_len``.
+    cell_offset
+        Position of the first cell in the whole dataset: random draws are seeded by
+        ``(seed, cell_offset + i)``, so tokenising a dataset in chunks gives the same tokens as
+        tokenising it at once.
     """
 
     indptr: np.ndarray
@@ -84,6 +88,7 @@ class ScGPTTokens:
     pad_value: float
     max_seq_len: int
     seed: int = 0
+    cell_offset: int = 0
 
     @property
     def n_cells(self) -> int:
@@ -112,7 +117,7 @@ class ScGPTTokens:
         genes, bins = self.gene_ids[start:stop], self.bins[start:stop]
         keep = self.max_seq_len - 1
         if len(genes) > keep:
-            rng = np.random.default_rng([self.seed, i])
+            rng = np.random.default_rng([self.seed, self.cell_offset + i])
             idx = np.sort(rng.choice(len(genes), size=keep, replace=False))
             genes, bins = genes[idx], bins[idx]
         return genes, bins
@@ -128,12 +133,14 @@ def tokenize_matrix(
     pad_value: float,
     max_seq_len: int,
     seed: int = 0,
+    cell_offset: int = 0,
     progress: bool = False,
 ) -> ScGPTTokens:
     """Tokenise every cell of ``matrix`` (cells x genes; dense, sparse, backed or dask).
 
     ``vocab_ids[j]`` is the vocabulary id of column ``j``, or -1 for a gene the vocabulary lacks.
-    Memory beyond the tokens themselves is bounded by one chunk of rows.
+    Memory beyond the tokens themselves is bounded by one chunk of rows. ``cell_offset`` is the
+    position of ``matrix``'s first row in the whole dataset (see :class:`ScGPTTokens`).
     """
     from tqdm.auto import tqdm
 
@@ -159,7 +166,9 @@ def tokenize_matrix(
             cell = start + r
             values = block.data[lo:hi]
             gene_chunks.append(block_ids[block.indices[lo:hi]])
-            bin_chunks.append(bin_values(values, n_bins, (seed, cell)).astype(np.uint8))
+            bin_chunks.append(
+                bin_values(values, n_bins, (seed, cell_offset + cell)).astype(np.uint8)
+            )
             counts[cell] = hi - lo
         bar.update(block.shape[0])
     bar.close()
@@ -174,6 +183,7 @@ def tokenize_matrix(
         pad_value=float(pad_value),
         max_seq_len=int(max_seq_len),
         seed=seed,
+        cell_offset=cell_offset,
     )
 
 

@@ -19,6 +19,7 @@ def embed(
     device: str = "auto",
     precision: str = "auto",
     random_state: int = 0,
+    chunk_size: int | None = None,
     progress: bool = True,
     key_added: str = "scgpt",
     copy: bool = False,
@@ -51,6 +52,12 @@ def embed(
         recorded in ``uns[key_added]["params"]["precision_used"]``.
     random_state
         Seeds tie-breaking in binning and gene subsampling above ``max_seq_len``.
+    chunk_size
+        Cells read, tokenised and embedded at a time. ``None``: all at once for an in-memory
+        AnnData, 50,000 for a backed one (``sc.read_h5ad(path, backed="r")``), so memory stays
+        bounded by the chunk, not the dataset. Results do not depend on it. Under a
+        ``torch.distributed`` launch (``torchrun --nproc-per-node=N``), each process embeds a
+        share of every chunk and all processes receive the results in cell order.
     progress
         Show a progress bar.
     key_added
@@ -73,21 +80,27 @@ def embed(
     """
     from scdlkit.foundation import load_scgpt_model, resolve_checkpoint
     from scdlkit.foundation._device import resolve_device, resolve_precision
-    from scdlkit.foundation._embed import encode_cells, l2_normalise
-    from scdlkit.foundation._genes import tokenize_adata
+    from scdlkit.foundation._embed import l2_normalise
+    from scdlkit.foundation._genes import check_gene_overlap, match_genes
+    from scdlkit.foundation._stream import encode_adata
 
     ckpt = resolve_checkpoint(checkpoint)
-    tokens, match = tokenize_adata(
-        adata, ckpt, gene_key=gene_key, layer=layer, seed=random_state, progress=progress
-    )
+    # gene identifiers are checked before the weights are read
+    check_gene_overlap(match_genes(adata, ckpt, gene_key), gene_key=gene_key)
     torch_device = resolve_device(device)
+    precision_used = resolve_precision(precision, torch_device)
     model = load_scgpt_model(ckpt, device=torch_device)
-    raw = encode_cells(
-        tokens,
+    raw, match = encode_adata(
+        adata,
+        ckpt,
         lambda b: model.cls_embedding(b["gene_ids"], b["values"], b["padding_mask"]),
         device=torch_device,
+        gene_key=gene_key,
+        layer=layer,
         batch_size=batch_size,
         precision=precision,
+        seed=random_state,
+        chunk_size=chunk_size,
         progress=progress,
     )
     if copy:
@@ -102,7 +115,7 @@ def embed(
             "batch_size": batch_size,
             "device": str(torch_device),
             "precision": precision,
-            "precision_used": resolve_precision(precision, torch_device),
+            "precision_used": precision_used,
             "random_state": random_state,
         },
         "n_genes_matched": match.n_matched,
