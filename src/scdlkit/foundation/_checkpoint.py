@@ -162,8 +162,8 @@ def _missing_message(checkpoint: str, folder: Path) -> str:
             f"scGPT checkpoint {checkpoint!r} not found in {folder}. scdlkit never downloads "
             f"weights itself: get the folder from {OFFICIAL_CHECKPOINTS[checkpoint]} (the official "
             f"scGPT release) and put its files {', '.join(CHECKPOINT_FILES)} in {folder}, set "
-            f"{CACHE_ENV_VAR} to a folder holding 'scgpt/{checkpoint}/', or pass checkpoint=<path to "
-            "the folder>."
+            f"{CACHE_ENV_VAR} to a folder holding 'scgpt/{checkpoint}/', or pass checkpoint=<path "
+            "to the folder>."
         )
     return (
         f"checkpoint={checkpoint!r} is neither a folder holding {', '.join(CHECKPOINT_FILES)} nor "
