@@ -62,6 +62,40 @@ def test_stored_notebook_has_outputs_and_stays_small():
         assert private not in text, private
 
 
+def test_missing_checkpoint_falls_back_loudly(tmp_path, monkeypatch, capsys):
+    """The checkpoint cell, run alone: no checkpoint -> a random one and a loud warning."""
+    nbformat = pytest.importorskip("nbformat")
+    import anndata as ad
+    import numpy as np
+
+    from scdlkit.demo import write_random_checkpoint
+    from scdlkit.foundation import resolve_checkpoint
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cell = _cell_with(nb, "write_random_checkpoint(")
+    pbmc = ad.AnnData(np.zeros((2, 3), np.float32))
+    pbmc.var_names = ["CD3E", "MS4A1", "LYZ"]
+    pbmc.raw = pbmc
+    namespace = {
+        "CHECKPOINT": str(tmp_path / "no-such-checkpoint"),
+        "EPOCHS": None,
+        "OUTPUT_DIR": "out",
+        "Path": Path,
+        "pbmc": pbmc,
+        "resolve_checkpoint": resolve_checkpoint,
+        "write_random_checkpoint": write_random_checkpoint,
+    }
+    monkeypatch.chdir(tmp_path)
+    exec(compile(cell.source, "checkpoint-cell", "exec"), namespace)
+    stdout = capsys.readouterr().out
+    assert "RANDOMLY INITIALISED" in stdout
+    assert "NOTHING biologically" in stdout
+    assert resolve_checkpoint(namespace["checkpoint"]).path == (
+        tmp_path / "out" / "random_checkpoint"
+    )
+    assert namespace["EPOCHS"] == 3
+
+
 @pytest.mark.slow
 def test_notebook_runs(tmp_path, checkpoint_dir, monkeypatch):
     nbformat = pytest.importorskip("nbformat")

@@ -310,6 +310,7 @@ ERRORS = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:Variable names are not unique:UserWarning")
 @pytest.mark.parametrize(
     ("make", "kwargs", "error", "match"),
     [case[1:] for case in ERRORS],

@@ -561,6 +561,7 @@ class TaskRunner:
         for name in SPLIT_NAMES:
             split_labels[splits[name]] = name
 
+        self._fitted = False  # a refit that fails half-way must not look fitted
         self.genes_ = [str(g) for g in genes]
         self.label_categories_ = list(categories)
         self.mean_, self.scale_ = _gene_statistics(matrix[splits["train"]])
@@ -930,11 +931,13 @@ class TaskRunner:
                 msg = f"{file}: the weights lack features.{name} of shape ({n_genes},)."
                 raise ValueError(msg)
             stats[name] = tensor.numpy().astype(np.float32)
-        if not (np.isfinite(stats["scale"]).all() and (stats["scale"] > 0).all()):
-            msg = f"{file}: features.scale must be finite and positive."
+        finite = np.isfinite(stats["mean"]).all() and np.isfinite(stats["scale"]).all()
+        if not (finite and (stats["scale"] > 0).all()):
+            msg = f"{file}: features.mean/scale must be finite and the scale positive."
             raise ValueError(msg)
         runner.mean_, runner.scale_ = stats["mean"], stats["scale"]
-        model = build_model(runner.model, runner._model_config())
+        with torch.random.fork_rng(devices=[]):  # the random init is overwritten below
+            model = build_model(runner.model, runner._model_config())
         state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         extra = sorted(k for k in tensors if not k.startswith("model."))
         try:

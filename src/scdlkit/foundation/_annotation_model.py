@@ -300,8 +300,9 @@ class ScGPTAnnotationModel(nn.Module):
 
         Returns
         -------
-        ``{"logits": (batch, num_classes), "latent": (batch, d_model)}``; ``latent`` is the
-        ``<cls>`` output before dropout.
+        dict
+            ``{"logits": (batch, num_classes), "latent": (batch, d_model)}``; ``latent`` is the
+            ``<cls>`` output before dropout.
 
         Examples
         --------
@@ -351,7 +352,8 @@ class ScGPTAnnotationModel(nn.Module):
 
         Returns
         -------
-        ``{name: tensor}`` with names as in ``state_dict()``.
+        dict
+            ``{name: tensor}`` with names as in ``state_dict()``.
 
         Examples
         --------
@@ -411,8 +413,9 @@ class ScGPTAnnotationModel(nn.Module):
 
         Returns
         -------
-        ``num_classes``, ``tuning_strategy``, ``strategy_config`` (a dict or ``None``),
-        ``label_categories``, ``classifier_dropout``.
+        dict
+            ``num_classes``, ``tuning_strategy``, ``strategy_config`` (a dict or ``None``),
+            ``label_categories``, ``classifier_dropout``.
 
         Examples
         --------

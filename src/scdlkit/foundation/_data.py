@@ -177,7 +177,8 @@ def prepare_scgpt_data(
 
     Returns
     -------
-    :class:`ScGPTPreparedData`
+    ScGPTPreparedData
+        :class:`ScGPTPreparedData`
 
     Raises
     ------
@@ -416,7 +417,8 @@ def split_scgpt_data(
 
     Returns
     -------
-    :class:`ScGPTSplitData`
+    ScGPTSplitData
+        :class:`ScGPTSplitData`
 
     Examples
     --------

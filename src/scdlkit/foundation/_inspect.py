@@ -159,7 +159,8 @@ def inspect_annotation_data(
 
     Returns
     -------
-    :class:`ScGPTAnnotationDataReport`
+    ScGPTAnnotationDataReport
+        :class:`ScGPTAnnotationDataReport`
 
     Raises
     ------

@@ -682,8 +682,9 @@ class ScGPTAnnotationRunner:
 
         Returns
         -------
-        ``label_codes`` (int, -1 for ``"Unknown"``), ``labels`` (str), ``probabilities``
-        ``(n_cells, n_classes)``, ``latent`` (the best model's cell representation).
+        dict
+            ``label_codes`` (int, -1 for ``"Unknown"``), ``labels`` (str), ``probabilities``
+            ``(n_cells, n_classes)``, ``latent`` (the best model's cell representation).
         """
         self._require_fitted("predict")
         gene_key = self.gene_key if gene_key is None else gene_key
@@ -832,7 +833,8 @@ def adapt_scgpt_annotation(
 
     Returns
     -------
-    The fitted :class:`ScGPTAnnotationRunner`.
+    ScGPTAnnotationRunner
+        The fitted :class:`ScGPTAnnotationRunner`.
 
     Examples
     --------

@@ -4,5 +4,6 @@ from scdlkit.tl._adapt_annotation import adapt_annotation
 from scdlkit.tl._annotate import annotate
 from scdlkit.tl._embed import embed
 from scdlkit.tl._inspect import inspect
+from scdlkit.tl._train_baseline import train_baseline
 
-__all__ = ["adapt_annotation", "annotate", "embed", "inspect"]
+__all__ = ["adapt_annotation", "annotate", "embed", "inspect", "train_baseline"]

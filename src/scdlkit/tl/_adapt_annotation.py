@@ -72,16 +72,17 @@ def adapt_annotation(
 
     Returns
     -------
-    ``None``, or the annotated copy when ``copy=True``. Writes:
+    AnnData or None
+        ``None``, or the annotated copy when ``copy=True``. Writes:
 
-    - ``obs[key_added]``: predicted labels (categorical);
-    - ``obs[f"{key_added}_confidence"]``: probability of the predicted label;
-    - ``obs[f"{key_added}_split"]``: ``train``/``val``/``test``/``unlabelled``;
-    - ``obsm[f"X_{key_added}"]``: the best model's cell representation;
-    - ``uns[key_added]``: ``params``, ``best_strategy``, ``strategy_metrics`` (DataFrame),
-      ``label_categories``, ``history``, ``runner_dir``, ``split``, ``versions``, and with
-      ``batch_key`` ``batch_metrics`` (DataFrame: strategy, batch, n_cells, accuracy, macro_f1
-      for each test batch).
+        - ``obs[key_added]``: predicted labels (categorical);
+        - ``obs[f"{key_added}_confidence"]``: probability of the predicted label;
+        - ``obs[f"{key_added}_split"]``: ``train``/``val``/``test``/``unlabelled``;
+        - ``obsm[f"X_{key_added}"]``: the best model's cell representation;
+        - ``uns[key_added]``: ``params``, ``best_strategy``, ``strategy_metrics`` (DataFrame),
+          ``label_categories``, ``history``, ``runner_dir``, ``split``, ``versions``, and with
+          ``batch_key`` ``batch_metrics`` (DataFrame: strategy, batch, n_cells, accuracy, macro_f1
+          for each test batch).
 
     Examples
     --------

@@ -44,10 +44,11 @@ def annotate(
 
     Returns
     -------
-    ``None``, or the annotated copy when ``copy=True``. Writes ``obs[key_added]``,
-    ``obs[f"{key_added}_confidence"]``, ``obs[f"{key_added}_split"]`` (``"query"``),
-    ``obsm[f"X_{key_added}"]`` and ``uns[key_added]`` (``best_strategy``, ``label_categories``,
-    ``runner_dir``, ``params``, ``versions``).
+    AnnData or None
+        ``None``, or the annotated copy when ``copy=True``. Writes ``obs[key_added]``,
+        ``obs[f"{key_added}_confidence"]``, ``obs[f"{key_added}_split"]`` (``"query"``),
+        ``obsm[f"X_{key_added}"]`` and ``uns[key_added]`` (``best_strategy``, ``label_categories``,
+        ``runner_dir``, ``params``, ``versions``).
 
     Examples
     --------

@@ -67,11 +67,12 @@ def embed(
 
     Returns
     -------
-    ``None``, or the annotated copy when ``copy=True``. Writes:
+    AnnData or None
+        ``None``, or the annotated copy when ``copy=True``. Writes:
 
-    - ``obsm[f"X_{key_added}"]``: float32 ``(n_cells, d_model)``, unit-length rows;
-    - ``uns[key_added]["params"]``: the arguments and the checkpoint used;
-    - ``uns[key_added]["n_genes_matched"]``, ``uns[key_added]["versions"]``.
+        - ``obsm[f"X_{key_added}"]``: float32 ``(n_cells, d_model)``, unit-length rows;
+        - ``uns[key_added]["params"]``: the arguments and the checkpoint used;
+        - ``uns[key_added]["n_genes_matched"]``, ``uns[key_added]["versions"]``.
 
     Examples
     --------

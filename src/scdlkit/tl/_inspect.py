@@ -45,9 +45,10 @@ def inspect(
 
     Returns
     -------
-    ``None``, or the copy when ``copy=True``. ``adata.uns[key_added]`` holds the report of
-    :func:`scdlkit.inspect_annotation_data` as a plain dict (``ok``, ``problems``, ``warnings``,
-    ``n_genes_matched``, ``label_categories``, ``label_counts``, ...).
+    AnnData or None
+        ``None``, or the copy when ``copy=True``. ``adata.uns[key_added]`` holds the report of
+        :func:`scdlkit.inspect_annotation_data` as a plain dict (``ok``, ``problems``, ``warnings``,
+        ``n_genes_matched``, ``label_categories``, ``label_counts``, ...).
 
     Examples
     --------
