@@ -142,6 +142,9 @@ def test_save_load_predicts_identically(strategy, small_ref, checkpoint_dir, tmp
     np.testing.assert_array_equal(after["probabilities"], before["probabilities"])
     np.testing.assert_array_equal(after["latent"], before["latent"])
     pd.testing.assert_frame_equal(loaded.strategy_metrics_, runner.strategy_metrics_)
+    loaded.save(tmp_path / "again")  # a loaded runner saves again and still predicts the same
+    again = ScGPTAnnotationRunner.load(tmp_path / "again", device="cpu").predict(small_ref)
+    np.testing.assert_array_equal(again["probabilities"], before["probabilities"])
 
 
 class _Payload:

@@ -153,6 +153,30 @@ class ClsDecoder(nn.Module):
         return self.out_layer(x)
 
 
+class FeatureStandardiser(nn.Module):
+    """Fixed per-dimension shift and scale of the ``<cls>`` vector before the head.
+
+    Identity unless :meth:`fit` is called. The frozen ``head`` strategy fits it on the training
+    cells' features: frozen ``<cls>`` outputs share a large common component, and the small
+    cell-to-cell differences the head must read are otherwise hard to learn from.
+    """
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(d_model))
+        self.register_buffer("scale", torch.ones(d_model))
+
+    def fit(self, features: torch.Tensor) -> FeatureStandardiser:
+        """Set shift and scale to the mean and standard deviation of ``features`` (cells x d)."""
+        features = torch.as_tensor(features, dtype=self.shift.dtype)
+        self.shift.copy_(features.mean(0))
+        self.scale.copy_(features.std(0).clamp_min(1e-6))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.shift) / self.scale
+
+
 class ScGPTAnnotationModel(nn.Module):
     """scGPT encoder and a classifier head on its ``<cls>`` output, adapted by one strategy.
 
@@ -228,6 +252,7 @@ class ScGPTAnnotationModel(nn.Module):
         # the head is drawn first, so one seed gives every strategy the same initial head
         weight = encoder.encoder.embedding.weight
         self.dropout = nn.Dropout(self.classifier_dropout)
+        self.feature_norm = FeatureStandardiser(encoder.d_model).to(device=weight.device)
         self.cls_decoder = ClsDecoder(encoder.d_model, num_classes, n_layers_cls).to(
             device=weight.device, dtype=weight.dtype
         )
@@ -309,7 +334,7 @@ class ScGPTAnnotationModel(nn.Module):
         >>> model(batch)["logits"].argmax(-1)  # doctest: +SKIP
         """
         latent = batch["features"] if "features" in batch else self.encode(batch)
-        logits = self.cls_decoder(self.dropout(latent))
+        logits = self.cls_decoder(self.dropout(self.feature_norm(latent)))
         return {"logits": logits, "latent": latent}
 
     # ------------------------------------------------------------------ parameters and state
@@ -329,7 +354,7 @@ class ScGPTAnnotationModel(nn.Module):
 
     def _adaptation_keys(self) -> list[str]:
         state_keys = list(self.state_dict().keys())
-        head = [k for k in state_keys if k.startswith("cls_decoder.")]
+        head = [k for k in state_keys if k.startswith(("cls_decoder.", "feature_norm."))]
         if self.tuning_strategy == "full_finetune":
             return state_keys
         if self.tuning_strategy == "head":

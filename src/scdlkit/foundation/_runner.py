@@ -532,6 +532,7 @@ class ScGPTAnnotationRunner:
             **settings,
         )
         if strategy == "head":
+            model.feature_norm.fit(torch.as_tensor(self._features[self._labels("train")[0]]))
             datasets = {
                 name: FeatureDataset(self._features[cells], labels)
                 for name in ("train", "val", "test")
@@ -626,7 +627,7 @@ class ScGPTAnnotationRunner:
                 probabilities = _probe_proba(best.model, features, n_classes)
             else:
                 with torch.inference_mode():
-                    logits = best.model.cls_decoder(torch.as_tensor(features)).numpy()
+                    logits = best.model({"features": torch.as_tensor(features)})["logits"].numpy()
                 probabilities = softmax(logits)
             latent = features
         else:

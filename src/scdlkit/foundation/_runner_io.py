@@ -95,16 +95,18 @@ def save_runner(runner: Any, path: Path) -> Path:
     weights_name = f"weights-{digest[:16]}.safetensors"
     _readable(tmp_weights)
     os.replace(tmp_weights, path / weights_name)
-    ckpt: ScGPTCheckpoint = runner.checkpoint_
+    ckpt: ScGPTCheckpoint | None = runner.checkpoint_
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "kind": "scdlkit.ScGPTAnnotationRunner",
         "versions": package_versions(),
-        "checkpoint": {
-            "name": ckpt.name,
-            "path": str(ckpt.path),
-            "sha256": ckpt.weights_sha256 if best.strategy != "baseline" else "",
-            "args": ckpt.args.to_dict(),
+        "checkpoint": {  # a loaded baseline runner has no checkpoint: it never needed one
+            "name": ckpt.name if ckpt is not None else str(runner.checkpoint),
+            "path": str(ckpt.path) if ckpt is not None else "",
+            "sha256": ckpt.weights_sha256
+            if ckpt is not None and best.strategy != "baseline"
+            else "",
+            "args": ckpt.args.to_dict() if ckpt is not None else {},
         },
         "params": runner.params(),
         "matched_genes": list(getattr(runner, "matched_genes_", [])),
