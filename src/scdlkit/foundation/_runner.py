@@ -446,7 +446,7 @@ class ScGPTAnnotationRunner:
 
         out: dict[str, Any] = {}
         test_proba = None
-        for split, prefix in (("train", "train"), ("val", "validation"), ("test", "test")):
+        for split, prefix in (("val", "validation"), ("test", "test")):
             cells, labels = self._labels(split)
             if len(cells) == 0:
                 out.update({f"{prefix}_{m}": None for m in METRIC_NAMES})
