@@ -292,13 +292,44 @@ class ScGPTAnnotationRunner:
         }
 
     def training_settings(self, strategy: str) -> dict[str, Any]:
-        """The resolved training settings of one neural strategy."""
+        """The resolved training settings of one neural strategy.
+
+        Parameters
+        ----------
+        strategy
+            One of the trained strategies (``head``, ``full_finetune``, ``lora``, ...).
+
+        Returns
+        -------
+        dict
+            Defaults, overridden by ``training=`` and the shortcut arguments.
+
+        Examples
+        --------
+        >>> sck.AnnotationRunner(label_key="cell_type", lr=1e-3).training_settings("lora")["lr"]
+        0.001
+        """
         return resolve_training(strategy, self.training, self.shortcuts)
 
     # ---------------------------------------------------------------------------- lifecycle
 
     def inspect(self, adata: Any) -> ScGPTAnnotationDataReport:
-        """Preflight the data (no weights read); also stored as ``report_``."""
+        """Preflight the data (no weights read); also stored as ``report_``.
+
+        Parameters
+        ----------
+        adata
+            The reference AnnData.
+
+        Returns
+        -------
+        ScGPTAnnotationDataReport
+            See :func:`~scdlkit.foundation.inspect_annotation_data`.
+
+        Examples
+        --------
+        >>> runner.inspect(adata).ok  # doctest: +SKIP
+        """
         self.report_ = inspect_annotation_data(
             adata,
             label_key=self.label_key,
@@ -723,8 +754,26 @@ class ScGPTAnnotationRunner:
     ) -> Any:
         """Write predicted labels, confidence and the latent into ``adata`` (in place).
 
-        Writes ``obs[obs_key]`` (categorical), ``obs[f"{obs_key}_confidence"]`` and
-        ``obsm[embedding_key]``. Returns ``adata``.
+        Parameters
+        ----------
+        adata
+            Cells to label (any AnnData with gene symbols).
+        obs_key
+            Writes ``obs[obs_key]`` (categorical) and ``obs[f"{obs_key}_confidence"]``.
+        embedding_key
+            Writes ``obsm[embedding_key]`` (the best model's cell representation).
+        predictions
+            Output of :meth:`predict` for ``adata``, to avoid predicting twice.
+
+        Returns
+        -------
+        AnnData
+            ``adata`` itself.
+
+        Examples
+        --------
+        >>> runner.annotate_adata(query)  # doctest: +SKIP
+        >>> query.obs["scgpt_label"].value_counts()  # doctest: +SKIP
         """
         self._require_fitted("annotate_adata")
         predictions = self.predict(adata) if predictions is None else predictions
@@ -739,10 +788,25 @@ class ScGPTAnnotationRunner:
     # ------------------------------------------------------------------------ persistence
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Save atomically: ``manifest.json`` plus ``weights.safetensors`` (no pickle).
+        """Save atomically: ``manifest.json`` plus ``weights-<hash>.safetensors`` (no pickle).
 
         Only what the base checkpoint does not hold is written (head, PEFT parameters, probe
-        coefficients; the whole encoder only for ``full_finetune``).
+        coefficients; the whole encoder only for ``full_finetune``). An interrupted save leaves
+        the previous one in ``path`` intact.
+
+        Parameters
+        ----------
+        path
+            Folder to write (created if needed).
+
+        Returns
+        -------
+        Path
+            The folder.
+
+        Examples
+        --------
+        >>> runner.save("runs/pbmc/runner")  # doctest: +SKIP
         """
         from scdlkit.foundation._runner_io import save_runner
 
