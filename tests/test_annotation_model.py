@@ -213,7 +213,8 @@ def test_adaptation_state_round_trip(state, ckpt, batch, strategy):
     model = _build(state, ckpt, strategy, seed=0)
     _perturb(model, [n for n, p in model.named_parameters() if p.requires_grad])
     saved = {k: v.clone() for k, v in model.adaptation_state_dict().items()}
-    head_keys = {k for k in saved if k.startswith("cls_decoder.")}
+    head_keys = {k for k in saved if k.startswith(("cls_decoder.", "feature_norm."))}
+    assert {"feature_norm.shift", "feature_norm.scale"} <= set(saved)
     if strategy == "head":
         assert set(saved) == head_keys
     elif strategy == "full_finetune":
@@ -396,3 +397,14 @@ def test_a_few_adam_steps_reduce_the_loss(state, ckpt, pbmc_batch, strategy):
     current = dict(model.named_parameters())
     for name, before in own.items():  # the strategy's own parameters learned too
         assert not torch.equal(current[name], before), name
+
+
+def test_feature_standardiser_is_identity_until_fitted(state, ckpt, batch):
+    model = _build(state, ckpt, "head", seed=0).eval()
+    features = model.encode(batch)
+    before = model({"features": features})["logits"]
+    torch.testing.assert_close(model.feature_norm(features), features)
+    model.feature_norm.fit(features)
+    standardised = model.feature_norm(features)
+    assert standardised.mean(0).abs().max() < 1e-3
+    assert not torch.allclose(model({"features": features})["logits"], before)
