@@ -275,11 +275,11 @@ def test_sharded_embedding_over_two_processes(fixture_adata, checkpoint_dir, tmp
     import sys
     from pathlib import Path
 
-    script = Path(__file__).parent / "_shard_embed_script.py"
+    script = Path(__file__).parent / "_shard_script.py"
     data = tmp_path / "cells.h5ad"
     fixture_adata.write_h5ad(data)
     subprocess.run(
-        [sys.executable, str(script), str(checkpoint_dir), str(data), str(tmp_path)],
+        [sys.executable, str(script), "embed", str(checkpoint_dir), str(data), str(tmp_path)],
         check=True,
         timeout=300,
     )

@@ -339,3 +339,32 @@ def test_top_level_aliases():
     assert sck.adapt_annotation is foundation.adapt_scgpt_annotation
     assert sck.inspect_annotation_data is foundation.inspect_annotation_data
     assert foundation.ScGPTLoRAConfig is foundation.LoRAConfig
+
+
+def test_backed_query_predicts_like_in_memory(saved_lora, small_ref, tmp_path):
+    runner, _ = saved_lora
+    expected = runner.predict(small_ref)
+    small_ref.write_h5ad(tmp_path / "query.h5ad")
+    backed = ad.read_h5ad(tmp_path / "query.h5ad", backed="r")
+    got = runner.predict(backed, chunk_size=45)
+    backed.file.close()
+    np.testing.assert_array_equal(got["labels"], expected["labels"])
+    np.testing.assert_allclose(
+        got["probabilities"], expected["probabilities"], rtol=1e-5, atol=1e-7
+    )
+
+
+def test_sharded_prediction_over_two_processes(saved_lora, small_ref, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, runner_dir = saved_lora
+    single = ScGPTAnnotationRunner.load(runner_dir, device="cpu").predict(small_ref)
+    small_ref.write_h5ad(tmp_path / "query.h5ad")
+    script = Path(__file__).parent / "_shard_script.py"
+    command = [sys.executable, str(script), "predict", str(runner_dir)]
+    subprocess.run([*command, str(tmp_path / "query.h5ad"), str(tmp_path)], check=True, timeout=300)
+    for rank in (0, 1):
+        got = np.load(tmp_path / f"rank{rank}.npy")
+        np.testing.assert_allclose(got, single["probabilities"], rtol=1e-5, atol=1e-7)

@@ -34,6 +34,8 @@ __all__ = [
 logger = logging.getLogger("scdlkit")
 
 SPLIT_NAMES = ("train", "val", "test")
+#: Genes of the data that must be in the vocabulary (scGPT sees only those).
+MIN_GENE_OVERLAP = 100
 #: A class needs this many labelled cells to appear in train, validation and test.
 MIN_CELLS_TO_STRATIFY = 3
 
@@ -139,7 +141,7 @@ def prepare_scgpt_data(
     gene_key: str | None = None,
     layer: str | None = None,
     batch_size: int = 64,
-    min_gene_overlap: int | float = 100,
+    min_gene_overlap: int | float = MIN_GENE_OVERLAP,
     label_categories: list[str] | None = None,
     batch_key: str | None = None,
     random_state: int = 42,

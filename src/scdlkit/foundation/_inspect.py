@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
-from scdlkit.foundation._data import MIN_CELLS_TO_STRATIFY
+from scdlkit.foundation._data import MIN_CELLS_TO_STRATIFY, MIN_GENE_OVERLAP
 from scdlkit.foundation._genes import match_genes
 from scdlkit.foundation._labels import encode_labels, read_batch_column, read_label_column
 from scdlkit.foundation._validation import (
@@ -128,7 +128,7 @@ def inspect_annotation_data(
     checkpoint: str | os.PathLike | ScGPTCheckpoint = "whole-human",
     gene_key: str | None = None,
     layer: str | None = None,
-    min_gene_overlap: int | float = 100,
+    min_gene_overlap: int | float = MIN_GENE_OVERLAP,
     batch_key: str | None = None,
 ) -> ScGPTAnnotationDataReport:
     """Check whether an AnnData fits scGPT before any training.

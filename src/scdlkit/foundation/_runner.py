@@ -15,7 +15,12 @@ import pandas as pd
 import torch
 
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
-from scdlkit.foundation._data import ScGPTPreparedData, prepare_scgpt_data, split_scgpt_data
+from scdlkit.foundation._data import (
+    MIN_GENE_OVERLAP,
+    ScGPTPreparedData,
+    prepare_scgpt_data,
+    split_scgpt_data,
+)
 from scdlkit.foundation._device import resolve_device, resolve_precision
 from scdlkit.foundation._embed import encode_cells
 from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
@@ -634,26 +639,39 @@ class ScGPTAnnotationRunner:
 
     # ----------------------------------------------------------------------------- predict
 
-    def _predict_prepared(self, prepared: ScGPTPreparedData, adata: Any) -> dict[str, np.ndarray]:
-        """Probabilities and latent of the best strategy for tokenised cells."""
+    def _predict_with(
+        self,
+        encode: Any,
+        adata: Any,
+        *,
+        gene_key: str | None,
+        layer: str | None,
+        features: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Probabilities and latent of the best strategy.
+
+        ``encode(forward, desc)`` runs a batch function over every cell (tokens already in
+        memory, or streamed from ``adata``); ``features`` are precomputed ``<cls>`` outputs.
+        """
         best = self._best
         n_classes = len(self.label_categories_)
         if best.strategy == "baseline":
             from scdlkit.baselines._expression import log_normalised_matrix
             from scdlkit.foundation._validation import gene_names
 
-            matrix = log_normalised_matrix(adata, self.layer)
-            genes = gene_names(adata, self.gene_key)
+            matrix = log_normalised_matrix(adata, layer)
+            genes = gene_names(adata, gene_key)
             probabilities = _full_proba(
                 best.model.predict_proba(matrix, genes), best.model, n_classes
             )
             latent = best.model.latent(matrix, genes)
         elif best.strategy in FEATURE_STRATEGIES:
-            features = (
-                self._features
-                if prepared is getattr(self, "prepared_", None) and self._features is not None
-                else self._encode_base(prepared)
-            )
+            if features is None:
+                encoder = self._base_encoder
+                features = encode(
+                    lambda b: encoder.cls_embedding(b["gene_ids"], b["values"], b["padding_mask"]),
+                    "<cls> features",
+                )
             if best.strategy == "frozen_probe":
                 probabilities = _probe_proba(best.model, features, n_classes)
             else:
@@ -663,25 +681,34 @@ class ScGPTAnnotationRunner:
             latent = features
         else:
             model = best.model.to(self._torch_device).eval()
-            width = n_classes
 
             def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
                 out = model(batch)
                 return torch.cat([out["logits"].float(), out["latent"].float()], dim=1)
 
-            joined = encode_cells(
+            joined = encode(forward, "predicting")
+            model.to("cpu")
+            probabilities = softmax(joined[:, :n_classes])
+            latent = joined[:, n_classes:]
+        return self._finish(probabilities, latent)
+
+    def _predict_prepared(self, prepared: ScGPTPreparedData, adata: Any) -> dict[str, np.ndarray]:
+        """Predictions for the reference cells, reusing their tokens and frozen features."""
+
+        def encode(forward: Any, desc: str) -> np.ndarray:
+            return encode_cells(
                 prepared.tokens,
                 forward,
                 device=self._torch_device,
                 batch_size=self.batch_size,
                 precision=self.precision,
                 progress=self.progress,
-                desc="predicting",
+                desc=desc,
             )
-            model.to("cpu")
-            probabilities = softmax(joined[:, :width])
-            latent = joined[:, width:]
-        return self._finish(probabilities, latent)
+
+        return self._predict_with(
+            encode, adata, gene_key=self.gene_key, layer=self.layer, features=self._features
+        )
 
     def _finish(self, probabilities: np.ndarray, latent: np.ndarray) -> dict[str, np.ndarray]:
         codes = probabilities.argmax(axis=1).astype(np.int64)
@@ -701,7 +728,12 @@ class ScGPTAnnotationRunner:
         }
 
     def predict(
-        self, adata: Any, *, gene_key: str | None = None, layer: str | None = None
+        self,
+        adata: Any,
+        *,
+        gene_key: str | None = None,
+        layer: str | None = None,
+        chunk_size: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Label cells with the best strategy.
 
@@ -711,6 +743,11 @@ class ScGPTAnnotationRunner:
             Cells with gene symbols (any genes; those in the vocabulary are used). Not modified.
         gene_key, layer
             Override where the query's gene symbols and values are (default: as in ``fit``).
+        chunk_size
+            Cells read, tokenised and predicted at a time (default: all of an in-memory AnnData,
+            50,000 of a backed one), so memory is bounded by the chunk. Under a
+            ``torch.distributed`` launch each process predicts a share of every chunk and all
+            receive the results in cell order.
 
         Returns
         -------
@@ -719,25 +756,29 @@ class ScGPTAnnotationRunner:
             ``(n_cells, n_classes)``, ``latent`` (the best model's cell representation).
         """
         self._require_fitted("predict")
+        from scdlkit.foundation._stream import encode_adata
+
         gene_key = self.gene_key if gene_key is None else gene_key
         layer = self.layer if layer is None else layer
-        if self._best.strategy == "baseline":
-            prepared = None
-        else:
-            prepared = prepare_scgpt_data(
+
+        def encode(forward: Any, desc: str) -> np.ndarray:
+            return encode_adata(
                 adata,
-                checkpoint=self.checkpoint_,
+                self.checkpoint_,
+                forward,
+                device=self._torch_device,
                 gene_key=gene_key,
                 layer=layer,
-                random_state=self.random_state,
+                batch_size=self.batch_size,
+                precision=self.precision,
+                seed=self.random_state,
+                chunk_size=chunk_size,
+                min_gene_overlap=MIN_GENE_OVERLAP,
                 progress=self.progress,
-            )
-        saved = (self.gene_key, self.layer)
-        self.gene_key, self.layer = gene_key, layer
-        try:
-            return self._predict_prepared(prepared, adata)
-        finally:
-            self.gene_key, self.layer = saved
+                desc=desc,
+            )[0]
+
+        return self._predict_with(encode, adata, gene_key=gene_key, layer=layer)
 
     def reference_predictions(self) -> dict[str, np.ndarray]:
         """Predictions for the cells ``fit`` saw (computed once, features reused)."""
