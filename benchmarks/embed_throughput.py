@@ -6,7 +6,7 @@ a few hundred to two thousand). Both include reading the checkpoint and tokenisi
 is end to end:
 
 - ``sck.tl.embed``: the package as a user calls it (length-grouped batches, default precision:
-  bf16 autocast on CUDA, fp32 on CPU);
+  bf16 autocast where the hardware has native bf16 (CUDA, AMX/AVX512-BF16 CPUs), else fp32);
 - "upstream way", as in upstream ``embed_data``: the same tokens, cells in input order, consecutive
   batches of ``--batch-size`` padded to the batch's longest cell, fp32, no length grouping.
 
@@ -39,7 +39,7 @@ import torch
 
 import scdlkit as sck
 from scdlkit.foundation import load_scgpt_model, resolve_checkpoint, tokenize_adata
-from scdlkit.foundation._device import resolve_device
+from scdlkit.foundation._device import resolve_device, resolve_precision
 from scdlkit.foundation._embed import encode_cells, l2_normalise
 from scdlkit.foundation._tokenize import collate_tokens
 
@@ -341,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             "token bytes / non-zero": f"{tokens.nbytes / max(len(tokens.gene_ids), 1):.2f}",
         }
         out = [markdown_table(COLUMNS, [row])]
-        ours_precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+        ours_precision = resolve_precision("auto", device)
         out.append(
             f"\nMedian of {args.repeats} repeat(s), end to end (checkpoint read + tokenise + "
             f"encode), batch size {args.batch_size}. sck.tl.embed: length-grouped batches, "

@@ -13,27 +13,36 @@ from scdlkit.foundation._tokenize import ScGPTTokens, collate_tokens
 __all__ = ["encode_cells", "inference_batches", "l2_normalise"]
 
 #: A batch holds cells at least this fraction of its longest cell's length, so padding (and the
-#: attention spent on it) stays within a few percent whatever the dataset's size.
+#: attention spent on it) stays within a few percent whatever the dataset's size...
 LENGTH_SLACK = 0.9
+#: ...unless that would leave it under this many (padded) tokens: tiny matrix products waste
+#: more time on CPU threads than a little padding does.
+MIN_BATCH_TOKENS = 4096
 
 
 def inference_batches(
-    lengths: np.ndarray, batch_size: int, *, slack: float = LENGTH_SLACK
+    lengths: np.ndarray,
+    batch_size: int,
+    *,
+    slack: float = LENGTH_SLACK,
+    min_tokens: int = MIN_BATCH_TOKENS,
 ) -> Iterator[np.ndarray]:
     """Positions into ``lengths``, longest first, in batches of similar length.
 
-    A batch takes up to ``batch_size`` cells in decreasing length and stops early at the first
-    cell shorter than ``slack`` times its first (longest) cell. With many cells the batches are
-    full; with few, they are smaller rather than padded to a much longer neighbour.
+    A batch takes up to ``batch_size`` cells in decreasing length; it stops early at the first
+    cell shorter than ``slack`` times its first (longest) cell, once it holds ``min_tokens``
+    tokens with padding. With many cells the batches are full; with few, they are smaller
+    rather than padded to a much longer neighbour.
     """
     lengths = np.asarray(lengths)
     order = np.argsort(-lengths, kind="stable")
     ascending = -lengths[order]  # non-decreasing, for searchsorted
     start, n = 0, len(order)
     while start < n:
-        limit = -np.ceil(slack * -ascending[start])  # shortest length allowed in this batch
-        stop = min(start + batch_size, int(np.searchsorted(ascending, limit, side="right")))
-        stop = max(stop, start + 1)
+        width = int(-ascending[start])
+        similar = int(np.searchsorted(ascending, -np.ceil(slack * width), side="right"))
+        enough = start + -(-min_tokens // max(width, 1))  # cells to reach min_tokens
+        stop = min(start + batch_size, max(similar, enough, start + 1), n)
         yield order[start:stop]
         start = stop
 

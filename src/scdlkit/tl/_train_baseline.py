@@ -71,15 +71,16 @@ def train_baseline(
 
     Returns
     -------
-    ``None``, or the modified copy when ``copy=True``. Writes:
+    AnnData or None
+        ``None``, or the modified copy when ``copy=True``. Writes:
 
-    - ``obsm[f"X_{key_added}"]``: the latent representation (float32);
-    - ``obs[key_added]``: predicted labels (categorical; classification only);
-    - ``obs[f"{key_added}_split"]``: ``train``/``val``/``test``/``unlabelled`` (categorical);
-    - ``uns[key_added]``: ``model``, ``task``, ``params``, ``metrics`` (``{"validation",
-      "test"}`` dicts; undefined values are NaN), ``label_categories``, ``history``
-      (``{model: per-epoch DataFrame}``), ``split``, ``runner_dir`` (``"None"`` unless
-      ``output_dir`` was given) and ``versions``. Every value survives ``write_h5ad``.
+        - ``obsm[f"X_{key_added}"]``: the latent representation (float32);
+        - ``obs[key_added]``: predicted labels (categorical; classification only);
+        - ``obs[f"{key_added}_split"]``: ``train``/``val``/``test``/``unlabelled`` (categorical);
+        - ``uns[key_added]``: ``model``, ``task``, ``params``, ``metrics`` (``{"validation",
+          "test"}`` dicts; undefined values are NaN), ``label_categories``, ``history``
+          (``{model: per-epoch DataFrame}``), ``split``, ``runner_dir`` (``"None"`` unless
+          ``output_dir`` was given) and ``versions``. Every value survives ``write_h5ad``.
 
     Examples
     --------
