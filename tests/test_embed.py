@@ -287,3 +287,13 @@ def test_sharded_embedding_over_two_processes(fixture_adata, checkpoint_dir, tmp
     for rank in (0, 1):
         got = np.load(tmp_path / f"rank{rank}.npy")
         np.testing.assert_allclose(got, single.obsm["X_scgpt"], rtol=1e-5, atol=1e-6)
+
+
+def test_cls_only_last_layer_matches_full_forward(checkpoint_dir, expected):
+    model = load_scgpt_model(checkpoint_dir, device="cpu")
+    ids = torch.as_tensor(expected["gene_ids"]).long()
+    values = torch.as_tensor(expected["values"]).float()
+    with torch.inference_mode():
+        full = model(ids, values)[:, 0]
+        cls = model.cls_embedding(ids, values)
+    torch.testing.assert_close(cls, full, rtol=1e-5, atol=1e-6)

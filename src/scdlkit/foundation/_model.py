@@ -65,10 +65,19 @@ class ScGPTSelfAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
         self.prefix: nn.Module | None = None
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, *, first_only: bool = False
+    ) -> torch.Tensor:
+        """Attention output ``(batch, length, d)``, or ``(batch, 1, d)`` with ``first_only``.
+
+        ``first_only`` computes the output of position 0 (``<cls>``) alone, attending to every
+        key as usual: all the last layer must produce for a cell embedding.
+        """
         batch, length, d_model = x.shape
         qkv = self.Wqkv(x).view(batch, length, 3, self.nhead, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, length, head_dim)
+        if first_only:
+            q, length = q[:, :, :1], 1
         if self.prefix is not None:
             prefix_k, prefix_v = self.prefix(batch)
             k = torch.cat([prefix_k.to(k.dtype), k], dim=2)
@@ -97,8 +106,11 @@ class ScGPTEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.norm1(x + self.dropout1(self.self_attn(x, attn_mask)))
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, *, first_only: bool = False
+    ) -> torch.Tensor:
+        attended = self.self_attn(x, attn_mask, first_only=first_only)
+        x = self.norm1((x[:, :1] if first_only else x) + self.dropout1(attended))
         hidden = self.dropout(F.relu(self.linear1(x)))
         return self.norm2(x + self.dropout2(self.linear2(hidden)))
 
@@ -108,9 +120,13 @@ class TransformerStack(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, attn_mask)
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, *, first_only: bool = False
+    ) -> torch.Tensor:
+        """All positions, or with ``first_only`` position 0 of the last layer alone."""
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, attn_mask, first_only=first_only and i == last)
         return x
 
 
@@ -153,11 +169,14 @@ class ScGPTEncoder(nn.Module):
         gene_ids: torch.Tensor,
         values: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
+        *,
+        first_only: bool = False,
     ) -> torch.Tensor:
         """Hidden states ``(batch, length, d_model)``.
 
         ``padding_mask`` is True at pad positions (torch convention); when omitted it is derived
-        from ``gene_ids == pad_id``.
+        from ``gene_ids == pad_id``. ``first_only`` returns ``(batch, 1, d_model)``: the last
+        layer computes the ``<cls>`` position only (same values, less work).
         """
         if padding_mask is None:
             padding_mask = gene_ids.eq(self.pad_id)
@@ -166,7 +185,7 @@ class ScGPTEncoder(nn.Module):
         )
         # sdpa's boolean mask means "may attend"; broadcast over heads and queries.
         attn_mask = (~padding_mask)[:, None, None, :] if padding_mask.any() else None
-        return self.transformer_encoder(x, attn_mask)
+        return self.transformer_encoder(x, attn_mask, first_only=first_only)
 
     def cls_embedding(
         self,
@@ -174,8 +193,8 @@ class ScGPTEncoder(nn.Module):
         values: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The un-normalised output at the ``<cls>`` position (position 0)."""
-        return self.forward(gene_ids, values, padding_mask)[:, 0, :]
+        """The un-normalised output at the ``<cls>`` position (position 0), ``(batch, d)``."""
+        return self.forward(gene_ids, values, padding_mask, first_only=True)[:, 0, :]
 
 
 def set_attention_dropout(module: nn.Module, p: float) -> nn.Module:
