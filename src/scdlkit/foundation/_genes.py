@@ -56,7 +56,27 @@ class GeneMatch:
 
 
 def match_genes(adata: Any, checkpoint: ScGPTCheckpoint, gene_key: str | None) -> GeneMatch:
-    """Look each gene symbol up in the vocabulary (special tokens never match)."""
+    """Look each gene symbol up in the vocabulary (special tokens never match).
+
+    Parameters
+    ----------
+    adata
+        Cells x genes.
+    checkpoint
+        The resolved checkpoint (its vocabulary is read).
+    gene_key
+        ``adata.var`` column with gene symbols; ``None`` uses ``var_names``.
+
+    Returns
+    -------
+    GeneMatch
+        Vocabulary id per gene (-1 where absent), with matched/unmatched lists and the ratio.
+
+    Examples
+    --------
+    >>> match = match_genes(adata, resolve_checkpoint("whole-human"), None)  # doctest: +SKIP
+    >>> match.n_matched, match.unmatched[:5]  # doctest: +SKIP
+    """
     names = gene_names(adata, gene_key)
     vocab = checkpoint.vocab
     specials = {checkpoint.args.pad_token, "<cls>", "<eoc>"}
