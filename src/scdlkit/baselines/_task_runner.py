@@ -11,7 +11,6 @@ JSON manifest plus safetensors weights (no pickle), written atomically.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,8 +25,10 @@ import torch
 from scipy import sparse
 from torch.utils.data import Dataset
 
+from scdlkit._persist import MANIFEST_NAME, read_checked_weights, sha256_file
 from scdlkit.baselines._metrics import knn_label_consistency, silhouette
 from scdlkit.baselines._models import build_model
+from scdlkit.foundation._data import allocate_split_counts
 from scdlkit.training._checks import check_int, check_number
 
 __all__ = ["TASKS", "VALID_COMBINATIONS", "TaskRunner", "stratified_split"]
@@ -35,7 +36,6 @@ __all__ = ["TASKS", "VALID_COMBINATIONS", "TaskRunner", "stratified_split"]
 logger = logging.getLogger("scdlkit")
 
 SCHEMA_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 KIND = "scdlkit.TaskRunner"
 TASKS = ("classification", "representation")
 #: The task each model solves; other pairs are rejected.
@@ -96,22 +96,6 @@ def resolve_task(model: Any, task: Any) -> str:
     return task
 
 
-def _allocate(n: int, val_size: float, test_size: float) -> tuple[int, int]:
-    """Validation and test counts for a group of ``n`` cells; each split gets one if it can."""
-    n_test = round(n * test_size)
-    n_val = round(n * val_size)
-    if test_size > 0:
-        n_test = max(n_test, 1)
-    if val_size > 0:
-        n_val = max(n_val, 1)
-    while n_test + n_val > n - 1:  # keep at least one training cell
-        if n_val >= n_test and n_val > 0:
-            n_val -= 1
-        else:
-            n_test -= 1
-    return n_val, n_test
-
-
 def stratified_split(
     cells: np.ndarray,
     strata: np.ndarray,
@@ -163,21 +147,13 @@ def stratified_split(
             small.append(stratum.item())
             parts["train"].append(group)
             continue
-        n_val, n_test = _allocate(len(group), val_size, test_size)
+        n_val, n_test = allocate_split_counts(len(group), val_size, test_size)
         parts["test"].append(group[:n_test])
         parts["val"].append(group[n_test : n_test + n_val])
         parts["train"].append(group[n_test + n_val :])
     empty = np.zeros(0, np.int64)
     out = {name: np.sort(np.concatenate(p)) if p else empty for name, p in parts.items()}
     return out, small
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _unique_genes(genes: pd.Index, where: str) -> None:
@@ -846,7 +822,7 @@ class TaskRunner:
         tensors["features.scale"] = torch.from_numpy(np.ascontiguousarray(self.scale_))
         tmp_weights = path / f".weights-{os.getpid()}.tmp"
         save_file(tensors, str(tmp_weights))
-        digest = _sha256(tmp_weights)
+        digest = sha256_file(tmp_weights)
         weights_name = f"weights-{digest[:16]}.safetensors"
         os.replace(tmp_weights, path / weights_name)
         history = self.history_ if self.history_ is not None else pd.DataFrame()
@@ -904,7 +880,7 @@ class TaskRunner:
         """
         path = Path(path)
         manifest = _read_manifest(path)
-        tensors = _read_weights(path, manifest)
+        tensors = read_checked_weights(path, manifest)
         file = path / MANIFEST_NAME
         params = dict(manifest["params"])
         kwargs = {k: v for k, v in params.items() if k in _PARAM_NAMES}
@@ -1063,24 +1039,3 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         msg = f"{file}: weights_file must be a file name inside the runner folder."
         raise ValueError(msg)
     return manifest
-
-
-def _read_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    file = path / manifest["weights_file"]
-    if not file.is_file():
-        msg = f"{file} is missing; the runner folder is incomplete."
-        raise FileNotFoundError(msg)
-    if _sha256(file) != manifest["weights_sha256"]:
-        msg = (
-            f"{file} does not match the sha256 recorded in {MANIFEST_NAME}: the weights were "
-            "changed after saving. Refusing to load them."
-        )
-        raise ValueError(msg)
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError) as err:  # pragma: no cover - hash already checked
-        msg = f"{file} is not a safetensors file ({err})."
-        raise ValueError(msg) from err

@@ -304,7 +304,7 @@ def _check_fraction(name: str, value: float) -> None:
         raise ValueError(msg)
 
 
-def _allocate(n: int, val_size: float, test_size: float) -> tuple[int, int]:
+def allocate_split_counts(n: int, val_size: float, test_size: float) -> tuple[int, int]:
     """Validation and test counts for a class of ``n`` cells; each split gets one where possible."""
     n_test = round(n * test_size)
     n_val = round(n * val_size)
@@ -345,7 +345,7 @@ def _split_cells(
                 small.append(prepared.label_categories[class_code])
             parts["train"].append(group)
             continue
-        n_val, n_test = _allocate(len(group), val_size, test_size)
+        n_val, n_test = allocate_split_counts(len(group), val_size, test_size)
         parts["test"].append(group[:n_test])
         parts["val"].append(group[n_test : n_test + n_val])
         parts["train"].append(group[n_test + n_val :])

@@ -7,7 +7,6 @@ atomically, then stale weights are removed. An interrupted save leaves the previ
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,13 +16,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from scdlkit._persist import MANIFEST_NAME, make_readable, read_checked_weights, sha256_file
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._strategies import FEATURE_STRATEGIES, STRATEGIES, StrategyResult
 
 __all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "load_runner", "save_runner"]
 
 SCHEMA_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 _REQUIRED = {
     "schema_version": int,
     "kind": str,
@@ -35,14 +34,6 @@ _REQUIRED = {
     "weights_sha256": str,
     "strategy_metrics": list,
 }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _weights_of(result: StrategyResult) -> dict[str, torch.Tensor]:
@@ -72,13 +63,6 @@ def _history_records(runner: Any) -> dict[str, list[dict[str, Any]]]:
     return {name: json_safe(df.to_dict(orient="records")) for name, df in runner.history_.items()}
 
 
-def _readable(file: Path) -> None:
-    """Ordinary file permissions (some writers create 0600 files), so shared folders work."""
-    umask = os.umask(0)
-    os.umask(umask)
-    file.chmod(0o666 & ~umask)
-
-
 def save_runner(runner: Any, path: Path) -> Path:
     """Write ``runner`` to the folder ``path`` (created if needed); returns the folder."""
     from safetensors.torch import save_file
@@ -91,9 +75,9 @@ def save_runner(runner: Any, path: Path) -> Path:
     tensors = _weights_of(best)
     tmp_weights = path / f".weights-{os.getpid()}.tmp"
     save_file(tensors, str(tmp_weights))
-    digest = _sha256(tmp_weights)
+    digest = sha256_file(tmp_weights)
     weights_name = f"weights-{digest[:16]}.safetensors"
-    _readable(tmp_weights)
+    make_readable(tmp_weights)
     os.replace(tmp_weights, path / weights_name)
     ckpt: ScGPTCheckpoint | None = runner.checkpoint_
     manifest = {
@@ -128,7 +112,7 @@ def save_runner(runner: Any, path: Path) -> Path:
     text = json.dumps(json_safe(manifest), indent=2, allow_nan=False)
     tmp_manifest = path / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
     tmp_manifest.write_text(text)
-    _readable(tmp_manifest)
+    make_readable(tmp_manifest)
     os.replace(tmp_manifest, path / MANIFEST_NAME)
     for stale in path.glob("weights-*.safetensors"):
         if stale.name != weights_name:
@@ -167,27 +151,6 @@ def read_manifest(path: Path) -> dict[str, Any]:
         msg = f"{file}: weights_file must be a file name inside the runner folder."
         raise ValueError(msg)
     return manifest
-
-
-def _read_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    file = path / manifest["weights_file"]
-    if not file.is_file():
-        msg = f"{file} is missing; the runner folder is incomplete."
-        raise FileNotFoundError(msg)
-    if _sha256(file) != manifest["weights_sha256"]:
-        msg = (
-            f"{file} does not match the sha256 recorded in {MANIFEST_NAME}: the weights were "
-            "changed after saving. Refusing to load them."
-        )
-        raise ValueError(msg)
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError) as err:  # pragma: no cover - hash already checked
-        msg = f"{file} is not a safetensors file ({err})."
-        raise ValueError(msg) from err
 
 
 def _resolve_base(
@@ -257,7 +220,7 @@ def _rebuild_model(
 def load_runner(cls: type, path: Path, *, checkpoint: Any, device: str, verify: bool) -> Any:
     """Rebuild a runner saved by :func:`save_runner`."""
     manifest = read_manifest(path)
-    tensors = _read_weights(path, manifest)
+    tensors = read_checked_weights(path, manifest)
     ckpt = _resolve_base(manifest, checkpoint, verify)
     params = manifest["params"]
     runner = cls(
