@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["MANIFEST_NAME", "make_readable", "read_checked_weights", "sha256_file"]
+__all__ = [
+    "MANIFEST_NAME",
+    "make_readable",
+    "read_checked_weights",
+    "read_manifest_file",
+    "sha256_file",
+]
 
 MANIFEST_NAME = "manifest.json"
 
@@ -50,3 +57,45 @@ def read_checked_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torc
     except (SafetensorError, OSError) as err:  # the hash matched a file that is not safetensors
         msg = f"{file} is not a safetensors file ({err})."
         raise ValueError(msg) from err
+
+
+def read_manifest_file(
+    path: Path,
+    required: dict[str, type],
+    *,
+    schema_version: int,
+    what: str,
+    kind: str | None = None,
+) -> dict[str, Any]:
+    """Parse ``path/manifest.json`` and check its fields, kind and schema version.
+
+    ``required`` maps field names to their JSON types; ``what`` names the saved object in the
+    error for a folder without a manifest.
+    """
+    file = Path(path) / MANIFEST_NAME
+    if not file.is_file():
+        msg = f"{path} is not a saved {what}: {MANIFEST_NAME} is missing."
+        raise FileNotFoundError(msg)
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        msg = f"{file} is not valid JSON ({err})."
+        raise ValueError(msg) from err
+    if not isinstance(manifest, dict):
+        msg = f"{file} must hold a JSON object."
+        raise ValueError(msg)
+    for key, kind_of in required.items():
+        value = manifest.get(key)
+        if not isinstance(value, kind_of) or isinstance(value, bool):
+            msg = f"{file}: field {key!r} is missing or not a {kind_of.__name__}."
+            raise ValueError(msg)
+    if kind is not None and manifest["kind"] != kind:
+        msg = f"{file} holds a {manifest['kind']!r}, not a {kind}; load it with its own class."
+        raise ValueError(msg)
+    if manifest["schema_version"] != schema_version:
+        msg = (
+            f"{file} has schema_version {manifest['schema_version']}; this scdlkit reads "
+            f"version {schema_version}. Save it again with a matching scdlkit."
+        )
+        raise ValueError(msg)
+    return manifest

@@ -25,7 +25,12 @@ import torch
 from scipy import sparse
 from torch.utils.data import Dataset
 
-from scdlkit._persist import MANIFEST_NAME, read_checked_weights, sha256_file
+from scdlkit._persist import (
+    MANIFEST_NAME,
+    read_checked_weights,
+    read_manifest_file,
+    sha256_file,
+)
 from scdlkit.baselines._metrics import knn_label_consistency, silhouette
 from scdlkit.baselines._models import build_model
 from scdlkit.foundation._data import allocate_split_counts
@@ -997,32 +1002,10 @@ def _history_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     """Parse and validate ``manifest.json``; errors name the problem."""
+    manifest = read_manifest_file(
+        path, _REQUIRED, schema_version=SCHEMA_VERSION, what="TaskRunner", kind=KIND
+    )
     file = path / MANIFEST_NAME
-    if not file.is_file():
-        msg = f"{path} is not a saved TaskRunner: {MANIFEST_NAME} is missing."
-        raise FileNotFoundError(msg)
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        msg = f"{file} is not valid JSON ({err})."
-        raise ValueError(msg) from err
-    if not isinstance(manifest, dict):
-        msg = f"{file} must hold a JSON object."
-        raise ValueError(msg)
-    for key, kind in _REQUIRED.items():
-        value = manifest.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            msg = f"{file}: field {key!r} is missing or not a {kind.__name__}."
-            raise ValueError(msg)
-    if manifest["kind"] != KIND:
-        msg = f"{file} holds a {manifest['kind']!r}, not a {KIND}; load it with its own class."
-        raise ValueError(msg)
-    if manifest["schema_version"] != SCHEMA_VERSION:
-        msg = (
-            f"{file} has schema_version {manifest['schema_version']}; this scdlkit reads "
-            f"version {SCHEMA_VERSION}. Save it again with a matching scdlkit."
-        )
-        raise ValueError(msg)
     try:
         resolve_task(manifest["model"], manifest["task"])
     except ValueError as err:

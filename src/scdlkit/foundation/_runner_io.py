@@ -16,7 +16,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scdlkit._persist import MANIFEST_NAME, make_readable, read_checked_weights, sha256_file
+from scdlkit._persist import (
+    MANIFEST_NAME,
+    make_readable,
+    read_checked_weights,
+    read_manifest_file,
+    sha256_file,
+)
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._strategies import FEATURE_STRATEGIES, STRATEGIES, StrategyResult
 
@@ -122,28 +128,8 @@ def save_runner(runner: Any, path: Path) -> Path:
 
 def read_manifest(path: Path) -> dict[str, Any]:
     """Parse and validate ``manifest.json``; errors name the problem."""
+    manifest = read_manifest_file(path, _REQUIRED, schema_version=SCHEMA_VERSION, what="runner")
     file = path / MANIFEST_NAME
-    if not file.is_file():
-        msg = f"{path} is not a saved runner: {MANIFEST_NAME} is missing."
-        raise FileNotFoundError(msg)
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        msg = f"{file} is not valid JSON ({err})."
-        raise ValueError(msg) from err
-    if not isinstance(manifest, dict):
-        msg = f"{file} must hold a JSON object."
-        raise ValueError(msg)
-    for key, kind in _REQUIRED.items():
-        if not isinstance(manifest.get(key), kind):
-            msg = f"{file}: field {key!r} is missing or not a {kind.__name__}."
-            raise ValueError(msg)
-    if manifest["schema_version"] != SCHEMA_VERSION:
-        msg = (
-            f"{file} has schema_version {manifest['schema_version']}; this scdlkit reads "
-            f"version {SCHEMA_VERSION}. Save it again with a matching scdlkit."
-        )
-        raise ValueError(msg)
     if manifest["best_strategy"] not in STRATEGIES:
         msg = f"{file}: unknown best_strategy {manifest['best_strategy']!r}."
         raise ValueError(msg)

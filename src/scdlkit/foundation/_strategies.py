@@ -11,7 +11,7 @@ loss (the tutorial's rule) and stops after ``early_stopping_patience`` epochs wi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +161,3 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-Predictor = Callable[..., tuple[np.ndarray, np.ndarray]]

@@ -91,10 +91,11 @@ def adapt_annotation(
     ... )  # doctest: +SKIP
     >>> sck.pl.strategy_comparison(adata)  # doctest: +SKIP
     """
-    from scdlkit.foundation import ScGPTAnnotationRunner
+    from scdlkit.foundation import adapt_scgpt_annotation
     from scdlkit.foundation._runner import default_runner_dir
 
-    runner = ScGPTAnnotationRunner(
+    runner = adapt_scgpt_annotation(
+        adata,
         label_key=label_key,
         checkpoint=checkpoint,
         strategies=strategies,
@@ -107,7 +108,7 @@ def adapt_annotation(
         device=device,
         output_dir=output_dir,
         **kwargs,
-    ).fit(adata)
+    )
     if runner.runner_dir_ is None:
         runner.save(default_runner_dir())
         logger.warning(
