@@ -248,6 +248,48 @@ def test_backed_and_chunked_embedding_match_in_memory(fixture_adata, checkpoint_
     backed.file.close()
 
 
+def test_backed_results_saved_with_write_in_r_plus_mode(fixture_adata, checkpoint_dir, tmp_path):
+    from scipy import sparse
+
+    fixture_adata.X = sparse.csr_matrix(fixture_adata.X)
+    in_memory = sck.tl.embed(fixture_adata, checkpoint=checkpoint_dir, progress=False, copy=True)
+    path = tmp_path / "cells.h5ad"
+    fixture_adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r+")
+    sck.tl.embed(backed, checkpoint=checkpoint_dir, progress=False, chunk_size=10)
+    backed.write()
+    backed.file.close()
+    back = ad.read_h5ad(path)
+    np.testing.assert_allclose(
+        back.obsm["X_scgpt"], in_memory.obsm["X_scgpt"], rtol=1e-5, atol=1e-6
+    )
+    assert back.uns["scgpt"]["params"]["precision_used"] == "fp32"
+
+
+@pytest.mark.parametrize(
+    ("subset", "copy", "match"),
+    [(True, False, "view of a backed AnnData"), (False, True, "not possible for a backed")],
+)
+def test_backed_view_or_copy_refused_before_loading_weights(
+    fixture_adata, checkpoint_dir, tmp_path, monkeypatch, subset, copy, match
+):
+    from scdlkit import foundation
+
+    path = tmp_path / "cells.h5ad"
+    fixture_adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    target = backed[:5] if subset else backed
+
+    def fail(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(foundation, "load_scgpt_model", fail)
+    with pytest.raises(ValueError, match=match):
+        sck.tl.embed(target, checkpoint=checkpoint_dir, progress=False, copy=copy)
+    assert "X_scgpt" not in backed.obsm
+    backed.file.close()
+
+
 def test_dask_matrix_embedding(fixture_adata, checkpoint_dir, expected):
     da = pytest.importorskip("dask.array")
     fixture_adata.X = da.from_array(fixture_adata.X, chunks=(10, 400))

@@ -354,6 +354,38 @@ def test_backed_query_predicts_like_in_memory(saved_lora, small_ref, tmp_path):
     )
 
 
+def test_tl_annotate_backed_writes_results_that_survive_write_h5ad(saved_lora, small_ref, tmp_path):
+    runner, _ = saved_lora
+    expected = sck.tl.annotate(small_ref, runner, copy=True)
+    small_ref.write_h5ad(tmp_path / "query.h5ad")
+    backed = ad.read_h5ad(tmp_path / "query.h5ad", backed="r")
+    sck.tl.annotate(backed, runner, chunk_size=45)
+    backed.write_h5ad(tmp_path / "annotated.h5ad")
+    backed.file.close()
+    back = ad.read_h5ad(tmp_path / "annotated.h5ad")
+    np.testing.assert_array_equal(
+        back.obs["scgpt_annotation"].to_numpy(), expected.obs["scgpt_annotation"].to_numpy()
+    )
+    np.testing.assert_allclose(
+        back.obsm["X_scgpt_annotation"], expected.obsm["X_scgpt_annotation"], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_tl_annotate_refuses_backed_view_and_backed_copy_before_work(
+    saved_lora, small_ref, tmp_path
+):
+    runner, _ = saved_lora
+    small_ref.write_h5ad(tmp_path / "query.h5ad")
+    backed = ad.read_h5ad(tmp_path / "query.h5ad", backed="r")
+    with pytest.raises(ValueError, match="view of a backed AnnData"):
+        sck.tl.annotate(backed[:10], runner)
+    with pytest.raises(ValueError, match="not possible for a backed"):
+        sck.tl.annotate(backed, runner, copy=True)
+    assert "scgpt_annotation" not in backed.obs
+    assert "X_scgpt_annotation" not in backed.obsm
+    backed.file.close()
+
+
 def test_sharded_prediction_over_two_processes(saved_lora, small_ref, tmp_path):
     import subprocess
     import sys

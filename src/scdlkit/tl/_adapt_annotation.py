@@ -8,6 +8,7 @@ from typing import Any
 from anndata import AnnData
 
 from scdlkit.tl._slots import write_annotation_slots
+from scdlkit.tl._utils import check_writable
 
 __all__ = ["adapt_annotation"]
 
@@ -94,6 +95,7 @@ def adapt_annotation(
     from scdlkit.foundation import adapt_scgpt_annotation
     from scdlkit.foundation._runner import default_runner_dir
 
+    check_writable(adata, copy=copy)
     runner = adapt_scgpt_annotation(
         adata,
         label_key=label_key,

@@ -7,6 +7,7 @@ import numpy as np
 from anndata import AnnData
 
 from scdlkit.tl._slots import write_annotation_slots
+from scdlkit.tl._utils import check_writable
 
 __all__ = ["annotate"]
 
@@ -19,6 +20,7 @@ def annotate(
     gene_key: str | None = None,
     layer: str | None = None,
     device: str = "auto",
+    chunk_size: int | None = None,
     key_added: str = "scgpt_annotation",
     copy: bool = False,
 ) -> AnnData | None:
@@ -27,7 +29,8 @@ def annotate(
     Parameters
     ----------
     adata
-        Query cells with gene symbols (raw counts or log-normalised).
+        Query cells with gene symbols (raw counts or log-normalised). A backed AnnData is read in
+        chunks and takes the results in memory, as in :func:`scdlkit.tl.embed`.
     runner
         A fitted :class:`scdlkit.AnnotationRunner`, or the folder it was saved to (e.g.
         ``ref.uns["scgpt_annotation"]["runner_dir"]``).
@@ -37,10 +40,13 @@ def annotate(
         Where the query's gene symbols and values are (default: as for the reference).
     device
         Where to run when loading from a folder.
+    chunk_size
+        Cells read, tokenised and labelled at a time (default: all of an in-memory AnnData,
+        50,000 of a backed one). Results do not depend on it.
     key_added
         Prefix of the written slots.
     copy
-        Return a modified copy instead of writing into ``adata``.
+        Return a modified copy instead of writing into ``adata`` (not for a backed AnnData).
 
     Returns
     -------
@@ -57,9 +63,10 @@ def annotate(
     """
     from scdlkit.foundation import ScGPTAnnotationRunner
 
+    check_writable(adata, copy=copy)
     if not isinstance(runner, ScGPTAnnotationRunner):
         runner = ScGPTAnnotationRunner.load(runner, checkpoint=checkpoint, device=device)
-    predictions = runner.predict(adata, gene_key=gene_key, layer=layer)
+    predictions = runner.predict(adata, gene_key=gene_key, layer=layer, chunk_size=chunk_size)
     if copy:
         adata = adata.copy()
     write_annotation_slots(

@@ -4,7 +4,7 @@ import os
 
 from anndata import AnnData
 
-from scdlkit.tl._utils import package_versions
+from scdlkit.tl._utils import check_writable, package_versions
 
 __all__ = ["embed"]
 
@@ -35,6 +35,10 @@ def embed(
     ----------
     adata
         Cells x genes with raw counts or log-normalised values (non-negative) and gene symbols.
+        In memory, with a dask matrix, or backed (``sc.read_h5ad(path, backed="r")``): the
+        results then go into its in-memory ``obsm``/``uns``; save them with
+        ``adata.write_h5ad(new_path)``, or open with ``backed="r+"`` and call ``adata.write()``.
+        A view of a backed AnnData cannot take results and is refused before any work.
     checkpoint
         Official checkpoint name (found in the local cache) or a folder holding ``args.json``,
         ``vocab.json`` and ``best_model.pt``.
@@ -63,7 +67,7 @@ def embed(
     key_added
         Writes ``adata.obsm[f"X_{key_added}"]`` and ``adata.uns[key_added]``.
     copy
-        Return a modified copy instead of writing into ``adata``.
+        Return a modified copy instead of writing into ``adata`` (not for a backed AnnData).
 
     Returns
     -------
@@ -85,6 +89,7 @@ def embed(
     from scdlkit.foundation._genes import check_gene_overlap, match_genes
     from scdlkit.foundation._stream import encode_adata
 
+    check_writable(adata, copy=copy)
     ckpt = resolve_checkpoint(checkpoint)
     # gene identifiers are checked before the weights are read
     check_gene_overlap(match_genes(adata, ckpt, gene_key), gene_key=gene_key)
