@@ -16,6 +16,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from anndata.tests.helpers import assert_equal
 
 from scdlkit import cli
 from scdlkit._version import __version__
@@ -345,3 +346,84 @@ def test_annotate_with_a_missing_runner_exits_2(files, tmp_path, capsys):
     argv = ["annotate", str(files["query"]), "--runner", str(tmp_path / "nope"), "-o", str(out)]
     assert main(argv) == 2
     assert "runner folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- atlas scale
+
+
+def test_embed_backed_streams_and_keeps_everything_else(files, checkpoint_dir, tmp_path):
+    in_memory, backed = tmp_path / "in_memory.h5ad", tmp_path / "backed.h5ad"
+    base = ["embed", files["query"], "--checkpoint", checkpoint_dir]
+    assert run([*base, "-o", in_memory])[0] == 0
+    code, stdout, stderr = run([*base, "-o", backed, "--backed", "--chunk-size", 37])
+    assert code == 0, stderr
+    assert "AnnData written to" in stdout
+    expected, got = ad.read_h5ad(in_memory), ad.read_h5ad(backed)
+    np.testing.assert_allclose(got.obsm["X_scgpt"], expected.obsm["X_scgpt"], rtol=1e-5, atol=1e-6)
+    source = ad.read_h5ad(files["query"])
+    assert_equal(got.X, source.X)
+    pd.testing.assert_frame_equal(got.obs, source.obs)
+    assert set(got.obsm) == {*source.obsm, "X_scgpt"}
+    assert got.uns["scgpt"]["params"]["precision_used"] == "fp32"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_annotate_backed_labels_like_in_memory(round_trip, files, tmp_path):
+    runner_dir = ad.read_h5ad(round_trip["ref_out"]).uns[KEY]["runner_dir"]
+    out = tmp_path / "query_backed.h5ad"
+    argv = ["annotate", files["query"], "--runner", runner_dir, "-o", out, "--backed"]
+    code, _, stderr = run([*argv, "--chunk-size", 50])
+    assert code == 0, stderr
+    got, expected = ad.read_h5ad(out), ad.read_h5ad(round_trip["query_out"])
+    pd.testing.assert_series_equal(got.obs[KEY], expected.obs[KEY])
+    np.testing.assert_allclose(
+        got.obsm[f"X_{KEY}"], expected.obsm[f"X_{KEY}"], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_embed_under_torchrun_matches_one_process(files, checkpoint_dir, tmp_path):
+    single, sharded = tmp_path / "single.h5ad", tmp_path / "sharded.h5ad"
+    base = ["embed", files["query"], "--checkpoint", checkpoint_dir, "--device", "cpu"]
+    assert run([*base, "-o", single])[0] == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node=2", "-m", "scdlkit", *map(str, base), "-o", str(sharded)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("AnnData written to") == 1  # rank 0 alone writes
+    np.testing.assert_allclose(
+        ad.read_h5ad(sharded).obsm["X_scgpt"],
+        ad.read_h5ad(single).obsm["X_scgpt"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_adapt_with_held_out_batches(files, checkpoint_dir, tmp_path):
+    out = tmp_path / "ref_batches.h5ad"
+    code, _, stderr = run(
+        [
+            "adapt", files["ref"], "--label-key", "bulk_labels", "-o", out,
+            "--checkpoint", checkpoint_dir, "--strategies", "baseline",
+            "--batch-key", "phase", "--split-by", "batch", "--test-batches", "G2M",
+        ]
+    )  # fmt: skip
+    assert code == 0, stderr
+    ref = ad.read_h5ad(out)
+    test_cells = ref.obs[f"{KEY}_split"] == "test"
+    assert test_cells.any()
+    assert set(ref.obs.loc[test_cells, "phase"]) == {"G2M"}
+    params = ref.uns[KEY]["params"]
+    assert params["batch_key"] == "phase"
+    assert params["split_by"] == "batch"
+    assert list(params["test_batches"]) == ["G2M"]
+    assert list(ref.uns[KEY]["batch_metrics"]["batch"]) == ["G2M"]
+
+
+def test_adapt_split_by_batch_without_batch_key_exits_2(files, checkpoint_dir, tmp_path):
+    out = tmp_path / "never.h5ad"
+    argv = ["adapt", files["ref"], "--label-key", "bulk_labels", "-o", out]
+    code, _, stderr = run([*argv, "--checkpoint", checkpoint_dir, "--split-by", "batch"])
+    assert code == 2
+    assert "batch_key" in stderr
+    assert not out.exists()

@@ -174,8 +174,29 @@ def _precision_option(parser: argparse.ArgumentParser) -> None:
         "--precision",
         default="auto",
         choices=("auto", "fp32", "bf16"),
-        help="'auto' (bf16 mixed precision on CUDA, fp32 elsewhere), 'fp32' or 'bf16' "
-        "(default: 'auto')",
+        help="'auto' (bf16 autocast where the hardware runs bf16 natively: CUDA, CPUs with AMX "
+        "or AVX512-BF16; fp32 elsewhere), 'fp32' or 'bf16' (default: 'auto')",
+    )
+
+
+def _streaming_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "atlas scale",
+        "Under torchrun (torchrun --nproc-per-node=N -m scdlkit ...) each process handles a "
+        "share of the cells and the first one writes OUT.h5ad.",
+    )
+    group.add_argument(
+        "--backed",
+        action="store_true",
+        help="open the input backed (read_h5ad(backed='r')) and stream it in chunks, so memory "
+        "depends on --chunk-size, not on the number of cells",
+    )
+    group.add_argument(
+        "--chunk-size",
+        type=_positive_int,
+        metavar="N",
+        help="cells read, tokenised and run at a time (default: all cells in memory; 50000 with "
+        "--backed); results do not depend on it",
     )
 
 
@@ -282,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _device_option(sub)
     _precision_option(sub)
+    _streaming_options(sub)
     _key_added_option(sub, "scgpt", "writes obsm['X_KEY'] and uns['KEY']")
     _logging_options(sub, top=False)
     sub.set_defaults(func=run_embed)
@@ -365,6 +387,32 @@ def build_parser() -> argparse.ArgumentParser:
     _device_option(sub)
     _precision_option(sub)
     _gene_layer_options(sub)
+    group = sub.add_argument_group("batches (donors, studies, technologies)")
+    group.add_argument(
+        "--batch-key",
+        metavar="B",
+        help="adata.obs column of batches: test metrics are also reported per batch "
+        "(default: none)",
+    )
+    group.add_argument(
+        "--split-by",
+        choices=("cells", "batch"),
+        default="cells",
+        help="'cells': stratified random split; 'batch': hold out whole batches for validation "
+        "and test, to measure transfer to unseen batches (needs --batch-key)",
+    )
+    group.add_argument(
+        "--test-batches",
+        nargs="+",
+        metavar="NAME",
+        help="with --split-by batch, the batches to test on (default: drawn with --random-state)",
+    )
+    group.add_argument(
+        "--val-batches",
+        nargs="+",
+        metavar="NAME",
+        help="with --split-by batch, the batches to validate on (default: drawn)",
+    )
     sub.add_argument(
         "--confidence-threshold",
         type=float,
@@ -402,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_option(sub, default=None)
     _gene_layer_options(sub, inherit=True)
     _device_option(sub)
+    _streaming_options(sub)
     _key_added_option(sub, "scgpt_annotation", "prefix of the written obs/obsm/uns slots")
     _logging_options(sub, top=False)
     sub.set_defaults(func=run_annotate)
@@ -411,13 +460,15 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------- files
 
 
-def read_input(path: str | os.PathLike) -> Any:
+def read_input(path: str | os.PathLike, *, backed: bool = False) -> Any:
     """Read an ``.h5ad`` file, with a clear error when it is missing or unreadable.
 
     Parameters
     ----------
     path
         The file.
+    backed
+        Open it backed (read-only): ``X`` stays on disk and is read in chunks.
 
     Returns
     -------
@@ -441,7 +492,7 @@ def read_input(path: str | os.PathLike) -> Any:
 
     logger.info("reading %s", path)
     try:
-        return ad.read_h5ad(path)
+        return ad.read_h5ad(path, backed="r") if backed else ad.read_h5ad(path)
     except Exception as err:  # h5py raises bare OSError for non-HDF5 files
         msg = f"cannot read {str(path)!r} as an .h5ad file: {err}"
         raise InputError(msg) from err
@@ -491,6 +542,38 @@ def write_h5ad_atomic(adata: Any, path: Path) -> None:
     logger.info("wrote %s", path)
 
 
+def write_backed_atomic(adata: Any, source: Path, path: Path) -> None:
+    """Write a backed AnnData's results without reading its ``X`` into memory.
+
+    ``source`` (the file ``adata`` is backed by) is copied beside ``path`` and its ``obs``,
+    ``obsm`` and ``uns`` are replaced by ``adata``'s, then the copy is renamed onto ``path``.
+    """
+    import shutil
+
+    import h5py
+    from anndata.io import write_elem
+
+    with atomic_path(path) as tmp:
+        shutil.copyfile(source, tmp)
+        with h5py.File(tmp, "a") as f:
+            for name, value in (
+                ("obs", adata.obs),
+                ("obsm", dict(adata.obsm)),
+                ("uns", dict(adata.uns)),
+            ):
+                if name in f:
+                    del f[name]
+                write_elem(f, name, value)
+    logger.info("wrote %s", path)
+
+
+def _write_result(adata: Any, args: argparse.Namespace, out: Path) -> None:
+    if args.backed:
+        write_backed_atomic(adata, Path(args.input), out)
+    else:
+        write_h5ad_atomic(adata, out)
+
+
 def write_json_atomic(data: Any, path: Path) -> None:
     """JSON (numpy values as plain numbers and lists) through :func:`atomic_path`."""
 
@@ -501,6 +584,39 @@ def write_json_atomic(data: Any, path: Path) -> None:
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=plain) + "\n")
+
+
+# ---------------------------------------------------------------------------- distributed
+
+
+@contextlib.contextmanager
+def _torchrun_group(device: str) -> Iterator[bool]:
+    """Join the process group of a ``torchrun``/SLURM launch; yield whether to write outputs.
+
+    Outside such a launch (``WORLD_SIZE`` unset or 1), or when the caller already set up a
+    group, nothing is done and every process writes. Otherwise the group is joined (NCCL on
+    CUDA, gloo elsewhere), each process takes the GPU of its ``LOCAL_RANK``, and only rank 0
+    writes; the tools shard the cells across the group and gather the results in cell order.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield True
+        return
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield dist.get_rank() == 0
+        return
+    cuda = torch.cuda.is_available() and not device.startswith(("cpu", "mps"))
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        logger.info("process %d of %d", dist.get_rank(), dist.get_world_size())
+        yield dist.get_rank() == 0
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------- commands
@@ -550,19 +666,24 @@ def run_embed(args: argparse.Namespace) -> int:
     import scdlkit as sck
 
     out = check_output(args.output)
-    adata = read_input(args.input)
-    sck.tl.embed(
-        adata,
-        checkpoint=args.checkpoint,
-        gene_key=args.gene_key,
-        layer=args.layer,
-        batch_size=args.batch_size,
-        device=args.device,
-        precision=args.precision,
-        progress=_progress(args),
-        key_added=args.key_added,
-    )
-    write_h5ad_atomic(adata, out)
+    adata = read_input(args.input, backed=args.backed)
+    with _torchrun_group(args.device) as writer:
+        sck.tl.embed(
+            adata,
+            checkpoint=args.checkpoint,
+            gene_key=args.gene_key,
+            layer=args.layer,
+            batch_size=args.batch_size,
+            device=args.device,
+            precision=args.precision,
+            chunk_size=args.chunk_size,
+            progress=_progress(args),
+            key_added=args.key_added,
+        )
+        if writer:
+            _write_result(adata, args, out)
+    if not writer:
+        return EXIT_OK
     key = f"X_{args.key_added}"
     print(
         f"embedded {adata.n_obs} cells ({adata.obsm[key].shape[1]} dimensions) into obsm[{key!r}]"
@@ -604,6 +725,10 @@ def run_adapt(args: argparse.Namespace) -> int:
         precision=args.precision,
         confidence_threshold=args.confidence_threshold,
         attention_dropout=args.attention_dropout,
+        batch_key=args.batch_key,
+        split_by=args.split_by,
+        test_batches=args.test_batches,
+        val_batches=args.val_batches,
         progress=_progress(args),
     )
     write_h5ad_atomic(adata, out)
@@ -629,17 +754,22 @@ def run_annotate(args: argparse.Namespace) -> int:
             f"runner folder {str(runner)!r} does not exist (see 'runner folder:' of scdlkit adapt)"
         )
         raise FileNotFoundError(msg)
-    adata = read_input(args.input)
-    sck.tl.annotate(
-        adata,
-        runner,
-        checkpoint=args.checkpoint,
-        gene_key=args.gene_key,
-        layer=args.layer,
-        device=args.device,
-        key_added=args.key_added,
-    )
-    write_h5ad_atomic(adata, out)
+    adata = read_input(args.input, backed=args.backed)
+    with _torchrun_group(args.device) as writer:
+        sck.tl.annotate(
+            adata,
+            runner,
+            checkpoint=args.checkpoint,
+            gene_key=args.gene_key,
+            layer=args.layer,
+            device=args.device,
+            chunk_size=args.chunk_size,
+            key_added=args.key_added,
+        )
+        if writer:
+            _write_result(adata, args, out)
+    if not writer:
+        return EXIT_OK
     counts = adata.obs[args.key_added].value_counts()
     print(f"labelled {adata.n_obs} cells with {adata.uns[args.key_added]['best_strategy']}:")
     print(counts.to_string())
