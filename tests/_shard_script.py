@@ -1,5 +1,9 @@
 """Embed or predict with two CPU processes (gloo); each rank saves what it received.
 
+``embed`` is launched the way the docs show for Python users, by Lightning Fabric
+(``strategy="ddp_spawn"``, ``devices=2``); ``predict`` joins a process group set up by hand, as a
+``torchrun`` script would.
+
 Usage: python _shard_script.py embed CHECKPOINT DATA.h5ad OUT_DIR
        python _shard_script.py predict RUNNER_DIR DATA.h5ad OUT_DIR
 """
@@ -15,7 +19,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def worker(rank: int, world: int, mode: str, source: str, data: str, out: str) -> None:
+def embed_with_fabric(fabric, source: str, data: str, out: str) -> None:
+    import anndata as ad
+
+    import scdlkit as sck
+
+    torch.set_num_threads(1)
+    adata = ad.read_h5ad(data, backed="r")
+    sck.tl.embed(adata, checkpoint=source, device="cpu", progress=False, chunk_size=20)
+    np.save(Path(out) / f"rank{fabric.global_rank}.npy", adata.obsm["X_scgpt"])
+
+
+def predict_worker(rank: int, world: int, source: str, data: str, out: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{Path(out) / 'rendezvous'}", rank=rank, world_size=world
     )
@@ -25,16 +40,18 @@ def worker(rank: int, world: int, mode: str, source: str, data: str, out: str) -
     import scdlkit as sck
 
     adata = ad.read_h5ad(data)
-    if mode == "embed":
-        sck.tl.embed(adata, checkpoint=source, device="cpu", progress=False, chunk_size=20)
-        result = adata.obsm["X_scgpt"]
-    else:
-        runner = sck.AnnotationRunner.load(source, device="cpu")
-        result = runner.predict(adata, chunk_size=30)["probabilities"]
+    runner = sck.AnnotationRunner.load(source, device="cpu")
+    result = runner.predict(adata, chunk_size=30)["probabilities"]
     np.save(Path(out) / f"rank{rank}.npy", result)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     mode, source, data, out = sys.argv[1:5]
-    mp.spawn(worker, args=(2, mode, source, data, out), nprocs=2, join=True)
+    if mode == "embed":
+        from lightning_fabric import Fabric
+
+        fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn")
+        fabric.launch(embed_with_fabric, source, data, out)
+    else:
+        mp.spawn(predict_worker, args=(2, source, data, out), nprocs=2, join=True)
