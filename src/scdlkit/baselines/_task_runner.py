@@ -612,7 +612,7 @@ class TaskRunner:
         self, dataset: _ExpressionDataset, *, reconstruction: bool
     ) -> dict[str, np.ndarray]:
         """fp32 outputs for every cell of ``dataset``, in order."""
-        from tqdm.auto import tqdm
+        from scdlkit._progress import tqdm
 
         device = self._torch_device
         model = self.model_.to(device).eval()

@@ -142,7 +142,7 @@ def tokenize_matrix(
     Memory beyond the tokens themselves is bounded by one chunk of rows. ``cell_offset`` is the
     position of ``matrix``'s first row in the whole dataset (see :class:`ScGPTTokens`).
     """
-    from tqdm.auto import tqdm
+    from scdlkit._progress import tqdm
 
     vocab_ids = np.asarray(vocab_ids)
     matched = vocab_ids >= 0
