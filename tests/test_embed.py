@@ -212,14 +212,15 @@ def test_layer_and_sparse_input(fixture_adata, checkpoint_dir, expected):
 
 
 def test_precision_resolution(monkeypatch):
+    from scdlkit import _hardware
     from scdlkit.foundation import _device
 
     cpu = torch.device("cpu")
     assert _device.resolve_precision("fp32", cpu) == "fp32"
     assert _device.resolve_precision("bf16", cpu) == "bf16"
-    monkeypatch.setattr(_device, "_cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(_hardware, "_cpu_flags", lambda: frozenset({"avx2"}))
     assert _device.resolve_precision("auto", cpu) == "fp32"
-    monkeypatch.setattr(_device, "_cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    monkeypatch.setattr(_hardware, "_cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
     assert _device.resolve_precision("auto", cpu) == "bf16"
     with pytest.raises(ValueError, match="precision"):
         _device.resolve_precision("fp16", cpu)

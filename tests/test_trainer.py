@@ -311,19 +311,33 @@ def test_frozen_parameters_are_not_trained():
         assert torch.equal(value, before[key])
 
 
-def test_precision_auto_is_fp32_on_cpu():
+def test_precision_auto_on_cpu_follows_native_bf16(monkeypatch):
+    from scdlkit import _hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(_hardware, "_cpu_flags", lambda: frozenset({"avx2"}))
     trainer = _trainer()
     assert trainer.precision == "32-true"
     assert trainer.fabric.strategy.precision.precision == "32-true"
-    assert Trainer(MLP(), progress=False).precision == resolve_precision("auto")
+    assert Trainer(MLP(), progress=False).precision == "32-true"
+    monkeypatch.setattr(_hardware, "_cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    assert Trainer(MLP(), accelerator="cpu", progress=False).precision == "bf16-mixed"
 
 
 def test_resolve_precision(monkeypatch):
+    from scdlkit import _hardware
+
+    monkeypatch.setattr(_hardware, "_cpu_flags", lambda: frozenset({"avx2"}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **_: True)
     assert resolve_precision("auto") == "bf16-mixed"
     assert resolve_precision("auto", accelerator="cuda") == "bf16-mixed"
+    assert resolve_precision("auto", accelerator="gpu") == "bf16-mixed"
     assert resolve_precision("auto", accelerator="cpu") == "32-true"
+    assert resolve_precision("auto", accelerator="mps") == "32-true"
+    monkeypatch.setattr(_hardware, "_cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert resolve_precision("auto", accelerator="cpu") == "bf16-mixed"
+    monkeypatch.setattr(_hardware, "_cpu_flags", lambda: frozenset({"avx2"}))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **_: False)
     assert resolve_precision("auto") == "32-true"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

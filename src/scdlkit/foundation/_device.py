@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-from pathlib import Path
 
 import torch
+
+from scdlkit._hardware import native_bf16
 
 __all__ = ["autocast_context", "native_bf16", "resolve_device", "resolve_precision"]
 
@@ -24,31 +24,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(device)
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 matrix work natively (not emulated).
-
-    CUDA devices that report bf16 support without emulation (Ampere and newer); CPUs with AMX
-    or AVX512-BF16 instructions.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
-    return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -6,18 +6,11 @@ from typing import Any
 
 import torch
 
+from scdlkit._hardware import native_bf16
+
 __all__ = ["resolve_devices", "resolve_precision"]
 
 _ALIASES = {"fp32": "32-true", "32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
-_CPU_LIKE = {"cpu", "mps", "tpu"}
-
-
-def _bf16_supported() -> bool:
-    try:
-        # Without emulation: pre-Ampere GPUs report bf16 "supported" but run it slowly.
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    except TypeError:  # torch without the `including_emulation` argument
-        return bool(torch.cuda.is_bf16_supported())
 
 
 def resolve_precision(precision: str | int = "auto", *, accelerator: Any = "auto") -> str:
@@ -26,12 +19,13 @@ def resolve_precision(precision: str | int = "auto", *, accelerator: Any = "auto
     Parameters
     ----------
     precision
-        ``"auto"`` picks ``"bf16-mixed"`` when the run will use a CUDA GPU that supports
-        bfloat16 natively, and ``"32-true"`` otherwise. ``"fp32"`` means ``"32-true"``,
-        ``"bf16"`` means ``"bf16-mixed"``, ``"fp16"`` means ``"16-mixed"``; any other value is
-        passed to Fabric unchanged (e.g. ``"16-mixed"``, ``"bf16-true"``).
+        ``"auto"`` picks ``"bf16-mixed"`` where the run's device has native bfloat16 (CUDA GPUs
+        from Ampere on; CPUs with AMX or AVX512-BF16), and ``"32-true"`` otherwise.
+        ``"fp32"`` means ``"32-true"``, ``"bf16"`` means ``"bf16-mixed"``, ``"fp16"`` means
+        ``"16-mixed"``; any other value is passed to Fabric unchanged (e.g. ``"bf16-true"``).
     accelerator
-        The Trainer's ``accelerator``; with ``"cpu"`` or ``"mps"``, ``"auto"`` stays fp32.
+        The Trainer's ``accelerator``; ``"auto"`` is resolved as Fabric does (CUDA, then MPS,
+        then CPU). MPS and other accelerators stay fp32.
 
     Returns
     -------
@@ -43,7 +37,7 @@ def resolve_precision(precision: str | int = "auto", *, accelerator: Any = "auto
     >>> from scdlkit.training import resolve_precision
     >>> resolve_precision("fp32")
     '32-true'
-    >>> resolve_precision("auto", accelerator="cpu")
+    >>> resolve_precision("auto", accelerator="mps")
     '32-true'
     """
     if isinstance(precision, int) and not isinstance(precision, bool):
@@ -54,10 +48,17 @@ def resolve_precision(precision: str | int = "auto", *, accelerator: Any = "auto
     if precision != "auto":
         return _ALIASES.get(precision, precision)
     name = accelerator.lower() if isinstance(accelerator, str) else "auto"
-    if name in _CPU_LIKE:
-        return "32-true"
-    if torch.cuda.is_available() and _bf16_supported():
-        return "bf16-mixed"
+    if name == "auto":  # as Fabric picks: CUDA, then MPS, then CPU
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name in {"cuda", "gpu"}:
+        return "bf16-mixed" if native_bf16("cuda") else "32-true"
+    if name == "cpu":
+        return "bf16-mixed" if native_bf16("cpu") else "32-true"
     return "32-true"
 
 

@@ -133,8 +133,9 @@ class Trainer:
         training labels (``k`` classes present; classes absent from training get weight 1).
         The validation loss and :meth:`evaluate`'s ``"loss"`` use the same weighted criterion.
     precision
-        ``"auto"`` (``"bf16-mixed"`` on a CUDA GPU with native bf16, else ``"32-true"``),
-        ``"fp32"``, ``"bf16"``, or any Lightning Fabric precision string.
+        ``"auto"`` (``"bf16-mixed"`` where the device has native bf16: CUDA GPUs from Ampere on,
+        CPUs with AMX or AVX512-BF16; else ``"32-true"``), ``"fp32"``, ``"bf16"``, or any
+        Lightning Fabric precision string.
     accelerator
         Lightning Fabric accelerator (``"auto"``, ``"cpu"``, ``"cuda"``, ...).
     devices
