@@ -234,3 +234,26 @@ def test_inspect_argument_errors_leave_adata_unchanged(pbmc_raw, checkpoint_dir)
     with pytest.raises(FileNotFoundError):
         sck.tl.inspect(pbmc_raw, "bulk_labels", checkpoint="no-such-checkpoint")
     assert_equal(pbmc_raw, before)
+
+
+@pytest.mark.parametrize("storage", ["backed", "dask"])
+def test_prepare_out_of_core_gives_the_same_tokens(pbmc_raw, checkpoint_dir, tmp_path, storage):
+    from scipy import sparse
+
+    pbmc_raw.X = sparse.csr_matrix(pbmc_raw.X)
+    expected = prepare_scgpt_data(pbmc_raw, checkpoint=checkpoint_dir, label_key="bulk_labels")
+    if storage == "backed":
+        pbmc_raw.write_h5ad(tmp_path / "cells.h5ad")
+        adata = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    else:
+        da = pytest.importorskip("dask.array")
+        adata = pbmc_raw.copy()
+        adata.X = da.from_array(pbmc_raw.X.toarray(), chunks=(128, 765))
+    got = prepare_scgpt_data(adata, checkpoint=checkpoint_dir, label_key="bulk_labels")
+    for field in ("indptr", "gene_ids", "bins"):
+        np.testing.assert_array_equal(getattr(got.tokens, field), getattr(expected.tokens, field))
+    np.testing.assert_array_equal(got.label_codes, expected.label_codes)
+    assert got.matched_genes == expected.matched_genes
+    if storage == "backed":
+        assert adata.isbacked  # read in chunks, not loaded
+        adata.file.close()
