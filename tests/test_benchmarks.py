@@ -75,3 +75,27 @@ def test_embed_throughput_quick_table(capsys):
     assert float(row["token bytes / non-zero"]) <= 8
     mfu_header = next(line for line in lines[3:] if line.startswith("| device | precision"))
     assert [c.strip() for c in mfu_header.strip("|").split("|")] == list(bench.MFU_COLUMNS)
+
+
+def test_scale_table_and_backed_file(tmp_path, capsys):
+    import anndata as ad
+
+    bench = _import("scale")
+    args = ["--n-cells", "240", "--bf16-cells", "60", "--chunk-size", "100"]
+    assert bench.main([*args, "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| tiny fixture")]
+    assert [row.split("|")[2:4] for row in rows] == [[" fp32 ", " 240 "], [" bf16 ", " 60 "]]
+    for row in rows:
+        cells_per_s, rss = (c.strip() for c in row.strip("|").split("|")[3:5])
+        assert float(cells_per_s) > 0
+        assert 0 < float(rss.removesuffix(" GiB")) < 4
+    backed = ad.read_h5ad(tmp_path / "synthetic_240.h5ad", backed="r")
+    assert backed.n_obs == 240
+    nnz = np.diff(backed.X[:].indptr)
+    assert nnz.min() >= 200
+    assert nnz.max() <= 2000
+    backed.file.close()
+    sample = ad.read_h5ad(tmp_path / "synthetic_60.h5ad", backed="r")
+    assert sample.n_obs == 60
+    sample.file.close()
