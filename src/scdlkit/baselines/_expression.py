@@ -21,6 +21,30 @@ def log_normalised_matrix(adata: Any, layer: str | None = None) -> sparse.csr_ma
     """Cells x genes, log-normalised: raw counts get ``normalize_total(1e4)`` + ``log1p``.
 
     Values that are already non-integer (log-normalised) are used as they are.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes; in memory, dask or backed (read in chunks of rows).
+    layer
+        Layer holding the values; ``None`` uses ``adata.X``.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        ``(n_cells, n_genes)`` float32. Counts are recognised by integer values in a sample of up
+        to 2,000 cells; cells with a total of zero stay zero.
+
+    Raises
+    ------
+    KeyError
+        ``layer`` not found.
+    ValueError
+        ``adata.X`` is empty and no ``layer`` is given.
+
+    Examples
+    --------
+    >>> matrix = sck.baselines.log_normalised_matrix(adata, layer="counts")  # doctest: +SKIP
     """
     from scdlkit.foundation._validation import describe_values, get_matrix, iter_row_chunks
 
@@ -75,7 +99,37 @@ class ExpressionLogisticBaseline:
     def fit(
         self, matrix: sparse.csr_matrix, genes: pd.Index, labels: np.ndarray
     ) -> ExpressionLogisticBaseline:
-        """Fit on log-normalised ``matrix`` (cells x ``genes``) with integer ``labels``."""
+        """Fit on log-normalised ``matrix`` (cells x ``genes``) with integer ``labels``.
+
+        Each gene is divided by its standard deviation over these cells (not centred, so the
+        matrix stays sparse; constant genes are left unscaled). The logistic regression and the
+        truncated SVD (``min(n_components, n_cells - 1, n_genes - 1)`` components, at least 1)
+        are both fitted on the scaled matrix.
+
+        Parameters
+        ----------
+        matrix
+            ``(n_cells, n_genes)`` sparse log-normalised expression, e.g. from
+            :func:`log_normalised_matrix`.
+        genes
+            Gene names of the columns, kept as strings in ``genes_`` to align later queries.
+        labels
+            ``(n_cells,)`` integer class codes.
+
+        Returns
+        -------
+        ExpressionLogisticBaseline
+            ``self``, with ``genes_``, ``scale_``, ``classifier_`` and ``svd_`` set.
+
+        Examples
+        --------
+        >>> model = ExpressionLogisticBaseline().fit(
+        ...     log_normalised_matrix(adata), adata.var_names, codes
+        ... )  # doctest: +SKIP
+        >>> proba = model.predict_proba(
+        ...     log_normalised_matrix(query), query.var_names
+        ... )  # doctest: +SKIP
+        """
         from sklearn.decomposition import TruncatedSVD
         from sklearn.linear_model import LogisticRegression
 
@@ -92,17 +146,55 @@ class ExpressionLogisticBaseline:
         return self
 
     def predict_proba(self, matrix: sparse.csr_matrix, genes: pd.Index) -> np.ndarray:
+        """Class probabilities of each cell.
+
+        Parameters
+        ----------
+        matrix
+            ``(n_cells, n_query_genes)`` sparse log-normalised expression.
+        genes
+            Gene names of its columns. Columns are matched to the fitted genes by name: fitted
+            genes absent from the query count as zero, extra query genes are ignored.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n_cells, n_fitted_classes)``; columns follow ``classifier_.classes_`` (the label
+            codes seen in :meth:`fit`, sorted).
+        """
         return self.classifier_.predict_proba(self._scaled(self._align(matrix, genes)))
 
     def latent(self, matrix: sparse.csr_matrix, genes: pd.Index) -> np.ndarray:
+        """Truncated-SVD representation of each cell's scaled expression.
+
+        Parameters
+        ----------
+        matrix
+            ``(n_cells, n_query_genes)`` sparse log-normalised expression.
+        genes
+            Gene names of its columns, aligned to the fitted genes as in :meth:`predict_proba`.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n_cells, n_components_used)`` float32.
+        """
         return self.svd_.transform(self._scaled(self._align(matrix, genes))).astype(np.float32)
 
     @property
     def n_parameters(self) -> int:
+        """Coefficients plus intercepts of the logistic regression (the SVD is not counted)."""
         return int(self.classifier_.coef_.size + self.classifier_.intercept_.size)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """Everything needed to predict, as arrays (saved with safetensors, no pickle)."""
+        """Everything needed to predict, as arrays (saved with safetensors, no pickle).
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            ``scale``, ``coef``, ``intercept``, ``classes`` (int64) and ``svd_components``. The
+            gene list ``genes_`` is not included; store it alongside for :meth:`from_state`.
+        """
         return {
             "scale": self.scale_,
             "coef": self.classifier_.coef_,
@@ -115,7 +207,27 @@ class ExpressionLogisticBaseline:
     def from_state(
         cls, arrays: dict[str, np.ndarray], genes: list[str]
     ) -> ExpressionLogisticBaseline:
-        """Rebuild a fitted baseline from :meth:`state_arrays` and its gene list."""
+        """Rebuild a fitted baseline from :meth:`state_arrays` and its gene list.
+
+        Parameters
+        ----------
+        arrays
+            The output of :meth:`state_arrays`.
+        genes
+            The fitted gene names (``genes_``), in column order.
+
+        Returns
+        -------
+        ExpressionLogisticBaseline
+            Ready for :meth:`predict_proba` and :meth:`latent`; ``C``, ``n_components``,
+            ``max_iter`` and ``random_state`` keep their defaults (they are not saved).
+
+        Examples
+        --------
+        >>> restored = ExpressionLogisticBaseline.from_state(
+        ...     model.state_arrays(), model.genes_
+        ... )  # doctest: +SKIP
+        """
         from sklearn.decomposition import TruncatedSVD
         from sklearn.linear_model import LogisticRegression
 

@@ -79,7 +79,30 @@ class ScGPTModelArgs:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ScGPTModelArgs:
-        """Read the relevant fields of a parsed ``args.json``; absent ones keep their defaults."""
+        """Read the relevant fields of a parsed ``args.json``; absent ones keep their defaults.
+
+        Parameters
+        ----------
+        raw
+            The parsed ``args.json``. Keys that are not fields of this class are ignored, and so
+            are fields whose value is ``None``; values are taken as they are (no type conversion).
+
+        Returns
+        -------
+        ScGPTModelArgs
+            The model arguments.
+
+        Raises
+        ------
+        ValueError
+            When ``input_emb_style`` is not ``"continuous"``, or ``embsize`` is not divisible by
+            ``nheads``.
+
+        Examples
+        --------
+        >>> ScGPTModelArgs.from_dict({"embsize": 512, "nlayers": 12, "lr": 1e-4}).nlayers
+        12
+        """
         known = {f: raw[f] for f in cls.__dataclass_fields__ if f in raw and raw[f] is not None}
         args = cls(**known)
         if args.input_emb_style != "continuous":
@@ -94,7 +117,13 @@ class ScGPTModelArgs:
         return args
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-ready copy."""
+        """Plain, JSON-ready copy.
+
+        Returns
+        -------
+        dict
+            Every field of this class by name; :meth:`from_dict` reads it back.
+        """
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
@@ -113,6 +142,7 @@ class ScGPTCheckpoint:
 
     @property
     def weights_path(self) -> Path:
+        """Path of the weights file, ``<path>/best_model.pt``."""
         return self.path / "best_model.pt"
 
     @cached_property
@@ -122,10 +152,12 @@ class ScGPTCheckpoint:
 
     @property
     def pad_id(self) -> int:
+        """Vocabulary id of the padding token (``args.pad_token``, normally ``<pad>``)."""
         return self.vocab[self.args.pad_token]
 
     @property
     def cls_id(self) -> int:
+        """Vocabulary id of ``<cls>``, the token whose output is the cell embedding."""
         return self.vocab["<cls>"]
 
     @cached_property
@@ -179,11 +211,25 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | ScGPTCheckpoint) -> ScGPT
     checkpoint
         A folder holding ``args.json``, ``vocab.json`` and ``best_model.pt``, or an official name
         such as ``"whole-human"`` looked up in :func:`default_cache_dir` ``/scgpt/<name>``.
+        An :class:`ScGPTCheckpoint` is returned as it is.
+
+    Returns
+    -------
+    ScGPTCheckpoint
+        The folder (resolved path), its name and its parsed ``args.json``; the vocabulary is read
+        on first use and the weights are not read.
 
     Raises
     ------
     FileNotFoundError
         When no such folder exists, saying where the files go and where upstream publishes them.
+    ValueError
+        When ``args.json`` describes an unsupported model (see :meth:`ScGPTModelArgs.from_dict`).
+
+    Examples
+    --------
+    >>> ckpt = sck.foundation.resolve_checkpoint("whole-human")  # doctest: +SKIP
+    >>> ckpt.args.embsize, len(ckpt.vocab)  # doctest: +SKIP
     """
     if isinstance(checkpoint, ScGPTCheckpoint):
         return checkpoint

@@ -59,6 +59,20 @@ class ScGPTCellDataset(Dataset):
         return int(i)
 
     def collate_fn(self, positions: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Pad the cells at ``positions`` into one model batch with their labels.
+
+        Parameters
+        ----------
+        positions
+            Positions into this dataset (``0..len(self) - 1``), not cell positions in the AnnData.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            ``gene_ids`` (int64) and ``values`` (float32), both ``(n, width)`` with ``<cls>`` first
+            and padding to the longest cell in the batch; ``padding_mask`` (bool, True at pad);
+            ``labels`` (int64, ``(n,)``, -1 for unlabelled cells).
+        """
         positions = np.asarray(positions, dtype=np.int64)
         batch = collate_tokens(self.tokens, self.cells[positions])
         batch["labels"] = torch.from_numpy(self.labels[positions])
@@ -67,6 +81,23 @@ class ScGPTCellDataset(Dataset):
     def batches(
         self, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0
     ) -> Iterable[np.ndarray]:
+        """Batches of dataset positions, grouping cells of similar length to limit padding.
+
+        Parameters
+        ----------
+        batch_size
+            Cells per batch (the last batch of a group may be smaller).
+        shuffle
+            ``False``: longest cells first, in fixed batches. ``True``: cells shuffled, sorted by
+            length within mega-batches of 50 batches, batches yielded in random order.
+        seed, epoch
+            Seed the shuffle; each epoch gives different batches.
+
+        Returns
+        -------
+        Iterable of numpy.ndarray
+            Positions into this dataset, one array per batch; every cell appears exactly once.
+        """
         return length_grouped_batches(
             self.tokens.lengths[self.cells], batch_size, shuffle=shuffle, seed=seed, epoch=epoch
         )
@@ -110,18 +141,37 @@ class ScGPTPreparedData:
 
     @property
     def n_cells(self) -> int:
+        """Number of cells (all of the AnnData's, labelled or not)."""
         return self.tokens.n_cells
 
     @property
     def labelled(self) -> np.ndarray:
+        """``(n_cells,)`` bool, True for cells with a label (``label_codes >= 0``)."""
         return self.label_codes >= 0
 
     @property
     def checkpoint_id(self) -> str:
+        """Name of the checkpoint the tokens were made for (``checkpoint.name``)."""
         return self.checkpoint.name
 
     def dataset(self, cells: np.ndarray | None = None) -> ScGPTCellDataset:
-        """A torch Dataset over ``cells`` (default: all cells)."""
+        """A torch Dataset over ``cells`` (default: all cells).
+
+        Parameters
+        ----------
+        cells
+            Cell positions in the AnnData (integer array); ``None`` for all cells.
+
+        Returns
+        -------
+        ScGPTCellDataset
+            Shares the tokens (no copy); labels are ``label_codes[cells]``, -1 where unlabelled.
+
+        Examples
+        --------
+        >>> ds = prepared.dataset(np.flatnonzero(prepared.labelled))  # doctest: +SKIP
+        >>> batch = ds.collate_fn(range(8))  # doctest: +SKIP
+        """
         cells = np.arange(self.n_cells) if cells is None else np.asarray(cells)
         return ScGPTCellDataset(self.tokens, cells, self.label_codes[cells])
 
@@ -268,23 +318,50 @@ class ScGPTSplitData:
 
     @property
     def train(self) -> ScGPTCellDataset:
+        """Dataset over ``train_indices`` (built on each access, tokens shared)."""
         return self.prepared.dataset(self.train_indices)
 
     @property
     def val(self) -> ScGPTCellDataset:
+        """Dataset over ``val_indices`` (built on each access, tokens shared)."""
         return self.prepared.dataset(self.val_indices)
 
     @property
     def test(self) -> ScGPTCellDataset:
+        """Dataset over ``test_indices`` (built on each access, tokens shared)."""
         return self.prepared.dataset(self.test_indices)
 
     def indices(self, name: str) -> np.ndarray:
+        """Cell positions in the AnnData of one split.
+
+        Parameters
+        ----------
+        name
+            ``"train"``, ``"val"`` or ``"test"``.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``train_indices``, ``val_indices`` or ``test_indices``.
+
+        Raises
+        ------
+        KeyError
+            For any other ``name``.
+        """
         return {"train": self.train_indices, "val": self.val_indices, "test": self.test_indices}[
             name
         ]
 
     def split_labels(self) -> np.ndarray:
-        """Per cell: ``"train"``, ``"val"``, ``"test"`` or ``"unlabelled"``."""
+        """Per cell: ``"train"``, ``"val"``, ``"test"`` or ``"unlabelled"``.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n_cells,)`` object array over every cell of the prepared data; cells in no split
+            (unlabelled ones) are ``"unlabelled"``.
+        """
         out = np.full(self.prepared.n_cells, "unlabelled", dtype=object)
         for name in SPLIT_NAMES:
             out[self.indices(name)] = name

@@ -40,18 +40,22 @@ class GeneMatch:
 
     @property
     def n_matched(self) -> int:
+        """Number of genes found in the vocabulary."""
         return int((self.vocab_ids >= 0).sum())
 
     @property
     def ratio(self) -> float:
+        """Fraction of the AnnData's genes found in the vocabulary (0 when there are no genes)."""
         return self.n_matched / max(len(self.names), 1)
 
     @property
     def matched(self) -> list[str]:
+        """Gene symbols found in the vocabulary, in ``var`` order."""
         return list(self.names[self.vocab_ids >= 0])
 
     @property
     def unmatched(self) -> list[str]:
+        """Gene symbols the vocabulary lacks, in ``var`` order."""
         return list(self.names[self.vocab_ids < 0])
 
 
@@ -132,6 +136,51 @@ def tokenize_adata(
     without ``gene_key``; the AnnData is never modified. ``rows`` tokenises a contiguous range of
     cells only (streaming over a backed AnnData), with the tokens the whole dataset would give
     them; ``check_values=False`` skips the value check (done once before streaming).
+
+    Parameters
+    ----------
+    adata
+        Cells x genes; raw counts or log-normalised values (non-negative), gene symbols. In
+        memory, dask or backed.
+    checkpoint
+        The resolved checkpoint: its vocabulary, special-token ids, ``n_bins``, ``pad_value`` and
+        ``max_seq_len`` shape the tokens.
+    gene_key
+        ``adata.var`` column with gene symbols; ``None`` uses ``var_names``.
+    layer
+        Layer holding the values; ``None`` uses ``adata.X``.
+    min_gene_overlap
+        Least number of genes (int), or fraction of the input genes (float below 1), that must be
+        in the vocabulary; at least one gene must match in any case.
+    seed
+        Seeds tie-breaking in binning and gene subsampling above ``max_seq_len``.
+    rows
+        Contiguous range of cells to tokenise; ``None`` for all cells.
+    check_values
+        Check for negative or non-finite values first.
+    progress
+        Show a progress bar while tokenising.
+
+    Returns
+    -------
+    tokens : ScGPTTokens
+        Tokens of the cells in ``rows`` (``cell_offset`` is ``rows.start``).
+    match : GeneMatch
+        Vocabulary id of every gene of the AnnData.
+
+    Raises
+    ------
+    KeyError
+        ``gene_key`` or ``layer`` not found.
+    ValueError
+        Negative or non-finite values, too little gene overlap, Ensembl ids without ``gene_key``,
+        or an empty ``adata.X`` without ``layer``.
+
+    Examples
+    --------
+    >>> ckpt = sck.foundation.resolve_checkpoint("whole-human")  # doctest: +SKIP
+    >>> tokens, match = sck.foundation.tokenize_adata(adata, ckpt)  # doctest: +SKIP
+    >>> tokens.n_cells, match.n_matched  # doctest: +SKIP
     """
     match = match_genes(adata, checkpoint, gene_key)
     check_gene_overlap(match, gene_key=gene_key, min_gene_overlap=min_gene_overlap)

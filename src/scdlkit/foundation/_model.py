@@ -29,6 +29,18 @@ class GeneEncoder(nn.Module):
         self.enc_norm = nn.LayerNorm(d_model)
 
     def forward(self, gene_ids: torch.Tensor) -> torch.Tensor:
+        """Embed token ids and apply LayerNorm.
+
+        Parameters
+        ----------
+        gene_ids
+            ``(batch, length)`` integer vocabulary ids.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(batch, length, d_model)`` gene embeddings.
+        """
         return self.enc_norm(self.embedding(gene_ids))
 
 
@@ -43,6 +55,19 @@ class ContinuousValueEncoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
+        """Embed each value: clamp at 512, then linear -> ReLU -> linear -> LayerNorm -> dropout.
+
+        Parameters
+        ----------
+        values
+            ``(batch, length)`` floating-point values (expression bins, ``pad_value`` at ``<cls>``
+            and padding).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(batch, length, d_model)`` value embeddings.
+        """
         x = values.unsqueeze(-1).clamp(max=VALUE_CLAMP)
         x = self.linear2(F.relu(self.linear1(x)))
         return self.dropout(self.norm(x))
@@ -72,6 +97,23 @@ class ScGPTSelfAttention(nn.Module):
 
         ``first_only`` computes the output of position 0 (``<cls>``) alone, attending to every
         key as usual: all the last layer must produce for a cell embedding.
+
+        Parameters
+        ----------
+        x
+            ``(batch, length, d_model)`` input hidden states.
+        attn_mask
+            Boolean mask broadcastable to ``(batch, heads, queries, keys)``, True where a key may
+            be attended (the opposite of a padding mask), e.g. ``(batch, 1, 1, length)``; ``None``
+            attends everywhere. With a ``prefix`` module, it is extended to the prefix slots.
+        first_only
+            Compute only the query at position 0.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(batch, length, d_model)``, or ``(batch, 1, d_model)`` with ``first_only``, after
+            ``out_proj``. Attention dropout (``self.dropout``) applies in training mode only.
         """
         batch, length, d_model = x.shape
         qkv = self.Wqkv(x).view(batch, length, 3, self.nhead, self.head_dim)
@@ -109,6 +151,22 @@ class ScGPTEncoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None, *, first_only: bool = False
     ) -> torch.Tensor:
+        """Self-attention and feed-forward blocks, each followed by residual and LayerNorm.
+
+        Parameters
+        ----------
+        x
+            ``(batch, length, d_model)`` input hidden states.
+        attn_mask
+            Boolean "may attend" mask, as in :meth:`ScGPTSelfAttention.forward`, or ``None``.
+        first_only
+            Compute position 0 (``<cls>``) alone; its residual is ``x[:, :1]``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(batch, length, d_model)``, or ``(batch, 1, d_model)`` with ``first_only``.
+        """
         attended = self.self_attn(x, attn_mask, first_only=first_only)
         x = self.norm1((x[:, :1] if first_only else x) + self.dropout1(attended))
         hidden = self.dropout(F.relu(self.linear1(x)))
@@ -123,7 +181,22 @@ class TransformerStack(nn.Module):
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None, *, first_only: bool = False
     ) -> torch.Tensor:
-        """All positions, or with ``first_only`` position 0 of the last layer alone."""
+        """All positions, or with ``first_only`` position 0 of the last layer alone.
+
+        Parameters
+        ----------
+        x
+            ``(batch, length, d_model)`` embeddings.
+        attn_mask
+            Boolean "may attend" mask passed to every layer, or ``None``.
+        first_only
+            Let the last layer compute position 0 only (earlier layers compute all positions).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(batch, length, d_model)``, or ``(batch, 1, d_model)`` with ``first_only``.
+        """
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             x = layer(x, attn_mask, first_only=first_only and i == last)
@@ -162,6 +235,7 @@ class ScGPTEncoder(nn.Module):
 
     @property
     def d_model(self) -> int:
+        """Width of the hidden states and of the cell embedding (``args.embsize``)."""
         return self.args.embsize
 
     def forward(
@@ -177,6 +251,24 @@ class ScGPTEncoder(nn.Module):
         ``padding_mask`` is True at pad positions (torch convention); when omitted it is derived
         from ``gene_ids == pad_id``. ``first_only`` returns ``(batch, 1, d_model)``: the last
         layer computes the ``<cls>`` position only (same values, less work).
+
+        Parameters
+        ----------
+        gene_ids
+            ``(batch, length)`` integer vocabulary ids, ``<cls>`` first, ``<pad>`` after the genes.
+        values
+            ``(batch, length)`` expression bins (``pad_value`` at ``<cls>`` and padding); cast to
+            the dtype of the weights.
+        padding_mask
+            ``(batch, length)`` bool, True at pad positions; ``None`` derives it from ``gene_ids``.
+            When no position is padded, attention runs without a mask.
+        first_only
+            Return position 0 only.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(batch, length, d_model)``, or ``(batch, 1, d_model)`` with ``first_only``.
         """
         if padding_mask is None:
             padding_mask = gene_ids.eq(self.pad_id)
@@ -193,7 +285,33 @@ class ScGPTEncoder(nn.Module):
         values: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The un-normalised output at the ``<cls>`` position (position 0), ``(batch, d)``."""
+        """The un-normalised output at the ``<cls>`` position (position 0), ``(batch, d)``.
+
+        Equivalent to ``forward(..., first_only=True)[:, 0, :]``. :func:`scdlkit.tl.embed`
+        L2-normalises this per cell.
+
+        Parameters
+        ----------
+        gene_ids
+            ``(batch, length)`` integer vocabulary ids, ``<cls>`` first.
+        values
+            ``(batch, length)`` expression bins, ``pad_value`` at ``<cls>`` and padding.
+        padding_mask
+            ``(batch, length)`` bool, True at pad positions; ``None`` derives it from ``gene_ids``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(batch, d_model)`` cell embeddings.
+
+        Examples
+        --------
+        >>> from scdlkit.foundation._tokenize import collate_tokens
+        >>> model = sck.foundation.load_scgpt_model("whole-human")  # doctest: +SKIP
+        >>> batch = collate_tokens(prepared.tokens, range(8))  # doctest: +SKIP
+        >>> with torch.no_grad():  # doctest: +SKIP
+        ...     emb = model.cls_embedding(**batch)
+        """
         return self.forward(gene_ids, values, padding_mask, first_only=True)[:, 0, :]
 
 
@@ -203,6 +321,27 @@ def set_attention_dropout(module: nn.Module, p: float) -> nn.Module:
     Upstream trains with attention dropout equal to ``args.dropout`` (0.2). On CPU, torch has no
     fused attention kernel with dropout, so each attention call becomes several times slower;
     ``p=0`` keeps the fused kernel while the residual and feed-forward dropouts stay in place.
+
+    Parameters
+    ----------
+    module
+        A model holding :class:`ScGPTSelfAttention` blocks (at any depth); modified in place.
+    p
+        Attention dropout probability, in ``[0, 1)``.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``module`` itself.
+
+    Raises
+    ------
+    ValueError
+        When ``p`` is outside ``[0, 1)``.
+
+    Examples
+    --------
+    >>> set_attention_dropout(model, 0.0)  # doctest: +SKIP
     """
     if not 0 <= p < 1:
         msg = f"attention dropout must be in [0, 1), got {p}."

@@ -92,6 +92,7 @@ class ScGPTTokens:
 
     @property
     def n_cells(self) -> int:
+        """Number of cells (``len(indptr) - 1``)."""
         return len(self.indptr) - 1
 
     def __len__(self) -> int:
@@ -109,10 +110,32 @@ class ScGPTTokens:
 
     @property
     def nbytes(self) -> int:
+        """Memory held by ``indptr``, ``gene_ids`` and ``bins``, in bytes."""
         return self.indptr.nbytes + self.gene_ids.nbytes + self.bins.nbytes
 
     def cell(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Gene ids and bins of cell ``i``, subsampled (seeded) if longer than ``max_seq_len``."""
+        """Gene ids and bins of cell ``i``, subsampled (seeded) if longer than ``max_seq_len``.
+
+        At most ``max_seq_len - 1`` genes are returned (``<cls>`` takes the remaining slot), in
+        stored order. A longer cell keeps a random subset drawn with ``(seed, cell_offset + i)``,
+        the same on every call.
+
+        Parameters
+        ----------
+        i
+            Position of the cell in this token set (``0..n_cells - 1``).
+
+        Returns
+        -------
+        gene_ids : numpy.ndarray
+            Vocabulary ids (int32) of the cell's expressed, matched genes, without ``<cls>``.
+        bins : numpy.ndarray
+            Their expression bins (uint8).
+
+        Examples
+        --------
+        >>> genes, bins = prepared.tokens.cell(0)  # doctest: +SKIP
+        """
         start, stop = self.indptr[i], self.indptr[i + 1]
         genes, bins = self.gene_ids[start:stop], self.bins[start:stop]
         keep = self.max_seq_len - 1
