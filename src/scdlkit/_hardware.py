@@ -1,4 +1,4 @@
-"""Whether a device runs bfloat16 natively; shared by inference and the Trainer."""
+"""The default device, and whether a device runs bfloat16 natively (inference and Trainer)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,20 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["native_bf16"]
+__all__ = ["native_bf16", "resolve_device"]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA, then Apple MPS, then CPU; anything else is passed to torch."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
 
 
 @functools.cache

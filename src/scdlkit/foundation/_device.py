@@ -6,24 +6,11 @@ import contextlib
 
 import torch
 
-from scdlkit._hardware import native_bf16
+from scdlkit._hardware import native_bf16, resolve_device
 
 __all__ = ["autocast_context", "native_bf16", "resolve_device", "resolve_precision"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks CUDA, then Apple MPS, then CPU; anything else is passed to torch."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from scdlkit._hardware import native_bf16
+from scdlkit._hardware import native_bf16, resolve_device
 
 __all__ = ["resolve_devices", "resolve_precision"]
 
@@ -49,16 +47,9 @@ def resolve_precision(precision: str | int = "auto", *, accelerator: Any = "auto
         return _ALIASES.get(precision, precision)
     name = accelerator.lower() if isinstance(accelerator, str) else "auto"
     if name == "auto":  # as Fabric picks: CUDA, then MPS, then CPU
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name in {"cuda", "gpu"}:
-        return "bf16-mixed" if native_bf16("cuda") else "32-true"
-    if name == "cpu":
-        return "bf16-mixed" if native_bf16("cpu") else "32-true"
+        name = resolve_device("auto").type
+    if name in {"cuda", "gpu", "cpu"}:
+        return "bf16-mixed" if native_bf16("cuda" if name == "gpu" else name) else "32-true"
     return "32-true"
 
 
