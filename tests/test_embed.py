@@ -212,7 +212,7 @@ def test_layer_and_sparse_input(fixture_adata, checkpoint_dir, expected):
 
 
 def test_precision_resolution(monkeypatch):
-    from scdlkit import _hardware
+    from scdlkit._shared import hardware as _hardware
     from scdlkit.foundation import _device
 
     cpu = torch.device("cpu")

@@ -8,7 +8,7 @@ import warnings
 import tqdm.auto
 import tqdm.std
 
-from scdlkit import _progress
+from scdlkit._shared import progress as _progress
 
 
 def test_text_bar_without_ipywidgets(monkeypatch):

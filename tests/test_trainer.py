@@ -312,7 +312,7 @@ def test_frozen_parameters_are_not_trained():
 
 
 def test_precision_auto_on_cpu_follows_native_bf16(monkeypatch):
-    from scdlkit import _hardware
+    from scdlkit._shared import hardware as _hardware
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(_hardware, "_cpu_flags", lambda: frozenset({"avx2"}))
@@ -325,7 +325,7 @@ def test_precision_auto_on_cpu_follows_native_bf16(monkeypatch):
 
 
 def test_resolve_precision(monkeypatch):
-    from scdlkit import _hardware
+    from scdlkit._shared import hardware as _hardware
 
     monkeypatch.setattr(_hardware, "_cpu_flags", lambda: frozenset({"avx2"}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -22,8 +22,8 @@ KEY = "scgpt_annotation"
 
 def results_adata(runner: Any) -> AnnData:
     """An obs-only AnnData of the reference cells with the annotation slots written."""
+    from scdlkit._shared.slots import write_annotation_slots
     from scdlkit.tl._adapt_annotation import annotation_uns
-    from scdlkit.tl._slots import write_annotation_slots
 
     prepared = runner.prepared_
     codes = prepared.label_codes
@@ -81,7 +81,7 @@ def _batch_section(runner: Any) -> list[str]:
 
 
 def _report(runner: Any, adata: AnnData, per_class: pd.DataFrame, figures: list[str]) -> str:
-    from scdlkit.tl._utils import package_versions
+    from scdlkit._shared.provenance import package_versions
 
     report = runner.report_
     metrics = runner.strategy_metrics_

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from scdlkit._shared.strategies import DEFAULT_STRATEGIES, STRATEGIES
 from scdlkit._version import __version__
 
 __all__ = ["main"]
@@ -30,19 +31,6 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-#: Strategy names accepted by ``--strategies`` (kept equal to ``scdlkit.foundation`` by a test;
-#: spelled out here so ``--help`` does not import torch).
-STRATEGIES = (
-    "frozen_probe",
-    "head",
-    "full_finetune",
-    "lora",
-    "adapter",
-    "prefix_tuning",
-    "ia3",
-    "baseline",
-)
-DEFAULT_STRATEGIES = ("frozen_probe", "head")
 TABLE_COLUMNS = (
     "strategy",
     "validation_macro_f1",

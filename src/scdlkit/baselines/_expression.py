@@ -46,7 +46,7 @@ def log_normalised_matrix(adata: Any, layer: str | None = None) -> sparse.csr_ma
     --------
     >>> matrix = sck.baselines.log_normalised_matrix(adata, layer="counts")  # doctest: +SKIP
     """
-    from scdlkit.foundation._validation import describe_values, get_matrix, iter_row_chunks
+    from scdlkit._shared.validation import describe_values, get_matrix, iter_row_chunks
 
     kind = describe_values(adata, layer)
     blocks = [block for _, block in iter_row_chunks(get_matrix(adata, layer))]

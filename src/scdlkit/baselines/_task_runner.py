@@ -25,7 +25,7 @@ import torch
 from scipy import sparse
 from torch.utils.data import Dataset
 
-from scdlkit._persist import (
+from scdlkit._shared.persist import (
     MANIFEST_NAME,
     read_checked_weights,
     read_manifest_file,
@@ -471,8 +471,8 @@ class TaskRunner:
         self, adata: Any, layer: str | None, gene_key: str | None
     ) -> tuple[sparse.csr_matrix, pd.Index]:
         """Validated, log-normalised cells x genes matrix and the gene names."""
+        from scdlkit._shared.validation import gene_names, validate_values
         from scdlkit.baselines._expression import log_normalised_matrix
-        from scdlkit.foundation._validation import gene_names, validate_values
 
         if adata.n_obs == 0 or adata.n_vars == 0:
             msg = f"adata has shape {adata.shape}; it needs at least one cell and one gene."
@@ -483,7 +483,7 @@ class TaskRunner:
         return log_normalised_matrix(adata, layer), genes
 
     def _read_labels(self, adata: Any) -> tuple[np.ndarray, list[str]]:
-        from scdlkit.foundation._labels import encode_labels, read_label_column
+        from scdlkit._shared.labels import encode_labels, read_label_column
 
         if self.label_key is None:
             return np.full(adata.n_obs, -1, dtype=np.int64), []
@@ -612,7 +612,7 @@ class TaskRunner:
         self, dataset: _ExpressionDataset, *, reconstruction: bool
     ) -> dict[str, np.ndarray]:
         """fp32 outputs for every cell of ``dataset``, in order."""
-        from scdlkit._progress import tqdm
+        from scdlkit._shared.progress import tqdm
 
         device = self._torch_device
         model = self.model_.to(device).eval()
@@ -813,7 +813,7 @@ class TaskRunner:
         """
         from safetensors.torch import save_file
 
-        from scdlkit.tl._utils import package_versions
+        from scdlkit._shared.provenance import package_versions
         from scdlkit.training.metrics import json_safe
 
         self._require_fitted("save")

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from scdlkit._shared.strategies import TUNING_STRATEGIES
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._device import resolve_device
 from scdlkit.foundation._loading import build_encoder, load_encoder_weights, load_scgpt_model
@@ -46,7 +47,6 @@ __all__ = [
 ]
 
 #: Strategies that build an :class:`ScGPTAnnotationModel`.
-TUNING_STRATEGIES = ("head", "full_finetune", "lora", "adapter", "prefix_tuning", "ia3")
 
 #: Dropout on the ``<cls>`` vector before the head. 0.1, the usual rate before a transformer
 #: classification head (BERT); upstream scGPT has none at this position (0.0 reproduces it), the

@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
-from scdlkit.foundation._genes import tokenize_adata
-from scdlkit.foundation._labels import (
+from scdlkit._shared.labels import (
     EncodedLabels,
     encode_labels,
     read_batch_column,
     read_label_column,
 )
+from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
+from scdlkit.foundation._genes import tokenize_adata
 from scdlkit.foundation._tokenize import ScGPTTokens, collate_tokens, length_grouped_batches
 
 __all__ = [

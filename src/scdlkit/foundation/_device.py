@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from scdlkit._hardware import native_bf16, resolve_device
+from scdlkit._shared.hardware import native_bf16, resolve_device
 
 __all__ = ["autocast_context", "native_bf16", "resolve_device", "resolve_precision"]
 

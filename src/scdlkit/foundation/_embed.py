@@ -76,7 +76,7 @@ def encode_cells(
     nothing; results are put back in the order of ``cells`` (default: all cells). On CUDA, the
     next batch is built on the CPU while the GPU runs the current one.
     """
-    from scdlkit._progress import tqdm
+    from scdlkit._shared.progress import tqdm
 
     cells = np.arange(tokens.n_cells) if cells is None else np.asarray(cells)
     out: np.ndarray | None = None

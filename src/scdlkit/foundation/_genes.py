@@ -9,14 +9,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scdlkit.foundation._checkpoint import ScGPTCheckpoint
-from scdlkit.foundation._tokenize import ScGPTTokens, tokenize_matrix
-from scdlkit.foundation._validation import (
+from scdlkit._shared.validation import (
     gene_names,
     get_matrix,
     looks_like_ensembl,
     validate_values,
 )
+from scdlkit.foundation._checkpoint import ScGPTCheckpoint
+from scdlkit.foundation._tokenize import ScGPTTokens, tokenize_matrix
 
 __all__ = ["GeneMatch", "match_genes", "tokenize_adata"]
 

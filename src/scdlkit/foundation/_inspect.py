@@ -8,16 +8,16 @@ from typing import Any
 
 import numpy as np
 
-from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
-from scdlkit.foundation._data import MIN_CELLS_TO_STRATIFY, MIN_GENE_OVERLAP
-from scdlkit.foundation._genes import match_genes
-from scdlkit.foundation._labels import encode_labels, read_batch_column, read_label_column
-from scdlkit.foundation._validation import (
+from scdlkit._shared.labels import encode_labels, read_batch_column, read_label_column
+from scdlkit._shared.validation import (
     describe_values,
     get_matrix,
     iter_row_chunks,
     looks_like_ensembl,
 )
+from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
+from scdlkit.foundation._data import MIN_CELLS_TO_STRATIFY, MIN_GENE_OVERLAP
+from scdlkit.foundation._genes import match_genes
 
 __all__ = ["ScGPTAnnotationDataReport", "inspect_annotation_data"]
 

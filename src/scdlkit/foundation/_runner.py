@@ -517,8 +517,8 @@ class ScGPTAnnotationRunner:
         )
 
     def _fit_baseline(self, adata: Any) -> StrategyResult:
+        from scdlkit._shared.validation import gene_names
         from scdlkit.baselines._expression import ExpressionLogisticBaseline, log_normalised_matrix
-        from scdlkit.foundation._validation import gene_names
 
         matrix = log_normalised_matrix(adata, self.layer)
         genes = gene_names(adata, self.gene_key)
@@ -656,8 +656,8 @@ class ScGPTAnnotationRunner:
         best = self._best
         n_classes = len(self.label_categories_)
         if best.strategy == "baseline":
+            from scdlkit._shared.validation import gene_names
             from scdlkit.baselines._expression import log_normalised_matrix
-            from scdlkit.foundation._validation import gene_names
 
             matrix = log_normalised_matrix(adata, layer)
             genes = gene_names(adata, gene_key)

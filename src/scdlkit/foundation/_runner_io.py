@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scdlkit._persist import (
+from scdlkit._shared.persist import (
     MANIFEST_NAME,
     make_readable,
     read_checked_weights,
@@ -73,7 +73,7 @@ def save_runner(runner: Any, path: Path) -> Path:
     """Write ``runner`` to the folder ``path`` (created if needed); returns the folder."""
     from safetensors.torch import save_file
 
-    from scdlkit.tl._utils import package_versions
+    from scdlkit._shared.provenance import package_versions
     from scdlkit.training.metrics import json_safe
 
     best: StrategyResult = runner._best

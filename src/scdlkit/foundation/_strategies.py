@@ -20,6 +20,12 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from scdlkit._shared.strategies import (
+    NEURAL_STRATEGIES,
+    PEFT_STRATEGIES,
+    STRATEGIES,
+)
+
 __all__ = [
     "DEFAULT_TRAINING",
     "STRATEGIES",
@@ -28,20 +34,6 @@ __all__ = [
     "resolve_training",
 ]
 
-STRATEGIES = (
-    "frozen_probe",
-    "head",
-    "full_finetune",
-    "lora",
-    "adapter",
-    "prefix_tuning",
-    "ia3",
-    "baseline",
-)
-NEURAL_STRATEGIES = ("head", "full_finetune", "lora", "adapter", "prefix_tuning", "ia3")
-PEFT_STRATEGIES = ("lora", "adapter", "prefix_tuning", "ia3")
-#: Strategies that read ``<cls>`` features of the frozen pretrained encoder.
-FEATURE_STRATEGIES = ("frozen_probe", "head")
 
 _COMMON = {
     "weight_decay": 0.0,

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from scdlkit._shared.validation import validate_values
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint
 from scdlkit.foundation._embed import encode_cells
 from scdlkit.foundation._genes import GeneMatch, tokenize_adata
-from scdlkit.foundation._validation import validate_values
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "encode_adata", "process_group"]
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scdlkit.foundation._validation import iter_row_chunks
+from scdlkit._shared.validation import iter_row_chunks
 
 __all__ = [
     "ScGPTTokens",
@@ -165,7 +165,7 @@ def tokenize_matrix(
     Memory beyond the tokens themselves is bounded by one chunk of rows. ``cell_offset`` is the
     position of ``matrix``'s first row in the whole dataset (see :class:`ScGPTTokens`).
     """
-    from scdlkit._progress import tqdm
+    from scdlkit._shared.progress import tqdm
 
     vocab_ids = np.asarray(vocab_ids)
     matched = vocab_ids >= 0

@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from scdlkit._shared.strategies import STRATEGIES
+
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
@@ -52,15 +54,7 @@ METRIC_LABELS = {
 }
 
 # A fixed colour per known strategy, so a strategy keeps its colour across plots.
-_STRATEGY_ORDER = (
-    "frozen_probe",
-    "head",
-    "full_finetune",
-    "lora",
-    "adapter",
-    "prefix_tuning",
-    "ia3",
-)
+_STRATEGY_ORDER = STRATEGIES
 
 _TOOL_HINT = "run sck.tl.adapt_annotation(adata, label_key, key_added={key!r}) first"
 

@@ -6,8 +6,8 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
-from scdlkit.tl._slots import write_annotation_slots
-from scdlkit.tl._utils import check_writable
+from scdlkit._shared.provenance import check_writable
+from scdlkit._shared.slots import write_annotation_slots
 
 __all__ = ["annotate"]
 

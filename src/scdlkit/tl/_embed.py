@@ -4,7 +4,7 @@ import os
 
 from anndata import AnnData
 
-from scdlkit.tl._utils import check_writable, package_versions
+from scdlkit._shared.provenance import check_writable, package_versions
 
 __all__ = ["embed"]
 

@@ -92,9 +92,9 @@ def train_baseline(
     >>> sck.tl.train_baseline(adata, model="vae", key_added="vae")  # doctest: +SKIP
     >>> sc.pp.neighbors(adata, use_rep="X_vae")  # doctest: +SKIP
     """
+    from scdlkit._shared.provenance import package_versions
+    from scdlkit._shared.slots import SPLIT_CATEGORIES, h5ad_safe
     from scdlkit.baselines import TaskRunner
-    from scdlkit.tl._slots import SPLIT_CATEGORIES, h5ad_safe
-    from scdlkit.tl._utils import package_versions
 
     if not isinstance(key_added, str) or not key_added:
         msg = f"`key_added` must be a non-empty string; got {key_added!r}."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from scdlkit._hardware import native_bf16, resolve_device
+from scdlkit._shared.hardware import native_bf16, resolve_device
 
 __all__ = ["resolve_devices", "resolve_precision"]
 

@@ -52,7 +52,7 @@ from lightning_fabric.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning_fabric.strategies.launchers import _SubprocessScriptLauncher
 from lightning_fabric.utilities.seed import seed_everything
 
-from scdlkit._progress import tqdm
+from scdlkit._shared.progress import tqdm
 from scdlkit.training._batching import batch_indices, gather_in_order, make_loader, shard
 from scdlkit.training._checks import (
     check_dataset,

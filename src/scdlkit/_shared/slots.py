@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from scdlkit.tl._utils import package_versions
+from scdlkit._shared.provenance import package_versions
 
 __all__ = ["h5ad_safe", "write_annotation_slots"]
 
