@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import anndata as ad
 import numpy as np
@@ -165,6 +168,63 @@ def test_save_is_atomic_and_load_refuses_tampering(mlp, tmp_path):
         TaskRunner.load(folder)
     with pytest.raises(FileNotFoundError, match=r"manifest\.json"):
         TaskRunner.load(tmp_path / "nowhere")
+
+
+#: Runs in a fresh interpreter where `import safetensors` fails (the `foundation` extra absent).
+_WITHOUT_SAFETENSORS = """
+import sys
+sys.modules["safetensors"] = None  # any `import safetensors...` now raises ImportError
+import anndata as ad
+import numpy as np
+import pytest
+import scdlkit as sck
+
+rng = np.random.default_rng(0)
+adata = ad.AnnData(rng.poisson(2.0, size=(90, 30)).astype(np.float32))
+adata.var_names = [f"G{i}" for i in range(30)]
+adata.obs["cell_type"] = np.repeat(["a", "b", "c"], 30)
+runner = sck.TaskRunner(
+    model="mlp", label_key="cell_type", epochs=2, hidden_dims=(8,), latent_dim=4,
+    precision="fp32", device="cpu", progress=False,
+).fit(adata)
+before = runner.predict(adata)
+folder = runner.save(sys.argv[1])
+weights = sorted(p.name for p in folder.iterdir() if p.name != "manifest.json")
+assert len(weights) == 1 and weights[0].endswith(".pt"), weights
+loaded = sck.TaskRunner.load(folder, device="cpu")
+after = loaded.predict(adata)
+for key in before:
+    np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+assert loaded.params() == runner.params()
+with pytest.raises(ImportError, match="install safetensors"):
+    sck.TaskRunner.load(sys.argv[2])
+assert sys.modules["safetensors"] is None
+print("ok", weights[0])
+"""
+
+
+def test_task_runner_works_without_safetensors(mlp, tmp_path):
+    saved_with_safetensors = mlp[1].save(tmp_path / "st")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = [sys.executable, "-c", _WITHOUT_SAFETENSORS]
+    result = subprocess.run(
+        [*script, str(tmp_path / "pt"), str(saved_with_safetensors)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().startswith("ok weights-")
+    # The torch-format folder loads here too (safetensors installed) and refuses tampering.
+    folder = tmp_path / "pt"
+    assert TaskRunner.load(folder, device="cpu").label_categories_ == ["a", "b", "c"]
+    weights = next(folder.glob("weights-*.pt"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        TaskRunner.load(folder)
 
 
 def test_predict_aligns_genes_by_name(mlp, caplog):

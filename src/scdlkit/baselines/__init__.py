@@ -8,10 +8,11 @@
   metrics (:func:`knn_label_consistency`, :func:`silhouette`) for use on their own.
 """
 
+from scdlkit._shared.splits import stratified_split
 from scdlkit.baselines._expression import ExpressionLogisticBaseline, log_normalised_matrix
 from scdlkit.baselines._metrics import knn_label_consistency, silhouette
 from scdlkit.baselines._models import VAE, AutoEncoder, MLPClassifier
-from scdlkit.baselines._task_runner import TaskRunner, stratified_split
+from scdlkit.baselines._task_runner import TaskRunner
 
 __all__ = [
     "VAE",

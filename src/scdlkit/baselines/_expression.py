@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from scdlkit._shared.validation import describe_values, get_matrix, iter_row_chunks
+
 __all__ = ["ExpressionLogisticBaseline", "log_normalised_matrix"]
 
 TARGET_SUM = 1e4
@@ -46,8 +48,6 @@ def log_normalised_matrix(adata: Any, layer: str | None = None) -> sparse.csr_ma
     --------
     >>> matrix = sck.baselines.log_normalised_matrix(adata, layer="counts")  # doctest: +SKIP
     """
-    from scdlkit._shared.validation import describe_values, get_matrix, iter_row_chunks
-
     kind = describe_values(adata, layer)
     blocks = [block for _, block in iter_row_chunks(get_matrix(adata, layer))]
     matrix = sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix(adata.shape)
@@ -130,6 +130,7 @@ class ExpressionLogisticBaseline:
         ...     log_normalised_matrix(query), query.var_names
         ... )  # doctest: +SKIP
         """
+        # Lazy: these estimators take a fraction of a second to import; only this baseline uses them
         from sklearn.decomposition import TruncatedSVD
         from sklearn.linear_model import LogisticRegression
 
@@ -228,6 +229,7 @@ class ExpressionLogisticBaseline:
         ...     model.state_arrays(), model.genes_
         ... )  # doctest: +SKIP
         """
+        # Lazy: these estimators take a fraction of a second to import; only this baseline uses them
         from sklearn.decomposition import TruncatedSVD
         from sklearn.linear_model import LogisticRegression
 

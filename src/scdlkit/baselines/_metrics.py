@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import silhouette_score
 
 __all__ = ["knn_label_consistency", "silhouette"]
 
@@ -63,6 +64,7 @@ def knn_label_consistency(latent: Any, labels: Any, *, k: int = 15) -> float | N
     >>> knn_label_consistency(x, np.array([0, 0, 1, 1]), k=1)
     1.0
     """
+    # Lazy: sklearn.neighbors costs about 0.1-0.2 s to import, and only this metric needs it.
     from sklearn.neighbors import NearestNeighbors
 
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
@@ -100,8 +102,6 @@ def silhouette(latent: Any, labels: Any) -> float | None:
     >>> round(silhouette(x, np.array([0, 0, 1, 1])), 2)
     0.98
     """
-    from sklearn.metrics import silhouette_score
-
     x, y = _labelled(latent, labels)
     n_labels = np.unique(y).size
     if n_labels < 2 or n_labels >= y.size:

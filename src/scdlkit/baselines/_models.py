@@ -17,7 +17,44 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MODEL_CLASSES", "AutoEncoder", "MLPClassifier", "VAE", "build_model"]
+__all__ = [
+    "MODEL_CLASSES",
+    "TASKS",
+    "VALID_COMBINATIONS",
+    "VAE",
+    "AutoEncoder",
+    "MLPClassifier",
+    "build_model",
+    "resolve_task",
+]
+
+TASKS = ("classification", "representation")
+#: The task each model solves; other pairs are rejected.
+VALID_COMBINATIONS = {
+    "mlp": "classification",
+    "autoencoder": "representation",
+    "vae": "representation",
+}
+_VALID_TEXT = (
+    "model='mlp' with task='classification', or model='autoencoder'/'vae' with "
+    "task='representation'"
+)
+
+
+def resolve_task(model: Any, task: Any) -> str:
+    """The task of ``model`` (``task=None`` infers it); a ValueError names the valid pairs."""
+    if model not in VALID_COMBINATIONS:
+        msg = f"model={model!r} is not a baseline; choose 'mlp', 'autoencoder' or 'vae'."
+        raise ValueError(msg)
+    if task is None:
+        return VALID_COMBINATIONS[model]
+    if task not in TASKS:
+        msg = f"task={task!r}; choose 'classification' or 'representation' (or None to infer)."
+        raise ValueError(msg)
+    if VALID_COMBINATIONS[model] != task:
+        msg = f"model={model!r} cannot do task={task!r}; valid combinations: {_VALID_TEXT}."
+        raise ValueError(msg)
+    return task
 
 
 def _stack(sizes: Sequence[int], dropout: float) -> nn.Sequential:

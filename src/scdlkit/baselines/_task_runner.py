@@ -6,12 +6,12 @@ standardises every gene with statistics of the training split, trains the model 
 :class:`~scdlkit.training.Trainer` and scores the validation and test splits.
 :meth:`~TaskRunner.predict` and :meth:`~TaskRunner.encode` apply it to any AnnData (genes
 aligned by name); :meth:`~TaskRunner.save` and :meth:`~TaskRunner.load` persist it as a strict
-JSON manifest plus safetensors weights (no pickle), written atomically.
+JSON manifest plus weights (no pickle), written atomically. The features are built in
+:mod:`scdlkit.baselines._features`, the folder format is :mod:`scdlkit.baselines._task_runner_io`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import defaultdict
@@ -23,37 +23,40 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import sparse
-from torch.utils.data import Dataset
 
-from scdlkit._shared.persist import (
-    MANIFEST_NAME,
-    read_checked_weights,
-    read_manifest_file,
-    sha256_file,
+from scdlkit._shared.hardware import resolve_device
+from scdlkit._shared.labels import encode_labels, read_label_column
+from scdlkit._shared.numeric import softmax
+from scdlkit._shared.persist import MANIFEST_NAME
+from scdlkit._shared.progress import tqdm
+from scdlkit._shared.provenance import package_versions
+from scdlkit._shared.splits import MIN_CELLS_TO_STRATIFY, SPLIT_NAMES, stratified_split
+from scdlkit.baselines._features import (
+    ExpressionDataset,
+    align_genes,
+    gene_statistics,
+    read_expression,
 )
 from scdlkit.baselines._metrics import knn_label_consistency, silhouette
-from scdlkit.baselines._models import build_model
-from scdlkit.foundation._data import allocate_split_counts
+from scdlkit.baselines._models import TASKS, VALID_COMBINATIONS, build_model, resolve_task
+from scdlkit.baselines._task_runner_io import (
+    KIND,
+    SCHEMA_VERSION,
+    history_frame,
+    read_runner_folder,
+    restore_features,
+    restore_model,
+    runner_kwargs,
+    write_runner_folder,
+)
+from scdlkit.training import Trainer
 from scdlkit.training._checks import check_int, check_number
+from scdlkit.training.metrics import classification_metrics
 
 __all__ = ["TASKS", "VALID_COMBINATIONS", "TaskRunner", "stratified_split"]
 
 logger = logging.getLogger("scdlkit")
 
-SCHEMA_VERSION = 1
-KIND = "scdlkit.TaskRunner"
-TASKS = ("classification", "representation")
-#: The task each model solves; other pairs are rejected.
-VALID_COMBINATIONS = {
-    "mlp": "classification",
-    "autoencoder": "representation",
-    "vae": "representation",
-}
-#: Standardised values are clipped to +-MAX_VALUE (as ``sc.pp.scale(max_value=10)``).
-MAX_VALUE = 10.0
-#: A class needs this many cells to appear in train, validation and test.
-MIN_CELLS_TO_STRATIFY = 3
-SPLIT_NAMES = ("train", "val", "test")
 CLASSIFICATION_METRICS = (
     "accuracy",
     "macro_f1",
@@ -63,157 +66,6 @@ CLASSIFICATION_METRICS = (
     "n_cells",
 )
 REPRESENTATION_METRICS = ("knn_label_consistency", "silhouette", "reconstruction_loss", "n_cells")
-_VALID_TEXT = (
-    "model='mlp' with task='classification', or model='autoencoder'/'vae' with "
-    "task='representation'"
-)
-_REQUIRED = {
-    "schema_version": int,
-    "kind": str,
-    "model": str,
-    "task": str,
-    "params": dict,
-    "model_config": dict,
-    "genes": list,
-    "label_categories": list,
-    "metrics": dict,
-    "weights_file": str,
-    "weights_sha256": str,
-}
-
-
-# ---------------------------------------------------------------------------------- helpers
-
-
-def resolve_task(model: Any, task: Any) -> str:
-    """The task of ``model`` (``task=None`` infers it); a ValueError names the valid pairs."""
-    if model not in VALID_COMBINATIONS:
-        msg = f"model={model!r} is not a baseline; choose 'mlp', 'autoencoder' or 'vae'."
-        raise ValueError(msg)
-    if task is None:
-        return VALID_COMBINATIONS[model]
-    if task not in TASKS:
-        msg = f"task={task!r}; choose 'classification' or 'representation' (or None to infer)."
-        raise ValueError(msg)
-    if VALID_COMBINATIONS[model] != task:
-        msg = f"model={model!r} cannot do task={task!r}; valid combinations: {_VALID_TEXT}."
-        raise ValueError(msg)
-    return task
-
-
-def stratified_split(
-    cells: np.ndarray,
-    strata: np.ndarray,
-    *,
-    val_size: float,
-    test_size: float,
-    random_state: int,
-    min_cells: int = MIN_CELLS_TO_STRATIFY,
-) -> tuple[dict[str, np.ndarray], list[int]]:
-    """Split ``cells`` into train/val/test, each stratum (e.g. class code) in proportion.
-
-    Parameters
-    ----------
-    cells
-        Cell indices to split.
-    strata
-        Group of each entry of ``cells`` (same length); each group is split separately.
-    val_size, test_size
-        Fractions of each group for validation and test (at least one cell each where the group
-        has ``min_cells`` or more; at least one cell always stays in training).
-    random_state
-        Seed of the permutation; same inputs, same split.
-    min_cells
-        Smaller groups go wholly to ``train``.
-
-    Returns
-    -------
-    tuple
-        ``{"train", "val", "test"}`` -> sorted index arrays, and the strata that were too small.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from scdlkit.baselines import stratified_split
-    >>> parts, small = stratified_split(
-    ...     np.arange(20), np.repeat([0, 1], 10), val_size=0.2, test_size=0.2, random_state=0
-    ... )
-    >>> [len(parts[s]) for s in ("train", "val", "test")], small
-    ([12, 4, 4], [])
-    """
-    cells = np.asarray(cells, dtype=np.int64)
-    strata = np.asarray(strata)
-    rng = np.random.default_rng(random_state)
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLIT_NAMES}
-    small: list[int] = []
-    for stratum in np.unique(strata):
-        group = rng.permutation(cells[strata == stratum])
-        if len(group) < min_cells and (val_size or test_size):
-            small.append(stratum.item())
-            parts["train"].append(group)
-            continue
-        n_val, n_test = allocate_split_counts(len(group), val_size, test_size)
-        parts["test"].append(group[:n_test])
-        parts["val"].append(group[n_test : n_test + n_val])
-        parts["train"].append(group[n_test + n_val :])
-    empty = np.zeros(0, np.int64)
-    out = {name: np.sort(np.concatenate(p)) if p else empty for name, p in parts.items()}
-    return out, small
-
-
-def _unique_genes(genes: pd.Index, where: str) -> None:
-    if genes.has_duplicates:
-        dup = genes[genes.duplicated()].unique()[:5].tolist()
-        msg = (
-            f"{where} has duplicate gene names ({', '.join(map(str, dup))}, ...); genes are "
-            "matched by name, so make them unique first: adata.var_names_make_unique()."
-        )
-        raise ValueError(msg)
-
-
-class _ExpressionDataset(Dataset):
-    """Cells of a log-normalised CSR matrix, standardised batch by batch (never all at once).
-
-    ``dataset[i]`` is ``i``; :meth:`collate_fn` builds ``{"x", "labels"}`` for a list of cells.
-    Columns where ``missing`` is true (genes absent from the query) are 0 after standardising.
-    """
-
-    def __init__(
-        self,
-        matrix: sparse.csr_matrix,
-        mean: np.ndarray,
-        scale: np.ndarray,
-        labels: np.ndarray,
-        missing: np.ndarray | None = None,
-    ) -> None:
-        self.matrix = matrix
-        self.mean = mean.astype(np.float32)
-        self.scale = scale.astype(np.float32)
-        self.labels = labels.astype(np.int64)
-        self.missing = missing if missing is not None and missing.any() else None
-
-    def __len__(self) -> int:
-        return self.matrix.shape[0]
-
-    def __getitem__(self, i: int) -> int:
-        return int(i)
-
-    def features(self, positions: Sequence[int]) -> np.ndarray:
-        rows = self.matrix[np.asarray(positions, dtype=np.int64)].toarray()
-        x = (rows - self.mean) / self.scale
-        if self.missing is not None:
-            x[:, self.missing] = 0.0
-        return np.clip(x, -MAX_VALUE, MAX_VALUE, out=x).astype(np.float32, copy=False)
-
-    def collate_fn(self, positions: Sequence[int]) -> dict[str, torch.Tensor]:
-        idx = np.asarray(positions, dtype=np.int64)
-        return {
-            "x": torch.from_numpy(self.features(idx)),
-            "labels": torch.from_numpy(self.labels[idx]),
-        }
-
-
-# ---------------------------------------------------------------------------------- runner
 
 
 class TaskRunner:
@@ -422,8 +274,6 @@ class TaskRunner:
 
     @staticmethod
     def _check_device(device: Any) -> None:
-        from scdlkit.foundation._device import resolve_device
-
         try:
             resolve_device(device)
         except (RuntimeError, TypeError, ValueError) as err:
@@ -432,8 +282,6 @@ class TaskRunner:
 
     @property
     def _torch_device(self) -> torch.device:
-        from scdlkit.foundation._device import resolve_device
-
         return resolve_device(self.device)
 
     def _require_fitted(self, what: str) -> None:
@@ -467,24 +315,7 @@ class TaskRunner:
             "n_neighbors": self.n_neighbors,
         }
 
-    def _read_matrix(
-        self, adata: Any, layer: str | None, gene_key: str | None
-    ) -> tuple[sparse.csr_matrix, pd.Index]:
-        """Validated, log-normalised cells x genes matrix and the gene names."""
-        from scdlkit._shared.validation import gene_names, validate_values
-        from scdlkit.baselines._expression import log_normalised_matrix
-
-        if adata.n_obs == 0 or adata.n_vars == 0:
-            msg = f"adata has shape {adata.shape}; it needs at least one cell and one gene."
-            raise ValueError(msg)
-        genes = gene_names(adata, gene_key)
-        _unique_genes(genes, "adata.var_names" if gene_key is None else f"adata.var[{gene_key!r}]")
-        validate_values(adata, layer)
-        return log_normalised_matrix(adata, layer), genes
-
     def _read_labels(self, adata: Any) -> tuple[np.ndarray, list[str]]:
-        from scdlkit._shared.labels import encode_labels, read_label_column
-
         if self.label_key is None:
             return np.full(adata.n_obs, -1, dtype=np.int64), []
         encoded = encode_labels(read_label_column(adata.obs, self.label_key), min_classes=2)
@@ -492,8 +323,8 @@ class TaskRunner:
 
     def _dataset(
         self, matrix: sparse.csr_matrix, labels: np.ndarray, missing: np.ndarray | None = None
-    ) -> _ExpressionDataset:
-        return _ExpressionDataset(matrix, self.mean_, self.scale_, labels, missing)
+    ) -> ExpressionDataset:
+        return ExpressionDataset(matrix, self.mean_, self.scale_, labels, missing)
 
     # ---------------------------------------------------------------------------- lifecycle
 
@@ -515,10 +346,8 @@ class TaskRunner:
         --------
         >>> runner = sck.TaskRunner(model="mlp", label_key="cell_type").fit(adata)  # doctest: +SKIP
         """
-        from scdlkit.training import Trainer
-
         codes, categories = self._read_labels(adata)
-        matrix, genes = self._read_matrix(adata, self.layer, self.gene_key)
+        matrix, genes = read_expression(adata, self.layer, self.gene_key)
         if self.task == "classification":
             cells = np.flatnonzero(codes >= 0)
         else:
@@ -545,7 +374,7 @@ class TaskRunner:
         self._fitted = False  # a refit that fails half-way must not look fitted
         self.genes_ = [str(g) for g in genes]
         self.label_categories_ = list(categories)
-        self.mean_, self.scale_ = _gene_statistics(matrix[splits["train"]])
+        self.mean_, self.scale_ = gene_statistics(matrix[splits["train"]])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.random_state)
             model = build_model(self.model, self._model_config())
@@ -609,11 +438,9 @@ class TaskRunner:
         return config
 
     def _forward(
-        self, dataset: _ExpressionDataset, *, reconstruction: bool
+        self, dataset: ExpressionDataset, *, reconstruction: bool
     ) -> dict[str, np.ndarray]:
         """fp32 outputs for every cell of ``dataset``, in order."""
-        from scdlkit._shared.progress import tqdm
-
         device = self._torch_device
         model = self.model_.to(device).eval()
         parts: dict[str, list[np.ndarray]] = defaultdict(list)
@@ -635,10 +462,8 @@ class TaskRunner:
 
     def _score(self, outputs: dict[str, np.ndarray], codes: np.ndarray, cells: np.ndarray) -> dict:
         """Metrics of one split (``None`` where undefined)."""
-        from scdlkit.training.metrics import classification_metrics
-
         if self.task == "classification":
-            probabilities = _softmax(outputs["logits"][cells])
+            probabilities = softmax(outputs["logits"][cells])
             metrics = classification_metrics(
                 codes[cells], probabilities, n_classes=len(self.label_categories_)
             )
@@ -655,7 +480,7 @@ class TaskRunner:
     def _finish(self, outputs: dict[str, np.ndarray], *, reconstruction: bool) -> dict:
         out: dict[str, np.ndarray] = {}
         if self.task == "classification":
-            probabilities = _softmax(outputs["logits"])
+            probabilities = softmax(outputs["logits"])
             codes = probabilities.argmax(axis=1).astype(np.int64)
             out["label_codes"] = codes
             out["labels"] = np.asarray(self.label_categories_, dtype=object)[codes]
@@ -701,30 +526,10 @@ class TaskRunner:
 
     def _query_dataset(
         self, adata: Any, layer: str | None, gene_key: str | None
-    ) -> _ExpressionDataset:
-        matrix, genes = self._read_matrix(adata, layer, gene_key)
-        position = genes.get_indexer(self.genes_)
-        present = position >= 0
-        if not present.any():
-            msg = (
-                f"none of the {len(self.genes_)} genes the model was trained on is in adata "
-                f"(e.g. {', '.join(self.genes_[:3])}); check var_names or gene_key=."
-            )
-            raise ValueError(msg)
-        if not present.all():
-            logger.warning(
-                "%d of %d model genes are missing from adata; they are set to the training mean.",
-                int((~present).sum()),
-                len(self.genes_),
-            )
-        cols = np.flatnonzero(present)
-        selector = sparse.csr_matrix(
-            (np.ones(len(cols), np.float32), (position[cols], cols)),
-            shape=(matrix.shape[1], len(self.genes_)),
-        )
-        aligned = sparse.csr_matrix(matrix @ selector, dtype=np.float32)
-        labels = np.full(adata.n_obs, -1, dtype=np.int64)
-        return self._dataset(aligned, labels, ~present)
+    ) -> ExpressionDataset:
+        matrix, genes = read_expression(adata, layer, gene_key)
+        aligned, missing = align_genes(matrix, genes, self.genes_)
+        return self._dataset(aligned, np.full(adata.n_obs, -1, dtype=np.int64), missing)
 
     def predict(
         self, adata: Any, *, layer: str | None = None, gene_key: str | None = None
@@ -789,12 +594,14 @@ class TaskRunner:
     # -------------------------------------------------------------------------- persistence
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Save atomically to the folder ``path``: ``manifest.json`` plus safetensors weights.
+        """Save atomically to the folder ``path``: ``manifest.json`` plus the weights.
 
-        The weights (model state and the per-gene standardisation) are written under a new
-        content-addressed name first, then the manifest that names them (with their sha256)
-        replaces the old one in one rename, then stale weights are removed; an interrupted save
-        leaves the previous one intact. Nothing is pickled.
+        The weights (model state and the per-gene standardisation) are a safetensors file when
+        the ``safetensors`` package is installed, else a torch file of plain tensors (read back
+        with ``torch.load(weights_only=True)``). They are written under a new content-addressed
+        name first, then the manifest that names them (with their sha256) replaces the old one
+        in one rename, then stale weights are removed; an interrupted save leaves the previous
+        one intact. Nothing is pickled.
 
         Parameters
         ----------
@@ -811,25 +618,14 @@ class TaskRunner:
         >>> runner.save("runs/mlp")  # doctest: +SKIP
         >>> same = sck.TaskRunner.load("runs/mlp")  # doctest: +SKIP
         """
-        from safetensors.torch import save_file
-
-        from scdlkit._shared.provenance import package_versions
-        from scdlkit.training.metrics import json_safe
-
         self._require_fitted("save")
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         tensors = {
             f"model.{k}": v.detach().to("cpu", copy=True).contiguous()
             for k, v in self.model_.state_dict().items()
         }
         tensors["features.mean"] = torch.from_numpy(np.ascontiguousarray(self.mean_))
         tensors["features.scale"] = torch.from_numpy(np.ascontiguousarray(self.scale_))
-        tmp_weights = path / f".weights-{os.getpid()}.tmp"
-        save_file(tensors, str(tmp_weights))
-        digest = sha256_file(tmp_weights)
-        weights_name = f"weights-{digest[:16]}.safetensors"
-        os.replace(tmp_weights, path / weights_name)
         history = self.history_ if self.history_ is not None else pd.DataFrame()
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -846,16 +642,8 @@ class TaskRunner:
             "best_epoch": self.best_epoch_,
             "trainable_parameters": self.trainable_parameters_,
             "split": self.split_summary_,
-            "weights_file": weights_name,
-            "weights_sha256": digest,
         }
-        text = json.dumps(json_safe(manifest), indent=2, allow_nan=False)
-        tmp_manifest = path / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
-        tmp_manifest.write_text(text)
-        os.replace(tmp_manifest, path / MANIFEST_NAME)
-        for stale in path.glob("weights-*.safetensors"):
-            if stale.name != weights_name:
-                stale.unlink()
+        write_runner_folder(path, tensors, manifest)
         self.runner_dir_ = path
         return path
 
@@ -884,15 +672,10 @@ class TaskRunner:
         >>> runner.predict(query)["labels"]  # doctest: +SKIP
         """
         path = Path(path)
-        manifest = _read_manifest(path)
-        tensors = read_checked_weights(path, manifest)
+        manifest, tensors = read_runner_folder(path)
         file = path / MANIFEST_NAME
-        params = dict(manifest["params"])
-        kwargs = {k: v for k, v in params.items() if k in _PARAM_NAMES}
-        if "hidden_dims" in kwargs:
-            kwargs["hidden_dims"] = tuple(kwargs["hidden_dims"])
         try:
-            runner = cls(**kwargs, device=device, progress=False)
+            runner = cls(**runner_kwargs(manifest), device=device, progress=False)
         except (TypeError, ValueError) as err:
             msg = f"{file}: the recorded params are invalid ({err})."
             raise ValueError(msg) from err
@@ -901,39 +684,16 @@ class TaskRunner:
             raise ValueError(msg)
         runner.genes_ = list(manifest["genes"])
         runner.label_categories_ = list(manifest["label_categories"])
-        if manifest["model_config"] != runner._model_config():
+        config = runner._model_config()
+        if manifest["model_config"] != config:
             msg = f"{file}: model_config does not match the recorded params, genes and labels."
             raise ValueError(msg)
-        n_genes = len(runner.genes_)
-        stats = {}
-        for name in ("mean", "scale"):
-            tensor = tensors.pop(f"features.{name}", None)
-            if tensor is None or tuple(tensor.shape) != (n_genes,):
-                msg = f"{file}: the weights lack features.{name} of shape ({n_genes},)."
-                raise ValueError(msg)
-            stats[name] = tensor.numpy().astype(np.float32)
-        finite = np.isfinite(stats["mean"]).all() and np.isfinite(stats["scale"]).all()
-        if not (finite and (stats["scale"] > 0).all()):
-            msg = f"{file}: features.mean/scale must be finite and the scale positive."
-            raise ValueError(msg)
-        runner.mean_, runner.scale_ = stats["mean"], stats["scale"]
-        with torch.random.fork_rng(devices=[]):  # the random init is overwritten below
-            model = build_model(runner.model, runner._model_config())
-        state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-        extra = sorted(k for k in tensors if not k.startswith("model."))
-        try:
-            if extra:
-                msg = f"unexpected tensors {extra[:5]}"
-                raise RuntimeError(msg)
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            msg = f"{file}: the weights do not match the {runner.model} model ({err})."
-            raise ValueError(msg) from err
-        runner.model_ = model.eval()
+        runner.mean_, runner.scale_ = restore_features(tensors, len(runner.genes_), file)
+        runner.model_ = restore_model(runner.model, config, tensors, file)
         runner.metrics_ = {
             split: dict(manifest["metrics"].get(split) or {}) for split in ("validation", "test")
         }
-        runner.history_ = _history_frame(manifest.get("history") or [])
+        runner.history_ = history_frame(manifest.get("history") or [])
         runner.best_epoch_ = manifest.get("best_epoch")
         runner.trainable_parameters_ = manifest.get("trainable_parameters")
         runner.split_summary_ = dict(manifest.get("split") or {})
@@ -945,80 +705,3 @@ class TaskRunner:
     def __repr__(self) -> str:
         state = "fitted" if self._fitted else "not fitted"
         return f"TaskRunner(model={self.model!r}, task={self.task!r}, {state})"
-
-
-_PARAM_NAMES = frozenset(
-    {
-        "model",
-        "task",
-        "latent_dim",
-        "hidden_dims",
-        "epochs",
-        "batch_size",
-        "lr",
-        "weight_decay",
-        "dropout",
-        "kl_weight",
-        "class_weight",
-        "precision",
-        "label_key",
-        "layer",
-        "gene_key",
-        "val_size",
-        "test_size",
-        "random_state",
-        "early_stopping_patience",
-        "n_neighbors",
-    }
-)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def _gene_statistics(matrix: sparse.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene mean and standard deviation (1 where a gene is constant) in float64."""
-    m = sparse.csr_matrix(matrix, dtype=np.float64)
-    n = max(m.shape[0], 1)
-    mean = np.asarray(m.sum(axis=0)).ravel() / n
-    square = np.asarray(m.multiply(m).sum(axis=0)).ravel() / n
-    std = np.sqrt(np.maximum(square - mean**2, 0.0))
-    scale = np.where(std > 1e-6, std, 1.0)
-    return mean.astype(np.float32), scale.astype(np.float32)
-
-
-def _history_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """History back from JSON: ``null`` becomes NaN again."""
-    frame = pd.DataFrame(records)
-    for column in frame.columns:
-        frame[column] = pd.to_numeric(frame[column])
-    if "epoch" in frame.columns:
-        frame["epoch"] = frame["epoch"].astype(int)
-    return frame
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    """Parse and validate ``manifest.json``; errors name the problem."""
-    manifest = read_manifest_file(
-        path, _REQUIRED, schema_version=SCHEMA_VERSION, what="TaskRunner", kind=KIND
-    )
-    file = path / MANIFEST_NAME
-    try:
-        resolve_task(manifest["model"], manifest["task"])
-    except ValueError as err:
-        msg = f"{file}: {err}"
-        raise ValueError(msg) from err
-    for key in ("genes", "label_categories"):
-        if not all(isinstance(v, str) for v in manifest[key]):
-            msg = f"{file}: field {key!r} must be a list of strings."
-            raise ValueError(msg)
-    if len(set(manifest["genes"])) != len(manifest["genes"]) or not manifest["genes"]:
-        msg = f"{file}: field 'genes' must be a non-empty list of unique names."
-        raise ValueError(msg)
-    if Path(manifest["weights_file"]).name != manifest["weights_file"]:
-        msg = f"{file}: weights_file must be a file name inside the runner folder."
-        raise ValueError(msg)
-    return manifest

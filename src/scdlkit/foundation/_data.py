@@ -19,6 +19,12 @@ from scdlkit._shared.labels import (
     read_batch_column,
     read_label_column,
 )
+from scdlkit._shared.splits import (
+    MIN_CELLS_TO_STRATIFY,
+    SPLIT_NAMES,
+    choose_held_out,
+    stratified_split,
+)
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._genes import tokenize_adata
 from scdlkit.foundation._tokenize import ScGPTTokens, collate_tokens, length_grouped_batches
@@ -33,11 +39,8 @@ __all__ = [
 
 logger = logging.getLogger("scdlkit")
 
-SPLIT_NAMES = ("train", "val", "test")
 #: Genes of the data that must be in the vocabulary (scGPT sees only those).
 MIN_GENE_OVERLAP = 100
-#: A class needs this many labelled cells to appear in train, validation and test.
-MIN_CELLS_TO_STRATIFY = 3
 
 
 class ScGPTCellDataset(Dataset):
@@ -381,23 +384,7 @@ def _check_fraction(name: str, value: float) -> None:
         raise ValueError(msg)
 
 
-def allocate_split_counts(n: int, val_size: float, test_size: float) -> tuple[int, int]:
-    """Validation and test counts for a class of ``n`` cells; each split gets one where possible."""
-    n_test = round(n * test_size)
-    n_val = round(n * val_size)
-    if test_size > 0:
-        n_test = max(n_test, 1)
-    if val_size > 0:
-        n_val = max(n_val, 1)
-    while n_test + n_val > n - 1:  # keep at least one training cell
-        if n_val >= n_test and n_val > 0:
-            n_val -= 1
-        else:
-            n_test -= 1
-    return n_val, n_test
-
-
-def _split_cells(
+def _split_labelled(
     prepared: ScGPTPreparedData,
     cells: np.ndarray,
     *,
@@ -406,50 +393,16 @@ def _split_cells(
     rng: np.random.Generator,
     stratify: bool,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Stratified (or plain) split of ``cells`` into train/val/test; returns small classes too."""
-    codes = prepared.label_codes
-    groups = (
-        [cells[codes[cells] == c] for c in range(len(prepared.label_categories))]
-        if stratify
-        else [cells]
+    """Stratified (or plain) split of labelled ``cells``; small classes come back by name."""
+    indices, small = stratified_split(
+        cells,
+        prepared.label_codes[cells] if stratify else None,
+        val_size=val_size,
+        test_size=test_size,
+        random_state=rng,
+        min_cells=MIN_CELLS_TO_STRATIFY if stratify else 0,
     )
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLIT_NAMES}
-    small = []
-    for class_code, group in enumerate(groups):
-        group = rng.permutation(group)
-        if stratify and len(group) < MIN_CELLS_TO_STRATIFY and (val_size or test_size):
-            if len(group):
-                small.append(prepared.label_categories[class_code])
-            parts["train"].append(group)
-            continue
-        n_val, n_test = allocate_split_counts(len(group), val_size, test_size)
-        parts["test"].append(group[:n_test])
-        parts["val"].append(group[n_test : n_test + n_val])
-        parts["train"].append(group[n_test + n_val :])
-    out = {
-        name: np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64)
-        for name, p in parts.items()
-    }
-    return out, small
-
-
-def _choose_batches(
-    names: list[str],
-    requested: Sequence[str] | None,
-    fraction: float,
-    rng: np.random.Generator,
-    role: str,
-) -> list[str]:
-    if requested is not None:
-        unknown = sorted(set(map(str, requested)) - set(names))
-        if unknown:
-            msg = f"{role}_batches={unknown} are not batches of the data ({', '.join(names)})."
-            raise ValueError(msg)
-        return [str(b) for b in requested]
-    if fraction == 0:
-        return []
-    n = max(1, round(len(names) * fraction))
-    return sorted(rng.choice(names, size=min(n, len(names)), replace=False).tolist())
+    return indices, [prepared.label_categories[code] for code in small]
 
 
 def split_scgpt_data(
@@ -526,7 +479,7 @@ def split_scgpt_data(
     rng = np.random.default_rng(random_state)
     chosen: dict[str, list[str]] = {"test": [], "val": []}
     if split_by == "cells":
-        indices, small = _split_cells(
+        indices, small = _split_labelled(
             prepared, labelled, val_size=val_size, test_size=test_size, rng=rng, stratify=stratify
         )
     else:
@@ -541,13 +494,13 @@ def split_scgpt_data(
                 f"{len(names)} ({', '.join(names)}). Use split_by='cells'."
             )
             raise ValueError(msg)
-        chosen["test"] = _choose_batches(names, test_batches, test_size, rng, "test")
+        chosen["test"] = choose_held_out(names, test_batches, test_size, rng, role="test")
         rest = [b for b in names if b not in chosen["test"]]
         if not rest:
             msg = "every batch is a test batch; leave at least one for training."
             raise ValueError(msg)
         if val_batches is not None or len(rest) > 1:
-            chosen["val"] = _choose_batches(rest, val_batches, val_size, rng, "val")
+            chosen["val"] = choose_held_out(rest, val_batches, val_size, rng, role="val")
             if set(chosen["val"]) & set(chosen["test"]):
                 msg = "val_batches and test_batches overlap."
                 raise ValueError(msg)
@@ -563,7 +516,7 @@ def split_scgpt_data(
                 "too few batches for a validation batch: "
                 "validation cells come from the training batches"
             )
-            inner, small = _split_cells(
+            inner, small = _split_labelled(
                 prepared, train_pool, val_size=val_size, test_size=0.0, rng=rng, stratify=stratify
             )
             indices["train"], indices["val"] = inner["train"], inner["val"]

@@ -7,6 +7,9 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from scdlkit._shared.provenance import package_versions
+from scdlkit._shared.slots import SPLIT_CATEGORIES, h5ad_safe
+
 __all__ = ["train_baseline"]
 
 
@@ -92,8 +95,7 @@ def train_baseline(
     >>> sck.tl.train_baseline(adata, model="vae", key_added="vae")  # doctest: +SKIP
     >>> sc.pp.neighbors(adata, use_rep="X_vae")  # doctest: +SKIP
     """
-    from scdlkit._shared.provenance import package_versions
-    from scdlkit._shared.slots import SPLIT_CATEGORIES, h5ad_safe
+    # Lazy: baselines import torch and lightning, and `import scdlkit.tl` stays free of both.
     from scdlkit.baselines import TaskRunner
 
     if not isinstance(key_added, str) or not key_added:
