@@ -16,6 +16,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from anndata.tests.helpers import assert_equal
 
 from scdlkit import cli
@@ -60,7 +61,7 @@ def round_trip(files, checkpoint_dir, tmp_path_factory) -> dict:
         [
             "adapt", files["ref"], "--label-key", "bulk_labels", "-o", ref_out,
             "--checkpoint", checkpoint_dir, "--strategies", "frozen_probe", "baseline",
-            "--epochs", "1", "--attention-dropout", "0",
+            "--epochs", "1", "--attention-dropout", "0", "--precision", "fp32",
         ]
     )  # fmt: skip
     assert adapt[0] == 0, adapt[2]
@@ -192,7 +193,7 @@ def test_unexpected_error_exits_1_with_traceback(monkeypatch, capsys):
     def boom(args):
         raise RuntimeError("something broke")
 
-    monkeypatch.setattr(cli, "run_inspect", boom)
+    monkeypatch.setattr(cli._commands, "run_inspect", boom)
     assert main(["inspect", "whatever.h5ad"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err
@@ -218,7 +219,7 @@ def test_quiet_and_verbose_set_the_scdlkit_logger(argv, level, monkeypatch):
         seen["handlers"] = len(logger.handlers)
         return 0
 
-    monkeypatch.setattr(cli, "run_inspect", record)
+    monkeypatch.setattr(cli._commands, "run_inspect", record)
     before = (logger.level, list(logger.handlers))
     assert main(argv) == 0
     assert seen["level"] == level
@@ -247,6 +248,153 @@ def test_atomic_write_replaces_whole_or_keeps_the_old_file(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_help_does_not_import_torch():
+    script = (
+        "import contextlib, io, sys\n"
+        "from scdlkit.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    codes = [main([*c, '--help']) for c in ([], ['inspect'], ['embed'], ['adapt'], "
+        "['annotate'])]\n"
+        "print(codes, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[0, 0, 0, 0, 0] False"
+
+
+# ------------------------------------------------- user errors: exit 2, one line, before work
+
+
+def _one_line_error(err: str) -> str:
+    """The single ``scdlkit: error:`` line of ``err``, which must hold nothing else."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("scdlkit: error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def input_never_read(monkeypatch):
+    """Make reading the input a bug (exit 1), to show that the checks come before it."""
+
+    def read_input(*args, **kwargs):
+        msg = "the input was read before the options were checked"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(cli._commands, "read_input", read_input)
+
+
+def _argv(command: str, tmp_path: Path, out: Path) -> list[str]:
+    cells = str(tmp_path / "cells.h5ad")
+    return {
+        "embed": ["embed", cells, "-o", str(out)],
+        "adapt": ["adapt", cells, "--label-key", "bulk_labels", "-o", str(out)],
+        "annotate": ["annotate", cells, "--runner", str(tmp_path), "-o", str(out)],
+    }[command]
+
+
+@pytest.mark.parametrize("command", ["embed", "adapt", "annotate"])
+@pytest.mark.parametrize("device", ["foo", "cuda:x", ""])
+def test_unknown_device_exits_2_before_any_work(
+    command, device, tmp_path, input_never_read, capsys
+):
+    out = tmp_path / "out.h5ad"
+    assert main([*_argv(command, tmp_path, out), "--device", device]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert f"--device {device!r} is not a device that torch knows" in line
+    assert "'cpu', 'cuda', 'cuda:N' or 'mps'" in line  # the fix
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("command", ["embed", "adapt", "annotate"])
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_on_a_cpu_only_machine_exits_2_before_any_work(
+    command, device, tmp_path, input_never_read, capsys
+):
+    out = tmp_path / "out.h5ad"
+    assert main([*_argv(command, tmp_path, out), "--device", device]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert f"--device {device!r}: no CUDA GPU is available here" in line
+    assert "use --device cpu or auto" in line
+
+
+@pytest.mark.parametrize("command", ["embed", "adapt", "annotate", "inspect"])
+def test_output_under_a_file_exits_2_before_any_work(command, tmp_path, input_never_read, capsys):
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where a folder should be")
+    out = blocker / "sub" / "out.h5ad"
+    if command == "inspect":
+        argv = ["inspect", str(tmp_path / "cells.h5ad"), "--json", str(blocker / "r.json")]
+        what = "--json"
+    else:
+        argv, what = _argv(command, tmp_path, out), "output"
+    assert main(argv) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert f"scdlkit: error: {what} " in line
+    assert f"{str(blocker)!r} is a file, not a folder; choose another path" in line
+    assert blocker.read_text() == "a file where a folder should be"
+
+
+def test_output_in_an_unwritable_folder_exits_2_before_any_work(
+    tmp_path, input_never_read, monkeypatch, capsys
+):
+    import tempfile
+
+    # Simulated (permission bits do not stop root, which may run the tests): creating any file
+    # in `locked` fails as on a read-only folder.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        if Path(kwargs.get("dir", "")) == locked:
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    out = locked / "out.h5ad"
+    assert main(_argv("embed", tmp_path, out)) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert f"cannot write to the folder {str(locked)!r} of output {str(out)!r}" in line
+    assert "Permission denied" in line
+    assert "choose a writable place" in line
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize("blocked", ["itself", "parent"])
+def test_adapt_output_dir_under_or_at_a_file_exits_2_before_any_work(
+    blocked, tmp_path, input_never_read, capsys
+):
+    blocker = tmp_path / "taken"
+    blocker.write_text("x")
+    output_dir = blocker if blocked == "itself" else blocker / "run"
+    argv = [*_argv("adapt", tmp_path, tmp_path / "out.h5ad"), "--output-dir", str(output_dir)]
+    assert main(argv) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert f"--output-dir {str(output_dir)!r}" in line
+    assert "is a file" in line
+
+
+@pytest.mark.parametrize("size", ["empty", "truncated"])
+def test_truncated_checkpoint_exits_2_naming_the_file(
+    size, files, checkpoint_copy, tmp_path, capsys
+):
+    weights = checkpoint_copy / "best_model.pt"
+    data = weights.read_bytes()
+    weights.write_bytes(b"" if size == "empty" else data[: len(data) // 2])
+    out = tmp_path / "out.h5ad"
+    argv = ["embed", str(files["query"]), "-o", str(out), "--checkpoint", str(checkpoint_copy)]
+    assert main(argv) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert f"{weights} is not a readable PyTorch weights file" in line
+    assert "truncated or corrupted" in line
+    assert "Download or copy the checkpoint again" in line
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------- commands
@@ -353,7 +501,7 @@ def test_annotate_with_a_missing_runner_exits_2(files, tmp_path, capsys):
 
 def test_embed_backed_streams_and_keeps_everything_else(files, checkpoint_dir, tmp_path):
     in_memory, backed = tmp_path / "in_memory.h5ad", tmp_path / "backed.h5ad"
-    base = ["embed", files["query"], "--checkpoint", checkpoint_dir]
+    base = ["embed", files["query"], "--checkpoint", checkpoint_dir, "--precision", "fp32"]
     assert run([*base, "-o", in_memory])[0] == 0
     code, stdout, stderr = run([*base, "-o", backed, "--backed", "--chunk-size", 37])
     assert code == 0, stderr
@@ -384,6 +532,7 @@ def test_annotate_backed_labels_like_in_memory(round_trip, files, tmp_path):
 def test_embed_under_torchrun_matches_one_process(files, checkpoint_dir, tmp_path):
     single, sharded = tmp_path / "single.h5ad", tmp_path / "sharded.h5ad"
     base = ["embed", files["query"], "--checkpoint", checkpoint_dir, "--device", "cpu"]
+    base += ["--precision", "fp32"]
     assert run([*base, "-o", single])[0] == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]

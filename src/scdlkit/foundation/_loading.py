@@ -70,6 +70,15 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "weights with torch.load(weights_only=True) so a file you were handed cannot run code."
         )
         raise ValueError(msg) from err
+    except (RuntimeError, EOFError) as err:  # an empty, truncated or corrupted file
+        reason = str(err).split(". ")[0].strip().rstrip(".") or "it ends unexpectedly"
+        if path.stat().st_size == 0:
+            reason = "it is empty"
+        msg = (
+            f"{path} is not a readable PyTorch weights file ({reason}): it is probably "
+            "truncated or corrupted. Download or copy the checkpoint again."
+        )
+        raise ValueError(msg) from err
     if (
         isinstance(obj, dict)
         and "model_state_dict" in obj

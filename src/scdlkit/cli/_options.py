@@ -1,0 +1,170 @@
+"""Option helpers shared by the sub-commands, the help formatter and the value checks."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from typing import Any
+
+__all__ = [
+    "HelpFormatter",
+    "checkpoint_option",
+    "device_option",
+    "fraction",
+    "gene_layer_options",
+    "input_option",
+    "key_added_option",
+    "logging_options",
+    "output_option",
+    "paragraphs",
+    "positive_int",
+    "precision_option",
+    "streaming_options",
+]
+
+
+def paragraphs(text: str) -> str:
+    """Wrap each blank-line separated paragraph to 78 columns; keep indented ones (examples)."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        if block.startswith("  "):
+            out.append(block.rstrip())
+        else:
+            out.append(textwrap.fill(" ".join(block.split()), 78, break_on_hyphens=False))
+    return "\n\n".join(out)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the (pre-wrapped) description; appends ``(default: ...)`` where a help lacks it."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "default" in help_text or action.default in (None, False, argparse.SUPPRESS):
+            return help_text
+        return super()._get_help_string(action)
+
+
+def logging_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``-q``/``-v``, on the top parser and on every sub-command (either place works)."""
+    default: Any = 0 if top else argparse.SUPPRESS
+    group = parser.add_argument_group("output and logging")
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        default=default,
+        help="only log errors of the 'scdlkit' logger and hide progress bars",
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default,
+        help="log more: -v for progress messages (INFO), -vv for debugging (DEBUG); also shows "
+        "tracebacks of errors. Default: warnings only",
+    )
+
+
+def input_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("input", metavar=what.split()[0].upper() + ".h5ad", help=f"{what} (.h5ad)")
+
+
+def checkpoint_option(parser: argparse.ArgumentParser, *, default: str | None) -> None:
+    if default is None:
+        text = "base scGPT checkpoint (default: the one recorded when the runner was saved)"
+    else:
+        text = (
+            "scGPT checkpoint: a folder holding args.json, vocab.json and best_model.pt, or an "
+            "official name such as 'whole-human' looked up in $SCDLKIT_CACHE_DIR/scgpt/<name>/ "
+            f"(default: {default!r})"
+        )
+    parser.add_argument("--checkpoint", default=default, metavar="C", help=text)
+
+
+def gene_layer_options(parser: argparse.ArgumentParser, *, inherit: bool = False) -> None:
+    where = "the reference's" if inherit else "adata.var_names"
+    parser.add_argument(
+        "--gene-key",
+        metavar="G",
+        help=f"adata.var column holding gene symbols (default: {where})",
+    )
+    where = "the reference's" if inherit else "adata.X"
+    parser.add_argument(
+        "--layer", metavar="L", help=f"adata.layers key holding the values (default: {where})"
+    )
+
+
+def device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="'auto' (CUDA, then MPS, then CPU) or a torch device such as 'cpu' or 'cuda:1' "
+        "(default: 'auto')",
+    )
+
+
+def precision_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="'auto' (bf16 autocast where the hardware runs bf16 natively: CUDA, CPUs with AMX "
+        "or AVX512-BF16; fp32 elsewhere), 'fp32' or 'bf16' (default: 'auto')",
+    )
+
+
+def streaming_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "atlas scale",
+        "Under torchrun (torchrun --nproc-per-node=N -m scdlkit ...) each process handles a "
+        "share of the cells and the first one writes OUT.h5ad.",
+    )
+    group.add_argument(
+        "--backed",
+        action="store_true",
+        help="open the input backed (read_h5ad(backed='r')) and stream it in chunks, so memory "
+        "depends on --chunk-size, not on the number of cells",
+    )
+    group.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        metavar="N",
+        help="cells read, tokenised and run at a time (default: all cells in memory; 50000 with "
+        "--backed); results do not depend on it",
+    )
+
+
+def output_option(parser: argparse.ArgumentParser, *, required: bool, what: str) -> None:
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=required,
+        metavar="OUT.h5ad",
+        help=f"{what}; written atomically (temporary file beside it, then renamed); missing "
+        "folders are created",
+    )
+
+
+def key_added_option(parser: argparse.ArgumentParser, default: str, slots: str) -> None:
+    parser.add_argument(
+        "--key-added", default=default, metavar="KEY", help=f"{slots} (default: {default!r})"
+    )
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        msg = f"must be a positive integer, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        msg = f"must be a fraction in [0, 1), got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
