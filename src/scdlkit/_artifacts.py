@@ -14,6 +14,9 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from scdlkit._shared.provenance import package_versions
+from scdlkit._shared.slots import fit_summary_uns, write_annotation_slots
+
 __all__ = ["results_adata", "write_artifacts"]
 
 logger = logging.getLogger("scdlkit")
@@ -22,8 +25,6 @@ KEY = "scgpt_annotation"
 
 def results_adata(runner: Any) -> AnnData:
     """An obs-only AnnData of the reference cells with the annotation slots written."""
-    from scdlkit._shared.slots import write_annotation_slots
-    from scdlkit.tl._adapt_annotation import annotation_uns
 
     prepared = runner.prepared_
     codes = prepared.label_codes
@@ -37,7 +38,7 @@ def results_adata(runner: Any) -> AnnData:
         runner.reference_predictions(),
         key_added=KEY,
         split=runner.split_.split_labels(),
-        uns=annotation_uns(runner),
+        uns=fit_summary_uns(runner),
     )
     return adata
 
@@ -81,8 +82,6 @@ def _batch_section(runner: Any) -> list[str]:
 
 
 def _report(runner: Any, adata: AnnData, per_class: pd.DataFrame, figures: list[str]) -> str:
-    from scdlkit._shared.provenance import package_versions
-
     report = runner.report_
     metrics = runner.strategy_metrics_
     best = runner.best_strategy_
@@ -138,6 +137,8 @@ def _report(runner: Any, adata: AnnData, per_class: pd.DataFrame, figures: list[
 
 def write_artifacts(runner: Any, output_dir: Path) -> None:
     """``strategy_metrics.csv``, ``predictions.csv``, ``report.md`` and PNG plots."""
+    # matplotlib and the plots are heavy: imported only when a run writes its artifacts;
+    # scdlkit.training's package imports the Trainer (lightning_fabric)
     import matplotlib
 
     from scdlkit import pl

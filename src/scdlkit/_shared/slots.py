@@ -11,7 +11,7 @@ from anndata import AnnData
 
 from scdlkit._shared.provenance import package_versions
 
-__all__ = ["h5ad_safe", "write_annotation_slots"]
+__all__ = ["fit_summary_uns", "h5ad_safe", "write_annotation_slots"]
 
 SPLIT_CATEGORIES = ["train", "val", "test", "unlabelled"]
 
@@ -67,3 +67,16 @@ def write_annotation_slots(
             "versions": package_versions(),
         }
     )
+
+
+def fit_summary_uns(runner: Any) -> dict[str, Any]:
+    """The fit-specific part of ``uns[key_added]``: params, metrics, histories, split."""
+    uns = {
+        "params": runner.params(),
+        "strategy_metrics": runner.strategy_metrics_.copy(),
+        "history": {name: frame.copy() for name, frame in runner.history_.items()},
+        "split": dict(runner.split_summary_),
+    }
+    if getattr(runner, "batch_metrics_", None) is not None:
+        uns["batch_metrics"] = runner.batch_metrics_.copy()
+    return uns

@@ -14,6 +14,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from scdlkit._artifacts import write_artifacts
+from scdlkit._shared.strategies import DEFAULT_STRATEGIES, NEURAL_STRATEGIES, STRATEGIES
+from scdlkit._shared.validation import gene_names
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._data import (
     MIN_GENE_OVERLAP,
@@ -23,20 +26,20 @@ from scdlkit.foundation._data import (
 )
 from scdlkit.foundation._device import resolve_device, resolve_precision
 from scdlkit.foundation._embed import encode_cells
-from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
-from scdlkit.foundation._model import set_attention_dropout
-from scdlkit.foundation._strategies import (
-    FEATURE_STRATEGIES,
-    NEURAL_STRATEGIES,
-    STRATEGIES,
-    FeatureDataset,
+from scdlkit.foundation._fitting import (
+    FitContext,
+    PredictInputs,
     Stopwatch,
     StrategyResult,
-    check_training_overrides,
-    rank_key,
-    resolve_training,
-    softmax,
+    strategy_family,
 )
+from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
+from scdlkit.foundation._loading import build_encoder, load_encoder_weights, load_state_dict_file
+from scdlkit.foundation._runner_io import load_runner, save_runner
+from scdlkit.foundation._selection import batch_metrics, metrics_row, rank_key
+from scdlkit.foundation._stream import encode_adata
+from scdlkit.foundation._training_settings import check_training_overrides, resolve_training
+from scdlkit.foundation.peft import resolve_strategy_config
 
 __all__ = ["ScGPTAnnotationRunner", "adapt_scgpt_annotation"]
 
@@ -80,11 +83,41 @@ def _check_strategies(
                 f"{strategies}; add it to strategies or drop its config."
             )
             raise ValueError(msg)
-    from scdlkit.foundation._peft import resolve_strategy_config
-
     return strategies, {
         name: resolve_strategy_config(name, config) for name, config in configs.items()
     }
+
+
+def _recorded_arguments(arguments: dict[str, Any], configs: Mapping[str, Any]) -> dict[str, Any]:
+    """The constructor's arguments as JSON-ready values, recorded once (``init_params_``).
+
+    The legacy ``lora_config`` is folded into ``strategy_configs``; paths are absolute, so the
+    record means the same from any working directory.
+    """
+    recorded = dict(arguments)
+    del recorded["lora_config"]
+    checkpoint = recorded["checkpoint"]
+    if isinstance(checkpoint, ScGPTCheckpoint):
+        checkpoint = checkpoint.path
+    if isinstance(checkpoint, os.PathLike) or Path(checkpoint).is_dir():
+        checkpoint = str(Path(checkpoint).resolve())
+    output_dir = recorded["output_dir"]
+    strategies = recorded["strategies"]
+    recorded.update(
+        checkpoint=checkpoint,
+        strategies=[strategies] if isinstance(strategies, str) else list(strategies),
+        strategy_configs={name: config.to_dict() for name, config in configs.items()},
+        output_dir=None if output_dir is None else str(Path(output_dir).resolve()),
+        device=str(recorded["device"]),
+        training=dict(recorded["training"] or {}),
+        test_batches=_str_list(recorded["test_batches"]),
+        val_batches=_str_list(recorded["val_batches"]),
+    )
+    return recorded
+
+
+def _str_list(values: Sequence[Any] | None) -> list[str] | None:
+    return None if values is None else [str(v) for v in values]
 
 
 class ScGPTAnnotationRunner:
@@ -130,7 +163,7 @@ class ScGPTAnnotationRunner:
         Overrides of the training settings: setting names (apply to all strategies) and/or
         strategy names mapping to dicts, e.g. ``{"lora": {"epochs": 20}}``. Settings: epochs, lr,
         weight_decay, warmup, lr_decay, grad_clip, early_stopping_patience, monitor,
-        class_weight. Defaults: :data:`~scdlkit.foundation._strategies.DEFAULT_TRAINING`.
+        class_weight. Defaults: :data:`~scdlkit.foundation._training_settings.DEFAULT_TRAINING`.
     epochs, lr, early_stopping_patience, class_weight
         Shortcuts for the same settings, applied to every neural strategy when given.
     precision
@@ -184,7 +217,7 @@ class ScGPTAnnotationRunner:
         *,
         label_key: str,
         checkpoint: str | os.PathLike | ScGPTCheckpoint = "whole-human",
-        strategies: Sequence[str] = ("frozen_probe", "head"),
+        strategies: Sequence[str] = DEFAULT_STRATEGIES,
         strategy_configs: Mapping[str, Any] | None = None,
         lora_config: Any = None,
         batch_size: int = 64,
@@ -209,6 +242,7 @@ class ScGPTAnnotationRunner:
         val_batches: Sequence[str] | None = None,
         progress: bool = True,
     ) -> None:
+        arguments = {k: v for k, v in locals().items() if k not in {"self", "progress"}}
         self.strategies, self.strategy_configs = _check_strategies(
             strategies, strategy_configs, lora_config
         )
@@ -229,7 +263,7 @@ class ScGPTAnnotationRunner:
         self.test_size = test_size
         self.random_state = random_state
         self.device = device
-        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.output_dir = None if output_dir is None else Path(output_dir).resolve()
         self.gene_key = gene_key
         self.layer = layer
         self.training = dict(training or {})
@@ -250,9 +284,10 @@ class ScGPTAnnotationRunner:
             raise ValueError(msg)
         self.batch_key = batch_key
         self.split_by = split_by
-        self.test_batches = None if test_batches is None else [str(b) for b in test_batches]
-        self.val_batches = None if val_batches is None else [str(b) for b in val_batches]
+        self.test_batches = _str_list(test_batches)
+        self.val_batches = _str_list(val_batches)
         self.progress = progress
+        self.init_params_ = _recorded_arguments(arguments, self.strategy_configs)
         self._fitted = False
         self.runner_dir_: Path | None = None
 
@@ -268,32 +303,26 @@ class ScGPTAnnotationRunner:
             raise RuntimeError(msg)
 
     def params(self) -> dict[str, Any]:
-        """Every argument that shapes the result, as plain JSON-ready values."""
+        """Every argument that shapes the result, as plain JSON-ready values.
+
+        The constructor's arguments as recorded in ``init_params_`` (the same for a runner and
+        the same runner saved and loaded), with the checkpoint resolved, the training settings
+        each neural strategy uses, and the precision used.
+        """
         ckpt = getattr(self, "checkpoint_", None)
+        recorded = dict(self.init_params_)
+        for shortcut in ("training", "epochs", "lr", "early_stopping_patience", "class_weight"):
+            recorded.pop(shortcut)
         return {
-            "label_key": self.label_key,
-            "checkpoint": ckpt.name if ckpt is not None else str(self.checkpoint),
+            **recorded,
+            "checkpoint": ckpt.name if ckpt is not None else recorded["checkpoint"],
             "checkpoint_path": str(ckpt.path) if ckpt is not None else "",
-            "strategies": list(self.strategies),
-            "strategy_configs": {k: v.to_dict() for k, v in self.strategy_configs.items()},
-            "batch_size": self.batch_size,
-            "val_size": self.val_size,
-            "test_size": self.test_size,
-            "random_state": self.random_state,
-            "device": str(self.device),
             "gene_key": self.gene_key or "",
             "layer": self.layer or "",
             "training": {
                 s: self.training_settings(s) for s in self.strategies if s in NEURAL_STRATEGIES
             },
-            "precision": self.precision,
             "precision_used": resolve_precision(self.precision, self._torch_device),
-            "confidence_threshold": self.confidence_threshold,
-            "attention_dropout": self.attention_dropout,
-            "batch_key": self.batch_key,
-            "split_by": self.split_by,
-            "test_batches": self.test_batches,
-            "val_batches": self.val_batches,
         }
 
     def training_settings(self, strategy: str) -> dict[str, Any]:
@@ -357,13 +386,7 @@ class ScGPTAnnotationRunner:
         -------
         The fitted runner.
         """
-        from scdlkit.foundation._loading import (
-            build_encoder,
-            load_encoder_weights,
-            load_state_dict_file,
-        )
-
-        uses_scgpt = any(s != "baseline" for s in self.strategies)
+        families = {name: strategy_family(name) for name in self.strategies}
         self.checkpoint_ = resolve_checkpoint(self.checkpoint)
         self.prepared_ = prepare_scgpt_data(
             adata,
@@ -388,8 +411,56 @@ class ScGPTAnnotationRunner:
             test_batches=self.test_batches,
             val_batches=self.val_batches,
         )
+        self.split_summary_ = self._split_summary()
+        self._base_encoder = None
+        encoder_state = None
+        if any(f.uses_checkpoint for f in families.values()):
+            encoder_state = load_state_dict_file(self.checkpoint_.weights_path)
+            self._base_encoder = self._build_base_encoder(encoder_state)
+        features, feature_seconds = None, 0.0
+        if any(f.uses_features for f in families.values()):
+            with Stopwatch() as watch:
+                features = self._encode_base(self.prepared_)
+            feature_seconds = watch.seconds
+        self._features = features
+        self._expression = _once(lambda: _expression_of(adata, self.gene_key, self.layer))
+        ctx = FitContext(
+            prepared=self.prepared_,
+            split=self.split_,
+            label_categories=self.label_categories_,
+            checkpoint=self.checkpoint_,
+            encoder_state=encoder_state,
+            features=features,
+            expression=self._expression,
+            device=self._torch_device,
+            precision=self.precision,
+            batch_size=self.batch_size,
+            random_state=self.random_state,
+            attention_dropout=self.attention_dropout,
+            progress=self.progress,
+        )
+        results: dict[str, StrategyResult] = {}
+        for name, family in families.items():
+            logger.info("fitting strategy %s", name)
+            config = self.strategy_configs.get(name)
+            settings = self.training_settings(name) if name in NEURAL_STRATEGIES else {}
+            with Stopwatch() as watch:
+                results[name] = family.fit(name, ctx, settings, config)
+            # feature strategies share one <cls> pass; each is charged for it, so runtimes compare
+            results[name].runtime_sec = watch.seconds + (
+                feature_seconds if family.uses_features else 0.0
+            )
+        self._finish_fit(results)
+        self._reference_predictions = self._predict_prepared(self.prepared_)
+        self._expression = None  # the reference matrix is not kept beyond fit
+        if self.output_dir is not None:
+            self.save(self.output_dir / "runner")
+            write_artifacts(self, self.output_dir)
+        return self
+
+    def _split_summary(self) -> dict[str, Any]:
         split = self.split_
-        self.split_summary_ = {
+        return {
             "split_by": split.split_by,
             "batch_key": self.batch_key or "",
             "test_batches": list(split.test_batches),
@@ -404,48 +475,53 @@ class ScGPTAnnotationRunner:
             "n_unlabelled": int((~self.prepared_.labelled).sum()),
             "small_classes": list(split.small_classes),
         }
-        self._encoder_state = None
-        self._base_encoder = None
-        self._features = None
-        if uses_scgpt:
-            self._encoder_state = load_state_dict_file(self.checkpoint_.weights_path)
-            base = build_encoder(self.checkpoint_)
-            base.load_report = load_encoder_weights(base, self._encoder_state)
-            base.checkpoint = self.checkpoint_
-            self._base_encoder = base.to(self._torch_device).eval()
-            logger.info("scGPT checkpoint %s: %s", self.checkpoint_.name, base.load_report)
-        if any(s in FEATURE_STRATEGIES for s in self.strategies):
-            with Stopwatch() as watch:
-                self._features = self._encode_base(self.prepared_)
-            self._feature_seconds = watch.seconds
-        results = {}
-        for strategy in self.strategies:
-            logger.info("fitting strategy %s", strategy)
-            results[strategy] = self._fit_strategy(strategy, adata)
+
+    def _finish_fit(self, results: dict[str, StrategyResult]) -> None:
+        """Rank, keep the best model (drop the others), record metrics and histories."""
+        rows = [
+            metrics_row(r.strategy, r.metrics, r.trainable_parameters, r.runtime_sec)
+            for r in results.values()
+        ]
         self.results_ = results
-        rows = [self._metrics_row(r) for r in results.values()]
-        ranked = sorted(rows, key=rank_key)
-        self.best_strategy_ = ranked[0]["strategy"]
+        self.best_strategy_ = min(rows, key=rank_key)["strategy"]
         self.strategy_metrics_ = pd.DataFrame(rows)
         self.history_ = {s: r.history for s, r in results.items() if r.history is not None}
-        self.batch_metrics_ = self._batch_metrics(results) if self.batch_key else None
+        self.batch_metrics_ = None
+        if self.batch_key:
+            cells = self.split_.indices("test")
+            self.batch_metrics_ = batch_metrics(
+                {name: r.extra.get("test_probabilities") for name, r in results.items()},
+                self.prepared_.label_codes[cells],
+                self.prepared_.batches[cells],
+            )
         for name, result in results.items():  # keep only the best model in memory
             if name != self.best_strategy_:
                 result.model = None
         self._best = results[self.best_strategy_]
         self._fitted = True
-        self._reference_predictions = self._predict_prepared(self.prepared_, adata)
-        if self.output_dir is not None:
-            from scdlkit._artifacts import write_artifacts
 
-            self.save(self.output_dir / "runner")
-            write_artifacts(self, self.output_dir)
-        return self
+    # ----------------------------------------------------------------------------- encoders
 
-    # ------------------------------------------------------------------------- strategies
+    def _build_base_encoder(self, state: dict[str, torch.Tensor]) -> Any:
+        base = build_encoder(self.checkpoint_)
+        base.load_report = load_encoder_weights(base, state)
+        base.checkpoint = self.checkpoint_
+        logger.info("scGPT checkpoint %s: %s", self.checkpoint_.name, base.load_report)
+        return base.to(self._torch_device).eval()
+
+    def _frozen_encoder(self) -> Any:
+        """The pretrained encoder for ``<cls>`` features: the kept model's, or built once."""
+        if self._base_encoder is None:
+            held = strategy_family(self.best_strategy_).encoder_of(self._best.model)
+            self._base_encoder = (
+                held.to(self._torch_device).eval()
+                if held is not None
+                else self._build_base_encoder(load_state_dict_file(self.checkpoint_.weights_path))
+            )
+        return self._base_encoder
 
     def _encode_base(self, prepared: ScGPTPreparedData) -> np.ndarray:
-        encoder = self._base_encoder
+        encoder = self._frozen_encoder()
         return encode_cells(
             prepared.tokens,
             lambda b: encoder.cls_embedding(b["gene_ids"], b["values"], b["padding_mask"]),
@@ -456,244 +532,44 @@ class ScGPTAnnotationRunner:
             desc="<cls> features",
         )
 
-    def _fit_strategy(self, strategy: str, adata: Any) -> StrategyResult:
-        with Stopwatch() as watch:
-            if strategy == "frozen_probe":
-                result = self._fit_probe()
-            elif strategy == "baseline":
-                result = self._fit_baseline(adata)
-            else:
-                result = self._fit_neural(strategy)
-        # feature strategies share one <cls> pass; each is charged for it, so runtimes compare
-        shared = self._feature_seconds if strategy in FEATURE_STRATEGIES else 0.0
-        result.runtime_sec = watch.seconds + shared
-        return result
-
-    def _labels(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        cells = self.split_.indices(name)
-        return cells, self.prepared_.label_codes[cells]
-
-    def _evaluate(self, proba_for: Any) -> tuple[dict[str, Any], np.ndarray | None]:
-        """Metrics of each split and the test probabilities.
-
-        ``proba_for(split, cells)`` gives the probabilities of that split's cells.
-        """
-        from scdlkit.training.metrics import classification_metrics
-
-        out: dict[str, Any] = {}
-        test_proba = None
-        for split, prefix in (("val", "validation"), ("test", "test")):
-            cells, labels = self._labels(split)
-            if len(cells) == 0:
-                out.update({f"{prefix}_{m}": None for m in METRIC_NAMES})
-                continue
-            proba = proba_for(split, cells)
-            if split == "test":
-                test_proba = proba
-            metrics = classification_metrics(labels, proba, n_classes=len(self.label_categories_))
-            out.update({f"{prefix}_{m}": metrics[m] for m in METRIC_NAMES})
-        return out, test_proba
-
-    def _fit_probe(self) -> StrategyResult:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.preprocessing import StandardScaler
-
-        train, labels = self._labels("train")
-        scaler = StandardScaler().fit(self._features[train])
-        probe = LogisticRegression(max_iter=2000, C=1.0, random_state=self.random_state)
-        probe.fit(scaler.transform(self._features[train]), labels)
-        model = {"scaler": scaler, "probe": probe}
-        n_classes = len(self.label_categories_)
-        metrics, test_proba = self._evaluate(
-            lambda _, cells: _probe_proba(model, self._features[cells], n_classes)
-        )
-        return StrategyResult(
-            extra={"test_probabilities": test_proba},
-            strategy="frozen_probe",
-            metrics=metrics,
-            trainable_parameters=int(probe.coef_.size + probe.intercept_.size),
-            runtime_sec=0.0,
-            model=model,
-        )
-
-    def _fit_baseline(self, adata: Any) -> StrategyResult:
-        from scdlkit._shared.validation import gene_names
-        from scdlkit.baselines._expression import ExpressionLogisticBaseline, log_normalised_matrix
-
-        matrix = log_normalised_matrix(adata, self.layer)
-        genes = gene_names(adata, self.gene_key)
-        train, labels = self._labels("train")
-        model = ExpressionLogisticBaseline(random_state=self.random_state).fit(
-            matrix[train], genes, labels
-        )
-        n_classes = len(self.label_categories_)
-        metrics, test_proba = self._evaluate(
-            lambda _, cells: _full_proba(
-                model.predict_proba(matrix[cells], genes), model, n_classes
-            )
-        )
-        return StrategyResult(
-            extra={"test_probabilities": test_proba},
-            strategy="baseline",
-            metrics=metrics,
-            trainable_parameters=model.n_parameters,
-            runtime_sec=0.0,
-            model=model,
-        )
-
-    def _fit_neural(self, strategy: str) -> StrategyResult:
-        from scdlkit.foundation._annotation_model import build_annotation_model
-        from scdlkit.training import Trainer
-
-        settings = self.training_settings(strategy)
-        model = build_annotation_model(
-            self._encoder_state,
-            self.checkpoint_,
-            num_classes=len(self.label_categories_),
-            tuning_strategy=strategy,
-            strategy_config=self.strategy_configs.get(strategy),
-            label_categories=self.label_categories_,
-            seed=self.random_state,
-        )
-        if self.attention_dropout is not None:
-            set_attention_dropout(model, self.attention_dropout)
-        trainer = Trainer(
-            model,
-            batch_size=self.batch_size,
-            accelerator=self._torch_device.type,
-            devices=1,
-            precision=resolve_precision(self.precision, self._torch_device),
-            seed=self.random_state,
-            progress=self.progress,
-            **settings,
-        )
-        if strategy == "head":
-            model.feature_norm.fit(torch.as_tensor(self._features[self._labels("train")[0]]))
-            datasets = {
-                name: FeatureDataset(self._features[cells], labels)
-                for name in ("train", "val", "test")
-                for cells, labels in [self._labels(name)]
-            }
-        else:
-            datasets = {name: getattr(self.split_, name) for name in ("train", "val", "test")}
-        trainer.fit(datasets["train"], datasets["val"] if len(datasets["val"]) else None)
-        model = model.to("cpu").eval()
-        metrics, test_proba = self._evaluate(
-            lambda split, _: trainer.predict(datasets[split])["probabilities"]
-        )
-        return StrategyResult(
-            extra={"test_probabilities": test_proba},
-            strategy=strategy,
-            metrics=metrics,
-            trainable_parameters=model.trainable_parameter_count(),
-            runtime_sec=0.0,
-            history=trainer.history_,
-            config=None if model.strategy_config is None else model.strategy_config.to_dict(),
-            training=settings,
-            model=model,
-        )
-
-    def _batch_metrics(self, results: dict[str, StrategyResult]) -> pd.DataFrame:
-        """Accuracy and macro-F1 (over the classes present) per test batch and strategy."""
-        from sklearn.metrics import accuracy_score, f1_score
-
-        cells, labels = self._labels("test")
-        batch_of = self.prepared_.batches[cells]
-        rows = []
-        for name, result in results.items():
-            proba = result.extra.get("test_probabilities")
-            if proba is None:
-                continue
-            predicted = proba.argmax(axis=1)
-            for batch in sorted(set(batch_of)):
-                mask = batch_of == batch
-                present = np.unique(labels[mask])
-                rows.append(
-                    {
-                        "strategy": name,
-                        "batch": batch,
-                        "n_cells": int(mask.sum()),
-                        "accuracy": float(accuracy_score(labels[mask], predicted[mask])),
-                        "macro_f1": float(
-                            f1_score(
-                                labels[mask],
-                                predicted[mask],
-                                labels=present,
-                                average="macro",
-                                zero_division=0,
-                            )
-                        ),
-                    }
-                )
-        return pd.DataFrame(rows, columns=["strategy", "batch", "n_cells", "accuracy", "macro_f1"])
-
-    def _metrics_row(self, result: StrategyResult) -> dict[str, Any]:
-        row: dict[str, Any] = {"strategy": result.strategy}
-        for prefix in ("validation", "test"):
-            for m in METRIC_NAMES:
-                value = result.metrics.get(f"{prefix}_{m}")
-                row[f"{prefix}_{m}"] = np.nan if value is None else float(value)
-        row["trainable_parameters"] = int(result.trainable_parameters)
-        row["runtime_sec"] = float(result.runtime_sec)
-        return row
-
     # ----------------------------------------------------------------------------- predict
 
     def _predict_with(
         self,
         encode: Any,
-        adata: Any,
-        *,
-        gene_key: str | None,
-        layer: str | None,
+        expression: Any,
         features: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
-        """Probabilities and latent of the best strategy.
+        """Labels, probabilities and latent of the kept strategy.
 
         ``encode(forward, desc)`` runs a batch function over every cell (tokens already in
-        memory, or streamed from ``adata``); ``features`` are precomputed ``<cls>`` outputs.
+        memory, or streamed from the AnnData); ``expression()`` reads the log-normalised matrix
+        and gene names; ``features`` are precomputed ``<cls>`` outputs.
         """
-        best = self._best
-        n_classes = len(self.label_categories_)
-        if best.strategy == "baseline":
-            from scdlkit._shared.validation import gene_names
-            from scdlkit.baselines._expression import log_normalised_matrix
 
-            matrix = log_normalised_matrix(adata, layer)
-            genes = gene_names(adata, gene_key)
-            probabilities = _full_proba(
-                best.model.predict_proba(matrix, genes), best.model, n_classes
+        def cls_features() -> np.ndarray:
+            if features is not None:
+                return features
+            encoder = self._frozen_encoder()
+            return encode(
+                lambda b: encoder.cls_embedding(b["gene_ids"], b["values"], b["padding_mask"]),
+                "<cls> features",
             )
-            latent = best.model.latent(matrix, genes)
-        elif best.strategy in FEATURE_STRATEGIES:
-            if features is None:
-                encoder = self._base_encoder
-                features = encode(
-                    lambda b: encoder.cls_embedding(b["gene_ids"], b["values"], b["padding_mask"]),
-                    "<cls> features",
-                )
-            if best.strategy == "frozen_probe":
-                probabilities = _probe_proba(best.model, features, n_classes)
-            else:
-                with torch.inference_mode():
-                    logits = best.model({"features": torch.as_tensor(features)})["logits"].numpy()
-                probabilities = softmax(logits)
-            latent = features
-        else:
-            model = best.model.to(self._torch_device).eval()
 
-            def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-                out = model(batch)
-                return torch.cat([out["logits"].float(), out["latent"].float()], dim=1)
-
-            joined = encode(forward, "predicting")
-            model.to("cpu")
-            probabilities = softmax(joined[:, :n_classes])
-            latent = joined[:, n_classes:]
+        inputs = PredictInputs(
+            encode=encode,
+            cls_features=cls_features,
+            expression=expression,
+            device=self._torch_device,
+            n_classes=len(self.label_categories_),
+        )
+        probabilities, latent = strategy_family(self.best_strategy_).predict(
+            self._best.model, inputs
+        )
         return self._finish(probabilities, latent)
 
-    def _predict_prepared(self, prepared: ScGPTPreparedData, adata: Any) -> dict[str, np.ndarray]:
-        """Predictions for the reference cells, reusing their tokens and frozen features."""
+    def _predict_prepared(self, prepared: ScGPTPreparedData) -> dict[str, np.ndarray]:
+        """Predictions for the reference cells, reusing their tokens, features and matrix."""
 
         def encode(forward: Any, desc: str) -> np.ndarray:
             return encode_cells(
@@ -706,9 +582,7 @@ class ScGPTAnnotationRunner:
                 desc=desc,
             )
 
-        return self._predict_with(
-            encode, adata, gene_key=self.gene_key, layer=self.layer, features=self._features
-        )
+        return self._predict_with(encode, self._expression, features=self._features)
 
     def _finish(self, probabilities: np.ndarray, latent: np.ndarray) -> dict[str, np.ndarray]:
         codes = probabilities.argmax(axis=1).astype(np.int64)
@@ -756,8 +630,6 @@ class ScGPTAnnotationRunner:
             ``(n_cells, n_classes)``, ``latent`` (the best model's cell representation).
         """
         self._require_fitted("predict")
-        from scdlkit.foundation._stream import encode_adata
-
         gene_key = self.gene_key if gene_key is None else gene_key
         layer = self.layer if layer is None else layer
 
@@ -778,7 +650,7 @@ class ScGPTAnnotationRunner:
                 desc=desc,
             )[0]
 
-        return self._predict_with(encode, adata, gene_key=gene_key, layer=layer)
+        return self._predict_with(encode, _once(lambda: _expression_of(adata, gene_key, layer)))
 
     def reference_predictions(self) -> dict[str, np.ndarray]:
         """Predictions for the cells ``fit`` saw (computed once, features reused)."""
@@ -849,8 +721,6 @@ class ScGPTAnnotationRunner:
         --------
         >>> runner.save("runs/pbmc/runner")  # doctest: +SKIP
         """
-        from scdlkit.foundation._runner_io import save_runner
-
         self._require_fitted("save")
         self.runner_dir_ = save_runner(self, Path(path))
         return self.runner_dir_
@@ -877,8 +747,6 @@ class ScGPTAnnotationRunner:
         verify_checkpoint
             Refuse a base checkpoint whose ``best_model.pt`` hash differs from the recorded one.
         """
-        from scdlkit.foundation._runner_io import load_runner
-
         return load_runner(
             cls, Path(path), checkpoint=checkpoint, device=device, verify=verify_checkpoint
         )
@@ -888,19 +756,24 @@ class ScGPTAnnotationRunner:
         return f"ScGPTAnnotationRunner(strategies={list(self.strategies)}, {state})"
 
 
-def _probe_proba(model: dict[str, Any], features: np.ndarray, n_classes: int) -> np.ndarray:
-    probe = model["probe"]
-    return _full_proba(probe.predict_proba(model["scaler"].transform(features)), probe, n_classes)
+def _once(read: Any) -> Any:
+    """``read`` called on first use only; later calls return the same result."""
+    cache: list[Any] = []
+
+    def get() -> Any:
+        if not cache:
+            cache.append(read())
+        return cache[0]
+
+    return get
 
 
-def _full_proba(proba: np.ndarray, model: Any, n_classes: int) -> np.ndarray:
-    """Columns for every class, also those absent from the training split (probability 0)."""
-    classes = getattr(model, "classes_", None)
-    if classes is None:
-        classes = model.classifier_.classes_
-    out = np.zeros((proba.shape[0], n_classes), dtype=np.float32)
-    out[:, np.asarray(classes)] = proba
-    return out
+def _expression_of(adata: Any, gene_key: str | None, layer: str | None) -> tuple[Any, pd.Index]:
+    """The log-normalised matrix and gene names the expression baseline reads."""
+    # scdlkit.baselines imports the Trainer (lightning_fabric): only when the baseline runs
+    from scdlkit.baselines._expression import log_normalised_matrix
+
+    return log_normalised_matrix(adata, layer), gene_names(adata, gene_key)
 
 
 def adapt_scgpt_annotation(
@@ -908,7 +781,7 @@ def adapt_scgpt_annotation(
     *,
     label_key: str,
     checkpoint: str | os.PathLike | ScGPTCheckpoint = "whole-human",
-    strategies: Sequence[str] = ("frozen_probe", "head"),
+    strategies: Sequence[str] = DEFAULT_STRATEGIES,
     strategy_configs: Mapping[str, Any] | None = None,
     lora_config: Any = None,
     batch_size: int = 64,

@@ -12,9 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import torch
 
 from scdlkit._shared.persist import (
     MANIFEST_NAME,
@@ -23,8 +21,10 @@ from scdlkit._shared.persist import (
     read_manifest_file,
     sha256_file,
 )
+from scdlkit._shared.provenance import package_versions
+from scdlkit._shared.strategies import STRATEGIES
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
-from scdlkit.foundation._strategies import FEATURE_STRATEGIES, STRATEGIES, StrategyResult
+from scdlkit.foundation._fitting import BaseWeights, StrategyResult, strategy_family
 
 __all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "load_runner", "save_runner"]
 
@@ -42,28 +42,8 @@ _REQUIRED = {
 }
 
 
-def _weights_of(result: StrategyResult) -> dict[str, torch.Tensor]:
-    strategy = result.strategy
-    if strategy == "frozen_probe":
-        scaler, probe = result.model["scaler"], result.model["probe"]
-        arrays = {
-            "probe.coef": probe.coef_,
-            "probe.intercept": probe.intercept_,
-            "probe.classes": probe.classes_,
-            "probe.scaler_mean": scaler.mean_,
-            "probe.scaler_scale": scaler.scale_,
-        }
-    elif strategy == "baseline":
-        arrays = {f"baseline.{k}": v for k, v in result.model.state_arrays().items()}
-    else:
-        return {
-            f"model.{k}": v.detach().cpu().contiguous()
-            for k, v in result.model.adaptation_state_dict().items()
-        }
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-
-
 def _history_records(runner: Any) -> dict[str, list[dict[str, Any]]]:
+    # scdlkit.training's package imports the Trainer (lightning_fabric): only when saving
     from scdlkit.training.metrics import json_safe
 
     return {name: json_safe(df.to_dict(orient="records")) for name, df in runner.history_.items()}
@@ -71,14 +51,16 @@ def _history_records(runner: Any) -> dict[str, list[dict[str, Any]]]:
 
 def save_runner(runner: Any, path: Path) -> Path:
     """Write ``runner`` to the folder ``path`` (created if needed); returns the folder."""
+    # safetensors is the foundation extra's: imported where it is needed
     from safetensors.torch import save_file
 
-    from scdlkit._shared.provenance import package_versions
+    # scdlkit.training's package imports the Trainer (lightning_fabric): only when saving
     from scdlkit.training.metrics import json_safe
 
     best: StrategyResult = runner._best
+    family = strategy_family(best.strategy)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = _weights_of(best)
+    tensors = family.state(best.model)
     tmp_weights = path / f".weights-{os.getpid()}.tmp"
     save_file(tensors, str(tmp_weights))
     digest = sha256_file(tmp_weights)
@@ -99,13 +81,15 @@ def save_runner(runner: Any, path: Path) -> Path:
             "args": ckpt.args.to_dict() if ckpt is not None else {},
         },
         "params": runner.params(),
+        "init_params": runner.init_params_,
         "matched_genes": list(getattr(runner, "matched_genes_", [])),
         "label_categories": list(runner.label_categories_),
         "best_strategy": best.strategy,
         "strategy_config": best.config,
-        "model_config": best.model.config_dict() if hasattr(best.model, "config_dict") else None,
+        "model_config": None,
         "training": best.training,
-        "baseline_genes": list(best.model.genes_) if best.strategy == "baseline" else None,
+        "baseline_genes": None,
+        **family.manifest_fields(best.model),
         "strategy_metrics": runner.strategy_metrics_.to_dict(orient="records"),
         "history": _history_records(runner),
         "batch_metrics": None
@@ -158,77 +142,19 @@ def _resolve_base(
     return ckpt
 
 
-def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _rebuild_model(
-    strategy: str, manifest: dict[str, Any], tensors: dict, ckpt: Any, runner: Any
-) -> Any:
-    from scdlkit.foundation._loading import (
-        build_encoder,
-        load_encoder_weights,
-        load_state_dict_file,
-    )
-
-    if strategy == "baseline":
-        from scdlkit.baselines._expression import ExpressionLogisticBaseline
-
-        arrays = {k: v.numpy() for k, v in _strip(tensors, "baseline.").items()}
-        return ExpressionLogisticBaseline.from_state(arrays, manifest["baseline_genes"])
-    state = load_state_dict_file(ckpt.weights_path)
-    if strategy == "frozen_probe":
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.preprocessing import StandardScaler
-
-        encoder = build_encoder(ckpt)
-        encoder.load_report = load_encoder_weights(encoder, state)
-        runner._base_encoder = encoder.to(runner._torch_device).eval()
-        arrays = {k: v.numpy() for k, v in _strip(tensors, "probe.").items()}
-        scaler = StandardScaler()
-        scaler.mean_, scaler.scale_ = arrays["scaler_mean"], arrays["scaler_scale"]
-        scaler.var_ = scaler.scale_**2
-        scaler.n_features_in_ = len(scaler.mean_)
-        probe = LogisticRegression()
-        probe.coef_, probe.intercept_ = arrays["coef"], arrays["intercept"]
-        probe.classes_ = arrays["classes"]
-        probe.n_features_in_ = probe.coef_.shape[1]
-        return {"scaler": scaler, "probe": probe}
-    from scdlkit.foundation._annotation_model import build_annotation_model
-
-    model = build_annotation_model(state, ckpt, **manifest["model_config"])
-    model.load_adaptation_state_dict(_strip(tensors, "model."))
-    if strategy in FEATURE_STRATEGIES:
-        runner._base_encoder = model.encoder.to(runner._torch_device).eval()
-    return model.eval()
-
-
 def load_runner(cls: type, path: Path, *, checkpoint: Any, device: str, verify: bool) -> Any:
     """Rebuild a runner saved by :func:`save_runner`."""
     manifest = read_manifest(path)
     tensors = read_checked_weights(path, manifest)
     ckpt = _resolve_base(manifest, checkpoint, verify)
-    params = manifest["params"]
+    arguments = _constructor_arguments(manifest)
     runner = cls(
-        label_key=params["label_key"],
-        checkpoint=ckpt.path if ckpt is not None else params.get("checkpoint", "whole-human"),
-        strategies=params["strategies"],
-        strategy_configs=params.get("strategy_configs") or None,
-        batch_size=params["batch_size"],
-        val_size=params["val_size"],
-        test_size=params["test_size"],
-        random_state=params["random_state"],
-        device=device,
-        gene_key=params.get("gene_key") or None,
-        layer=params.get("layer") or None,
-        precision=params.get("precision", "auto"),
-        confidence_threshold=params.get("confidence_threshold"),
-        attention_dropout=params.get("attention_dropout"),
-        batch_key=params.get("batch_key"),
-        split_by=params.get("split_by", "cells"),
-        test_batches=params.get("test_batches"),
-        val_batches=params.get("val_batches"),
-        progress=False,
+        **{
+            **arguments,
+            "checkpoint": ckpt.path if ckpt is not None else arguments["checkpoint"],
+            "device": device,
+            "progress": False,
+        }
     )
     runner.checkpoint_ = ckpt
     runner.label_categories_ = list(manifest["label_categories"])
@@ -240,6 +166,8 @@ def load_runner(cls: type, path: Path, *, checkpoint: Any, device: str, verify: 
     batch_records = manifest.get("batch_metrics")
     runner.batch_metrics_ = None if batch_records is None else pd.DataFrame(batch_records)
     runner._features = None
+    runner._base_encoder = None
+    family = strategy_family(runner.best_strategy_)
     runner._best = StrategyResult(
         strategy=runner.best_strategy_,
         metrics={},
@@ -247,11 +175,39 @@ def load_runner(cls: type, path: Path, *, checkpoint: Any, device: str, verify: 
         runtime_sec=0.0,
         config=manifest.get("strategy_config"),
         training=manifest.get("training"),
-        model=_rebuild_model(runner.best_strategy_, manifest, tensors, ckpt, runner),
+        model=family.from_state(runner.best_strategy_, tensors, manifest, BaseWeights(ckpt)),
     )
     runner._fitted = True
-    runner.runner_dir_ = path
+    runner.runner_dir_ = path.resolve()
     return runner
+
+
+def _constructor_arguments(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The runner's constructor arguments: recorded once since schema 1.1, else from params."""
+    recorded = manifest.get("init_params")
+    if isinstance(recorded, dict):
+        return dict(recorded)
+    params = manifest["params"]  # runners saved before init_params were recorded
+    return {
+        "label_key": params["label_key"],
+        "checkpoint": params.get("checkpoint", "whole-human"),
+        "strategies": params["strategies"],
+        "strategy_configs": params.get("strategy_configs") or None,
+        "batch_size": params["batch_size"],
+        "val_size": params["val_size"],
+        "test_size": params["test_size"],
+        "random_state": params["random_state"],
+        "gene_key": params.get("gene_key") or None,
+        "layer": params.get("layer") or None,
+        "training": params.get("training") or {},
+        "precision": params.get("precision", "auto"),
+        "confidence_threshold": params.get("confidence_threshold"),
+        "attention_dropout": params.get("attention_dropout"),
+        "batch_key": params.get("batch_key"),
+        "split_by": params.get("split_by", "cells"),
+        "test_batches": params.get("test_batches"),
+        "val_batches": params.get("val_batches"),
+    }
 
 
 def _metrics_frame(records: list[dict[str, Any]]) -> pd.DataFrame:

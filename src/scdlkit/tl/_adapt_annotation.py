@@ -8,7 +8,7 @@ from typing import Any
 from anndata import AnnData
 
 from scdlkit._shared.provenance import check_writable
-from scdlkit._shared.slots import write_annotation_slots
+from scdlkit._shared.slots import fit_summary_uns, write_annotation_slots
 
 __all__ = ["adapt_annotation"]
 
@@ -125,19 +125,6 @@ def adapt_annotation(
         runner.reference_predictions(),
         key_added=key_added,
         split=runner.split_.split_labels(),
-        uns=annotation_uns(runner),
+        uns=fit_summary_uns(runner),
     )
     return adata if copy else None
-
-
-def annotation_uns(runner: Any) -> dict[str, Any]:
-    """The fit-specific part of ``uns[key_added]``."""
-    uns = {
-        "params": runner.params(),
-        "strategy_metrics": runner.strategy_metrics_.copy(),
-        "history": {name: frame.copy() for name, frame in runner.history_.items()},
-        "split": dict(runner.split_summary_),
-    }
-    if getattr(runner, "batch_metrics_", None) is not None:
-        uns["batch_metrics"] = runner.batch_metrics_.copy()
-    return uns

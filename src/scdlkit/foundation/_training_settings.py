@@ -1,4 +1,4 @@
-"""What each adaptation strategy trains, its default training settings, and fitting them.
+"""The training settings of each neural strategy: defaults and how overrides apply.
 
 Defaults follow the published recipes (SCGPT_NOTES.md section 5): full fine-tuning uses the scGPT
 tutorial's Adam lr 1e-4, StepLR gamma 0.9 per epoch and gradient clipping at 1.0; parameter-
@@ -10,15 +10,8 @@ loss (the tutorial's rule) and stops after ``early_stopping_patience`` epochs wi
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
-import pandas as pd
-import torch
-from torch.utils.data import Dataset
 
 from scdlkit._shared.strategies import (
     NEURAL_STRATEGIES,
@@ -29,8 +22,8 @@ from scdlkit._shared.strategies import (
 __all__ = [
     "DEFAULT_TRAINING",
     "STRATEGIES",
-    "FeatureDataset",
-    "StrategyResult",
+    "TRAINING_KEYS",
+    "check_training_overrides",
     "resolve_training",
 ]
 
@@ -93,63 +86,3 @@ def check_training_overrides(overrides: Mapping[str, Any] | None) -> None:
                 f"{sorted(TRAINING_KEYS)} (globally or under a strategy name)."
             )
             raise ValueError(msg)
-
-
-class FeatureDataset(Dataset):
-    """Precomputed ``<cls>`` features and labels, for the frozen ``head`` strategy."""
-
-    def __init__(self, features: np.ndarray, labels: np.ndarray) -> None:
-        self.features = torch.as_tensor(features, dtype=torch.float32)
-        self.labels = np.asarray(labels, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"features": self.features[i], "labels": int(self.labels[i])}
-
-
-@dataclass
-class StrategyResult:
-    """One fitted strategy: its metrics and how to predict with it."""
-
-    strategy: str
-    metrics: dict[str, Any]
-    trainable_parameters: int
-    runtime_sec: float
-    history: pd.DataFrame | None = None
-    config: dict[str, Any] | None = None
-    training: dict[str, Any] | None = None
-    model: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Stopwatch:
-    def __enter__(self) -> Stopwatch:
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.start
-
-
-def rank_key(row: Mapping[str, Any]) -> tuple:
-    """Validation macro-F1, then balanced accuracy, accuracy, fewer parameters, less runtime."""
-
-    def score(name: str) -> float:
-        value = row.get(f"validation_{name}")
-        return -np.inf if value is None or not np.isfinite(value) else float(value)
-
-    return (
-        -score("macro_f1"),
-        -score("balanced_accuracy"),
-        -score("accuracy"),
-        row["trainable_parameters"],
-        row["runtime_sec"],
-    )
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)

@@ -1,0 +1,484 @@
+"""Strategy families: how a strategy fits, predicts, is saved and is rebuilt; one registry.
+
+Three families cover the eight strategies: frozen ``<cls>`` features with a logistic regression
+(``frozen_probe``), the expression baseline (``baseline``, no scGPT) and neural strategies trained
+through the :class:`~scdlkit.training.Trainer` (``head`` on frozen features; ``full_finetune`` and
+the PEFT methods through the encoder). The runner loops over :func:`strategy_family`; saving asks
+the family for its state, loading asks it to rebuild from that state. A new strategy is one
+:func:`register_strategy` call (and its name in :mod:`scdlkit._shared.strategies`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from scdlkit._shared.strategies import NEURAL_STRATEGIES, STRATEGIES
+from scdlkit.foundation._annotation_model import build_annotation_model
+from scdlkit.foundation._device import resolve_precision
+from scdlkit.foundation._loading import load_state_dict_file
+from scdlkit.foundation._model import set_attention_dropout
+from scdlkit.foundation._selection import evaluate_splits
+
+__all__ = [
+    "BaseWeights",
+    "FitContext",
+    "PredictInputs",
+    "StrategyFamily",
+    "StrategyResult",
+    "register_strategy",
+    "strategy_family",
+]
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class StrategyResult:
+    """One fitted strategy: its metrics and the model that predicts with it."""
+
+    strategy: str
+    metrics: dict[str, Any]
+    trainable_parameters: int
+    runtime_sec: float
+    history: pd.DataFrame | None = None
+    config: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None
+    model: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Stopwatch:
+    def __enter__(self) -> Stopwatch:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+@dataclass
+class FitContext:
+    """What one runner fit computes once and every strategy reads.
+
+    ``expression()`` returns the log-normalised matrix and gene names (read once, on first use);
+    ``features`` are the frozen encoder's ``<cls>`` outputs of every cell (``None`` when no
+    strategy needs them); ``encoder_state`` is the checkpoint's state dict.
+    """
+
+    prepared: Any
+    split: Any
+    label_categories: list[str]
+    checkpoint: Any
+    encoder_state: dict[str, torch.Tensor] | None
+    features: np.ndarray | None
+    expression: Callable[[], tuple[Any, pd.Index]]
+    device: torch.device
+    precision: str
+    batch_size: int
+    random_state: int
+    attention_dropout: float | None
+    progress: bool
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.label_categories)
+
+    def cells(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Cell positions and label codes of ``"train"``, ``"val"`` or ``"test"``."""
+        cells = self.split.indices(split)
+        return cells, self.prepared.label_codes[cells]
+
+    def evaluate(
+        self, proba_for: Callable[[str, np.ndarray], np.ndarray]
+    ) -> tuple[dict[str, Any], np.ndarray | None]:
+        return evaluate_splits(self.cells, proba_for, self.n_classes)
+
+
+@dataclass
+class PredictInputs:
+    """What a family may read to label cells.
+
+    ``encode(forward, desc)`` runs a batch function over every cell's tokens; ``cls_features()``
+    gives the frozen encoder's ``<cls>`` outputs (precomputed or encoded on first use);
+    ``expression()`` the log-normalised matrix and gene names.
+    """
+
+    encode: Callable[[Callable, str], np.ndarray]
+    cls_features: Callable[[], np.ndarray]
+    expression: Callable[[], tuple[Any, pd.Index]]
+    device: torch.device
+    n_classes: int
+
+
+@dataclass
+class BaseWeights:
+    """The base checkpoint of a saved runner; its weights are read on first use, once."""
+
+    checkpoint: Any
+    _state: dict[str, torch.Tensor] | None = None
+
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        if self._state is None:
+            self._state = load_state_dict_file(self.checkpoint.weights_path)
+        return self._state
+
+
+class StrategyFamily:
+    """How the strategies of one family fit, predict, save and rebuild.
+
+    Attributes
+    ----------
+    uses_features
+        Reads the frozen encoder's ``<cls>`` features (computed once per fit).
+    uses_checkpoint
+        Needs the scGPT checkpoint's weights.
+    """
+
+    uses_features = False
+    uses_checkpoint = True
+
+    def fit(self, strategy: str, ctx: FitContext, settings: dict, config: Any) -> StrategyResult:
+        raise NotImplementedError
+
+    def predict(self, model: Any, inputs: PredictInputs) -> tuple[np.ndarray, np.ndarray]:
+        """``(probabilities (n_cells, n_classes), latent)`` for every cell."""
+        raise NotImplementedError
+
+    def state(self, model: Any) -> Tensors:
+        """The tensors to save (only what the base checkpoint does not hold)."""
+        raise NotImplementedError
+
+    def manifest_fields(self, model: Any) -> dict[str, Any]:
+        """JSON fields the manifest needs to rebuild the model beside :meth:`state`."""
+        return {}
+
+    def from_state(
+        self,
+        strategy: str,
+        tensors: Tensors,
+        manifest: Mapping[str, Any],
+        base: BaseWeights,
+    ) -> Any:
+        """Rebuild the fitted model from :meth:`state` and the manifest."""
+        raise NotImplementedError
+
+    def encoder_of(self, model: Any) -> Any:
+        """The frozen base encoder held by ``model``, if it holds one."""
+        return None
+
+
+def _prefixed(arrays: Mapping[str, Any], prefix: str) -> Tensors:
+    return {f"{prefix}{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+
+def _unprefixed(tensors: Tensors, prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix) :]: v.numpy() for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def full_proba(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Columns for every class, also those absent from the training split (probability 0)."""
+    out = np.zeros((proba.shape[0], n_classes), dtype=np.float32)
+    out[:, np.asarray(classes)] = proba
+    return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ frozen probe
+
+
+@dataclass
+class ProbeModel:
+    """Standardised frozen ``<cls>`` features into a multinomial logistic regression."""
+
+    scaler: Any
+    probe: Any
+
+    def predict_proba(self, features: np.ndarray, n_classes: int) -> np.ndarray:
+        proba = self.probe.predict_proba(self.scaler.transform(features))
+        return full_proba(proba, self.probe.classes_, n_classes)
+
+
+class FrozenProbe(StrategyFamily):
+    """``frozen_probe``: logistic regression on the frozen encoder's ``<cls>`` features."""
+
+    uses_features = True
+
+    def fit(self, strategy: str, ctx: FitContext, settings: dict, config: Any) -> StrategyResult:
+        # scikit-learn is imported where used: most sessions never fit a probe
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        train, labels = ctx.cells("train")
+        scaler = StandardScaler().fit(ctx.features[train])
+        probe = LogisticRegression(max_iter=2000, C=1.0, random_state=ctx.random_state)
+        probe.fit(scaler.transform(ctx.features[train]), labels)
+        model = ProbeModel(scaler, probe)
+        metrics, test_proba = ctx.evaluate(
+            lambda _, cells: model.predict_proba(ctx.features[cells], ctx.n_classes)
+        )
+        return StrategyResult(
+            strategy=strategy,
+            metrics=metrics,
+            trainable_parameters=int(probe.coef_.size + probe.intercept_.size),
+            runtime_sec=0.0,
+            model=model,
+            extra={"test_probabilities": test_proba},
+        )
+
+    def predict(self, model: ProbeModel, inputs: PredictInputs) -> tuple[np.ndarray, np.ndarray]:
+        features = inputs.cls_features()
+        return model.predict_proba(features, inputs.n_classes), features
+
+    def state(self, model: ProbeModel) -> Tensors:
+        return _prefixed(
+            {
+                "coef": model.probe.coef_,
+                "intercept": model.probe.intercept_,
+                "classes": model.probe.classes_,
+                "scaler_mean": model.scaler.mean_,
+                "scaler_scale": model.scaler.scale_,
+            },
+            "probe.",
+        )
+
+    def from_state(
+        self,
+        strategy: str,
+        tensors: Tensors,
+        manifest: Mapping[str, Any],
+        base: BaseWeights,
+    ) -> ProbeModel:
+        # scikit-learn is imported where used: most sessions never load a probe
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        arrays = _unprefixed(tensors, "probe.")
+        scaler = StandardScaler()
+        scaler.mean_, scaler.scale_ = arrays["scaler_mean"], arrays["scaler_scale"]
+        scaler.var_ = scaler.scale_**2
+        scaler.n_features_in_ = len(scaler.mean_)
+        probe = LogisticRegression()
+        probe.coef_, probe.intercept_ = arrays["coef"], arrays["intercept"]
+        probe.classes_ = arrays["classes"]
+        probe.n_features_in_ = probe.coef_.shape[1]
+        return ProbeModel(scaler, probe)
+
+
+# -------------------------------------------------------------------------- expression baseline
+
+
+class ExpressionBaseline(StrategyFamily):
+    """``baseline``: logistic regression on log-normalised expression; no scGPT."""
+
+    uses_checkpoint = False
+
+    def fit(self, strategy: str, ctx: FitContext, settings: dict, config: Any) -> StrategyResult:
+        # scdlkit.baselines imports the Trainer (lightning_fabric): only when the baseline runs
+        from scdlkit.baselines._expression import ExpressionLogisticBaseline
+
+        matrix, genes = ctx.expression()
+        train, labels = ctx.cells("train")
+        model = ExpressionLogisticBaseline(random_state=ctx.random_state).fit(
+            matrix[train], genes, labels
+        )
+        metrics, test_proba = ctx.evaluate(
+            lambda _, cells: full_proba(
+                model.predict_proba(matrix[cells], genes), model.classifier_.classes_, ctx.n_classes
+            )
+        )
+        return StrategyResult(
+            strategy=strategy,
+            metrics=metrics,
+            trainable_parameters=model.n_parameters,
+            runtime_sec=0.0,
+            model=model,
+            extra={"test_probabilities": test_proba},
+        )
+
+    def predict(self, model: Any, inputs: PredictInputs) -> tuple[np.ndarray, np.ndarray]:
+        matrix, genes = inputs.expression()
+        proba = full_proba(
+            model.predict_proba(matrix, genes), model.classifier_.classes_, inputs.n_classes
+        )
+        return proba, model.latent(matrix, genes)
+
+    def state(self, model: Any) -> Tensors:
+        return _prefixed(model.state_arrays(), "baseline.")
+
+    def manifest_fields(self, model: Any) -> dict[str, Any]:
+        return {"baseline_genes": list(model.genes_)}
+
+    def from_state(
+        self,
+        strategy: str,
+        tensors: Tensors,
+        manifest: Mapping[str, Any],
+        base: BaseWeights,
+    ) -> Any:
+        # scdlkit.baselines imports the Trainer (lightning_fabric): only when the baseline runs
+        # scdlkit.baselines imports the Trainer (lightning_fabric): only for a baseline runner
+        from scdlkit.baselines._expression import ExpressionLogisticBaseline
+
+        arrays = _unprefixed(tensors, "baseline.")
+        return ExpressionLogisticBaseline.from_state(arrays, manifest["baseline_genes"])
+
+
+# ------------------------------------------------------------------------------------ neural
+
+
+class FeatureDataset(Dataset):
+    """Precomputed ``<cls>`` features and labels, for the frozen ``head`` strategy."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray) -> None:
+        self.features = torch.as_tensor(features, dtype=torch.float32)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"features": self.features[i], "labels": int(self.labels[i])}
+
+
+class NeuralStrategy(StrategyFamily):
+    """Classifier head (``head``, on frozen features) or an adapted encoder, trained by the
+    :class:`~scdlkit.training.Trainer`; the epoch with the lowest validation loss is kept."""
+
+    def __init__(self, strategy: str) -> None:
+        self.uses_features = strategy == "head"
+
+    def fit(self, strategy: str, ctx: FitContext, settings: dict, config: Any) -> StrategyResult:
+        # the Trainer brings lightning_fabric, slow to import: only when a strategy trains
+        from scdlkit.training import Trainer
+
+        model = build_annotation_model(
+            ctx.encoder_state,
+            ctx.checkpoint,
+            num_classes=ctx.n_classes,
+            tuning_strategy=strategy,
+            strategy_config=config,
+            label_categories=ctx.label_categories,
+            seed=ctx.random_state,
+        )
+        if ctx.attention_dropout is not None:
+            set_attention_dropout(model, ctx.attention_dropout)
+        trainer = Trainer(
+            model,
+            batch_size=ctx.batch_size,
+            accelerator=ctx.device.type,
+            devices=1,
+            precision=resolve_precision(ctx.precision, ctx.device),
+            seed=ctx.random_state,
+            progress=ctx.progress,
+            **settings,
+        )
+        if self.uses_features:
+            model.feature_norm.fit(torch.as_tensor(ctx.features[ctx.cells("train")[0]]))
+            datasets = {
+                name: FeatureDataset(ctx.features[cells], labels)
+                for name in ("train", "val", "test")
+                for cells, labels in [ctx.cells(name)]
+            }
+        else:
+            datasets = {name: getattr(ctx.split, name) for name in ("train", "val", "test")}
+        trainer.fit(datasets["train"], datasets["val"] if len(datasets["val"]) else None)
+        model = model.to("cpu").eval()
+        metrics, test_proba = ctx.evaluate(
+            lambda split, _: trainer.predict(datasets[split])["probabilities"]
+        )
+        return StrategyResult(
+            strategy=strategy,
+            metrics=metrics,
+            trainable_parameters=model.trainable_parameter_count(),
+            runtime_sec=0.0,
+            history=trainer.history_,
+            config=None if model.strategy_config is None else model.strategy_config.to_dict(),
+            training=settings,
+            model=model,
+            extra={"test_probabilities": test_proba},
+        )
+
+    def predict(self, model: Any, inputs: PredictInputs) -> tuple[np.ndarray, np.ndarray]:
+        n_classes = inputs.n_classes
+        if self.uses_features:
+            features = inputs.cls_features()
+            with torch.inference_mode():
+                logits = model({"features": torch.as_tensor(features)})["logits"].numpy()
+            return softmax(logits), features
+        model = model.to(inputs.device).eval()
+
+        def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            out = model(batch)
+            return torch.cat([out["logits"].float(), out["latent"].float()], dim=1)
+
+        joined = inputs.encode(forward, "predicting")
+        model.to("cpu")
+        return softmax(joined[:, :n_classes]), joined[:, n_classes:]
+
+    def state(self, model: Any) -> Tensors:
+        return {
+            f"model.{k}": v.detach().cpu().contiguous()
+            for k, v in model.adaptation_state_dict().items()
+        }
+
+    def manifest_fields(self, model: Any) -> dict[str, Any]:
+        return {"model_config": model.config_dict()}
+
+    def from_state(
+        self,
+        strategy: str,
+        tensors: Tensors,
+        manifest: Mapping[str, Any],
+        base: BaseWeights,
+    ) -> Any:
+        model = build_annotation_model(
+            base.encoder_state(), base.checkpoint, **manifest["model_config"]
+        )
+        model.load_adaptation_state_dict(
+            {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        )
+        return model.eval()
+
+    def encoder_of(self, model: Any) -> Any:
+        return model.encoder if self.uses_features else None
+
+
+# ---------------------------------------------------------------------------------- registry
+
+_FAMILIES: dict[str, StrategyFamily] = {}
+
+
+def register_strategy(name: str, family: StrategyFamily) -> None:
+    """Make ``family`` the one that fits, predicts and saves strategy ``name``."""
+    if name not in STRATEGIES:
+        msg = f"{name!r} is not a strategy name of scdlkit._shared.strategies.STRATEGIES."
+        raise ValueError(msg)
+    _FAMILIES[name] = family
+
+
+def strategy_family(name: str) -> StrategyFamily:
+    """The family registered for strategy ``name``."""
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        msg = f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}."
+        raise ValueError(msg) from None
+
+
+register_strategy("frozen_probe", FrozenProbe())
+register_strategy("baseline", ExpressionBaseline())
+for _name in NEURAL_STRATEGIES:
+    register_strategy(_name, NeuralStrategy(_name))
