@@ -65,7 +65,7 @@ def check_device(text: str) -> str:
     """
     if text == "auto":
         return text
-    import torch
+    import torch  # here: 'scdlkit --help' and the usage errors never need torch
 
     try:
         device = torch.device(text)

@@ -24,6 +24,7 @@ def torchrun_group(device: str) -> Iterator[bool]:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield True
         return
+    # here: only a distributed launch needs them, and 'scdlkit --help' must not import torch
     import torch
     import torch.distributed as dist
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,7 +54,7 @@ def read_input(path: str | os.PathLike, *, backed: bool = False) -> Any:
     if path.is_dir():
         msg = f"input {str(path)!r} is a folder; expected an .h5ad file"
         raise InputError(msg)
-    import anndata as ad
+    import anndata as ad  # here: slow to import, and 'scdlkit --help' never reads data
 
     logger.info("reading %s", path)
     try:
@@ -99,8 +100,7 @@ def write_backed_atomic(adata: Any, source: Path, path: Path) -> None:
     ``source`` (the file ``adata`` is backed by) is copied beside ``path`` and its ``obs``,
     ``obsm`` and ``uns`` are replaced by ``adata``'s, then the copy is renamed onto ``path``.
     """
-    import shutil
-
+    # here: only --backed output needs them; keeps 'scdlkit --help' fast
     import h5py
     from anndata.io import write_elem
 
