@@ -12,6 +12,8 @@ import json
 import logging
 from pathlib import Path
 
+from scdlkit._shared.strategies import DEFAULT_STRATEGIES
+
 __all__ = ["main", "write_random_checkpoint"]
 
 BANNER = "=" * 78
@@ -33,6 +35,7 @@ def write_random_checkpoint(
     """
     import torch
 
+    # torch and scdlkit.foundation are imported when the demo runs, not for --help
     from scdlkit.foundation import ScGPTModelArgs
     from scdlkit.foundation._model import ScGPTEncoder
 
@@ -50,6 +53,7 @@ def write_random_checkpoint(
 
 
 def _find_checkpoint(explicit: str | None) -> tuple[str | Path, bool]:
+    # scdlkit.foundation brings torch: imported when the demo runs, not for --help
     from scdlkit.foundation import resolve_checkpoint
 
     if explicit:
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--strategies",
         nargs="+",
-        default=["frozen_probe", "head", "lora", "baseline"],
+        default=[*DEFAULT_STRATEGIES, "lora", "baseline"],
         help="strategies to compare",
     )
     parser.add_argument("--epochs", type=int, default=None, help="epochs per trained strategy")
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     import scanpy as sc
     import torch
 
-    import scdlkit as sck
+    import scdlkit as sck  # the package itself, lazily: after argument parsing
 
     out = Path(args.output_dir)
     pbmc = sc.datasets.pbmc68k_reduced()

@@ -11,6 +11,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     )
     raise ImportError(msg) from err
 
+from scdlkit.foundation._adapt import adapt_scgpt_annotation
 from scdlkit.foundation._annotation_model import (
     ScGPTAnnotationModel,
     build_annotation_model,
@@ -34,7 +35,10 @@ from scdlkit.foundation._genes import GeneMatch, match_genes, tokenize_adata
 from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
 from scdlkit.foundation._loading import CheckpointLoadReport, load_scgpt_model
 from scdlkit.foundation._model import ScGPTEncoder
-from scdlkit.foundation._peft import (
+from scdlkit.foundation._runner import ScGPTAnnotationRunner
+from scdlkit.foundation._tokenize import ScGPTTokens
+from scdlkit.foundation._training_settings import STRATEGIES
+from scdlkit.foundation.peft import (
     AdapterConfig,
     IA3Config,
     LoRAConfig,
@@ -43,9 +47,6 @@ from scdlkit.foundation._peft import (
     ScGPTLoRAConfig,
     merge_lora,
 )
-from scdlkit.foundation._runner import ScGPTAnnotationRunner, adapt_scgpt_annotation
-from scdlkit.foundation._strategies import STRATEGIES
-from scdlkit.foundation._tokenize import ScGPTTokens
 
 __all__ = [
     "STRATEGIES",

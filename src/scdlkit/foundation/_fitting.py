@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from scdlkit._shared.numeric import softmax
 from scdlkit._shared.strategies import NEURAL_STRATEGIES, STRATEGIES
 from scdlkit.foundation._annotation_model import build_annotation_model
 from scdlkit.foundation._device import resolve_precision
@@ -188,12 +189,6 @@ def full_proba(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.nda
     out = np.zeros((proba.shape[0], n_classes), dtype=np.float32)
     out[:, np.asarray(classes)] = proba
     return out
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------ frozen probe

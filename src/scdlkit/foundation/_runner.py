@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pandas as pd
 import torch
 
 from scdlkit._artifacts import write_artifacts
-from scdlkit._shared.strategies import DEFAULT_STRATEGIES, NEURAL_STRATEGIES, STRATEGIES
+from scdlkit._shared.strategies import DEFAULT_STRATEGIES, NEURAL_STRATEGIES
 from scdlkit._shared.validation import gene_names
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._data import (
@@ -35,89 +34,18 @@ from scdlkit.foundation._fitting import (
 )
 from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
 from scdlkit.foundation._loading import build_encoder, load_encoder_weights, load_state_dict_file
+from scdlkit.foundation._runner_args import check_strategies, recorded_arguments, str_list
 from scdlkit.foundation._runner_io import load_runner, save_runner
 from scdlkit.foundation._selection import batch_metrics, metrics_row, rank_key
 from scdlkit.foundation._stream import encode_adata
 from scdlkit.foundation._training_settings import check_training_overrides, resolve_training
-from scdlkit.foundation.peft import resolve_strategy_config
 
-__all__ = ["ScGPTAnnotationRunner", "adapt_scgpt_annotation"]
+__all__ = ["ScGPTAnnotationRunner"]
 
 logger = logging.getLogger("scdlkit")
 
 UNKNOWN_LABEL = "Unknown"
 METRIC_NAMES = ("accuracy", "macro_f1", "balanced_accuracy", "auroc_ovr")
-
-
-def _check_strategies(
-    strategies: Sequence[str],
-    strategy_configs: Mapping[str, Any] | None,
-    lora_config: Any,
-) -> tuple[tuple[str, ...], dict[str, Any]]:
-    if isinstance(strategies, str):
-        strategies = (strategies,)
-    strategies = tuple(strategies)
-    if not strategies:
-        msg = f"strategies is empty; choose from {', '.join(STRATEGIES)}."
-        raise ValueError(msg)
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:
-        msg = f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}."
-        raise ValueError(msg)
-    if len(set(strategies)) != len(strategies):
-        msg = f"strategies lists a strategy twice: {strategies}."
-        raise ValueError(msg)
-    if strategy_configs is not None and lora_config is not None:
-        msg = (
-            "pass either strategy_configs= or the legacy lora_config=, not both "
-            "(use strategy_configs={'lora': ...})."
-        )
-        raise ValueError(msg)
-    configs = dict(strategy_configs or {})
-    if lora_config is not None:
-        configs = {"lora": lora_config}
-    for name in configs:
-        if name not in strategies:
-            msg = (
-                f"a config was given for strategy {name!r}, which is not in strategies="
-                f"{strategies}; add it to strategies or drop its config."
-            )
-            raise ValueError(msg)
-    return strategies, {
-        name: resolve_strategy_config(name, config) for name, config in configs.items()
-    }
-
-
-def _recorded_arguments(arguments: dict[str, Any], configs: Mapping[str, Any]) -> dict[str, Any]:
-    """The constructor's arguments as JSON-ready values, recorded once (``init_params_``).
-
-    The legacy ``lora_config`` is folded into ``strategy_configs``; paths are absolute, so the
-    record means the same from any working directory.
-    """
-    recorded = dict(arguments)
-    del recorded["lora_config"]
-    checkpoint = recorded["checkpoint"]
-    if isinstance(checkpoint, ScGPTCheckpoint):
-        checkpoint = checkpoint.path
-    if isinstance(checkpoint, os.PathLike) or Path(checkpoint).is_dir():
-        checkpoint = str(Path(checkpoint).resolve())
-    output_dir = recorded["output_dir"]
-    strategies = recorded["strategies"]
-    recorded.update(
-        checkpoint=checkpoint,
-        strategies=[strategies] if isinstance(strategies, str) else list(strategies),
-        strategy_configs={name: config.to_dict() for name, config in configs.items()},
-        output_dir=None if output_dir is None else str(Path(output_dir).resolve()),
-        device=str(recorded["device"]),
-        training=dict(recorded["training"] or {}),
-        test_batches=_str_list(recorded["test_batches"]),
-        val_batches=_str_list(recorded["val_batches"]),
-    )
-    return recorded
-
-
-def _str_list(values: Sequence[Any] | None) -> list[str] | None:
-    return None if values is None else [str(v) for v in values]
 
 
 class ScGPTAnnotationRunner:
@@ -243,7 +171,7 @@ class ScGPTAnnotationRunner:
         progress: bool = True,
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k not in {"self", "progress"}}
-        self.strategies, self.strategy_configs = _check_strategies(
+        self.strategies, self.strategy_configs = check_strategies(
             strategies, strategy_configs, lora_config
         )
         check_training_overrides(training)
@@ -284,10 +212,10 @@ class ScGPTAnnotationRunner:
             raise ValueError(msg)
         self.batch_key = batch_key
         self.split_by = split_by
-        self.test_batches = _str_list(test_batches)
-        self.val_batches = _str_list(val_batches)
+        self.test_batches = str_list(test_batches)
+        self.val_batches = str_list(val_batches)
         self.progress = progress
-        self.init_params_ = _recorded_arguments(arguments, self.strategy_configs)
+        self.init_params_ = recorded_arguments(arguments, self.strategy_configs)
         self._fitted = False
         self.runner_dir_: Path | None = None
 
@@ -347,13 +275,18 @@ class ScGPTAnnotationRunner:
 
     # ---------------------------------------------------------------------------- lifecycle
 
-    def inspect(self, adata: Any) -> ScGPTAnnotationDataReport:
+    def inspect(
+        self, adata: Any, *, expressed_per_cell: np.ndarray | None = None
+    ) -> ScGPTAnnotationDataReport:
         """Preflight the data (no weights read); also stored as ``report_``.
 
         Parameters
         ----------
         adata
             The reference AnnData.
+        expressed_per_cell
+            Matched genes per cell when already known (``fit`` passes its tokens' counts, so the
+            data is not read again).
 
         Returns
         -------
@@ -371,6 +304,7 @@ class ScGPTAnnotationRunner:
             gene_key=self.gene_key,
             layer=self.layer,
             batch_key=self.batch_key,
+            expressed_per_cell=expressed_per_cell,
         )
         return self.report_
 
@@ -399,7 +333,7 @@ class ScGPTAnnotationRunner:
             random_state=self.random_state,
             progress=self.progress,
         )
-        self.inspect(adata)
+        self.inspect(adata, expressed_per_cell=self.prepared_.tokens.n_genes_per_cell)
         self.label_categories_ = list(self.prepared_.label_categories)
         self.matched_genes_ = list(self.prepared_.matched_genes)
         self.split_ = split_scgpt_data(
@@ -774,71 +708,3 @@ def _expression_of(adata: Any, gene_key: str | None, layer: str | None) -> tuple
     from scdlkit.baselines._expression import log_normalised_matrix
 
     return log_normalised_matrix(adata, layer), gene_names(adata, gene_key)
-
-
-def adapt_scgpt_annotation(
-    adata: Any,
-    *,
-    label_key: str,
-    checkpoint: str | os.PathLike | ScGPTCheckpoint = "whole-human",
-    strategies: Sequence[str] = DEFAULT_STRATEGIES,
-    strategy_configs: Mapping[str, Any] | None = None,
-    lora_config: Any = None,
-    batch_size: int = 64,
-    val_size: float = 0.15,
-    test_size: float = 0.15,
-    random_state: int = 42,
-    device: str = "auto",
-    output_dir: str | os.PathLike | None = None,
-    **kwargs: Any,
-) -> ScGPTAnnotationRunner:
-    """Fit and compare adaptation strategies on labelled cells; return the fitted runner.
-
-    One call for :class:`ScGPTAnnotationRunner` ``(...).fit(adata)``; the AnnData is not
-    modified (use :func:`scdlkit.tl.adapt_annotation` to write results into it).
-
-    Parameters
-    ----------
-    adata
-        Labelled reference cells.
-    label_key, checkpoint, strategies, strategy_configs, lora_config, batch_size
-        See :class:`ScGPTAnnotationRunner`.
-    val_size, test_size, random_state, device, output_dir
-        See :class:`ScGPTAnnotationRunner`.
-    **kwargs
-        Further :class:`ScGPTAnnotationRunner` arguments (``gene_key``, ``layer``, ``training``,
-        ``epochs``, ``lr``, ``early_stopping_patience``, ``class_weight``, ``precision``,
-        ``confidence_threshold``, ``progress``).
-
-    Returns
-    -------
-    ScGPTAnnotationRunner
-        The fitted :class:`ScGPTAnnotationRunner`.
-
-    Examples
-    --------
-    >>> runner = sck.adapt_annotation(
-    ...     adata, label_key="cell_type", strategies=("frozen_probe", "head", "lora")
-    ... )  # doctest: +SKIP
-    >>> runner.best_strategy_  # doctest: +SKIP
-    """
-    runner = ScGPTAnnotationRunner(
-        label_key=label_key,
-        checkpoint=checkpoint,
-        strategies=strategies,
-        strategy_configs=strategy_configs,
-        lora_config=lora_config,
-        batch_size=batch_size,
-        val_size=val_size,
-        test_size=test_size,
-        random_state=random_state,
-        device=device,
-        output_dir=output_dir,
-        **kwargs,
-    )
-    return runner.fit(adata)
-
-
-def default_runner_dir() -> Path:
-    """A fresh temporary folder for a runner saved without ``output_dir``."""
-    return Path(tempfile.mkdtemp(prefix="scdlkit-runner-"))

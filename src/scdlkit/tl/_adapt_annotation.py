@@ -92,8 +92,8 @@ def adapt_annotation(
     ... )  # doctest: +SKIP
     >>> sck.pl.strategy_comparison(adata)  # doctest: +SKIP
     """
-    from scdlkit.foundation import adapt_scgpt_annotation
-    from scdlkit.foundation._runner import default_runner_dir
+    # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
+    from scdlkit.foundation._adapt import adapt_scgpt_annotation, default_runner_dir
 
     check_writable(adata, copy=copy)
     runner = adapt_scgpt_annotation(

@@ -61,6 +61,7 @@ def annotate(
     >>> sck.tl.annotate(query, ref.uns["scgpt_annotation"]["runner_dir"])  # doctest: +SKIP
     >>> query.obs["scgpt_annotation"].value_counts()  # doctest: +SKIP
     """
+    # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
     from scdlkit.foundation import ScGPTAnnotationRunner
 
     check_writable(adata, copy=copy)

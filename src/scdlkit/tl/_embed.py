@@ -18,7 +18,7 @@ def embed(
     batch_size: int = 64,
     device: str = "auto",
     precision: str = "auto",
-    random_state: int = 0,
+    random_state: int = 42,
     chunk_size: int | None = None,
     progress: bool = True,
     key_added: str = "scgpt",
@@ -83,6 +83,7 @@ def embed(
     >>> sck.tl.embed(adata, checkpoint="path/to/scGPT_human")  # doctest: +SKIP
     >>> sc.pp.neighbors(adata, use_rep="X_scgpt")  # doctest: +SKIP
     """
+    # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
     from scdlkit.foundation import load_scgpt_model, resolve_checkpoint
     from scdlkit.foundation._device import resolve_device, resolve_precision
     from scdlkit.foundation._embed import l2_normalise

@@ -57,6 +57,7 @@ def inspect(
     """
     import logging
 
+    # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
     from scdlkit.foundation import inspect_annotation_data
 
     report = inspect_annotation_data(

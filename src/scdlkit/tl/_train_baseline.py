@@ -96,6 +96,7 @@ def train_baseline(
     >>> sc.pp.neighbors(adata, use_rep="X_vae")  # doctest: +SKIP
     """
     # Lazy: baselines import torch and lightning, and `import scdlkit.tl` stays free of both.
+    # scdlkit.baselines brings torch and lightning_fabric: imported when the tool runs
     from scdlkit.baselines import TaskRunner
 
     if not isinstance(key_added, str) or not key_added:
