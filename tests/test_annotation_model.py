@@ -18,7 +18,8 @@ from scdlkit.foundation._checkpoint import ScGPTModelArgs, resolve_checkpoint
 from scdlkit.foundation._genes import tokenize_adata
 from scdlkit.foundation._loading import load_state_dict_file
 from scdlkit.foundation._model import ScGPTEncoder
-from scdlkit.foundation._peft import (
+from scdlkit.foundation._tokenize import collate_tokens
+from scdlkit.foundation.peft import (
     AdapterConfig,
     IA3Config,
     LoRAConfig,
@@ -26,7 +27,6 @@ from scdlkit.foundation._peft import (
     merge_lora,
     peft_parameter_names,
 )
-from scdlkit.foundation._tokenize import collate_tokens
 
 D, D_HID, N_LAYERS, N_CLASSES = 32, 64, 2, 5
 HEAD = 2 * (D * D + D + 2 * D) + D * N_CLASSES + N_CLASSES  # n_layers_cls = 3

@@ -10,7 +10,8 @@ from scdlkit.foundation._checkpoint import ScGPTModelArgs, resolve_checkpoint
 from scdlkit.foundation._genes import tokenize_adata
 from scdlkit.foundation._loading import load_scgpt_model
 from scdlkit.foundation._model import ScGPTEncoder
-from scdlkit.foundation._peft import (
+from scdlkit.foundation._tokenize import collate_tokens
+from scdlkit.foundation.peft import (
     AdapterConfig,
     AdapterLinear,
     IA3Config,
@@ -30,7 +31,6 @@ from scdlkit.foundation._peft import (
     peft_parameter_names,
     resolve_strategy_config,
 )
-from scdlkit.foundation._tokenize import collate_tokens
 
 D, D_HID, N_LAYERS = 32, 64, 2  # the tiny fixture checkpoint
 

@@ -29,7 +29,7 @@ from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._device import resolve_device
 from scdlkit.foundation._loading import build_encoder, load_encoder_weights, load_scgpt_model
 from scdlkit.foundation._model import ScGPTEncoder
-from scdlkit.foundation._peft import (
+from scdlkit.foundation.peft import (
     PEFTConfig,
     apply_peft,
     freeze_except_peft,

@@ -1,0 +1,188 @@
+"""Bottleneck adapters (Houlsby et al. 2019; the "encoder adapter" of scPEFT, He et al. 2025)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from scdlkit.foundation._model import ScGPTEncoder
+from scdlkit.foundation.peft._base import (
+    PEFTConfig,
+    WrappedLinear,
+    check_choice,
+    check_config,
+    check_dropout,
+    check_encoder,
+    check_layers,
+    check_positive_int,
+    selected_layers,
+)
+from scdlkit.foundation.peft._registry import register_peft_method
+
+__all__ = ["AdapterConfig", "AdapterLinear", "BottleneckAdapter", "apply_adapter"]
+
+ADAPTER_ACTIVATIONS = ("relu", "gelu")
+ADAPTER_PLACEMENTS = ("attention", "ffn", "both")
+
+
+@dataclass(frozen=True)
+class AdapterConfig(PEFTConfig):
+    """Bottleneck adapters (Houlsby et al. 2019) inside each encoder layer.
+
+    An adapter is ``up(dropout(act(down(h))))`` added to a sub-layer's output ``h`` before the
+    residual connection and LayerNorm, i.e. ``h + adapter(h)``. ``up`` starts at zero, so the model
+    starts exactly as the pretrained one. scPEFT's "encoder adapter" on scGPT is this module with
+    512 -> 128 -> 512 after the attention block (He et al. 2025).
+
+    Parameters
+    ----------
+    bottleneck_dim
+        Width of the bottleneck. Default ``None``: a quarter of the model width, i.e. scPEFT's
+        512 -> 128 -> 512 on whole-human and a proportionate width on smaller checkpoints. An
+        explicit value must be smaller than the model width (checked when applied).
+    dropout
+        Dropout after the activation (training only). Default 0.0: scPEFT's adapter has none, and
+        the encoder's own dropout stays active around it.
+    activation
+        ``"gelu"`` (default, scPEFT's adapter) or ``"relu"``.
+    placement
+        ``"attention"`` (default, as scPEFT: on the attention block's output, i.e. wrapping
+        ``self_attn.out_proj``), ``"ffn"`` (on the feed-forward output, wrapping ``linear2``) or
+        ``"both"`` (Houlsby's two adapters per layer).
+    layers
+        Encoder layer indices to adapt; ``None`` (default) adapts all.
+
+    Examples
+    --------
+    >>> from scdlkit.foundation.peft import AdapterConfig
+    >>> AdapterConfig(bottleneck_dim=64, placement="both").placement
+    'both'
+    """
+
+    strategy: ClassVar[str] = "adapter"
+
+    bottleneck_dim: int | None = None
+    dropout: float = 0.0
+    activation: str = "gelu"
+    placement: str = "attention"
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        if self.bottleneck_dim is not None:
+            check_positive_int(owner, "bottleneck_dim", self.bottleneck_dim)
+        self._set("dropout", check_dropout(owner, self.dropout))
+        check_choice(owner, "activation", self.activation, ADAPTER_ACTIVATIONS)
+        check_choice(owner, "placement", self.placement, ADAPTER_PLACEMENTS)
+        self._set("layers", check_layers(owner, self.layers))
+
+
+class BottleneckAdapter(nn.Module):
+    """``up(dropout(act(down(h))))`` with ``up`` initialised to zero.
+
+    Parameters
+    ----------
+    d_model
+        Input and output width.
+    bottleneck, activation, dropout
+        See :class:`AdapterConfig` (``bottleneck_dim``, ``activation``, ``dropout``).
+
+    Examples
+    --------
+    >>> BottleneckAdapter(16, 4, "gelu", 0.0)(torch.ones(2, 16)).abs().max().item()
+    0.0
+    """
+
+    def __init__(self, d_model: int, bottleneck: int, activation: str, dropout: float) -> None:
+        super().__init__()
+        self.down = nn.Linear(d_model, bottleneck)
+        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(bottleneck, d_model)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.up(self.dropout(self.act(self.down(h))))
+
+
+class AdapterLinear(WrappedLinear):
+    """A projection followed by a residual bottleneck adapter: ``h + adapter(h)``, ``h = W x + b``.
+
+    Wrapping ``self_attn.out_proj`` puts the adapter on the attention block's output, wrapping
+    ``linear2`` on the feed-forward output, in both cases before the layer's residual and norm.
+    New parameters: ``adapter.down.*`` and ``adapter.up.*``.
+
+    Parameters
+    ----------
+    base
+        The plain ``nn.Linear`` to wrap; its weight and bias are kept (same objects, same names).
+    bottleneck, activation, dropout
+        See :class:`AdapterConfig`.
+
+    Examples
+    --------
+    >>> layer = AdapterLinear(nn.Linear(16, 16), 4, "relu", 0.0)
+    >>> layer(torch.zeros(2, 16)).shape
+    torch.Size([2, 16])
+    """
+
+    def __init__(self, base: nn.Linear, bottleneck: int, activation: str, dropout: float) -> None:
+        super().__init__(base)
+        self.adapter = BottleneckAdapter(self.out_features, bottleneck, activation, dropout).to(
+            **self.factory
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base_forward(x)
+        return h + self.adapter(h)
+
+
+def apply_adapter(encoder: ScGPTEncoder, config: AdapterConfig | None = None) -> ScGPTEncoder:
+    """Insert bottleneck adapters into ``encoder`` (wrapping ``out_proj`` and/or ``linear2``).
+
+    Parameters
+    ----------
+    encoder
+        The scGPT encoder (pretrained weights loaded).
+    config
+        :class:`AdapterConfig`; ``None`` uses its defaults (128-wide adapter after attention).
+
+    Returns
+    -------
+    The same encoder, with unchanged outputs until the adapters' up-projections move from zero.
+
+    Raises
+    ------
+    ValueError
+        When ``bottleneck_dim`` is not smaller than the model width.
+
+    Examples
+    --------
+    >>> from scdlkit.foundation.peft import AdapterConfig, apply_adapter
+    >>> apply_adapter(encoder, AdapterConfig(bottleneck_dim=16))  # doctest: +SKIP
+    """
+    check_encoder(encoder)
+    config = check_config("apply_adapter", config, AdapterConfig)
+    d_model = encoder.d_model
+    width = config.bottleneck_dim or max(d_model // 4, 1)
+    if width >= d_model:
+        msg = (
+            f"AdapterConfig.bottleneck_dim={config.bottleneck_dim} must be smaller than the "
+            f"model width d_model={d_model} (a bottleneck); scPEFT uses 128 for d_model=512, "
+            f"i.e. a quarter: try bottleneck_dim={max(d_model // 4, 1)}."
+        )
+        raise ValueError(msg)
+    args = (width, config.activation, config.dropout)
+    for layer in selected_layers(encoder, config.layers, "AdapterConfig"):
+        if config.placement in ("attention", "both"):
+            layer.self_attn.out_proj = AdapterLinear(layer.self_attn.out_proj, *args)
+        if config.placement in ("ffn", "both"):
+            layer.linear2 = AdapterLinear(layer.linear2, *args)
+    return encoder
+
+
+register_peft_method(name="adapter", config_cls=AdapterConfig, apply=apply_adapter)
