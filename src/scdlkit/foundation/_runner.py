@@ -14,6 +14,8 @@ import pandas as pd
 import torch
 
 from scdlkit._artifacts import write_artifacts
+from scdlkit._shared.persist import claim_run_folder, publish_files
+from scdlkit._shared.provenance import check_unique_genes
 from scdlkit._shared.strategies import DEFAULT_STRATEGIES, NEURAL_STRATEGIES
 from scdlkit._shared.validation import gene_names
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
@@ -45,6 +47,8 @@ __all__ = ["ScGPTAnnotationRunner"]
 logger = logging.getLogger("scdlkit")
 
 UNKNOWN_LABEL = "Unknown"
+#: What a run writes into ``output_dir``; any of them there means the folder holds a run.
+_RUN_FILES = ("runner", "strategy_metrics.csv", "predictions.csv", "report.md")
 METRIC_NAMES = ("accuracy", "macro_f1", "balanced_accuracy", "auroc_ovr")
 
 
@@ -84,7 +88,10 @@ class ScGPTAnnotationRunner:
         ``"auto"`` (CUDA, then MPS, then CPU) or a torch device string.
     output_dir
         Folder for artifacts (``strategy_metrics.csv``, ``predictions.csv``, ``report.md``, PNG
-        plots) and the saved runner (``output_dir/runner``).
+        plots) and the saved runner (``output_dir/runner``). Checked before any work: it must be
+        writable, and a folder that already holds a run is refused unless ``overwrite=True``.
+    overwrite
+        Replace a run already in ``output_dir`` (default: refuse it; choose a fresh folder).
     gene_key, layer
         Where gene symbols and values are (default ``var_names`` and ``X``).
     training
@@ -154,6 +161,7 @@ class ScGPTAnnotationRunner:
         random_state: int = 42,
         device: str = "auto",
         output_dir: str | os.PathLike | None = None,
+        overwrite: bool = False,
         gene_key: str | None = None,
         layer: str | None = None,
         training: Mapping[str, Any] | None = None,
@@ -192,6 +200,7 @@ class ScGPTAnnotationRunner:
         self.random_state = random_state
         self.device = device
         self.output_dir = None if output_dir is None else Path(output_dir).resolve()
+        self.overwrite = overwrite
         self.gene_key = gene_key
         self.layer = layer
         self.training = dict(training or {})
@@ -239,12 +248,14 @@ class ScGPTAnnotationRunner:
         """
         ckpt = getattr(self, "checkpoint_", None)
         recorded = dict(self.init_params_)
+        # a loaded baseline runner never needed its checkpoint: the saved name and path stand
+        name, path = getattr(self, "saved_checkpoint_", (recorded["checkpoint"], ""))
         for shortcut in ("training", "epochs", "lr", "early_stopping_patience", "class_weight"):
             recorded.pop(shortcut)
         return {
             **recorded,
-            "checkpoint": ckpt.name if ckpt is not None else recorded["checkpoint"],
-            "checkpoint_path": str(ckpt.path) if ckpt is not None else "",
+            "checkpoint": ckpt.name if ckpt is not None else name,
+            "checkpoint_path": str(ckpt.path) if ckpt is not None else path,
             "gene_key": self.gene_key or "",
             "layer": self.layer or "",
             "training": {
@@ -320,6 +331,16 @@ class ScGPTAnnotationRunner:
         -------
         The fitted runner.
         """
+        names = gene_names(adata, self.gene_key)
+        vocab = resolve_checkpoint(self.checkpoint).vocab
+        check_unique_genes(names, vocab=vocab, gene_key=self.gene_key)
+        if self.output_dir is None:
+            return self._fit(adata)
+        # before any work: the folder is writable, holds no other run, and is ours until done
+        with claim_run_folder(self.output_dir, overwrite=self.overwrite, run_files=_RUN_FILES):
+            return self._fit(adata)
+
+    def _fit(self, adata: Any) -> ScGPTAnnotationRunner:
         families = {name: strategy_family(name) for name in self.strategies}
         self.checkpoint_ = resolve_checkpoint(self.checkpoint)
         self.prepared_ = prepare_scgpt_data(
@@ -389,7 +410,11 @@ class ScGPTAnnotationRunner:
         self._expression = None  # the reference matrix is not kept beyond fit
         if self.output_dir is not None:
             self.save(self.output_dir / "runner")
-            write_artifacts(self, self.output_dir)
+            publish_files(
+                self.output_dir,
+                lambda staging: write_artifacts(self, staging),
+                marker={"runner_manifest_sha256": self.manifest_sha256_},
+            )
         return self
 
     def _split_summary(self) -> dict[str, Any]:
@@ -566,6 +591,8 @@ class ScGPTAnnotationRunner:
         self._require_fitted("predict")
         gene_key = self.gene_key if gene_key is None else gene_key
         layer = self.layer if layer is None else layer
+        vocab = self.checkpoint_.vocab if self.checkpoint_ is not None else None
+        check_unique_genes(gene_names(adata, gene_key), vocab=vocab, gene_key=gene_key)
 
         def encode(forward: Any, desc: str) -> np.ndarray:
             return encode_adata(

@@ -1,44 +1,162 @@
 """Saving and loading annotation runners: strict JSON manifest plus safetensors weights.
 
-Nothing is unpickled. The folder always holds a consistent pair: the weights are written under a
-new content-addressed name first, then ``manifest.json`` (which names them) is replaced
-atomically, then stale weights are removed. An interrupted save leaves the previous one intact.
+Nothing is unpickled. Saving goes through :func:`scdlkit._shared.persist.save_weights_folder`
+(the one folder writer: a lock per folder, content-addressed weights written first, then the
+manifest replaced atomically; an interrupted save leaves the previous one intact). Loading checks
+the manifest against one schema (:data:`MANIFEST_SCHEMA` and the cross-checks below): every
+field's presence, type and range, ``kind``, categories against the weights, ``best_strategy``
+against the tensors present. Every failure is a ValueError naming the file, the field and the fix.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
-import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from scdlkit._shared.persist import (
     MANIFEST_NAME,
-    make_readable,
+    Field,
+    check_fields,
     read_checked_weights,
-    read_manifest_file,
-    sha256_file,
+    read_manifest_with_digest,
+    save_weights_folder,
 )
 from scdlkit._shared.provenance import package_versions
-from scdlkit._shared.strategies import STRATEGIES
+from scdlkit._shared.strategies import NEURAL_STRATEGIES, STRATEGIES
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._fitting import BaseWeights, StrategyResult, strategy_family
 
-__all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "load_runner", "save_runner"]
+__all__ = [
+    "KIND",
+    "MANIFEST_NAME",
+    "MANIFEST_SCHEMA",
+    "SCHEMA_VERSION",
+    "load_runner",
+    "save_runner",
+]
 
 SCHEMA_VERSION = 1
-_REQUIRED = {
-    "schema_version": int,
-    "kind": str,
-    "best_strategy": str,
-    "label_categories": list,
-    "params": dict,
-    "checkpoint": dict,
-    "weights_file": str,
-    "weights_sha256": str,
-    "strategy_metrics": list,
+KIND = "scdlkit.ScGPTAnnotationRunner"
+_FIX = "save the runner again (AnnotationRunner.save) rather than editing its manifest"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _unique_strings(min_len: int) -> Any:
+    def check(value: list[Any]) -> str | None:
+        if not all(isinstance(v, str) for v in value):
+            bad = next(v for v in value if not isinstance(v, str))
+            return f"must hold only strings (found {bad!r})"
+        if len(set(value)) != len(value):
+            twice = sorted({v for v in value if value.count(v) > 1})
+            return f"lists {twice[:3]} more than once"
+        if len(value) < min_len:
+            return f"must hold at least {min_len} entries, not {len(value)}"
+        return None
+
+    return check
+
+
+def _records(value: list[Any]) -> str | None:
+    if not all(isinstance(r, dict) for r in value):
+        return "must be a list of objects"
+    return None
+
+
+def _metric_records(value: list[Any]) -> str | None:
+    if not value or _records(value):
+        return "must be a non-empty list of objects (one per strategy)"
+    for record in value:
+        if not isinstance(record.get("strategy"), str):
+            return "has a row without a 'strategy' name"
+        numbers = [v for k, v in record.items() if k != "strategy"]
+        if any(isinstance(v, bool) or not isinstance(v, int | float | None) for v in numbers):
+            return f"row {record['strategy']!r} holds a value that is not a number or null"
+    return None
+
+
+def _history(value: dict[str, Any]) -> str | None:
+    if not all(isinstance(v, list) and not _records(v) for v in value.values()):
+        return "must map strategy names to lists of per-epoch objects"
+    return None
+
+
+#: The manifest's fields: presence, JSON type and range. Cross-checks are in :func:`read_manifest`.
+MANIFEST_SCHEMA = (
+    Field("versions", (dict,), required=False),
+    Field("checkpoint", (dict,)),
+    Field("params", (dict,)),
+    Field("init_params", (dict,), required=False),
+    Field("matched_genes", (list,), required=False, check=_unique_strings(0)),
+    Field("label_categories", (list,), check=_unique_strings(2)),
+    Field(
+        "best_strategy",
+        (str,),
+        check=lambda v: None if v in STRATEGIES else f"is {v!r}, not one of {list(STRATEGIES)}",
+    ),
+    Field("strategy_config", (dict, type(None)), required=False),
+    Field("model_config", (dict, type(None)), required=False),
+    Field("training", (dict, type(None)), required=False),
+    Field("baseline_genes", (list, type(None)), required=False, check=_unique_strings(1)),
+    Field("strategy_metrics", (list,), check=_metric_records),
+    Field("history", (dict, type(None)), required=False, check=_history),
+    Field("batch_metrics", (list, type(None)), required=False, check=_records),
+    Field("split", (dict, type(None)), required=False),
+    Field(
+        "weights_file",
+        (str,),
+        check=lambda v: (
+            None
+            if Path(v).name == v and v.endswith(".safetensors")
+            else "must be the name of a .safetensors file inside the runner folder"
+        ),
+    ),
+    Field(
+        "weights_sha256",
+        (str,),
+        check=lambda v: None if _SHA256.fullmatch(v) else "must be 64 lowercase hex digits",
+    ),
+)
+_CHECKPOINT_SCHEMA = (
+    Field("checkpoint.name", (str,)),
+    Field("checkpoint.path", (str,)),
+    Field("checkpoint.sha256", (str,)),
+    Field("checkpoint.args", (dict,)),
+)
+_MODEL_CONFIG_SCHEMA = (
+    Field("model_config.num_classes", (int,)),
+    Field("model_config.tuning_strategy", (str,)),
+    Field("model_config.strategy_config", (dict, type(None)), required=False),
+    Field("model_config.label_categories", (list, type(None)), required=False),
+    Field(
+        "model_config.classifier_dropout",
+        (float,),
+        required=False,
+        check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
+    ),
+)
+#: Tensor names each non-neural family saves (neural ones are checked by the model itself).
+_FAMILY_TENSORS = {
+    "frozen_probe": {
+        "probe.coef",
+        "probe.intercept",
+        "probe.classes",
+        "probe.scaler_mean",
+        "probe.scaler_scale",
+    },
+    "baseline": {
+        "baseline.scale",
+        "baseline.coef",
+        "baseline.intercept",
+        "baseline.classes",
+        "baseline.svd_components",
+    },
 }
 
 
@@ -50,7 +168,10 @@ def _history_records(runner: Any) -> dict[str, list[dict[str, Any]]]:
 
 
 def save_runner(runner: Any, path: Path) -> Path:
-    """Write ``runner`` to the folder ``path`` (created if needed); returns the folder."""
+    """Write ``runner`` to the folder ``path`` (created if needed); returns the absolute folder.
+
+    Sets ``runner.manifest_sha256_`` to the sha256 of the manifest written.
+    """
     # safetensors is the foundation extra's: imported where it is needed
     from safetensors.torch import save_file
 
@@ -59,18 +180,12 @@ def save_runner(runner: Any, path: Path) -> Path:
 
     best: StrategyResult = runner._best
     family = strategy_family(best.strategy)
-    path.mkdir(parents=True, exist_ok=True)
+    path = Path(path).resolve()
     tensors = family.state(best.model)
-    tmp_weights = path / f".weights-{os.getpid()}.tmp"
-    save_file(tensors, str(tmp_weights))
-    digest = sha256_file(tmp_weights)
-    weights_name = f"weights-{digest[:16]}.safetensors"
-    make_readable(tmp_weights)
-    os.replace(tmp_weights, path / weights_name)
     ckpt: ScGPTCheckpoint | None = runner.checkpoint_
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "kind": "scdlkit.ScGPTAnnotationRunner",
+        "kind": KIND,
         "versions": package_versions(),
         "checkpoint": {  # a loaded baseline runner has no checkpoint: it never needed one
             "name": ckpt.name if ckpt is not None else str(runner.checkpoint),
@@ -96,31 +211,111 @@ def save_runner(runner: Any, path: Path) -> Path:
         if getattr(runner, "batch_metrics_", None) is None
         else runner.batch_metrics_.to_dict(orient="records"),
         "split": runner.split_summary_,
-        "weights_file": weights_name,
-        "weights_sha256": digest,
     }
-    text = json.dumps(json_safe(manifest), indent=2, allow_nan=False)
-    tmp_manifest = path / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
-    tmp_manifest.write_text(text)
-    make_readable(tmp_manifest)
-    os.replace(tmp_manifest, path / MANIFEST_NAME)
-    for stale in path.glob("weights-*.safetensors"):
-        if stale.name != weights_name:
-            stale.unlink()
+
+    def write_weights(file: Path) -> str:
+        save_file(tensors, str(file))
+        return ".safetensors"
+
+    def render(weights_file: str, weights_sha256: str) -> str:
+        record = {**manifest, "weights_file": weights_file, "weights_sha256": weights_sha256}
+        return json.dumps(json_safe(record), indent=2, allow_nan=False)
+
+    runner.manifest_sha256_ = save_weights_folder(path, write_weights, render, what="runner folder")
     return path
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """Parse and validate ``manifest.json``; errors name the problem."""
-    manifest = read_manifest_file(path, _REQUIRED, schema_version=SCHEMA_VERSION, what="runner")
-    file = path / MANIFEST_NAME
-    if manifest["best_strategy"] not in STRATEGIES:
-        msg = f"{file}: unknown best_strategy {manifest['best_strategy']!r}."
+def read_manifest(path: Path) -> tuple[dict[str, Any], str]:
+    """Parse and validate ``manifest.json`` against the schema; returns it and its sha256."""
+    manifest, digest = read_manifest_with_digest(
+        path, MANIFEST_SCHEMA, schema_version=SCHEMA_VERSION, what="runner", kind=KIND, fix=_FIX
+    )
+    file = Path(path) / MANIFEST_NAME
+    check_fields(file, _flatten(manifest, "checkpoint"), _CHECKPOINT_SCHEMA, fix=_FIX)
+    best = manifest["best_strategy"]
+    categories = manifest["label_categories"]
+    listed = [r["strategy"] for r in manifest["strategy_metrics"]]
+    if best not in listed:
+        msg = (
+            f"{file}: field 'best_strategy' is {best!r} but strategy_metrics lists only "
+            f"{listed}; {_FIX}."
+        )
         raise ValueError(msg)
-    if Path(manifest["weights_file"]).name != manifest["weights_file"]:
-        msg = f"{file}: weights_file must be a file name inside the runner folder."
+    if best in NEURAL_STRATEGIES:
+        if not isinstance(manifest.get("model_config"), dict):
+            msg = f"{file}: field 'model_config' must be an object for strategy {best!r}; {_FIX}."
+            raise ValueError(msg)
+        config = manifest["model_config"]
+        check_fields(file, _flatten(manifest, "model_config"), _MODEL_CONFIG_SCHEMA, fix=_FIX)
+        unknown = sorted(set(config) - {f.name.split(".", 1)[1] for f in _MODEL_CONFIG_SCHEMA})
+        if unknown:
+            msg = f"{file}: field 'model_config' has unknown keys {unknown}; {_FIX}."
+            raise ValueError(msg)
+        if config["num_classes"] != len(categories):
+            msg = (
+                f"{file}: field 'model_config.num_classes' is {config['num_classes']} but "
+                f"label_categories holds {len(categories)} names; {_FIX}."
+            )
+            raise ValueError(msg)
+        if config["tuning_strategy"] != best:
+            msg = (
+                f"{file}: field 'best_strategy' is {best!r} but the saved model is "
+                f"{config['tuning_strategy']!r} (model_config.tuning_strategy); {_FIX}."
+            )
+            raise ValueError(msg)
+        if config.get("label_categories") not in (None, categories):
+            msg = (
+                f"{file}: field 'model_config.label_categories' differs from label_categories; "
+                f"{_FIX}."
+            )
+            raise ValueError(msg)
+    if best == "baseline" and not manifest.get("baseline_genes"):
+        msg = f"{file}: field 'baseline_genes' is missing for strategy 'baseline'; {_FIX}."
         raise ValueError(msg)
-    return manifest
+    return manifest, digest
+
+
+def _flatten(manifest: Mapping[str, Any], name: str) -> dict[str, Any]:
+    return {f"{name}.{k}": v for k, v in manifest[name].items()}
+
+
+def check_tensors(file: Path, manifest: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:
+    """Cross-check the weights against the manifest: the strategy's tensors, the classes."""
+    best = manifest["best_strategy"]
+    n_classes = len(manifest["label_categories"])
+    expected = _FAMILY_TENSORS.get(best)
+    if expected is None:  # neural: every tensor belongs to the model; it checks names/shapes
+        expected_prefix = "model."
+        stray = sorted(k for k in tensors if not k.startswith(expected_prefix))
+        if stray:
+            msg = (
+                f"{file}: the weights hold {stray[:3]}, which a {best!r} runner does not save: "
+                f"field 'best_strategy' does not match the weights; {_FIX}."
+            )
+            raise ValueError(msg)
+        return
+    if set(tensors) != expected:
+        msg = (
+            f"{file}: the weights hold {sorted(tensors)[:5]}, not the tensors of a {best!r} "
+            f"runner ({sorted(expected)}): field 'best_strategy' does not match the weights; "
+            f"{_FIX}."
+        )
+        raise ValueError(msg)
+    prefix = next(iter(expected)).split(".")[0]
+    classes = tensors[f"{prefix}.classes"]
+    if (
+        classes.ndim != 1
+        or classes.dtype.is_floating_point
+        or classes.numel() < 2
+        or len(torch.unique(classes)) != classes.numel()
+        or int(classes.min()) < 0
+        or int(classes.max()) >= n_classes
+    ):
+        msg = (
+            f"{file}: the classifier's classes {classes.tolist()[:8]} do not fit the "
+            f"{n_classes} names of field 'label_categories'; {_FIX}."
+        )
+        raise ValueError(msg)
 
 
 def _resolve_base(
@@ -143,20 +338,31 @@ def _resolve_base(
 
 
 def load_runner(cls: type, path: Path, *, checkpoint: Any, device: str, verify: bool) -> Any:
-    """Rebuild a runner saved by :func:`save_runner`."""
-    manifest = read_manifest(path)
+    """Rebuild a runner saved by :func:`save_runner`; every check runs before the model is built.
+
+    Sets ``runner_dir_`` (absolute) and ``manifest_sha256_`` (of the manifest bytes read).
+    """
+    path = Path(path)
+    manifest, digest = read_manifest(path)
+    file = path / MANIFEST_NAME
     tensors = read_checked_weights(path, manifest)
+    check_tensors(path / manifest["weights_file"], manifest, tensors)
+    arguments = _constructor_arguments(manifest, file, cls)
     ckpt = _resolve_base(manifest, checkpoint, verify)
-    arguments = _constructor_arguments(manifest)
-    runner = cls(
-        **{
-            **arguments,
-            "checkpoint": ckpt.path if ckpt is not None else arguments["checkpoint"],
-            "device": device,
-            "progress": False,
-        }
-    )
+    try:
+        runner = cls(
+            **{
+                **arguments,
+                "checkpoint": ckpt.path if ckpt is not None else arguments["checkpoint"],
+                "device": device,
+                "progress": False,
+            }
+        )
+    except (TypeError, ValueError) as err:
+        msg = f"{file}: field 'init_params' is not usable ({err}); {_FIX}."
+        raise ValueError(msg) from err
     runner.checkpoint_ = ckpt
+    runner.saved_checkpoint_ = (manifest["checkpoint"]["name"], manifest["checkpoint"]["path"])
     runner.label_categories_ = list(manifest["label_categories"])
     runner.matched_genes_ = list(manifest.get("matched_genes") or [])
     runner.best_strategy_ = manifest["best_strategy"]
@@ -175,19 +381,54 @@ def load_runner(cls: type, path: Path, *, checkpoint: Any, device: str, verify: 
         runtime_sec=0.0,
         config=manifest.get("strategy_config"),
         training=manifest.get("training"),
-        model=family.from_state(runner.best_strategy_, tensors, manifest, BaseWeights(ckpt)),
+        model=_rebuild(family, runner.best_strategy_, tensors, manifest, ckpt, path),
     )
     runner._fitted = True
     runner.runner_dir_ = path.resolve()
+    runner.manifest_sha256_ = digest
     return runner
 
 
-def _constructor_arguments(manifest: dict[str, Any]) -> dict[str, Any]:
+def _rebuild(
+    family: Any,
+    strategy: str,
+    tensors: dict[str, Any],
+    manifest: dict[str, Any],
+    ckpt: ScGPTCheckpoint | None,
+    path: Path,
+) -> Any:
+    """The family's model from the saved state; a mismatch names the files and the fix."""
+    try:
+        return family.from_state(strategy, tensors, manifest, BaseWeights(ckpt))
+    except (KeyError, TypeError, RuntimeError, ValueError) as err:
+        msg = (
+            f"{path / manifest['weights_file']} does not fit the {strategy!r} model described by "
+            f"{path / MANIFEST_NAME} (fields 'best_strategy', 'model_config', "
+            f"'label_categories'): {err}; {_FIX}."
+        )
+        raise ValueError(msg) from err
+
+
+def _constructor_arguments(manifest: dict[str, Any], file: Path, cls: type) -> dict[str, Any]:
     """The runner's constructor arguments: recorded once since schema 1.1, else from params."""
     recorded = manifest.get("init_params")
     if isinstance(recorded, dict):
+        accepted = set(inspect.signature(cls).parameters)
+        unknown = sorted(set(recorded) - accepted)
+        if unknown or not isinstance(recorded.get("label_key"), str):
+            what = f"unknown arguments {unknown}" if unknown else "no string 'label_key'"
+            msg = f"{file}: field 'init_params' has {what}; {_FIX}."
+            raise ValueError(msg)
         return dict(recorded)
-    params = manifest["params"]  # runners saved before init_params were recorded
+    try:
+        return _legacy_arguments(manifest["params"])
+    except KeyError as err:
+        msg = f"{file}: field 'params' lacks {err.args[0]!r} (and there is no init_params); {_FIX}."
+        raise ValueError(msg) from None
+
+
+def _legacy_arguments(params: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments of runners saved before ``init_params`` were recorded."""
     return {
         "label_key": params["label_key"],
         "checkpoint": params.get("checkpoint", "whole-human"),

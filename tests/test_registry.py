@@ -1,0 +1,98 @@
+"""The strategy registry: one family per strategy name, each saving and rebuilding on its own."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from scdlkit._shared.strategies import FEATURE_STRATEGIES, NEURAL_STRATEGIES, STRATEGIES
+from scdlkit.foundation import ScGPTAnnotationRunner
+from scdlkit.foundation._fitting import (
+    BaseWeights,
+    ExpressionBaseline,
+    FrozenProbe,
+    NeuralStrategy,
+    register_strategy,
+    strategy_family,
+)
+
+FAST = {"epochs": 1, "attention_dropout": 0.0, "progress": False, "precision": "fp32"}
+
+
+def test_every_strategy_name_has_one_family():
+    families = {name: strategy_family(name) for name in STRATEGIES}
+    assert isinstance(families["frozen_probe"], FrozenProbe)
+    assert isinstance(families["baseline"], ExpressionBaseline)
+    for name in NEURAL_STRATEGIES:
+        assert isinstance(families[name], NeuralStrategy)
+    assert {n for n, f in families.items() if f.uses_features} == set(FEATURE_STRATEGIES)
+    assert [n for n, f in families.items() if not f.uses_checkpoint] == ["baseline"]
+
+
+def test_registry_refuses_unknown_names():
+    with pytest.raises(ValueError, match="unknown strategy 'tuned'"):
+        strategy_family("tuned")
+    with pytest.raises(ValueError, match="not a strategy name"):
+        register_strategy("tuned", FrozenProbe())
+
+
+@pytest.fixture(scope="module")
+def fitted(_pbmc_raw, checkpoint_dir, tmp_path_factory):
+    """frozen_probe, head, lora and baseline fitted once, with training overrides given."""
+    runner = ScGPTAnnotationRunner(
+        label_key="bulk_labels",
+        checkpoint=checkpoint_dir,
+        strategies=("frozen_probe", "head", "lora", "baseline"),
+        training={"lora": {"lr": 5e-3}},
+        early_stopping_patience=1,
+        **FAST,
+    ).fit(_pbmc_raw)
+    return runner, tmp_path_factory.mktemp("registry")
+
+
+@pytest.mark.parametrize("strategy", ["frozen_probe", "head", "lora", "baseline"])
+def test_family_state_round_trip_predicts_identically(fitted, strategy, _pbmc_raw):
+    runner, _ = fitted
+    result = runner.results_[strategy]
+    family = strategy_family(strategy)
+    if result.model is None:  # only the kept model stays in memory: refit this one alone
+        alone = ScGPTAnnotationRunner(
+            label_key="bulk_labels",
+            checkpoint=runner.checkpoint_.path,
+            strategies=(strategy,),
+            **FAST,
+        ).fit(_pbmc_raw)
+        result = alone.results_[strategy]
+        runner = alone
+    manifest = json.loads(json.dumps(family.manifest_fields(result.model)))
+    rebuilt = family.from_state(
+        strategy, family.state(result.model), manifest, BaseWeights(runner.checkpoint_)
+    )
+    cells = _pbmc_raw[:50].copy()
+    expected = runner.predict(cells)
+    runner._best.model = rebuilt
+    got = runner.predict(cells)
+    np.testing.assert_array_equal(got["labels"], expected["labels"])
+    np.testing.assert_allclose(got["probabilities"], expected["probabilities"], atol=1e-6)
+
+
+def test_loaded_runner_reports_the_saved_params(fitted):
+    runner, folder = fitted
+    runner.save(folder / "runner")
+    loaded = ScGPTAnnotationRunner.load(folder / "runner")
+    assert loaded.params() == runner.params()
+    # the overrides really are the ones used, not defaults
+    assert loaded.params()["training"]["lora"]["lr"] == 5e-3
+    assert loaded.params()["training"]["head"]["early_stopping_patience"] == 1
+    assert loaded.init_params_ == runner.init_params_
+
+
+def test_recorded_paths_are_absolute(checkpoint_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = ScGPTAnnotationRunner(
+        label_key="bulk_labels", checkpoint=checkpoint_dir, output_dir="od", progress=False
+    )
+    assert runner.init_params_["output_dir"] == str(tmp_path / "od")
+    assert runner.init_params_["checkpoint"] == str(checkpoint_dir.resolve())
