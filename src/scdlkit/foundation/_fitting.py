@@ -24,6 +24,7 @@ from scdlkit._shared.numeric import softmax
 from scdlkit._shared.strategies import NEURAL_STRATEGIES, STRATEGIES
 from scdlkit.foundation._annotation_model import build_annotation_model
 from scdlkit.foundation._device import resolve_precision
+from scdlkit.foundation._embed import l2_normalise
 from scdlkit.foundation._loading import load_state_dict_file
 from scdlkit.foundation._model import set_attention_dropout
 from scdlkit.foundation._selection import evaluate_splits
@@ -150,7 +151,10 @@ class StrategyFamily:
         raise NotImplementedError
 
     def predict(self, model: Any, inputs: PredictInputs) -> tuple[np.ndarray, np.ndarray]:
-        """``(probabilities (n_cells, n_classes), latent)`` for every cell."""
+        """``(probabilities (n_cells, n_classes), latent)`` for every cell.
+
+        An scGPT latent is L2-normalised, as :func:`scdlkit.tl.embed` and upstream do.
+        """
         raise NotImplementedError
 
     def state(self, model: Any) -> Tensors:
@@ -235,7 +239,7 @@ class FrozenProbe(StrategyFamily):
 
     def predict(self, model: ProbeModel, inputs: PredictInputs) -> tuple[np.ndarray, np.ndarray]:
         features = inputs.cls_features()
-        return model.predict_proba(features, inputs.n_classes), features
+        return model.predict_proba(features, inputs.n_classes), l2_normalise(features)
 
     def state(self, model: ProbeModel) -> Tensors:
         return _prefixed(
@@ -412,7 +416,7 @@ class NeuralStrategy(StrategyFamily):
             features = inputs.cls_features()
             with torch.inference_mode():
                 logits = model({"features": torch.as_tensor(features)})["logits"].numpy()
-            return softmax(logits), features
+            return softmax(logits), l2_normalise(features)
         model = model.to(inputs.device).eval()
 
         def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -421,7 +425,7 @@ class NeuralStrategy(StrategyFamily):
 
         joined = inputs.encode(forward, "predicting")
         model.to("cpu")
-        return softmax(joined[:, :n_classes]), joined[:, n_classes:]
+        return softmax(joined[:, :n_classes]), l2_normalise(joined[:, n_classes:])
 
     def state(self, model: Any) -> Tensors:
         return {

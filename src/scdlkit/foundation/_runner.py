@@ -586,7 +586,8 @@ class ScGPTAnnotationRunner:
         -------
         dict
             ``label_codes`` (int, -1 for ``"Unknown"``), ``labels`` (str), ``probabilities``
-            ``(n_cells, n_classes)``, ``latent`` (the best model's cell representation).
+            ``(n_cells, n_classes)``, ``latent`` (the best model's cell representation,
+            L2-normalised for scGPT strategies as :func:`scdlkit.tl.embed`).
         """
         self._require_fitted("predict")
         gene_key = self.gene_key if gene_key is None else gene_key
