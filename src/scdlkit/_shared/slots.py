@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ from anndata import AnnData
 
 from scdlkit._shared.provenance import package_versions
 
-__all__ = ["fit_summary_uns", "h5ad_safe", "write_annotation_slots"]
+__all__ = ["check_key_added", "fit_summary_uns", "h5ad_safe", "write_annotation_slots"]
 
 SPLIT_CATEGORIES = ["train", "val", "test", "unlabelled"]
 
@@ -36,6 +37,43 @@ def h5ad_safe(value: Any) -> Any:
             return np.asarray([], dtype=object)
         return {str(i): v for i, v in enumerate(items)}
     return value
+
+
+def _written_by_scdlkit(adata: AnnData, key_added: str) -> bool:
+    record = adata.uns.get(key_added)
+    return isinstance(record, Mapping) and "runner_dir" in record and "best_strategy" in record
+
+
+def check_key_added(adata: AnnData, key_added: str, *, inputs: Sequence[str | None] = ()) -> None:
+    """Refuse, before any work, a ``key_added`` whose slots would overwrite the user's data.
+
+    The obs columns written (``key_added``, ``_confidence``, ``_split``) must differ from the
+    columns the call reads (``inputs``: the label and batch columns), and must not replace obs or
+    obsm entries that an earlier scdlkit call (recorded in ``uns[key_added]``) did not write.
+    """
+    if not isinstance(key_added, str) or not key_added:
+        msg = f"key_added={key_added!r} must be a non-empty string."
+        raise ValueError(msg)
+    columns = [key_added, f"{key_added}_confidence", f"{key_added}_split"]
+    for column in columns:
+        if column in {c for c in inputs if c}:
+            msg = (
+                f"key_added={key_added!r} would write obs[{column!r}], the column this call reads "
+                "its labels or batches from, replacing it. Pass another key_added."
+            )
+            raise ValueError(msg)
+    if _written_by_scdlkit(adata, key_added):
+        return  # re-annotating: the slots are scdlkit's own
+    taken = [f"obs[{c!r}]" for c in columns if c in adata.obs.columns]
+    if f"X_{key_added}" in adata.obsm:
+        taken.append(f"obsm['X_{key_added}']")
+    if taken:
+        msg = (
+            f"key_added={key_added!r} would overwrite {', '.join(taken)}, which scdlkit did not "
+            "write (uns holds no scdlkit record under that key). Pass another key_added, or "
+            "delete those entries first."
+        )
+        raise ValueError(msg)
 
 
 def write_annotation_slots(
@@ -63,7 +101,8 @@ def write_annotation_slots(
             **uns,
             "best_strategy": runner.best_strategy_,
             "label_categories": list(runner.label_categories_),
-            "runner_dir": str(runner.runner_dir_),
+            "runner_dir": str(Path(runner.runner_dir_).resolve()),
+            "runner_manifest_sha256": getattr(runner, "manifest_sha256_", None) or "",
             "versions": package_versions(),
         }
     )

@@ -9,7 +9,6 @@ manifest names the file and its sha256; either format loads wherever its reader 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from scdlkit._shared.persist import (
     MANIFEST_NAME,
     read_checked_weights,
     read_manifest_file,
+    save_weights_folder,
     sha256_file,
 )
 from scdlkit.baselines._models import build_model, resolve_task
@@ -100,27 +100,23 @@ def _write_weights(tensors: dict[str, torch.Tensor], file: Path) -> str:
 
 def write_runner_folder(
     path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]
-) -> None:
-    """Write the weights, then the manifest that names them, then remove stale weights.
+) -> str:
+    """Write the weights, then the manifest that names them, through the one folder writer.
 
-    The weights go under a new content-addressed name first and the manifest replaces the old
-    one in one rename, so an interrupted save leaves the previous one intact. ``manifest`` gets
-    ``weights_file`` and ``weights_sha256`` added.
+    :func:`scdlkit._shared.persist.save_weights_folder` locks the folder, writes the weights under
+    a new content-addressed name, replaces the manifest in one rename and keeps the weights the
+    previous manifest named, so an interrupted or concurrent save never leaves a manifest naming a
+    missing file. ``manifest`` gets ``weights_file`` and ``weights_sha256`` added. Returns the
+    sha256 of the manifest written.
     """
-    path.mkdir(parents=True, exist_ok=True)
-    tmp_weights = path / f".weights-{os.getpid()}.tmp"
-    suffix = _write_weights(tensors, tmp_weights)
-    digest = sha256_file(tmp_weights)
-    weights_name = f"weights-{digest[:16]}{suffix}"
-    os.replace(tmp_weights, path / weights_name)
-    manifest = {**manifest, "weights_file": weights_name, "weights_sha256": digest}
-    text = json.dumps(json_safe(manifest), indent=2, allow_nan=False)
-    tmp_manifest = path / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
-    tmp_manifest.write_text(text)
-    os.replace(tmp_manifest, path / MANIFEST_NAME)
-    for stale in path.glob("weights-*"):
-        if stale.suffix in WEIGHT_SUFFIXES and stale.name != weights_name:
-            stale.unlink()
+
+    def render(weights_file: str, weights_sha256: str) -> str:
+        record = {**manifest, "weights_file": weights_file, "weights_sha256": weights_sha256}
+        return json.dumps(json_safe(record), indent=2, allow_nan=False)
+
+    return save_weights_folder(
+        path, lambda file: _write_weights(tensors, file), render, what="TaskRunner folder"
+    )
 
 
 # ------------------------------------------------------------------------------------- read

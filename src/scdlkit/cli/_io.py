@@ -7,11 +7,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from scdlkit._shared.persist import atomic_file, clean_leftovers
 from scdlkit.cli._checks import InputError
 
 __all__ = [
@@ -68,23 +68,15 @@ def read_input(path: str | os.PathLike, *, backed: bool = False) -> Any:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` when the block succeeds.
 
-    The temporary file is removed when the block fails, so ``path`` is either the old file or the
-    complete new one, never a partial write. It gets the usual permissions (umask), not 0600.
-    Every file the command line writes goes through here.
+    The one atomic writer of :mod:`scdlkit._shared.persist` (:func:`~scdlkit._shared.persist.
+    atomic_file`): the temporary file is removed when the block fails, so ``path`` is either the
+    old file or the complete new one, never a partial write; leftovers of a killed command are
+    removed by the next one writing to the same folder. Every file the command line writes goes
+    through here.
     """
-    fd, tmp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".partial" + path.suffix
-    )
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    clean_leftovers(path.parent)
+    with atomic_file(path) as tmp:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_h5ad_atomic(adata: Any, path: Path) -> None:

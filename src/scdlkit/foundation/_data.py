@@ -128,6 +128,8 @@ class ScGPTPreparedData:
         Cell names, to align results with the AnnData.
     settings
         The arguments that shaped the tokens (gene_key, layer, label_key, seed, ...).
+    batch_size
+        The batch size prepared for (read-only, from ``settings``).
     batches
         Batch (donor, study, ...) of each cell as strings, when ``batch_key`` was given.
     """
@@ -146,6 +148,12 @@ class ScGPTPreparedData:
     def n_cells(self) -> int:
         """Number of cells (all of the AnnData's, labelled or not)."""
         return self.tokens.n_cells
+
+    @property
+    def batch_size(self) -> int:
+        """The batch size the data was prepared for (``prepare_scgpt_data(batch_size=...)``),
+        e.g. for ``Trainer(model, batch_size=prepared.batch_size)``."""
+        return int(self.settings.get("batch_size", 64))
 
     @property
     def labelled(self) -> np.ndarray:

@@ -8,7 +8,7 @@ from typing import Any
 from anndata import AnnData
 
 from scdlkit._shared.provenance import check_writable
-from scdlkit._shared.slots import fit_summary_uns, write_annotation_slots
+from scdlkit._shared.slots import check_key_added, fit_summary_uns, write_annotation_slots
 
 __all__ = ["adapt_annotation"]
 
@@ -60,16 +60,19 @@ def adapt_annotation(
         See :class:`scdlkit.AnnotationRunner`.
     output_dir
         Folder for the saved runner and the artifacts (metrics CSV, predictions CSV, report.md,
-        PNG plots).
+        PNG plots). A folder that already holds a run is refused before any work unless
+        ``overwrite=True`` is passed; the run's files are moved in together, with
+        ``run_complete.json`` last.
     key_added
-        Prefix of the written slots.
+        Prefix of the written slots. Refused before any work when the slots would replace the
+        label or batch column, or obs/obsm entries that scdlkit did not write.
     copy
         Return a modified copy instead of writing into ``adata``.
     **kwargs
         Further :class:`scdlkit.AnnotationRunner` arguments: ``gene_key``, ``layer``,
         ``batch_key``, ``split_by``, ``test_batches``, ``val_batches``, ``training``,
         ``epochs``, ``lr``, ``early_stopping_patience``, ``class_weight``,
-        ``precision``, ``confidence_threshold``, ``progress``.
+        ``precision``, ``confidence_threshold``, ``overwrite``, ``progress``.
 
     Returns
     -------
@@ -96,6 +99,7 @@ def adapt_annotation(
     from scdlkit.foundation._adapt import adapt_scgpt_annotation, default_runner_dir
 
     check_writable(adata, copy=copy)
+    check_key_added(adata, key_added, inputs=(label_key, kwargs.get("batch_key")))
     runner = adapt_scgpt_annotation(
         adata,
         label_key=label_key,
