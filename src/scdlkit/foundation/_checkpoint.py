@@ -14,7 +14,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from scdlkit._shared.persist import Field, check_fields
+
 __all__ = [
+    "ARGS_SCHEMA",
     "OFFICIAL_CHECKPOINTS",
     "ScGPTCheckpoint",
     "ScGPTModelArgs",
@@ -60,6 +63,39 @@ def default_cache_dir() -> Path:
     return base / "scdlkit"
 
 
+_ARGS_FIX = "use the args.json released with these weights"
+
+
+def _at_least(low: int) -> Any:
+    return lambda v: None if v >= low else f"is {v}; it must be at least {low}"
+
+
+def _finite(v: float) -> str | None:
+    return None if v == v and abs(v) != float("inf") else "must be a finite number"
+
+
+#: Type and range of each ``args.json`` field the model reads (all optional: defaults apply).
+ARGS_SCHEMA = (
+    *(
+        Field(name, (int,), required=False, check=_at_least(1))
+        for name in ("embsize", "nheads", "d_hid", "nlayers", "n_layers_cls")
+    ),
+    Field(
+        "dropout",
+        (float,),
+        required=False,
+        check=lambda v: None if 0 <= v < 1 else f"is {v}; it must be in [0, 1)",
+    ),
+    Field("pad_token", (str,), required=False, check=lambda v: None if v else "is empty"),
+    Field("pad_value", (float,), required=False, check=_finite),
+    Field("mask_value", (float,), required=False, check=_finite),
+    # bins 1..n_bins-1 come from n_bins-1 quantile edges: fewer than two edges bin nothing
+    Field("n_bins", (int,), required=False, check=_at_least(3)),
+    Field("max_seq_len", (int,), required=False, check=_at_least(2)),  # <cls> and one gene
+    Field("input_emb_style", (str,), required=False),
+)
+
+
 @dataclass(frozen=True)
 class ScGPTModelArgs:
     """The fields of an scGPT ``args.json`` that shape the model and its tokens."""
@@ -78,14 +114,20 @@ class ScGPTModelArgs:
     input_emb_style: str = "continuous"
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ScGPTModelArgs:
+    def from_dict(
+        cls, raw: dict[str, Any], *, source: str | os.PathLike = "args.json"
+    ) -> ScGPTModelArgs:
         """Read the relevant fields of a parsed ``args.json``; absent ones keep their defaults.
+
+        Every field is checked against :data:`ARGS_SCHEMA` (type and range) first.
 
         Parameters
         ----------
         raw
             The parsed ``args.json``. Keys that are not fields of this class are ignored, and so
             are fields whose value is ``None``; values are taken as they are (no type conversion).
+        source
+            The file, named in errors.
 
         Returns
         -------
@@ -95,7 +137,9 @@ class ScGPTModelArgs:
         Raises
         ------
         ValueError
-            When ``input_emb_style`` is not ``"continuous"``, or ``embsize`` is not divisible by
+            When ``raw`` is not a mapping, a field has the wrong type or range (sizes positive
+            integers, ``n_bins`` at least 3, ``max_seq_len`` at least 2, ``dropout`` in [0, 1)),
+            ``input_emb_style`` is not ``"continuous"``, or ``embsize`` is not divisible by
             ``nheads``.
 
         Examples
@@ -103,16 +147,26 @@ class ScGPTModelArgs:
         >>> ScGPTModelArgs.from_dict({"embsize": 512, "nlayers": 12, "lr": 1e-4}).nlayers
         12
         """
+        if not isinstance(raw, dict):
+            msg = (
+                f"{source} must hold a JSON object of model arguments, not "
+                f"{type(raw).__name__}; use the args.json released with the checkpoint."
+            )
+            raise ValueError(msg)
         known = {f: raw[f] for f in cls.__dataclass_fields__ if f in raw and raw[f] is not None}
+        check_fields(Path(source), known, ARGS_SCHEMA, fix=_ARGS_FIX)
         args = cls(**known)
         if args.input_emb_style != "continuous":
             msg = (
-                f"args.json has input_emb_style={args.input_emb_style!r}; only the 'continuous' "
-                "value encoder of the official checkpoints is supported."
+                f"{source}: field 'input_emb_style' is {args.input_emb_style!r}; only the "
+                "'continuous' value encoder of the official checkpoints is supported."
             )
             raise ValueError(msg)
         if args.embsize % args.nheads:
-            msg = f"args.json: embsize={args.embsize} is not divisible by nheads={args.nheads}."
+            msg = (
+                f"{source}: field 'embsize' ({args.embsize}) is not divisible by field 'nheads' "
+                f"({args.nheads}); {_ARGS_FIX}."
+            )
             raise ValueError(msg)
         return args
 
@@ -172,9 +226,10 @@ class ScGPTCheckpoint:
 
 def load_vocab(path: Path) -> dict[str, int]:
     """Read ``vocab.json`` and append missing special tokens in the official order."""
-    with Path(path).open() as fh:
-        raw = json.load(fh)
-    if not isinstance(raw, dict) or not all(isinstance(v, int) for v in raw.values()):
+    raw = _read_json(Path(path), "a JSON object of token -> integer id")
+    if not isinstance(raw, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in raw.values()
+    ):
         msg = f"{path} is not an scGPT vocabulary: expected a JSON object of token -> integer id."
         raise ValueError(msg)
     vocab = dict(sorted(raw.items(), key=lambda item: item[1]))
@@ -216,15 +271,17 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | ScGPTCheckpoint) -> ScGPT
     Returns
     -------
     ScGPTCheckpoint
-        The folder (resolved path), its name and its parsed ``args.json``; the vocabulary is read
-        on first use and the weights are not read.
+        The folder (resolved path), its name, its parsed and checked ``args.json`` and its
+        vocabulary (read to check that ``pad_token`` is in it); the weights are not read.
 
     Raises
     ------
     FileNotFoundError
         When no such folder exists, saying where the files go and where upstream publishes them.
     ValueError
-        When ``args.json`` describes an unsupported model (see :meth:`ScGPTModelArgs.from_dict`).
+        When ``args.json`` or ``vocab.json`` is not valid JSON, ``args.json`` describes an
+        invalid or unsupported model (see :meth:`ScGPTModelArgs.from_dict`), or its
+        ``pad_token`` is not in the vocabulary; each error names the file and the field.
 
     Examples
     --------
@@ -248,11 +305,27 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | ScGPTCheckpoint) -> ScGPT
         if folder.is_dir():
             msg = f"{folder} lacks {', '.join(missing)}. " + msg
         raise FileNotFoundError(msg)
-    with (folder / "args.json").open() as fh:
-        raw_args = json.load(fh)
-    return ScGPTCheckpoint(
+    raw_args = _read_json(folder / "args.json", "a JSON object of model arguments")
+    ckpt = ScGPTCheckpoint(
         path=folder.resolve(),
         name=name,
-        args=ScGPTModelArgs.from_dict(raw_args),
+        args=ScGPTModelArgs.from_dict(raw_args, source=folder / "args.json"),
         raw_args=raw_args,
     )
+    if ckpt.args.pad_token not in ckpt.vocab:
+        msg = (
+            f"{folder / 'args.json'}: field 'pad_token' is {ckpt.args.pad_token!r}, which "
+            f"{folder / 'vocab.json'} does not hold; use the args.json and vocab.json released "
+            "together with these weights."
+        )
+        raise ValueError(msg)
+    return ckpt
+
+
+def _read_json(file: Path, expected: str) -> Any:
+    """Parse a JSON file; a syntax error names the file and what it should hold."""
+    try:
+        return json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        msg = f"{file} is not valid JSON ({err}); expected {expected}."
+        raise ValueError(msg) from err

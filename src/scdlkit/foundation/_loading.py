@@ -111,7 +111,12 @@ def _normalise_keys(
 def load_encoder_weights(
     model: ScGPTEncoder, state: dict[str, torch.Tensor]
 ) -> CheckpointLoadReport:
-    """Copy ``state`` into ``model``; every encoder key must be present with the right shape."""
+    """Copy ``state`` into ``model``; every encoder key must be present with the right shape.
+
+    Keys of other modules (pretraining heads such as ``decoder.*``) are ignored and reported;
+    keys under the encoder's own modules that it does not use (a layer beyond ``nlayers``) are an
+    error, as missing ones are.
+    """
     state, renamed = _normalise_keys(state)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -129,6 +134,21 @@ def load_encoder_weights(
                 f"built from args.json/vocab.json expects {tuple(tensor.shape)}."
             )
             raise ValueError(msg)
+    # keys under the encoder's own modules that it does not use mean args.json does not describe
+    # these weights (e.g. fewer nlayers than the file holds): refused, never dropped silently
+    modules = {k.split(".", 1)[0] for k in expected}
+    unused = [k for k in state if k not in expected and k.split(".", 1)[0] in modules]
+    if unused:
+        ckpt = getattr(model, "checkpoint", None)
+        where = f"{ckpt.weights_path} holds" if ckpt is not None else "the checkpoint holds"
+        msg = (
+            f"{where} encoder weights that the model built from args.json does not use: "
+            f"{', '.join(unused[:8])}"
+            + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
+            + ". args.json does not match the weights (compare nlayers, embsize, d_hid); use the "
+            "args.json released with them."
+        )
+        raise ValueError(msg)
     model.load_state_dict({k: state[k] for k in expected}, strict=True)
     report = CheckpointLoadReport(
         used=list(expected),
@@ -141,7 +161,11 @@ def load_encoder_weights(
 
 def build_encoder(checkpoint: ScGPTCheckpoint) -> ScGPTEncoder:
     """An encoder of the checkpoint's architecture with random weights (no file read)."""
-    return ScGPTEncoder(checkpoint.args, n_tokens=len(checkpoint.vocab), pad_id=checkpoint.pad_id)
+    encoder = ScGPTEncoder(
+        checkpoint.args, n_tokens=len(checkpoint.vocab), pad_id=checkpoint.pad_id
+    )
+    encoder.checkpoint = checkpoint  # so loading errors name its files
+    return encoder
 
 
 def load_scgpt_model(
