@@ -96,3 +96,48 @@ def test_recorded_paths_are_absolute(checkpoint_dir, tmp_path, monkeypatch):
     )
     assert runner.init_params_["output_dir"] == str(tmp_path / "od")
     assert runner.init_params_["checkpoint"] == str(checkpoint_dir.resolve())
+
+
+def test_no_validation_cells_is_refused_before_any_training(_pbmc_raw, checkpoint_dir, monkeypatch):
+    from scdlkit.foundation import _fitting
+
+    def no_training(*args, **kwargs):
+        msg = "a strategy was fitted"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(_fitting.FrozenProbe, "fit", no_training)
+    runner = ScGPTAnnotationRunner(
+        label_key="bulk_labels",
+        checkpoint=checkpoint_dir,
+        strategies=("frozen_probe", "head"),
+        val_size=0.0,
+        **FAST,
+    )
+    with pytest.raises(ValueError, match=r"no validation cells \(val_size=0.0\) to rank 2"):
+        runner.fit(_pbmc_raw)
+
+
+def test_class_weight_reaches_every_strategy(_pbmc_raw, checkpoint_dir):
+    runner = ScGPTAnnotationRunner(
+        label_key="bulk_labels",
+        checkpoint=checkpoint_dir,
+        strategies=("frozen_probe", "head", "baseline"),
+        class_weight="balanced",
+        **FAST,
+    )
+    training = runner.params()["training"]
+    assert {name: s["class_weight"] for name, s in training.items()} == {
+        "frozen_probe": "balanced",
+        "head": "balanced",
+        "baseline": "balanced",
+    }
+    alone = ScGPTAnnotationRunner(
+        label_key="bulk_labels",
+        checkpoint=checkpoint_dir,
+        strategies=("frozen_probe",),
+        class_weight="balanced",
+        **FAST,
+    ).fit(_pbmc_raw)
+    assert alone.results_["frozen_probe"].model.probe.class_weight == "balanced"
+    with pytest.raises(ValueError, match="class_weight only"):
+        ScGPTAnnotationRunner(label_key="x", training={"baseline": {"lr": 1.0}})

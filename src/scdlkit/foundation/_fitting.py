@@ -222,7 +222,12 @@ class FrozenProbe(StrategyFamily):
 
         train, labels = ctx.cells("train")
         scaler = StandardScaler().fit(ctx.features[train])
-        probe = LogisticRegression(max_iter=2000, C=1.0, random_state=ctx.random_state)
+        probe = LogisticRegression(
+            max_iter=2000,
+            C=1.0,
+            class_weight=settings.get("class_weight"),
+            random_state=ctx.random_state,
+        )
         probe.fit(scaler.transform(ctx.features[train]), labels)
         model = ProbeModel(scaler, probe)
         metrics, test_proba = ctx.evaluate(

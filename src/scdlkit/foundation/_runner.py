@@ -16,7 +16,7 @@ import torch
 from scdlkit._artifacts import write_artifacts
 from scdlkit._shared.persist import claim_run_folder, publish_files
 from scdlkit._shared.provenance import check_unique_genes
-from scdlkit._shared.strategies import DEFAULT_STRATEGIES, NEURAL_STRATEGIES
+from scdlkit._shared.strategies import DEFAULT_STRATEGIES
 from scdlkit._shared.validation import gene_names
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._data import (
@@ -100,7 +100,9 @@ class ScGPTAnnotationRunner:
         weight_decay, warmup, lr_decay, grad_clip, early_stopping_patience, monitor,
         class_weight. Defaults: :data:`~scdlkit.foundation._training_settings.DEFAULT_TRAINING`.
     epochs, lr, early_stopping_patience, class_weight
-        Shortcuts for the same settings, applied to every neural strategy when given.
+        Shortcuts for the same settings, applied to every neural strategy when given;
+        ``class_weight="balanced"`` weights the ``frozen_probe`` and ``baseline`` logistic
+        regressions too, so every strategy ranked on macro-F1 is weighted alike.
     precision
         ``"auto"`` (bf16 where the hardware runs it natively: recent CUDA GPUs, CPUs with AMX or
         AVX512-BF16; fp32 elsewhere), ``"fp32"`` or ``"bf16"``; the precision used is recorded in
@@ -258,9 +260,7 @@ class ScGPTAnnotationRunner:
             "checkpoint_path": str(ckpt.path) if ckpt is not None else path,
             "gene_key": self.gene_key or "",
             "layer": self.layer or "",
-            "training": {
-                s: self.training_settings(s) for s in self.strategies if s in NEURAL_STRATEGIES
-            },
+            "training": {s: self.training_settings(s) for s in self.strategies},
             "precision_used": resolve_precision(self.precision, self._torch_device),
         }
 
@@ -367,6 +367,13 @@ class ScGPTAnnotationRunner:
             val_batches=self.val_batches,
         )
         self.split_summary_ = self._split_summary()
+        if len(self.split_.val_indices) == 0 and len(self.strategies) > 1:
+            msg = (
+                f"no validation cells (val_size={self.val_size}) to rank {len(self.strategies)} "
+                "strategies on: give val_size > 0 (or val_batches= with split_by='batch'), or "
+                "fit one strategy at a time."
+            )
+            raise ValueError(msg)
         self._base_encoder = None
         encoder_state = None
         if any(f.uses_checkpoint for f in families.values()):
@@ -398,7 +405,7 @@ class ScGPTAnnotationRunner:
         for name, family in families.items():
             logger.info("fitting strategy %s", name)
             config = self.strategy_configs.get(name)
-            settings = self.training_settings(name) if name in NEURAL_STRATEGIES else {}
+            settings = self.training_settings(name)
             with Stopwatch() as watch:
                 results[name] = family.fit(name, ctx, settings, config)
             # feature strategies share one <cls> pass; each is charged for it, so runtimes compare

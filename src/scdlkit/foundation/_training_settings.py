@@ -49,6 +49,14 @@ DEFAULT_TRAINING: dict[str, dict[str, Any]] = {
     **{name: {**_COMMON, **_PEFT} for name in PEFT_STRATEGIES},
 }
 TRAINING_KEYS = frozenset(DEFAULT_TRAINING["head"])
+#: Strategies fitted in closed form (no epochs, no learning rate) take class weighting only.
+FIT_SETTINGS: dict[str, dict[str, Any]] = {
+    name: {"class_weight": None} for name in STRATEGIES if name not in NEURAL_STRATEGIES
+}
+
+
+def _defaults(strategy: str) -> dict[str, Any]:
+    return dict(DEFAULT_TRAINING.get(strategy) or FIT_SETTINGS[strategy])
 
 
 def resolve_training(
@@ -60,10 +68,11 @@ def resolve_training(
     dicts of settings; ``shortcuts`` are the runner's own arguments (``epochs=``, ``lr=``, ...)
     where not ``None``.
     """
-    settings = dict(DEFAULT_TRAINING[strategy])
-    settings.update({k: v for k, v in shortcuts.items() if v is not None})
+    settings = _defaults(strategy)
+    known = set(settings)
+    settings.update({k: v for k, v in shortcuts.items() if v is not None and k in known})
     overrides = dict(overrides or {})
-    settings.update({k: v for k, v in overrides.items() if k in TRAINING_KEYS})
+    settings.update({k: v for k, v in overrides.items() if k in TRAINING_KEYS and k in known})
     settings.update(overrides.get(strategy, {}))
     return settings
 
@@ -72,10 +81,14 @@ def check_training_overrides(overrides: Mapping[str, Any] | None) -> None:
     """Unknown keys in ``training=`` are errors, not silently ignored settings."""
     for key, value in (overrides or {}).items():
         if key in STRATEGIES:
-            if key not in NEURAL_STRATEGIES:
-                msg = f"training[{key!r}]: {key} is not trained by gradient descent (no settings)."
+            allowed = set(_defaults(key))
+            if set(value) - allowed and key not in NEURAL_STRATEGIES:
+                msg = (
+                    f"training[{key!r}]: {key} is not trained by gradient descent; it takes "
+                    "class_weight only."
+                )
                 raise ValueError(msg)
-            unknown = set(value) - TRAINING_KEYS
+            unknown = set(value) - allowed
         elif key not in TRAINING_KEYS:
             unknown = {key}
         else:
