@@ -141,3 +141,21 @@ def test_class_weight_reaches_every_strategy(_pbmc_raw, checkpoint_dir):
     assert alone.results_["frozen_probe"].model.probe.class_weight == "balanced"
     with pytest.raises(ValueError, match="class_weight only"):
         ScGPTAnnotationRunner(label_key="x", training={"baseline": {"lr": 1.0}})
+
+
+def test_batch_split_trains_on_every_non_test_batch(_pbmc_raw, checkpoint_dir):
+    from scdlkit.foundation import prepare_scgpt_data, split_scgpt_data
+
+    adata = _pbmc_raw.copy()
+    adata.obs["donor"] = np.array(["d1", "d2", "d3"])[np.arange(adata.n_obs) % 3]
+    prepared = prepare_scgpt_data(
+        adata, checkpoint=checkpoint_dir, label_key="bulk_labels", batch_key="donor"
+    )
+    split = split_scgpt_data(prepared, split_by="batch", test_batches=["d3"])
+    donors = prepared.batches
+    assert set(donors[split.train_indices]) == {"d1", "d2"}
+    assert set(donors[split.val_indices]) == {"d1", "d2"}
+    assert set(donors[split.test_indices]) == {"d3"}
+    assert split.val_batches == []
+    named = split_scgpt_data(prepared, split_by="batch", test_batches=["d3"], val_batches=["d2"])
+    assert set(donors[named.train_indices]) == {"d1"}

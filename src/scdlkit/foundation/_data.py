@@ -435,9 +435,10 @@ def split_scgpt_data(
     With ``split_by="batch"`` whole batches (donors, studies; ``batch_key`` of
     :func:`prepare_scgpt_data`) are held out, so test metrics say how well a new batch is
     labelled. Test batches are ``test_batches`` or, by default, ``round(n_batches * test_size)``
-    batches (at least one) drawn with ``random_state``; validation batches likewise from the
-    rest. When too few batches remain for a validation batch, validation cells are a stratified
-    ``val_size`` share of the training batches instead (logged).
+    batches (at least one) drawn with ``random_state``. Validation cells are a stratified
+    ``val_size`` share of the remaining batches' cells, so every non-test batch trains (with 3
+    donors and one held out for test, the model trains on two); name ``val_batches`` to hold out
+    whole validation batches instead.
 
     Parameters
     ----------
@@ -507,7 +508,7 @@ def split_scgpt_data(
         if not rest:
             msg = "every batch is a test batch; leave at least one for training."
             raise ValueError(msg)
-        if val_batches is not None or len(rest) > 1:
+        if val_batches is not None:
             chosen["val"] = choose_held_out(rest, val_batches, val_size, rng, role="val")
             if set(chosen["val"]) & set(chosen["test"]):
                 msg = "val_batches and test_batches overlap."
@@ -520,10 +521,6 @@ def split_scgpt_data(
         indices = {"test": labelled[is_test], "val": labelled[is_val], "train": train_pool}
         small = []
         if not chosen["val"] and val_size > 0:
-            logger.info(
-                "too few batches for a validation batch: "
-                "validation cells come from the training batches"
-            )
             inner, small = _split_labelled(
                 prepared, train_pool, val_size=val_size, test_size=0.0, rng=rng, stratify=stratify
             )
