@@ -20,8 +20,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m scdlkit.demo
 
+# The whole suite runs with what precision="auto" picks here (the CPU's bf16 units, or
+# SCDLKIT_NATIVE_BF16=0|1), then the tests marked auto_precision run with the other decision, so
+# every run covers both.
+OTHER_BF16 = $(PY) -c 'from scdlkit._shared.hardware import native_bf16; print(int(not native_bf16("cpu")))'
+
 test: $(STAMP)
 	$(PY) -m pytest
+	SCDLKIT_NATIVE_BF16=$$($(OTHER_BF16)) $(PY) -m pytest -m auto_precision
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks notebooks docs

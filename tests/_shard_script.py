@@ -26,7 +26,9 @@ def embed_with_fabric(fabric, source: str, data: str, out: str) -> None:
 
     torch.set_num_threads(1)
     adata = ad.read_h5ad(data, backed="r")
-    sck.tl.embed(adata, checkpoint=source, device="cpu", progress=False, chunk_size=20)
+    sck.tl.embed(
+        adata, checkpoint=source, device="cpu", precision="fp32", progress=False, chunk_size=20
+    )
     np.save(Path(out) / f"rank{fabric.global_rank}.npy", adata.obsm["X_scgpt"])
 
 

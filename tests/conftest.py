@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,23 @@ import pytest
 
 DATA = Path(__file__).parent / "data"
 FIXTURE = DATA / "scgpt-tiny-flash"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "auto_precision: depends on what precision='auto' picks on a CPU; `make test` runs these "
+        "again with SCDLKIT_NATIVE_BF16 set the other way, so both decisions are covered",
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from scdlkit._shared.hardware import NATIVE_BF16_ENV, native_bf16
+
+    forced = os.environ.get(NATIVE_BF16_ENV)
+    how = f"{NATIVE_BF16_ENV}={forced}" if forced else "CPU flags"
+    picks = "bf16" if native_bf16("cpu") else "fp32"
+    return f"precision='auto' on CPU picks {picks} ({how})"
 
 
 @pytest.fixture(scope="session")

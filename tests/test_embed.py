@@ -215,6 +215,7 @@ def test_precision_resolution(monkeypatch):
     from scdlkit._shared import hardware as _hardware
     from scdlkit.foundation import _device
 
+    monkeypatch.delenv(_hardware.NATIVE_BF16_ENV, raising=False)
     cpu = torch.device("cpu")
     assert _device.resolve_precision("fp32", cpu) == "fp32"
     assert _device.resolve_precision("bf16", cpu) == "bf16"
@@ -238,11 +239,12 @@ def test_backed_and_chunked_embedding_match_in_memory(fixture_adata, checkpoint_
     from scipy import sparse
 
     fixture_adata.X = sparse.csr_matrix(fixture_adata.X)
-    in_memory = sck.tl.embed(fixture_adata, checkpoint=checkpoint_dir, progress=False, copy=True)
+    fp32 = {"checkpoint": checkpoint_dir, "precision": "fp32", "progress": False}
+    in_memory = sck.tl.embed(fixture_adata, **fp32, copy=True)
     path = tmp_path / "cells.h5ad"
     fixture_adata.write_h5ad(path)
     backed = ad.read_h5ad(path, backed="r")
-    sck.tl.embed(backed, checkpoint=checkpoint_dir, progress=False, chunk_size=7)
+    sck.tl.embed(backed, **fp32, chunk_size=7)
     np.testing.assert_allclose(
         backed.obsm["X_scgpt"], in_memory.obsm["X_scgpt"], rtol=1e-5, atol=1e-6
     )
@@ -253,11 +255,12 @@ def test_backed_results_saved_with_write_in_r_plus_mode(fixture_adata, checkpoin
     from scipy import sparse
 
     fixture_adata.X = sparse.csr_matrix(fixture_adata.X)
-    in_memory = sck.tl.embed(fixture_adata, checkpoint=checkpoint_dir, progress=False, copy=True)
+    fp32 = {"checkpoint": checkpoint_dir, "precision": "fp32", "progress": False}
+    in_memory = sck.tl.embed(fixture_adata, **fp32, copy=True)
     path = tmp_path / "cells.h5ad"
     fixture_adata.write_h5ad(path)
     backed = ad.read_h5ad(path, backed="r+")
-    sck.tl.embed(backed, checkpoint=checkpoint_dir, progress=False, chunk_size=10)
+    sck.tl.embed(backed, **fp32, chunk_size=10)
     backed.write()
     backed.file.close()
     back = ad.read_h5ad(path)
@@ -304,12 +307,11 @@ def test_subsampling_above_max_seq_len_is_chunk_invariant(fixture_adata, checkpo
     args = json.loads((checkpoint_copy / "args.json").read_text())
     args["max_seq_len"] = 64  # fixture cells express far more genes: every cell is subsampled
     (checkpoint_copy / "args.json").write_text(json.dumps(args))
-    whole = sck.tl.embed(fixture_adata, checkpoint=checkpoint_copy, progress=False, copy=True)
-    chunked = sck.tl.embed(
-        fixture_adata, checkpoint=checkpoint_copy, progress=False, chunk_size=5, copy=True
-    )
+    fp32 = {"checkpoint": checkpoint_copy, "precision": "fp32", "progress": False}
+    whole = sck.tl.embed(fixture_adata, **fp32, copy=True)
+    chunked = sck.tl.embed(fixture_adata, **fp32, chunk_size=5, copy=True)
     np.testing.assert_allclose(chunked.obsm["X_scgpt"], whole.obsm["X_scgpt"], rtol=1e-5, atol=1e-6)
-    again = sck.tl.embed(fixture_adata, checkpoint=checkpoint_copy, progress=False, copy=True)
+    again = sck.tl.embed(fixture_adata, **fp32, copy=True)
     np.testing.assert_array_equal(again.obsm["X_scgpt"], whole.obsm["X_scgpt"])
 
 
@@ -326,7 +328,9 @@ def test_sharded_embedding_over_two_processes(fixture_adata, checkpoint_dir, tmp
         check=True,
         timeout=300,
     )
-    single = sck.tl.embed(fixture_adata, checkpoint=checkpoint_dir, progress=False, copy=True)
+    single = sck.tl.embed(
+        fixture_adata, checkpoint=checkpoint_dir, precision="fp32", progress=False, copy=True
+    )
     for rank in (0, 1):
         got = np.load(tmp_path / f"rank{rank}.npy")
         np.testing.assert_allclose(got, single.obsm["X_scgpt"], rtol=1e-5, atol=1e-6)

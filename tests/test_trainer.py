@@ -86,6 +86,7 @@ class AutoEncoder(nn.Module):
 
 def _trainer(model: nn.Module | None = None, **kwargs) -> Trainer:
     defaults = {"batch_size": 32, "epochs": 8, "lr": 1e-2, "progress": False, "accelerator": "cpu"}
+    defaults["precision"] = "fp32"  # exact comparisons; precision="auto" is tested on its own
     return Trainer(model if model is not None else MLP(), **{**defaults, **kwargs})
 
 
@@ -314,9 +315,10 @@ def test_frozen_parameters_are_not_trained():
 def test_precision_auto_on_cpu_follows_native_bf16(monkeypatch):
     from scdlkit._shared import hardware as _hardware
 
+    monkeypatch.delenv(_hardware.NATIVE_BF16_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(_hardware, "_cpu_flags", lambda: frozenset({"avx2"}))
-    trainer = _trainer()
+    trainer = _trainer(precision="auto")
     assert trainer.precision == "32-true"
     assert trainer.fabric.strategy.precision.precision == "32-true"
     assert Trainer(MLP(), progress=False).precision == "32-true"
@@ -327,6 +329,7 @@ def test_precision_auto_on_cpu_follows_native_bf16(monkeypatch):
 def test_resolve_precision(monkeypatch):
     from scdlkit._shared import hardware as _hardware
 
+    monkeypatch.delenv(_hardware.NATIVE_BF16_ENV, raising=False)
     monkeypatch.setattr(_hardware, "_cpu_flags", lambda: frozenset({"avx2"}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **_: True)

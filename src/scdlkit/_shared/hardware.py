@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
 
-__all__ = ["native_bf16", "resolve_device"]
+__all__ = ["NATIVE_BF16_ENV", "native_bf16", "resolve_device"]
+
+#: Environment variable that overrides the CPU check of :func:`native_bf16`: ``"1"`` makes
+#: ``precision="auto"`` pick bf16 on any CPU, ``"0"`` makes it pick fp32; unset or empty reads
+#: the CPU flags.
+NATIVE_BF16_ENV = "SCDLKIT_NATIVE_BF16"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -48,10 +54,23 @@ def native_bf16(device: torch.device | str) -> bool:
 
     CUDA devices that report bf16 support without emulation (Ampere and newer); CPUs with AMX
     or AVX512-BF16 instructions (read from ``/proc/cpuinfo``; ``False`` where it is absent).
+    For CPUs, the environment variable ``SCDLKIT_NATIVE_BF16`` set to ``1`` or ``0`` overrides
+    the check (to test or pin what ``precision="auto"`` picks).
+
+    Raises
+    ------
+    ValueError
+        ``SCDLKIT_NATIVE_BF16`` is set to something other than ``0``, ``1`` or empty.
     """
     kind = torch.device(device).type
     if kind == "cuda":
         return torch.cuda.is_available() and _cuda_bf16()
     if kind == "cpu":
+        forced = os.environ.get(NATIVE_BF16_ENV, "").strip()
+        if forced in {"0", "1"}:
+            return forced == "1"
+        if forced:
+            msg = f"{NATIVE_BF16_ENV}={forced!r}: use 1 (CPU runs bf16 natively), 0 or unset."
+            raise ValueError(msg)
         return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
     return False

@@ -164,7 +164,7 @@ def tokenize_adata(
     Returns
     -------
     tokens : ScGPTTokens
-        Tokens of the cells in ``rows`` (``cell_offset`` is ``rows.start``).
+        Tokens of the cells in ``rows``.
     match : GeneMatch
         Vocabulary id of every gene of the AnnData.
 
@@ -198,7 +198,6 @@ def tokenize_adata(
         pad_value=args.pad_value,
         max_seq_len=args.max_seq_len,
         seed=seed,
-        cell_offset=rows.start or 0,
         progress=progress,
     )
     logger.info(

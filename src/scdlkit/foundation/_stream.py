@@ -2,8 +2,8 @@
 
 Peak memory depends on ``chunk_size``, not on the number of cells: each chunk of rows is read
 (from memory, a backed ``.h5ad`` or a dask array), tokenised, run through the model and dropped.
-Random draws are seeded by each cell's position in the whole dataset, so chunked, sharded and
-in-memory runs give the same tokens and results.
+A cell's tokens depend on its content alone (``_tokenize``), so chunked, sharded and in-memory
+runs give the same tokens and results.
 
 Sharding: under ``torch.distributed`` (a ``torchrun`` or Fabric DDP launch, one process per GPU
 or node), each process runs every ``world_size``-th length-sorted batch of each chunk and the

@@ -6,13 +6,20 @@ padded array. ``<cls>`` is prepended and padding added only when a batch is buil
 
 Conventions (SCGPT_NOTES.md sections 3-4, the official embedding path ``cell_emb.py``):
 ``<cls>`` first with value ``pad_value`` (-2); values binned per cell into 1..n_bins-1 by rank;
-ties broken with a seeded generator per cell, so tokens are reproducible and equal to upstream
-wherever no tie occurs; above ``max_seq_len`` a seeded random subset of genes is kept.
+ties broken at random, and above ``max_seq_len`` a random subset of genes is kept.
+
+A cell's tokens depend on its content alone: its genes are stored in vocabulary-id order, and
+every random draw is seeded by ``random_state`` and a hash of the cell's own vocabulary ids and
+values (:func:`cell_seed`), never by its row, its neighbours or the column order. So a subset, a
+reordered or concatenated AnnData, a chunked or sharded pass give every cell the same tokens.
+Where no tie spans several bins (upstream's random draw cannot matter) the tokens equal
+upstream's.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +32,7 @@ from scdlkit._shared.validation import iter_row_chunks
 __all__ = [
     "ScGPTTokens",
     "bin_values",
+    "cell_seed",
     "collate_tokens",
     "length_grouped_batches",
     "tokenize_matrix",
@@ -38,20 +46,48 @@ def _quantile_levels(n_bins: int) -> np.ndarray:
     return levels
 
 
+def cell_seed(random_state: int, gene_ids: np.ndarray, values: np.ndarray) -> list[int]:
+    """Seed of a cell's random draws: ``random_state`` plus a hash of its ids and values.
+
+    ``gene_ids`` and ``values`` are hashed in the order given (callers pass vocabulary-id order)
+    as little-endian int64 and float64, so the seed does not depend on the stored dtypes, the
+    platform, the cell's row or the AnnData's column order.
+
+    Parameters
+    ----------
+    random_state
+        Non-negative seed shared by all cells.
+    gene_ids
+        Vocabulary ids of the cell's expressed genes.
+    values
+        Their values (expression, or bins).
+
+    Returns
+    -------
+    list of int
+        Entropy for :func:`numpy.random.default_rng`.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.ascontiguousarray(gene_ids, dtype="<i8").tobytes())
+    digest.update(np.ascontiguousarray(values, dtype="<f8").tobytes())
+    words = np.frombuffer(digest.digest(), dtype="<u8")
+    return [int(random_state), *map(int, words)]
+
+
 def bin_values(values: np.ndarray, n_bins: int, seed: Sequence[int] | None = None) -> np.ndarray:
     """Bin one cell's non-zero values into ``1..n_bins-1`` exactly as upstream ``binning``.
 
     Edges are the ``n_bins - 1`` quantiles of the values; a value gets ``digitize(v, edges)``;
     where several edges are equal (tied values) the value is spread over the bins they span using
-    a generator seeded with ``seed`` (upstream uses the unseeded global generator there).
+    a generator seeded with ``seed`` (upstream uses the unseeded global generator there), one
+    draw per value in the order given.
     """
     edges = np.quantile(values, _quantile_levels(n_bins))
     # quantiles never decrease, and for non-decreasing edges ``digitize(v, edges)`` is exactly
     # ``searchsorted(edges, v, "right")`` (and ``right=True`` is "left"), minus its checks
     left = np.searchsorted(edges, values, side="right")
     right = np.searchsorted(edges, values, side="left")
-    span = left - right
-    if not (span > 1).any():
+    if not (left - right > 1).any():
         # no tie spans several bins: upstream's random draw cannot change the result.
         return left
     u = np.random.default_rng(seed).random(len(values))
@@ -67,17 +103,14 @@ class ScGPTTokens:
     indptr
         ``(n_cells + 1,)`` int64 offsets into ``gene_ids`` and ``bins``.
     gene_ids
-        Vocabulary id of each expressed, matched gene (int32).
+        Vocabulary id of each expressed, matched gene (int32), in vocabulary-id order per cell.
     bins
         Its expression bin, ``1..n_bins-1`` (uint8).
     cls_id, pad_id, pad_value, max_seq_len
         What :func:`collate_tokens` needs to build model input.
     seed
-        Seeds the per-cell gene subsampling above ``max_seq_len``.
-    cell_offset
-        Position of the first cell in the whole dataset: random draws are seeded by
-        ``(seed, cell_offset + i)``, so tokenising a dataset in chunks gives the same tokens as
-        tokenising it at once.
+        ``random_state`` of the gene subsampling above ``max_seq_len``, combined per cell with a
+        hash of the cell's tokens (:func:`cell_seed`).
     """
 
     indptr: np.ndarray
@@ -88,7 +121,6 @@ class ScGPTTokens:
     pad_value: float
     max_seq_len: int
     seed: int = 0
-    cell_offset: int = 0
 
     @property
     def n_cells(self) -> int:
@@ -117,8 +149,9 @@ class ScGPTTokens:
         """Gene ids and bins of cell ``i``, subsampled (seeded) if longer than ``max_seq_len``.
 
         At most ``max_seq_len - 1`` genes are returned (``<cls>`` takes the remaining slot), in
-        stored order. A longer cell keeps a random subset drawn with ``(seed, cell_offset + i)``,
-        the same on every call.
+        vocabulary-id order. A longer cell keeps a random subset drawn with
+        ``cell_seed(seed, gene_ids, bins)``: the same on every call, whatever the cell's
+        position.
 
         Parameters
         ----------
@@ -140,7 +173,7 @@ class ScGPTTokens:
         genes, bins = self.gene_ids[start:stop], self.bins[start:stop]
         keep = self.max_seq_len - 1
         if len(genes) > keep:
-            rng = np.random.default_rng([self.seed, self.cell_offset + i])
+            rng = np.random.default_rng(cell_seed(self.seed, genes, bins))
             idx = np.sort(rng.choice(len(genes), size=keep, replace=False))
             genes, bins = genes[idx], bins[idx]
         return genes, bins
@@ -156,43 +189,48 @@ def tokenize_matrix(
     pad_value: float,
     max_seq_len: int,
     seed: int = 0,
-    cell_offset: int = 0,
     progress: bool = False,
 ) -> ScGPTTokens:
     """Tokenise every cell of ``matrix`` (cells x genes; dense, sparse, backed or dask).
 
     ``vocab_ids[j]`` is the vocabulary id of column ``j``, or -1 for a gene the vocabulary lacks.
-    Memory beyond the tokens themselves is bounded by one chunk of rows. ``cell_offset`` is the
-    position of ``matrix``'s first row in the whole dataset (see :class:`ScGPTTokens`).
+    Memory beyond the tokens themselves is bounded by one chunk of rows. Each cell's tokens
+    depend only on its own values, ``vocab_ids`` and ``seed`` (see the module docstring).
     """
     from scdlkit._shared.progress import tqdm
 
     vocab_ids = np.asarray(vocab_ids)
-    matched = vocab_ids >= 0
     if n_bins - 1 > np.iinfo(np.uint8).max:
         msg = f"n_bins={n_bins} does not fit the uint8 token store (at most 256)."
         raise ValueError(msg)
+    # matched columns in vocabulary-id order: after ``sort_indices`` every row is in that order
+    columns = np.flatnonzero(vocab_ids >= 0)
+    columns = columns[np.argsort(vocab_ids[columns], kind="stable")]
+    block_ids = vocab_ids[columns].astype(np.int32)
+    # two columns with one symbol: their order must come from the values, not the columns
+    repeated_ids = bool((np.diff(block_ids) == 0).any())
     n_cells = matrix.shape[0]
     counts = np.zeros(n_cells, dtype=np.int64)
     gene_chunks: list[np.ndarray] = []
     bin_chunks: list[np.ndarray] = []
     bar = tqdm(total=n_cells, desc="tokenising", unit="cell", disable=not progress)
     for start, block in iter_row_chunks(matrix):
-        block = block[:, np.flatnonzero(matched)]
+        block = block[:, columns]
         block.eliminate_zeros()
         block.sort_indices()
-        block_ids = vocab_ids[matched].astype(np.int32)
         for r in range(block.shape[0]):
             lo, hi = block.indptr[r], block.indptr[r + 1]
             if hi == lo:
                 continue
-            cell = start + r
-            values = block.data[lo:hi]
-            gene_chunks.append(block_ids[block.indices[lo:hi]])
-            bin_chunks.append(
-                bin_values(values, n_bins, (seed, cell_offset + cell)).astype(np.uint8)
-            )
-            counts[cell] = hi - lo
+            genes = block_ids[block.indices[lo:hi]]
+            values = block.data[lo:hi].astype(np.float64)
+            if repeated_ids:
+                order = np.lexsort((values, genes))
+                genes, values = genes[order], values[order]
+            bins = bin_values(values, n_bins, cell_seed(seed, genes, values))
+            gene_chunks.append(genes)
+            bin_chunks.append(bins.astype(np.uint8))
+            counts[start + r] = hi - lo
         bar.update(block.shape[0])
     bar.close()
     indptr = np.zeros(n_cells + 1, dtype=np.int64)
@@ -206,7 +244,6 @@ def tokenize_matrix(
         pad_value=float(pad_value),
         max_seq_len=int(max_seq_len),
         seed=seed,
-        cell_offset=cell_offset,
     )
 
 
