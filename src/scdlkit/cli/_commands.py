@@ -175,6 +175,12 @@ def run_annotate(args: argparse.Namespace) -> int:
             device=args.device,
             chunk_size=args.chunk_size,
             key_added=args.key_added,
+            confidence_threshold=args.confidence_threshold,
+            unknown_label=args.unknown_label,
+            majority_voting=args.majority_voting,
+            over_clustering=args.over_clustering,
+            min_prop=args.min_prop,
+            probabilities=args.probabilities,
         )
         if writer:
             write_result(adata, source=Path(args.input), path=out, backed=args.backed)

@@ -263,6 +263,58 @@ def build_parser() -> argparse.ArgumentParser:
     device_option(sub)
     streaming_options(sub)
     key_added_option(sub, "scgpt_annotation", "prefix of the written obs/obsm/uns slots")
+    labelling_options(sub)
     logging_options(sub, top=False)
     sub.set_defaults(func=_commands.run_annotate)
     return parser
+
+
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        msg = f"must be a number in [0, 1], got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def labelling_options(parser: argparse.ArgumentParser) -> None:
+    """``annotate``'s labelling options, those of :func:`scdlkit.tl.annotate`."""
+    parser.add_argument(
+        "--confidence-threshold",
+        type=_unit_interval,
+        metavar="P",
+        help="label cells whose top probability is below P as --unknown-label "
+        "(default: the runner's own threshold)",
+    )
+    parser.add_argument(
+        "--unknown-label",
+        default="Unknown",
+        metavar="NAME",
+        help="label of the cells under the threshold (default: 'Unknown')",
+    )
+    parser.add_argument(
+        "--majority-voting",
+        action="store_true",
+        help="also write obs['KEY_majority_voting']: the majority label of each cell's cluster",
+    )
+    parser.add_argument(
+        "--over-clustering",
+        metavar="COLUMN",
+        help="obs column with the clusters to vote in (default: over-cluster the cells on the "
+        "annotation representation)",
+    )
+    parser.add_argument(
+        "--min-prop",
+        type=_unit_interval,
+        default=0.0,
+        metavar="P",
+        help="a cluster whose majority label holds a smaller share is called 'Heterogeneous' "
+        "(default: 0)",
+    )
+    parser.add_argument(
+        "--no-probabilities",
+        dest="probabilities",
+        action="store_false",
+        help="do not write obsm['KEY_probabilities'], the probability of every class "
+        "(default: written)",
+    )

@@ -1,14 +1,24 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from anndata import AnnData
 
+from scdlkit._shared.persist import MANIFEST_NAME, sha256_file
 from scdlkit._shared.provenance import check_writable
 from scdlkit._shared.slots import check_key_added, write_annotation_slots
+from scdlkit.tl._labelling import (
+    UNKNOWN_LABEL,
+    Vote,
+    check_labelling_options,
+    label_cells,
+    write_labelling_slots,
+)
+from scdlkit.tl._majority_voting import majority_vote, over_cluster, resolve_over_clustering
 
 __all__ = ["annotate"]
 
@@ -23,6 +33,13 @@ def annotate(
     device: str = "auto",
     chunk_size: int | None = None,
     key_added: str = "scgpt_annotation",
+    confidence_threshold: float | None = None,
+    unknown_label: str = UNKNOWN_LABEL,
+    majority_voting: bool = False,
+    over_clustering: str | Sequence[Any] | None = None,
+    min_prop: float = 0.0,
+    probabilities: bool = True,
+    random_state: int = 0,
     copy: bool = False,
 ) -> AnnData | None:
     """Label new cells with a fitted annotation runner.
@@ -49,6 +66,31 @@ def annotate(
         50,000 of a backed one). Results do not depend on it.
     key_added
         Prefix of the written slots.
+    confidence_threshold
+        Cells whose top probability is below it are labelled ``unknown_label`` (CellTypist's
+        ``p_thres``); default: the runner's own ``confidence_threshold`` (often ``None``: every
+        cell gets its most probable label). ``0`` labels every cell.
+    unknown_label
+        Label of the cells under the threshold.
+    majority_voting
+        Also write ``obs[f"{key_added}_majority_voting"]``: every cell takes the most frequent
+        label of its cluster of ``over_clustering`` (as in CellTypist), which smooths single-cell
+        noise on large queries.
+    over_clustering
+        Clusters for the vote: an ``obs`` column, or one value per cell. ``None`` over-clusters
+        the cells on the annotation representation (``obsm[f"X_{key_added}"]``): scanpy's Leiden
+        when ``python-igraph`` is installed, with CellTypist's resolution growing with the
+        number of cells (5 up to 5,000 cells ... 30 above 200,000), k-means otherwise (10 x that
+        resolution clusters, at most one per 5 cells); written to
+        ``obs[f"{key_added}_over_clustering"]``.
+    min_prop
+        A cluster whose majority label holds a smaller share of its cells is called
+        ``"Heterogeneous"``.
+    probabilities
+        Write ``obsm[f"{key_added}_probabilities"]``: a DataFrame of every class's probability
+        (columns: the runner's categories; rows sum to 1).
+    random_state
+        Seeds the over-clustering.
     copy
         Return a modified copy instead of writing into ``adata`` (not for a backed AnnData).
 
@@ -57,44 +99,97 @@ def annotate(
     AnnData or None
         ``None``, or the annotated copy when ``copy=True``. Writes ``obs[key_added]``,
         ``obs[f"{key_added}_confidence"]``, ``obs[f"{key_added}_split"]`` (``"query"``),
-        ``obsm[f"X_{key_added}"]`` and ``uns[key_added]`` (``best_strategy``, ``label_categories``,
-        ``runner_dir``, ``params``, ``versions``).
+        ``obsm[f"X_{key_added}"]``, ``obsm[f"{key_added}_probabilities"]``, with majority voting
+        ``obs[f"{key_added}_majority_voting"]`` (and ``obs[f"{key_added}_over_clustering"]`` when
+        computed here), and ``uns[key_added]`` (``best_strategy``, ``label_categories``,
+        ``runner_dir``, ``params``, ``versions``; ``majority_voting``: one row per cluster).
 
     Examples
     --------
     >>> sck.tl.annotate(query, ref.uns["scgpt_annotation"]["runner_dir"])  # doctest: +SKIP
     >>> query.obs["scgpt_annotation"].value_counts()  # doctest: +SKIP
+    >>> sck.tl.annotate(
+    ...     query, runner_dir, confidence_threshold=0.5, majority_voting=True
+    ... )  # doctest: +SKIP
     """
     # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
     from scdlkit.foundation import ScGPTAnnotationRunner
 
     check_writable(adata, copy=copy)
     check_key_added(adata, key_added)
+    check_labelling_options(confidence_threshold, unknown_label, min_prop)
+    if over_clustering is not None and not majority_voting:
+        msg = "over_clustering= is used only with majority_voting=True; pass both, or neither."
+        raise ValueError(msg)
+    clusters = resolve_over_clustering(adata, over_clustering) if majority_voting else None
     expected = None
     if isinstance(runner, Mapping):
         runner, expected = _recorded_runner(runner)
+        if (Path(runner) / MANIFEST_NAME).is_file():  # else loading says what is missing
+            _check_unchanged(runner, expected, sha256_file(Path(runner) / MANIFEST_NAME))
     if not isinstance(runner, ScGPTAnnotationRunner):
         runner = ScGPTAnnotationRunner.load(runner, checkpoint=checkpoint, device=device)
-    if expected is not None and runner.manifest_sha256_ != expected:
-        msg = (
-            f"the runner folder {str(runner.runner_dir_)!r} changed since the record was written: "
-            f"its manifest has sha256 {runner.manifest_sha256_}, the record says {expected}. "
-            "It now holds another model; use the folder the record was made with (or pass the "
-            "folder itself to accept the new model)."
-        )
-        raise ValueError(msg)
+    if expected is not None:  # again: the folder may have changed while it was read
+        _check_unchanged(runner.runner_dir_, expected, runner.manifest_sha256_)
     predictions = runner.predict(adata, gene_key=gene_key, layer=layer, chunk_size=chunk_size)
+    threshold = (
+        runner.confidence_threshold if confidence_threshold is None else confidence_threshold
+    )
+    labels, categories = label_cells(
+        predictions["probabilities"], runner.label_categories_, threshold, unknown_label
+    )
+    vote = None
+    if majority_voting:
+        how = {"method": "given", "over_clustering": str(over_clustering)}
+        computed = clusters is None
+        if computed:
+            clusters, how = over_cluster(predictions["latent"], random_state=random_state)
+        vote = Vote(computed, clusters, *majority_vote(labels, clusters, min_prop=min_prop), how)
     if copy:
         adata = adata.copy()
+    labelling = {
+        "confidence_threshold": threshold,
+        "unknown_label": unknown_label,
+        "majority_voting": majority_voting,
+        "over_clustering": over_clustering if isinstance(over_clustering, str) else None,
+        "min_prop": min_prop,
+        "probabilities": probabilities,
+    }
     write_annotation_slots(
         adata,
         runner,
         predictions,
         key_added=key_added,
         split=np.full(adata.n_obs, "query", dtype=object),
-        uns={"params": {**runner.params(), "query_gene_key": gene_key, "query_layer": layer}},
+        uns={
+            "params": {
+                **runner.params(),
+                "query_gene_key": gene_key,
+                "query_layer": layer,
+                **labelling,
+            }
+        },
+    )
+    write_labelling_slots(
+        adata,
+        key_added,
+        labels,
+        categories,
+        predictions["probabilities"] if probabilities else None,
+        vote,
     )
     return adata if copy else None
+
+
+def _check_unchanged(folder: str | os.PathLike, expected: str, found: str) -> None:
+    if found != expected:
+        msg = (
+            f"the runner folder {str(folder)!r} changed since the record was written: its "
+            f"manifest has sha256 {found}, the record says {expected}. It now holds another "
+            "model; use the folder the record was made with (or pass the folder itself to "
+            "accept the new model)."
+        )
+        raise ValueError(msg)
 
 
 def _recorded_runner(record: Mapping[str, Any]) -> tuple[str, str]:

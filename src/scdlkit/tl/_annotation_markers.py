@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from anndata import AnnData
+
+from scdlkit._shared.provenance import check_writable
+from scdlkit._shared.slots import h5ad_safe
+
+__all__ = ["annotation_markers"]
+
+
+def annotation_markers(
+    adata: AnnData,
+    *,
+    key: str = "scgpt_annotation",
+    runner: str | os.PathLike | Any = None,
+    n_genes: int = 20,
+    n_steps: int = 20,
+    max_cells_per_label: int | None = 500,
+    checkpoint: str | os.PathLike | None = None,
+    gene_key: str | None = None,
+    layer: str | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    chunk_size: int | None = None,
+    random_state: int = 0,
+    copy: bool = False,
+) -> AnnData | None:
+    """The genes behind each predicted label (CellTypist's ``extract_top_markers``, for scGPT too).
+
+    For each label of ``adata.obs[key]``, genes are ranked by how much they push the cells
+    predicted as that label towards it:
+
+    - scGPT strategies (``frozen_probe``, ``head``, ``full_finetune``, ``lora``, ...): integrated
+      gradients of the predicted class's logit over each gene token's input embedding (zero
+      baseline, ``n_steps`` points), averaged over the cells predicted as that label (a gene
+      not among a cell's tokens counts as zero). For ``frozen_probe`` the probe's inputs are
+      ``<cls>`` dimensions, not genes, so its coefficients name no gene: the gradients go
+      through the frozen encoder to the gene tokens instead.
+    - ``baseline`` (logistic regression on scaled log-expression): the class coefficient times
+      the gene's mean scaled expression in the label's cells minus its mean over all cells, which
+      is integrated gradients from the average cell, exact for a linear model.
+
+    See :doc:`/label_transfer` for why these methods.
+
+    Parameters
+    ----------
+    adata
+        Cells annotated by :func:`scdlkit.tl.annotate` or :func:`scdlkit.tl.adapt_annotation`
+        (in memory or backed). Cells labelled ``"Unknown"`` or with no label are not used.
+    key
+        The ``key_added`` of that call: reads ``obs[key]`` and ``uns[key]["runner_dir"]``.
+    runner
+        The fitted :class:`scdlkit.AnnotationRunner` or its folder; default
+        ``uns[key]["runner_dir"]``.
+    n_genes
+        Genes kept per label.
+    n_steps
+        Integration points (scGPT strategies); more is more exact and slower (the cost is
+        ``n_steps`` forward and backward passes per cell).
+    max_cells_per_label
+        Cells per label used (a seeded random subset above it), which bounds the cost on large
+        data (scGPT strategies); ``None`` uses every cell.
+    checkpoint, device
+        Used when loading the runner from a folder.
+    gene_key, layer
+        Where gene symbols and values are (default: as for the reference).
+    batch_size
+        Cells per forward/backward pass (default: the runner's); memory is that of one batch.
+    chunk_size
+        Cells read and tokenised at a time (default: all of an in-memory AnnData, 50,000 of a
+        backed one).
+    random_state
+        Seeds the subset of ``max_cells_per_label``.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    AnnData or None
+        ``None``, or the copy when ``copy=True``. Writes ``uns[f"{key}_markers"]``: a
+        DataFrame with columns ``label``, ``rank`` (1 = strongest), ``gene`` and ``score``, and
+        ``uns[f"{key}_markers_params"]`` (method and settings).
+
+    Examples
+    --------
+    >>> sck.tl.annotate(query, runner_dir)  # doctest: +SKIP
+    >>> sck.tl.annotation_markers(query)  # doctest: +SKIP
+    >>> query.uns["scgpt_annotation_markers"].query("rank <= 3")  # doctest: +SKIP
+    """
+    # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
+    from scdlkit.foundation import ScGPTAnnotationRunner
+    from scdlkit.foundation._attribution import class_gene_scores, top_genes
+
+    check_writable(adata, copy=copy)
+    if n_genes < 1 or n_steps < 1:
+        msg = f"n_genes={n_genes} and n_steps={n_steps} must both be at least 1."
+        raise ValueError(msg)
+    if max_cells_per_label is not None and max_cells_per_label < 1:
+        msg = f"max_cells_per_label={max_cells_per_label} must be at least 1, or None."
+        raise ValueError(msg)
+    if key not in adata.obs.columns:
+        msg = (
+            f"adata.obs[{key!r}] not found: label the cells first with sck.tl.annotate(adata, "
+            f"runner, key_added={key!r}) (or sck.tl.adapt_annotation)."
+        )
+        raise KeyError(msg)
+    if runner is None:
+        uns = adata.uns.get(key)
+        if not hasattr(uns, "get") or "runner_dir" not in uns or str(uns["runner_dir"]) == "None":
+            msg = (
+                f"adata.uns[{key!r}]['runner_dir'] not found: pass runner= (a fitted "
+                "AnnotationRunner or the folder it was saved to)."
+            )
+            raise KeyError(msg)
+        runner = str(uns["runner_dir"])
+    if not isinstance(runner, ScGPTAnnotationRunner):
+        runner = ScGPTAnnotationRunner.load(runner, checkpoint=checkpoint, device=device)
+
+    categories = list(runner.label_categories_)
+    labels = adata.obs[key].astype(object).to_numpy()
+    index = {c: i for i, c in enumerate(categories)}
+    codes = np.asarray([index.get(str(v), -1) for v in labels], dtype=np.int64)
+    if not (codes >= 0).any():
+        msg = (
+            f"no cell of adata.obs[{key!r}] holds one of the runner's labels "
+            f"({', '.join(categories[:5])}, ...): was it annotated with this runner?"
+        )
+        raise ValueError(msg)
+    strategy = runner.best_strategy_
+    if max_cells_per_label is not None and strategy != "baseline":
+        codes = _subsample(codes, max_cells_per_label, random_state)
+    scores = class_gene_scores(
+        runner,
+        adata,
+        codes,
+        gene_key=gene_key,
+        layer=layer,
+        n_steps=n_steps,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        progress=getattr(runner, "progress", False),
+    )
+    markers = top_genes(scores, n_genes)
+    if copy:
+        adata = adata.copy()
+    adata.uns[f"{key}_markers"] = markers
+    adata.uns[f"{key}_markers_params"] = h5ad_safe(
+        {
+            "strategy": strategy,
+            "method": "linear_attribution" if strategy == "baseline" else "integrated_gradients",
+            "n_genes": n_genes,
+            "n_steps": n_steps,
+            "max_cells_per_label": max_cells_per_label,
+            "n_cells_used": int((codes >= 0).sum()),
+        }
+    )
+    return adata if copy else None
+
+
+def _subsample(codes: np.ndarray, limit: int, random_state: int) -> np.ndarray:
+    """Keep at most ``limit`` cells per code (seeded); the others get -1."""
+    rng = np.random.default_rng(random_state)
+    out = np.full_like(codes, -1)
+    for code in np.unique(codes[codes >= 0]):
+        cells = np.flatnonzero(codes == code)
+        if len(cells) > limit:
+            cells = np.sort(rng.choice(cells, size=limit, replace=False))
+        out[cells] = code
+    return out
