@@ -6,8 +6,9 @@ content-addressed weights file and its sha256. Every writer here works the same 
 - files are written beside their final name under a temporary name (``.scdlkit-tmp-...``) and
   renamed into place, so a reader sees the old file or the complete new one, never a partial one;
 - a save holds the folder's lock (``.scdlkit.lock``, an OS lock released when the process ends,
-  even when it is killed); a second process saving to the same folder gets
-  :class:`FolderBusyError` at once instead of racing;
+  even when it is killed); a second process saving to the same folder waits for it (up to
+  :data:`SAVE_WAIT_SECONDS`, then :class:`FolderBusyError`) instead of racing, and a loader holds
+  the lock shared while it reads the manifest and the weights, so they always belong together;
 - a save keeps the weights the replaced manifest named (one generation back), so a reader that
   has just read the old manifest still finds its file; older weights are removed;
 - temporary files and folders left by killed saves are removed by the next save to the folder.
@@ -25,6 +26,7 @@ import os
 import secrets
 import shutil
 import socket
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ __all__ = [
     "MANIFEST_NAME",
     "RUN_MARKER",
     "TMP_PREFIX",
+    "SAVE_WAIT_SECONDS",
     "RunExistsError",
     "Field",
     "FolderBusyError",
@@ -194,11 +197,16 @@ def prepare_folder(folder: str | os.PathLike, *, what: str) -> Path:
     return folder
 
 
-def _lock_fd(fd: int) -> bool:
-    """Take an exclusive, non-blocking OS lock on ``fd``; ``False`` when another holds it."""
+#: How long a save waits for the folder's lock (readers hold it for a moment; another save for
+#: as long as it writes) before giving up with :class:`FolderBusyError`.
+SAVE_WAIT_SECONDS = 30.0
+
+
+def _try_lock(fd: int, *, shared: bool) -> bool:
+    """Take an OS lock on ``fd`` without blocking; ``False`` when a conflicting one is held."""
     try:
         import fcntl
-    except ImportError:  # Windows
+    except ImportError:  # Windows: exclusive byte-range locks only
         import msvcrt
 
         try:
@@ -207,39 +215,60 @@ def _lock_fd(fd: int) -> bool:
             return False
         return True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     return True
 
 
-@contextlib.contextmanager
-def folder_lock(folder: Path, *, what: str = "folder") -> Iterator[None]:
-    """Hold ``folder/.scdlkit.lock`` for the block; another holder makes it fail at once.
+def _acquire(fd: int, *, shared: bool, wait: float) -> bool:
+    deadline = time.monotonic() + wait
+    while not _try_lock(fd, shared=shared):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
-    The OS releases the lock when the process ends, however it ends, so a killed save never
-    leaves the folder locked. The lock file itself stays (removing it would race).
+
+@contextlib.contextmanager
+def folder_lock(
+    folder: Path, *, what: str = "folder", shared: bool = False, wait: float = 0.0
+) -> Iterator[None]:
+    """Hold ``folder/.scdlkit.lock`` for the block: exclusive to write, shared to read.
+
+    A writer waits up to ``wait`` seconds for other holders, then fails; readers (``shared``)
+    wait for a save in progress, so the manifest and the weights they read belong together. The
+    OS releases the lock when the process ends, however it ends, so a killed save never leaves
+    the folder locked; the lock file itself stays (removing it would race). A reader of a folder
+    without a lock file (read-only, or saved before locks) reads without one.
 
     Raises
     ------
     FolderBusyError
-        Another process holds the lock; the message names it (pid and host).
+        The lock was not free in time; the message names the last writer (pid and host).
     """
     file = Path(folder) / LOCK_NAME
-    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        if not _lock_fd(fd):
+        fd = os.open(file, os.O_RDONLY if shared else os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        if not shared:
+            raise
+        yield
+        return
+    try:
+        if not _acquire(fd, shared=shared, wait=SAVE_WAIT_SECONDS if shared else wait):
             try:
                 holder = Path(file).read_text().strip() or "unknown"
             except OSError:
                 holder = "unknown"
             msg = (
-                f"{what} {str(folder)!r} is being written by another process ({holder}). "
-                "Wait for it to finish, or write to another folder."
+                f"{what} {str(folder)!r} is being written by another process (last writer: "
+                f"{holder}). Wait for it to finish, or write to another folder."
             )
             raise FolderBusyError(msg)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         yield
     finally:
         os.close(fd)  # closing releases the lock
@@ -307,7 +336,7 @@ def save_weights_folder(
         The sha256 of the manifest written (it carries the weights' sha256).
     """
     folder = prepare_folder(folder, what=what)
-    with folder_lock(folder, what=what):
+    with folder_lock(folder, what=what, wait=SAVE_WAIT_SECONDS):
         clean_leftovers(folder)
         previous = _named_weights(folder)
         tmp = folder / _tmp_name("weights")

@@ -24,6 +24,7 @@ from scdlkit._shared.persist import (
     MANIFEST_NAME,
     Field,
     check_fields,
+    folder_lock,
     read_checked_weights,
     read_manifest_with_digest,
     save_weights_folder,
@@ -141,23 +142,9 @@ _MODEL_CONFIG_SCHEMA = (
         check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
     ),
 )
-#: Tensor names each non-neural family saves (neural ones are checked by the model itself).
-_FAMILY_TENSORS = {
-    "frozen_probe": {
-        "probe.coef",
-        "probe.intercept",
-        "probe.classes",
-        "probe.scaler_mean",
-        "probe.scaler_scale",
-    },
-    "baseline": {
-        "baseline.scale",
-        "baseline.coef",
-        "baseline.intercept",
-        "baseline.classes",
-        "baseline.svd_components",
-    },
-}
+#: Prefix of the tensors each non-neural family saves (neural ones: ``model.``, checked by the
+#: model itself); each also saves the classifier's ``classes`` under it.
+_FAMILY_PREFIX = {"frozen_probe": "probe.", "baseline": "baseline."}
 
 
 def _history_records(runner: Any) -> dict[str, list[dict[str, Any]]]:
@@ -283,26 +270,18 @@ def check_tensors(file: Path, manifest: Mapping[str, Any], tensors: Mapping[str,
     """Cross-check the weights against the manifest: the strategy's tensors, the classes."""
     best = manifest["best_strategy"]
     n_classes = len(manifest["label_categories"])
-    expected = _FAMILY_TENSORS.get(best)
-    if expected is None:  # neural: every tensor belongs to the model; it checks names/shapes
-        expected_prefix = "model."
-        stray = sorted(k for k in tensors if not k.startswith(expected_prefix))
-        if stray:
-            msg = (
-                f"{file}: the weights hold {stray[:3]}, which a {best!r} runner does not save: "
-                f"field 'best_strategy' does not match the weights; {_FIX}."
-            )
-            raise ValueError(msg)
-        return
-    if set(tensors) != expected:
+    prefix = _FAMILY_PREFIX.get(best, "model.")
+    stray = sorted(k for k in tensors if not k.startswith(prefix))
+    if stray or not tensors or (prefix != "model." and f"{prefix}classes" not in tensors):
         msg = (
-            f"{file}: the weights hold {sorted(tensors)[:5]}, not the tensors of a {best!r} "
-            f"runner ({sorted(expected)}): field 'best_strategy' does not match the weights; "
+            f"{file}: the weights hold {stray[:3] or sorted(tensors)[:3]}, not the tensors of a "
+            f"{best!r} runner ({prefix}*): field 'best_strategy' does not match the weights; "
             f"{_FIX}."
         )
         raise ValueError(msg)
-    prefix = next(iter(expected)).split(".")[0]
-    classes = tensors[f"{prefix}.classes"]
+    if prefix == "model.":
+        return  # the model checks its own tensor names and shapes when it is rebuilt
+    classes = tensors[f"{prefix}classes"]
     if (
         classes.ndim != 1
         or classes.dtype.is_floating_point
@@ -343,9 +322,10 @@ def load_runner(cls: type, path: Path, *, checkpoint: Any, device: str, verify: 
     Sets ``runner_dir_`` (absolute) and ``manifest_sha256_`` (of the manifest bytes read).
     """
     path = Path(path)
-    manifest, digest = read_manifest(path)
+    with folder_lock(path, what="runner folder", shared=True):  # no save mixes in between
+        manifest, digest = read_manifest(path)
+        tensors = read_checked_weights(path, manifest)
     file = path / MANIFEST_NAME
-    tensors = read_checked_weights(path, manifest)
     check_tensors(path / manifest["weights_file"], manifest, tensors)
     arguments = _constructor_arguments(manifest, file, cls)
     ckpt = _resolve_base(manifest, checkpoint, verify)
