@@ -159,3 +159,105 @@ def test_batch_split_trains_on_every_non_test_batch(_pbmc_raw, checkpoint_dir):
     assert split.val_batches == []
     named = split_scgpt_data(prepared, split_by="batch", test_batches=["d3"], val_batches=["d2"])
     assert set(donors[named.train_indices]) == {"d1"}
+
+
+def test_repeats_give_means_sds_and_per_repeat_rows(_pbmc_raw, checkpoint_dir):
+    runner = ScGPTAnnotationRunner(
+        label_key="bulk_labels",
+        checkpoint=checkpoint_dir,
+        strategies=("frozen_probe", "baseline"),
+        n_repeats=3,
+        **FAST,
+    ).fit(_pbmc_raw)
+    repeats = runner.repeat_metrics_
+    assert sorted(repeats["repeat"].unique()) == [0, 1, 2]
+    assert len(repeats) == 6
+    summary = runner.strategy_metrics_.set_index("strategy")
+    for name in ("frozen_probe", "baseline"):
+        mine = repeats[repeats["strategy"] == name]
+        assert summary.loc[name, "test_macro_f1"] == pytest.approx(mine["test_macro_f1"].mean())
+        assert summary.loc[name, "test_macro_f1_sd"] == pytest.approx(
+            mine["test_macro_f1"].std(ddof=1)
+        )
+        assert summary.loc[name, "test_macro_f1_sd"] > 0  # three different splits
+    assert summary.loc["baseline", "test_macro_f1_vs_baseline"] == 0
+    diff = summary.loc["frozen_probe", "test_macro_f1_vs_baseline"]
+    assert summary.loc["frozen_probe", "test_macro_f1_vs_baseline_ci_low"] < diff
+    assert diff < summary.loc["frozen_probe", "test_macro_f1_vs_baseline_ci_high"]
+    best = summary["validation_macro_f1"].idxmax()
+    assert runner.best_strategy_ == best
+    # the kept model and split are the first repeat's: the same as a single-repeat fit
+    single = ScGPTAnnotationRunner(
+        label_key="bulk_labels",
+        checkpoint=checkpoint_dir,
+        strategies=("frozen_probe", "baseline"),
+        **FAST,
+    ).fit(_pbmc_raw)
+    np.testing.assert_array_equal(single.split_.test_indices, runner.split_.test_indices)
+    first = repeats[repeats["repeat"] == 0].set_index("strategy")["test_macro_f1"]
+    np.testing.assert_allclose(
+        single.strategy_metrics_.set_index("strategy")["test_macro_f1"],
+        first[["frozen_probe", "baseline"]],
+    )
+
+
+def test_one_repeat_gives_bootstrap_intervals(fitted):
+    runner, _ = fitted
+    metrics = runner.strategy_metrics_.set_index("strategy")
+    low, high = metrics["test_macro_f1_ci_low"], metrics["test_macro_f1_ci_high"]
+    assert ((low <= metrics["test_macro_f1"]) & (metrics["test_macro_f1"] <= high)).all()
+    assert (high - low > 0).all()
+    assert metrics.loc["baseline", "test_macro_f1_vs_baseline"] == 0
+    assert np.isfinite(metrics["test_macro_f1_vs_baseline"]).all()
+
+
+def test_boot_macro_f1_matches_sklearn():
+    from sklearn.metrics import f1_score
+
+    from scdlkit.foundation._selection import _boot_macro_f1
+
+    rng = np.random.default_rng(0)
+    labels, predicted = rng.integers(0, 5, 60), rng.integers(0, 6, 60)
+    draws = rng.integers(0, 60, size=(20, 60))
+    got = _boot_macro_f1(labels, predicted, draws)
+    want = [f1_score(labels[d], predicted[d], average="macro", zero_division=0) for d in draws]
+    np.testing.assert_allclose(got, want)
+
+
+def test_a_class_named_unknown_is_refused_before_training(_pbmc_raw, checkpoint_dir):
+    adata = _pbmc_raw.copy()
+    adata.obs["bulk_labels"] = adata.obs["bulk_labels"].cat.rename_categories(
+        {"Dendritic": "Unknown"}
+    )
+    runner = ScGPTAnnotationRunner(
+        label_key="bulk_labels",
+        checkpoint=checkpoint_dir,
+        strategies=("baseline",),
+        confidence_threshold=0.5,
+        **FAST,
+    )
+    with pytest.raises(ValueError, match="a class is named 'Unknown'"):
+        runner.fit(adata)
+    assert not hasattr(runner, "results_")
+
+
+def test_threshold_metrics_beside_the_plain_ones(_pbmc_raw, checkpoint_dir):
+    runner = ScGPTAnnotationRunner(
+        label_key="bulk_labels",
+        checkpoint=checkpoint_dir,
+        strategies=("baseline",),
+        confidence_threshold=0.9,
+        val_size=0.0,
+        **FAST,
+    ).fit(_pbmc_raw)
+    row = runner.strategy_metrics_.iloc[0]
+    plain = ScGPTAnnotationRunner(
+        label_key="bulk_labels",
+        checkpoint=checkpoint_dir,
+        strategies=("baseline",),
+        val_size=0.0,
+        **FAST,
+    ).fit(_pbmc_raw)
+    assert row["test_accuracy"] == plain.strategy_metrics_.iloc[0]["test_accuracy"]
+    assert 0 < row["test_unknown_share"] < 1
+    assert row["test_called_accuracy"] >= row["test_accuracy"]

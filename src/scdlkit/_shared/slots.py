@@ -116,6 +116,8 @@ def fit_summary_uns(runner: Any) -> dict[str, Any]:
         "history": {name: frame.copy() for name, frame in runner.history_.items()},
         "split": dict(runner.split_summary_),
     }
+    if getattr(runner, "repeat_metrics_", None) is not None:
+        uns["repeat_metrics"] = runner.repeat_metrics_.copy()
     if getattr(runner, "batch_metrics_", None) is not None:
         uns["batch_metrics"] = runner.batch_metrics_.copy()
     return uns

@@ -126,6 +126,7 @@ def run_adapt(args: argparse.Namespace) -> int:
         val_size=args.val_size,
         test_size=args.test_size,
         random_state=args.random_state,
+        n_repeats=args.n_repeats,
         device=args.device,
         output_dir=output_dir,
         key_added=args.key_added,

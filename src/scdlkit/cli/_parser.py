@@ -195,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SEED",
         help="seed of splits, tokenisation, initialisation and training",
     )
+    sub.add_argument(
+        "--n-repeats",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="fit every strategy on N splits and report mean and sd of each metric",
+    )
     device_option(sub)
     precision_option(sub)
     gene_layer_options(sub)

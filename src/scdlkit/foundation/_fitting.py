@@ -21,7 +21,9 @@ import torch
 from torch.utils.data import Dataset
 
 from scdlkit._shared.numeric import softmax
+from scdlkit._shared.splits import stratified_split
 from scdlkit._shared.strategies import NEURAL_STRATEGIES, STRATEGIES
+from scdlkit._shared.validation import gene_names
 from scdlkit.foundation._annotation_model import build_annotation_model
 from scdlkit.foundation._device import resolve_precision
 from scdlkit.foundation._embed import l2_normalise
@@ -88,6 +90,8 @@ class FitContext:
     random_state: int
     attention_dropout: float | None
     progress: bool
+    confidence_threshold: float | None = None
+    early_stopping_fraction: float = 0.15
 
     @property
     def n_classes(self) -> int:
@@ -101,7 +105,26 @@ class FitContext:
     def evaluate(
         self, proba_for: Callable[[str, np.ndarray], np.ndarray]
     ) -> tuple[dict[str, Any], np.ndarray | None]:
-        return evaluate_splits(self.cells, proba_for, self.n_classes)
+        return evaluate_splits(self.cells, proba_for, self.n_classes, self.confidence_threshold)
+
+    def early_stopping_split(self) -> tuple[np.ndarray, np.ndarray]:
+        """Training cells split into cells to fit on and cells to stop early on.
+
+        Early stopping must not look at the validation cells the strategies are ranked on (a
+        strategy that picked its best epoch on them would be favoured), so it uses a stratified
+        ``early_stopping_fraction`` of the training cells instead.
+        """
+        train, labels = self.cells("train")
+        if self.early_stopping_fraction == 0:
+            return train, train[:0]
+        parts, _ = stratified_split(
+            train,
+            labels,
+            val_size=self.early_stopping_fraction,
+            test_size=0.0,
+            random_state=self.random_state,
+        )
+        return parts["train"], parts["val"]
 
 
 @dataclass
@@ -193,6 +216,26 @@ def full_proba(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.nda
     out = np.zeros((proba.shape[0], n_classes), dtype=np.float32)
     out[:, np.asarray(classes)] = proba
     return out
+
+
+def read_once(read: Any) -> Any:
+    """``read`` called on first use only; later calls return the same result."""
+    cache: list[Any] = []
+
+    def get() -> Any:
+        if not cache:
+            cache.append(read())
+        return cache[0]
+
+    return get
+
+
+def expression_of(adata: Any, gene_key: str | None, layer: str | None) -> tuple[Any, pd.Index]:
+    """The log-normalised matrix and gene names the expression baseline reads."""
+    # scdlkit.baselines imports the Trainer (lightning_fabric): only when the baseline runs
+    from scdlkit.baselines._expression import log_normalised_matrix
+
+    return log_normalised_matrix(adata, layer), gene_names(adata, gene_key)
 
 
 # ------------------------------------------------------------------------------ frozen probe
@@ -389,16 +432,20 @@ class NeuralStrategy(StrategyFamily):
             progress=ctx.progress,
             **settings,
         )
+        fit_cells, stop_cells = ctx.early_stopping_split()
+        cells = {
+            "fit": fit_cells,
+            "stop": stop_cells,
+            "val": ctx.cells("val")[0],
+            "test": ctx.cells("test")[0],
+        }
+        codes = ctx.prepared.label_codes
         if self.uses_features:
-            model.feature_norm.fit(torch.as_tensor(ctx.features[ctx.cells("train")[0]]))
-            datasets = {
-                name: FeatureDataset(ctx.features[cells], labels)
-                for name in ("train", "val", "test")
-                for cells, labels in [ctx.cells(name)]
-            }
+            model.feature_norm.fit(torch.as_tensor(ctx.features[fit_cells]))
+            datasets = {k: FeatureDataset(ctx.features[c], codes[c]) for k, c in cells.items()}
         else:
-            datasets = {name: getattr(ctx.split, name) for name in ("train", "val", "test")}
-        trainer.fit(datasets["train"], datasets["val"] if len(datasets["val"]) else None)
+            datasets = {k: ctx.prepared.dataset(c) for k, c in cells.items()}
+        trainer.fit(datasets["fit"], datasets["stop"] if len(stop_cells) else None)
         model = model.to("cpu").eval()
         metrics, test_proba = ctx.evaluate(
             lambda split, _: trainer.predict(datasets[split])["probabilities"]

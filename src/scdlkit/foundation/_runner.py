@@ -19,6 +19,7 @@ from scdlkit._shared.provenance import check_unique_genes
 from scdlkit._shared.strategies import DEFAULT_STRATEGIES
 from scdlkit._shared.validation import gene_names
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
+from scdlkit.foundation._comparison import compare_strategies, fit_strategies, split_summary
 from scdlkit.foundation._data import (
     MIN_GENE_OVERLAP,
     ScGPTPreparedData,
@@ -32,13 +33,15 @@ from scdlkit.foundation._fitting import (
     PredictInputs,
     Stopwatch,
     StrategyResult,
+    expression_of,
+    read_once,
     strategy_family,
 )
 from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
 from scdlkit.foundation._loading import build_encoder, load_encoder_weights, load_state_dict_file
 from scdlkit.foundation._runner_args import check_strategies, recorded_arguments, str_list
 from scdlkit.foundation._runner_io import load_runner, save_runner
-from scdlkit.foundation._selection import batch_metrics, metrics_row, rank_key
+from scdlkit.foundation._selection import batch_metrics
 from scdlkit.foundation._stream import encode_adata
 from scdlkit.foundation._training_settings import check_training_overrides, resolve_training
 
@@ -121,6 +124,12 @@ class ScGPTAnnotationRunner:
     attention_dropout
         Dropout on attention weights while training; ``None`` keeps the checkpoint's ``dropout``
         as upstream does. ``0.0`` is several times faster on CPU (no fused kernel with dropout).
+    n_repeats
+        Fit every strategy on this many splits (seeds ``random_state``, ``random_state + 1``,
+        ...): ``strategy_metrics_`` then holds means with ``<column>_sd`` beside each metric,
+        ``repeat_metrics_`` one row per strategy and repeat. The best strategy has the highest
+        mean validation macro-F1; the kept model and ``split_`` are those of the first repeat.
+        With one repeat, test macro-F1 carries a bootstrap 95% interval over the test cells.
     progress
         Show progress bars.
 
@@ -178,6 +187,7 @@ class ScGPTAnnotationRunner:
         split_by: str = "cells",
         test_batches: Sequence[str] | None = None,
         val_batches: Sequence[str] | None = None,
+        n_repeats: int = 1,
         progress: bool = True,
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k not in {"self", "progress"}}
@@ -225,6 +235,10 @@ class ScGPTAnnotationRunner:
         self.split_by = split_by
         self.test_batches = str_list(test_batches)
         self.val_batches = str_list(val_batches)
+        if not isinstance(n_repeats, int) or n_repeats < 1:
+            msg = f"n_repeats={n_repeats!r} must be a positive integer."
+            raise ValueError(msg)
+        self.n_repeats = n_repeats
         self.progress = progress
         self.init_params_ = recorded_arguments(arguments, self.strategy_configs)
         self._fitted = False
@@ -357,23 +371,22 @@ class ScGPTAnnotationRunner:
         self.inspect(adata, expressed_per_cell=self.prepared_.tokens.n_genes_per_cell)
         self.label_categories_ = list(self.prepared_.label_categories)
         self.matched_genes_ = list(self.prepared_.matched_genes)
-        self.split_ = split_scgpt_data(
-            self.prepared_,
-            val_size=self.val_size,
-            test_size=self.test_size,
-            random_state=self.random_state,
-            split_by=self.split_by,
-            test_batches=self.test_batches,
-            val_batches=self.val_batches,
-        )
-        self.split_summary_ = self._split_summary()
-        if len(self.split_.val_indices) == 0 and len(self.strategies) > 1:
+        if self.confidence_threshold is not None and UNKNOWN_LABEL in self.label_categories_:
             msg = (
-                f"no validation cells (val_size={self.val_size}) to rank {len(self.strategies)} "
-                "strategies on: give val_size > 0 (or val_batches= with split_by='batch'), or "
-                "fit one strategy at a time."
+                f"a class is named {UNKNOWN_LABEL!r}, the label confidence_threshold gives unsure "
+                "cells: rename that class, or leave confidence_threshold=None."
             )
             raise ValueError(msg)
+        splits = [self._split(self.random_state + r) for r in range(self.n_repeats)]
+        self.split_ = splits[0]
+        self.split_summary_ = split_summary(
+            self.split_,
+            self.prepared_,
+            batch_key=self.batch_key,
+            random_state=self.random_state,
+            val_size=self.val_size,
+            test_size=self.test_size,
+        )
         self._base_encoder = None
         encoder_state = None
         if any(f.uses_checkpoint for f in families.values()):
@@ -385,34 +398,38 @@ class ScGPTAnnotationRunner:
                 features = self._encode_base(self.prepared_)
             feature_seconds = watch.seconds
         self._features = features
-        self._expression = _once(lambda: _expression_of(adata, self.gene_key, self.layer))
-        ctx = FitContext(
-            prepared=self.prepared_,
-            split=self.split_,
-            label_categories=self.label_categories_,
-            checkpoint=self.checkpoint_,
-            encoder_state=encoder_state,
-            features=features,
-            expression=self._expression,
-            device=self._torch_device,
-            precision=self.precision,
-            batch_size=self.batch_size,
-            random_state=self.random_state,
-            attention_dropout=self.attention_dropout,
-            progress=self.progress,
-        )
-        results: dict[str, StrategyResult] = {}
-        for name, family in families.items():
-            logger.info("fitting strategy %s", name)
-            config = self.strategy_configs.get(name)
-            settings = self.training_settings(name)
-            with Stopwatch() as watch:
-                results[name] = family.fit(name, ctx, settings, config)
-            # feature strategies share one <cls> pass; each is charged for it, so runtimes compare
-            results[name].runtime_sec = watch.seconds + (
-                feature_seconds if family.uses_features else 0.0
+        self._expression = read_once(lambda: expression_of(adata, self.gene_key, self.layer))
+        repeats = []
+        for r, split in enumerate(splits):
+            ctx = FitContext(
+                prepared=self.prepared_,
+                split=split,
+                label_categories=self.label_categories_,
+                checkpoint=self.checkpoint_,
+                encoder_state=encoder_state,
+                features=features,
+                expression=self._expression,
+                device=self._torch_device,
+                precision=self.precision,
+                batch_size=self.batch_size,
+                random_state=self.random_state + r,
+                attention_dropout=self.attention_dropout,
+                progress=self.progress,
+                confidence_threshold=self.confidence_threshold,
+                early_stopping_fraction=self.val_size,
             )
-        self._finish_fit(results)
+            results = fit_strategies(
+                families,
+                ctx,
+                settings=self.training_settings,
+                configs=self.strategy_configs,
+                feature_seconds=feature_seconds,
+            )
+            if r > 0:  # only the first repeat's models can be kept
+                for result in results.values():
+                    result.model = None
+            repeats.append(results)
+        self._finish_fit(repeats)
         self._reference_predictions = self._predict_prepared(self.prepared_)
         self._expression = None  # the reference matrix is not kept beyond fit
         if self.output_dir is not None:
@@ -424,33 +441,34 @@ class ScGPTAnnotationRunner:
             )
         return self
 
-    def _split_summary(self) -> dict[str, Any]:
-        split = self.split_
-        return {
-            "split_by": split.split_by,
-            "batch_key": self.batch_key or "",
-            "test_batches": list(split.test_batches),
-            "val_batches": list(split.val_batches),
-            "random_state": self.random_state,
-            "val_size": self.val_size,
-            "test_size": self.test_size,
-            "stratified": split.stratified,
-            "n_train": len(split.train_indices),
-            "n_val": len(split.val_indices),
-            "n_test": len(split.test_indices),
-            "n_unlabelled": int((~self.prepared_.labelled).sum()),
-            "small_classes": list(split.small_classes),
-        }
+    def _split(self, seed: int) -> Any:
+        split = split_scgpt_data(
+            self.prepared_,
+            val_size=self.val_size,
+            test_size=self.test_size,
+            random_state=seed,
+            split_by=self.split_by,
+            test_batches=self.test_batches,
+            val_batches=self.val_batches,
+        )
+        if len(split.val_indices) == 0 and len(self.strategies) > 1:
+            msg = (
+                f"no validation cells (val_size={self.val_size}) to rank {len(self.strategies)} "
+                "strategies on: give val_size > 0 (or val_batches= with split_by='batch'), or "
+                "fit one strategy at a time."
+            )
+            raise ValueError(msg)
+        return split
 
-    def _finish_fit(self, results: dict[str, StrategyResult]) -> None:
-        """Rank, keep the best model (drop the others), record metrics and histories."""
-        rows = [
-            metrics_row(r.strategy, r.metrics, r.trainable_parameters, r.runtime_sec)
-            for r in results.values()
-        ]
+    def _finish_fit(self, repeats: list[dict[str, StrategyResult]]) -> None:
+        """Rank on the mean over repeats, keep the best model of the first repeat."""
+        results = repeats[0]
         self.results_ = results
-        self.best_strategy_ = min(rows, key=rank_key)["strategy"]
-        self.strategy_metrics_ = pd.DataFrame(rows)
+        self.strategy_metrics_, self.repeat_metrics_, self.best_strategy_ = compare_strategies(
+            repeats,
+            self.prepared_.label_codes[self.split_.indices("test")],
+            random_state=self.random_state,
+        )
         self.history_ = {s: r.history for s, r in results.items() if r.history is not None}
         self.batch_metrics_ = None
         if self.batch_key:
@@ -619,7 +637,7 @@ class ScGPTAnnotationRunner:
                 desc=desc,
             )[0]
 
-        return self._predict_with(encode, _once(lambda: _expression_of(adata, gene_key, layer)))
+        return self._predict_with(encode, read_once(lambda: expression_of(adata, gene_key, layer)))
 
     def reference_predictions(self) -> dict[str, np.ndarray]:
         """Predictions for the cells ``fit`` saw (computed once, features reused)."""
@@ -723,23 +741,3 @@ class ScGPTAnnotationRunner:
     def __repr__(self) -> str:
         state = f"best={self.best_strategy_!r}" if self._fitted else "not fitted"
         return f"ScGPTAnnotationRunner(strategies={list(self.strategies)}, {state})"
-
-
-def _once(read: Any) -> Any:
-    """``read`` called on first use only; later calls return the same result."""
-    cache: list[Any] = []
-
-    def get() -> Any:
-        if not cache:
-            cache.append(read())
-        return cache[0]
-
-    return get
-
-
-def _expression_of(adata: Any, gene_key: str | None, layer: str | None) -> tuple[Any, pd.Index]:
-    """The log-normalised matrix and gene names the expression baseline reads."""
-    # scdlkit.baselines imports the Trainer (lightning_fabric): only when the baseline runs
-    from scdlkit.baselines._expression import log_normalised_matrix
-
-    return log_normalised_matrix(adata, layer), gene_names(adata, gene_key)

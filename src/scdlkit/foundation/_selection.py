@@ -8,21 +8,35 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["METRIC_NAMES", "batch_metrics", "evaluate_splits", "metrics_row", "rank_key"]
+__all__ = [
+    "METRIC_NAMES",
+    "batch_metrics",
+    "evaluate_splits",
+    "metrics_row",
+    "rank_key",
+    "summarise_repeats",
+]
 
 METRIC_NAMES = ("accuracy", "macro_f1", "balanced_accuracy", "auroc_ovr")
+#: Reported beside the plain metrics when a confidence threshold labels unsure cells "Unknown".
+THRESHOLD_METRICS = ("unknown_share", "called_accuracy")
 _SPLIT_PREFIXES = (("val", "validation"), ("test", "test"))
+N_BOOTSTRAP = 1000
+BASELINE = "baseline"
 
 
 def evaluate_splits(
     split_cells: Callable[[str], tuple[np.ndarray, np.ndarray]],
     proba_for: Callable[[str, np.ndarray], np.ndarray],
     n_classes: int,
+    confidence_threshold: float | None = None,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Validation and test metrics of one strategy, and its test probabilities.
 
     ``split_cells(name)`` gives the cells and label codes of a split; ``proba_for(split, cells)``
-    the strategy's probabilities for them. An empty split gets ``None`` metrics.
+    the strategy's probabilities for them. An empty split gets ``None`` metrics. With a
+    ``confidence_threshold``, the share of cells it calls unknown and the accuracy on the cells it
+    does call are reported beside the plain (threshold-free) metrics.
     """
     # scdlkit.training's package imports the Trainer (lightning_fabric): only when scoring
     from scdlkit.training.metrics import classification_metrics
@@ -39,6 +53,14 @@ def evaluate_splits(
             test_proba = proba
         metrics = classification_metrics(labels, proba, n_classes=n_classes)
         out.update({f"{prefix}_{m}": metrics[m] for m in METRIC_NAMES})
+        if confidence_threshold is not None:
+            called = proba.max(axis=1) >= confidence_threshold
+            out[f"{prefix}_unknown_share"] = float(1 - called.mean())
+            out[f"{prefix}_called_accuracy"] = (
+                float((proba[called].argmax(axis=1) == labels[called]).mean())
+                if called.any()
+                else None
+            )
     return out, test_proba
 
 
@@ -47,8 +69,10 @@ def metrics_row(
 ) -> dict[str, Any]:
     """One row of ``strategy_metrics_``: undefined metrics become NaN."""
     row: dict[str, Any] = {"strategy": strategy}
+    threshold = any(f"test_{m}" in metrics for m in THRESHOLD_METRICS)
+    names = METRIC_NAMES + (THRESHOLD_METRICS if threshold else ())
     for _, prefix in _SPLIT_PREFIXES:
-        for m in METRIC_NAMES:
+        for m in names:
             value = metrics.get(f"{prefix}_{m}")
             row[f"{prefix}_{m}"] = np.nan if value is None else float(value)
     row["trainable_parameters"] = int(trainable_parameters)
@@ -105,3 +129,111 @@ def batch_metrics(
                 }
             )
     return pd.DataFrame(rows, columns=["strategy", "batch", "n_cells", "accuracy", "macro_f1"])
+
+
+def summarise_repeats(
+    repeats: pd.DataFrame,
+    *,
+    test_labels: np.ndarray | None = None,
+    test_proba: Mapping[str, np.ndarray | None] | None = None,
+    random_state: int = 0,
+) -> pd.DataFrame:
+    """One row per strategy from ``repeats`` (one row per strategy and repeat).
+
+    The metric columns hold the mean over repeats, each followed by ``<column>_sd`` when there
+    are several repeats. With one repeat, ``test_macro_f1_ci_low``/``_ci_high`` give a bootstrap
+    95% interval over the test cells (``test_labels``, ``test_proba`` of that repeat). When the
+    baseline was fitted, ``test_macro_f1_vs_baseline`` (with ``_ci_low``/``_ci_high``) is each
+    strategy's difference from it, paired: over repeats (mean and t interval) or, with one
+    repeat, over the same bootstrap resamples of the test cells.
+    """
+    n_repeats = repeats["repeat"].nunique()
+    columns = [c for c in repeats.columns if c not in {"strategy", "repeat"}]
+    grouped = repeats.groupby("strategy", sort=False)
+    mean, sd = grouped[columns].mean(), grouped[columns].std(ddof=1)
+    rows = []
+    for name in mean.index:
+        row: dict[str, Any] = {"strategy": name}
+        for column in columns:
+            row[column] = float(mean.loc[name, column])
+            if column == "trainable_parameters":
+                row[column] = int(row[column])
+            if n_repeats > 1 and _is_metric(column):
+                row[f"{column}_sd"] = float(sd.loc[name, column])
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if n_repeats == 1 and test_proba is not None and test_labels is not None:
+        _bootstrap_intervals(frame, test_labels, test_proba, random_state)
+    elif n_repeats > 1 and BASELINE in set(frame["strategy"]):
+        _repeat_differences(frame, repeats)
+    return frame
+
+
+def _is_metric(column: str) -> bool:
+    return column.startswith(("validation_", "test_"))
+
+
+def _boot_macro_f1(labels: np.ndarray, predicted: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Macro-F1 (over the classes present in truth or prediction) of every resample in ``draws``
+    (``(n_boot, n_cells)`` positions), vectorised over resamples."""
+    n_classes = int(max(labels.max(), predicted.max())) + 1
+    offsets = np.arange(len(draws))[:, None] * n_classes
+    true, pred = labels[draws] + offsets, predicted[draws] + offsets
+    size = len(draws) * n_classes
+    hits = np.bincount(true[true == pred], minlength=size).reshape(-1, n_classes)
+    support = np.bincount(true.ravel(), minlength=size).reshape(-1, n_classes)
+    called = np.bincount(pred.ravel(), minlength=size).reshape(-1, n_classes)
+    seen = support + called
+    f1 = np.where(seen > 0, 2 * hits / np.maximum(seen, 1), 0.0)
+    return f1.sum(axis=1) / np.maximum((seen > 0).sum(axis=1), 1)
+
+
+def _bootstrap_intervals(
+    frame: pd.DataFrame,
+    labels: np.ndarray,
+    test_proba: Mapping[str, np.ndarray | None],
+    random_state: int,
+) -> None:
+    if len(labels) == 0:
+        return
+    draws = np.random.default_rng(random_state).integers(
+        0, len(labels), size=(N_BOOTSTRAP, len(labels))
+    )
+    scores = {
+        name: _boot_macro_f1(labels, proba.argmax(axis=1), draws)
+        for name, proba in test_proba.items()
+        if proba is not None
+    }
+    order = list(frame["strategy"])
+    low = [np.quantile(scores[s], 0.025) if s in scores else np.nan for s in order]
+    high = [np.quantile(scores[s], 0.975) if s in scores else np.nan for s in order]
+    at = frame.columns.get_loc("test_macro_f1") + 1
+    frame.insert(at, "test_macro_f1_ci_low", low)
+    frame.insert(at + 1, "test_macro_f1_ci_high", high)
+    if BASELINE not in scores:
+        return
+    point = frame.set_index("strategy")["test_macro_f1"]
+    diffs = {s: scores[s] - scores[BASELINE] for s in scores}
+    frame["test_macro_f1_vs_baseline"] = [
+        point[s] - point[BASELINE] if s in diffs else np.nan for s in order
+    ]
+    frame["test_macro_f1_vs_baseline_ci_low"] = [
+        np.quantile(diffs[s], 0.025) if s in diffs else np.nan for s in order
+    ]
+    frame["test_macro_f1_vs_baseline_ci_high"] = [
+        np.quantile(diffs[s], 0.975) if s in diffs else np.nan for s in order
+    ]
+
+
+def _repeat_differences(frame: pd.DataFrame, repeats: pd.DataFrame) -> None:
+    # scipy comes with scikit-learn; imported where the t quantile is needed
+    from scipy.stats import t
+
+    scores = repeats.pivot(index="repeat", columns="strategy", values="test_macro_f1")
+    diffs = scores.sub(scores[BASELINE], axis=0)
+    n = len(diffs)
+    half = t.ppf(0.975, n - 1) * diffs.std(ddof=1) / np.sqrt(n)
+    order = list(frame["strategy"])
+    frame["test_macro_f1_vs_baseline"] = [float(diffs[s].mean()) for s in order]
+    frame["test_macro_f1_vs_baseline_ci_low"] = [float(diffs[s].mean() - half[s]) for s in order]
+    frame["test_macro_f1_vs_baseline_ci_high"] = [float(diffs[s].mean() + half[s]) for s in order]

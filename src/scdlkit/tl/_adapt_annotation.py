@@ -29,6 +29,7 @@ def adapt_annotation(
     random_state: int = 42,
     device: str = "auto",
     output_dir: str | os.PathLike | None = None,
+    n_repeats: int = 1,
     key_added: str = "scgpt_annotation",
     copy: bool = False,
     **kwargs: Any,
@@ -63,6 +64,11 @@ def adapt_annotation(
         PNG plots). A folder that already holds a run is refused before any work unless
         ``overwrite=True`` is passed; the run's files are moved in together, with
         ``run_complete.json`` last.
+    n_repeats
+        Fit every strategy on this many splits: ``strategy_metrics`` then holds means with
+        ``<column>_sd`` beside each metric and ``repeat_metrics`` one row per strategy and
+        repeat; the ranking uses the mean validation macro-F1. With one repeat, test macro-F1
+        carries a bootstrap 95% interval. Labels and ``_split`` come from the first repeat.
     key_added
         Prefix of the written slots. Refused before any work when the slots would replace the
         label or batch column, or obs/obsm entries that scdlkit did not write.
@@ -113,6 +119,7 @@ def adapt_annotation(
         random_state=random_state,
         device=device,
         output_dir=output_dir,
+        n_repeats=n_repeats,
         **kwargs,
     )
     if runner.runner_dir_ is None:

@@ -1,0 +1,100 @@
+"""Fitting every strategy on one or several splits, and summarising the comparison."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from scdlkit.foundation._fitting import FitContext, Stopwatch, StrategyFamily, StrategyResult
+from scdlkit.foundation._selection import metrics_row, rank_key, summarise_repeats
+
+__all__ = ["compare_strategies", "fit_strategies", "split_summary"]
+
+logger = logging.getLogger("scdlkit")
+
+
+def fit_strategies(
+    families: Mapping[str, StrategyFamily],
+    ctx: FitContext,
+    *,
+    settings: Callable[[str], dict[str, Any]],
+    configs: Mapping[str, Any],
+    feature_seconds: float,
+) -> dict[str, StrategyResult]:
+    """Every strategy fitted on one split; each charged for the shared ``<cls>`` pass it used."""
+    results: dict[str, StrategyResult] = {}
+    for name, family in families.items():
+        logger.info("fitting strategy %s", name)
+        with Stopwatch() as watch:
+            results[name] = family.fit(name, ctx, settings(name), configs.get(name))
+        results[name].runtime_sec = watch.seconds + (
+            feature_seconds if family.uses_features else 0.0
+        )
+    return results
+
+
+def compare_strategies(
+    repeats: list[dict[str, StrategyResult]],
+    test_labels: np.ndarray,
+    *,
+    random_state: int,
+) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """``(strategy_metrics, repeat_metrics, best strategy)`` from the results of every repeat.
+
+    The best strategy has the highest mean validation macro-F1 (then balanced accuracy,
+    accuracy, fewer parameters, less runtime); test metrics are only reported.
+    """
+    rows = [
+        {
+            "repeat": r,
+            **metrics_row(res.strategy, res.metrics, res.trainable_parameters, res.runtime_sec),
+        }
+        for r, results in enumerate(repeats)
+        for res in results.values()
+    ]
+    repeat_metrics = pd.DataFrame(rows)
+    first = repeats[0]
+    summary = summarise_repeats(
+        repeat_metrics,
+        test_labels=test_labels,
+        test_proba={name: res.extra.get("test_probabilities") for name, res in first.items()},
+        random_state=random_state,
+    )
+    best = min(summary.to_dict(orient="records"), key=rank_key)["strategy"]
+    columns = [
+        "strategy",
+        "repeat",
+        *[c for c in repeat_metrics.columns if c not in {"strategy", "repeat"}],
+    ]
+    return summary, repeat_metrics[columns], best
+
+
+def split_summary(
+    split: Any,
+    prepared: Any,
+    *,
+    batch_key: str | None,
+    random_state: int,
+    val_size: float,
+    test_size: float,
+) -> dict[str, Any]:
+    """How the (first repeat's) cells were split, as JSON-ready values for ``uns`` and reports."""
+    return {
+        "split_by": split.split_by,
+        "batch_key": batch_key or "",
+        "test_batches": list(split.test_batches),
+        "val_batches": list(split.val_batches),
+        "random_state": random_state,
+        "val_size": val_size,
+        "test_size": test_size,
+        "stratified": split.stratified,
+        "n_train": len(split.train_indices),
+        "n_val": len(split.val_indices),
+        "n_test": len(split.test_indices),
+        "n_unlabelled": int((~prepared.labelled).sum()),
+        "small_classes": list(split.small_classes),
+    }
