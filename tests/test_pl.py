@@ -492,3 +492,41 @@ def test_plots_leave_adata_unchanged(adata_mem, plot):
     for name in ("strategy_metrics", "batch_metrics"):
         pd.testing.assert_frame_equal(adata_mem.uns[KEY][name], before.uns[KEY][name])
     assert set(adata_mem.uns[KEY]) == set(before.uns[KEY])
+
+
+@pytest.mark.parametrize("noise", ["sd", "ci"])
+def test_strategy_comparison_draws_error_bars(adata_mem, noise, tmp_path):
+    from matplotlib.container import BarContainer, ErrorbarContainer
+
+    frame = adata_mem.uns[KEY]["strategy_metrics"].copy()
+    values = frame["test_macro_f1"].to_numpy(dtype=float)
+    if noise == "sd":
+        frame["test_macro_f1_sd"] = [0.01, 0.02, 0.03, 0.04]
+        low, high = values - frame["test_macro_f1_sd"], values + frame["test_macro_f1_sd"]
+    else:
+        frame["test_macro_f1_ci_low"] = values - 0.05
+        frame["test_macro_f1_ci_high"] = values + np.array([0.01, 0.02, 0.03, 0.04])
+        low, high = frame["test_macro_f1_ci_low"], frame["test_macro_f1_ci_high"]
+    adata_mem.uns[KEY]["strategy_metrics"] = frame
+    fig = sck.pl.strategy_comparison(adata_mem, return_fig=True)
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 1
+    assert bars[0].get_label() == (
+        "± 1 sd over repeats" if noise == "sd" else "bootstrap 95% interval"
+    )
+    (segments,) = bars[0].lines[2]
+    ends = np.array([seg[:, 0] for seg in segments.get_segments()])
+    np.testing.assert_allclose(ends[:, 0], low)
+    np.testing.assert_allclose(ends[:, 1], high)
+    assert len([c for c in ax.containers if isinstance(c, BarContainer)]) == 1
+    out = tmp_path / "noise.png"
+    fig.savefig(out, dpi=50)
+    assert out.stat().st_size > 0
+
+
+def test_strategy_comparison_without_noise_columns_draws_no_error_bars(adata_mem):
+    from matplotlib.container import ErrorbarContainer
+
+    fig = sck.pl.strategy_comparison(adata_mem, return_fig=True)
+    assert not [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]

@@ -68,7 +68,9 @@ def strategy_comparison(
     colour and marked ``(best)`` in its label; the non-foundation ``baseline`` is drawn grey and
     hatched, with a dotted reference line at its value, so gains over it are easy to judge.
     A metric that is undefined for a strategy (``NaN``, e.g. AUROC on a split missing a class)
-    gets an empty bar labelled ``n/a``.
+    gets an empty bar labelled ``n/a``. Error bars show the noise whenever the metrics hold it:
+    one standard deviation over repeats (``<column>_sd``, from ``n_repeats > 1``), or the
+    bootstrap 95% interval over test cells (``<column>_ci_low``/``_ci_high``).
 
     Parameters
     ----------
@@ -145,12 +147,25 @@ def strategy_comparison(
     for strategy, bar in zip(strategies, bars.patches, strict=True):
         if strategy == "baseline":
             bar.set_hatch(BASELINE_HATCH)
+    spread = _error_bars(frame, column, values)
+    if spread is not None:
+        ax.errorbar(
+            values,
+            positions,
+            xerr=spread,
+            fmt="none",
+            ecolor="#222222",
+            elinewidth=1.0,
+            capsize=3,
+            label=spread_label(frame, column),
+        )
 
-    upper = max(1.0, float(np.nanmax(values)) if np.isfinite(values).any() else 1.0)
+    reach = values if spread is None else values + np.nan_to_num(spread[1], nan=0.0)
+    upper = max(1.0, float(np.nanmax(reach)) if np.isfinite(reach).any() else 1.0)
     pad = 0.015 * upper
-    for pos, value in zip(positions, values, strict=True):
+    for pos, value, end in zip(positions, values, reach, strict=True):
         text = "n/a" if not np.isfinite(value) else f"{value:.3f}"
-        x = (value if np.isfinite(value) else 0.0) + pad
+        x = (end if np.isfinite(end) else 0.0) + pad
         ax.text(x, pos, text, va="center", ha="left", fontsize=9)
 
     if "baseline" in strategies:
@@ -169,3 +184,21 @@ def strategy_comparison(
     ax.set_title("Strategy comparison")
     ax.spines[["top", "right"]].set_visible(False)
     return finish(fig, created=created, show=show, return_fig=return_fig, save=save)
+
+
+def _error_bars(frame: pd.DataFrame, column: str, values: np.ndarray) -> np.ndarray | None:
+    """``(2, n)`` distances below and above each bar, or ``None`` without noise columns."""
+    if f"{column}_sd" in frame.columns:
+        sd = pd.to_numeric(frame[f"{column}_sd"], errors="coerce").to_numpy(dtype=float)
+        return np.vstack([sd, sd])
+    low, high = f"{column}_ci_low", f"{column}_ci_high"
+    if low in frame.columns and high in frame.columns:
+        lo = pd.to_numeric(frame[low], errors="coerce").to_numpy(dtype=float)
+        hi = pd.to_numeric(frame[high], errors="coerce").to_numpy(dtype=float)
+        return np.vstack([np.clip(values - lo, 0, None), np.clip(hi - values, 0, None)])
+    return None
+
+
+def spread_label(frame: pd.DataFrame, column: str) -> str:
+    """What the error bars of ``column`` show, for the legend."""
+    return "± 1 sd over repeats" if f"{column}_sd" in frame.columns else "bootstrap 95% interval"
