@@ -8,6 +8,7 @@ manifest names the file and its sha256; either format loads wherever its reader 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
 from pathlib import Path
@@ -92,7 +93,10 @@ def _write_weights(tensors: dict[str, torch.Tensor], file: Path) -> str:
         # Optional (the `foundation` extra); without it the torch format below is used.
         from safetensors.torch import save_file
     except ImportError:
-        torch.save(tensors, file)
+        # Through a file object: torch derives the archive's inner name from a path's stem, and
+        # the writer's temporary names (".scdlkit-tmp-...") are not valid there.
+        with Path(file).open("wb") as fh:
+            torch.save(tensors, fh)
         return ".pt"
     save_file(tensors, str(file))
     return ".safetensors"
@@ -179,15 +183,12 @@ def read_runner_folder(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     manifest = _read_manifest(path)
     if manifest["weights_file"].endswith(".pt"):
         return manifest, _read_torch_weights(path, manifest)
-    try:
-        # Optional (the `foundation` extra); only folders saved with it need it.
-        import safetensors  # noqa: F401
-    except ImportError as err:
+    if importlib.util.find_spec("safetensors") is None:  # optional: the `foundation` extra
         msg = (
             f"{path / manifest['weights_file']} is a safetensors file: install safetensors "
             "(pip install 'scdlkit[foundation]') to load this runner."
         )
-        raise ImportError(msg) from err
+        raise ImportError(msg)
     return manifest, read_checked_weights(path, manifest)
 
 
