@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from scdlkit._shared.strategies import FEATURE_STRATEGIES, NEURAL_STRATEGIES, STRATEGIES
@@ -261,3 +262,22 @@ def test_threshold_metrics_beside_the_plain_ones(_pbmc_raw, checkpoint_dir):
     assert row["test_accuracy"] == plain.strategy_metrics_.iloc[0]["test_accuracy"]
     assert 0 < row["test_unknown_share"] < 1
     assert row["test_called_accuracy"] >= row["test_accuracy"]
+
+
+def test_report_shows_the_noise_and_the_paired_difference(_pbmc_raw, checkpoint_dir, tmp_path):
+    ScGPTAnnotationRunner(
+        label_key="bulk_labels",
+        checkpoint=checkpoint_dir,
+        strategies=("frozen_probe", "baseline"),
+        n_repeats=2,
+        output_dir=tmp_path / "run",
+        **FAST,
+    ).fit(_pbmc_raw)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Noise" in report
+    assert "fitted on 2 splits (seeds 42 to 43)" in report
+    assert "paired over splits (t interval)" in report
+    table = report.split("paired over splits")[1]
+    assert "| frozen_probe |" in table
+    metrics = pd.read_csv(tmp_path / "run" / "strategy_metrics.csv")
+    assert {"test_macro_f1_sd", "test_macro_f1_vs_baseline"} <= set(metrics.columns)

@@ -64,6 +64,42 @@ def _environment() -> str:
         return f"(session-info2 unavailable: {err})"
 
 
+def _noise_section(runner: Any) -> list[str]:
+    """How much the numbers move, and each strategy's paired difference from the baseline."""
+    metrics = runner.strategy_metrics_
+    n_repeats = getattr(runner, "n_repeats", 1)
+    if n_repeats > 1:
+        noise = (
+            f"Every strategy was fitted on {n_repeats} splits (seeds {runner.random_state} to "
+            f"{runner.random_state + n_repeats - 1}); the table shows means, with the standard "
+            "deviation over splits in the `_sd` columns."
+        )
+    else:
+        noise = (
+            "One split: `test_macro_f1_ci_low`/`_ci_high` are a bootstrap 95% interval over the "
+            "test cells. Pass `n_repeats=` to see how much the ranking moves between splits."
+        )
+    lines = ["## Noise", "", noise, ""]
+    if "test_macro_f1_vs_baseline" in metrics.columns:
+        how = "over splits (t interval)" if n_repeats > 1 else "over bootstrap resamples"
+        diff = metrics[
+            [
+                "strategy",
+                "test_macro_f1_vs_baseline",
+                "test_macro_f1_vs_baseline_ci_low",
+                "test_macro_f1_vs_baseline_ci_high",
+            ]
+        ]
+        lines += [
+            f"Test macro-F1 minus the baseline's, paired {how}; an interval that contains 0 "
+            "is no evidence of a difference:",
+            "",
+            _markdown_table(diff[diff["strategy"] != "baseline"]),
+            "",
+        ]
+    return lines
+
+
 def _batch_section(runner: Any) -> list[str]:
     frame = getattr(runner, "batch_metrics_", None)
     if frame is None or frame.empty:
@@ -114,6 +150,7 @@ def _report(runner: Any, adata: AnnData, per_class: pd.DataFrame, figures: list[
         f"**Best strategy: `{best}`** (validation macro-F1 {best_row['validation_macro_f1']:.3f}, "
         f"test macro-F1 {best_row['test_macro_f1']:.3f}).",
         baseline_note,
+        *_noise_section(runner),
         *_batch_section(runner),
         "## Per-class metrics of the best strategy (test split)",
         "",
