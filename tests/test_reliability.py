@@ -446,15 +446,18 @@ def test_duplicate_var_names_are_refused_before_work(small_ref, checkpoint_dir, 
 
 def test_duplicate_gene_symbols_in_a_query_are_refused(small_ref, checkpoint_dir):
     runner = ScGPTAnnotationRunner(
-        label_key="bulk_labels", checkpoint=checkpoint_dir, strategies=("baseline",), **FAST
+        label_key="bulk_labels", checkpoint=checkpoint_dir, strategies=("frozen_probe",), **FAST
     ).fit(small_ref)
     query = small_ref[:20].copy()
     query.var["symbol"] = query.var_names.tolist()
     query.var.iloc[2, query.var.columns.get_loc("symbol")] = query.var_names[3]
-    with pytest.raises(ValueError, match=r"adata.var\['symbol'\].*aggregate"):
+    with pytest.raises(ValueError, match=r"adata.var\['symbol'\].*Aggregate"):
         runner.predict(query, gene_key="symbol")
     query.var["symbol"] = [*query.var_names[:-2], "nan", "nan"]  # unmapped placeholders are fine
     runner.predict(query, gene_key="symbol")
+    runner.best_strategy_ = "baseline"  # which reads every gene: no placeholder twice either
+    with pytest.raises(ValueError, match="'nan'"):
+        runner.predict(query, gene_key="symbol")
 
 
 # ------------------------------------------------------------------ finding 8: command line

@@ -46,14 +46,15 @@ def check_writable(adata: Any, *, copy: bool) -> None:
 def check_unique_genes(names: Any, *, vocab: Any = None, gene_key: str | None = None) -> None:
     """Refuse duplicated gene names, before any work: they would be read as one gene twice.
 
-    Only names the model can use count (those in ``vocab`` when given; empty names and ``nan``
-    never do), so unmapped genes that share a placeholder name are fine.
+    With ``vocab``, only names the model can use count, so unmapped genes that share a
+    placeholder name (``nan``) are fine; without it (the expression baseline reads every gene)
+    every name counts.
     """
     where = "adata.var_names" if gene_key is None else f"adata.var[{gene_key!r}]"
     seen: set[str] = set()
     twice: list[str] = []
     for name in map(str, names):
-        if name in {"", "nan", "None"} or (vocab is not None and name not in vocab):
+        if vocab is not None and name not in vocab:
             continue
         if name in seen and name not in twice:
             twice.append(name)

@@ -617,7 +617,9 @@ class ScGPTAnnotationRunner:
         self._require_fitted("predict")
         gene_key = self.gene_key if gene_key is None else gene_key
         layer = self.layer if layer is None else layer
-        vocab = self.checkpoint_.vocab if self.checkpoint_ is not None else None
+        # the expression baseline reads every gene; scGPT strategies only those in the vocabulary
+        uses_vocab = self.checkpoint_ is not None and self.best_strategy_ != "baseline"
+        vocab = self.checkpoint_.vocab if uses_vocab else None
         check_unique_genes(gene_names(adata, gene_key), vocab=vocab, gene_key=gene_key)
 
         def encode(forward: Any, desc: str) -> np.ndarray:
