@@ -131,7 +131,8 @@ def highly_variable_genes(
     bins = pd.cut(np.log1p(mean), n_bins)
     grouped = pd.Series(log_dispersion).groupby(bins, observed=False)
     spread = grouped.transform("std").to_numpy()
-    score = (log_dispersion - grouped.transform("mean").to_numpy()) / spread
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = (log_dispersion - grouped.transform("mean").to_numpy()) / spread
     score = np.where(np.isfinite(score), score, -np.inf)
     return np.sort(np.argsort(-score, kind="stable")[:n_top_genes]).astype(np.int64)
 
