@@ -338,9 +338,9 @@ class ExpressionBaseline(StrategyFamily):
 
         matrix, genes = ctx.expression()
         train, labels = ctx.cells("train")
-        model = ExpressionLogisticBaseline(random_state=ctx.random_state).fit(
-            matrix[train], genes, labels
-        )
+        model = ExpressionLogisticBaseline(
+            random_state=ctx.random_state, class_weight=settings.get("class_weight")
+        ).fit(matrix[train], genes, labels)
         metrics, test_proba = ctx.evaluate(
             lambda _, cells: full_proba(
                 model.predict_proba(matrix[cells], genes), model.classifier_.classes_, ctx.n_classes
