@@ -154,7 +154,8 @@ class ExpressionLogisticBaseline:
     max_iter
         Solver iterations.
     random_state
-        Seeds the logistic regression and the PCA solver.
+        Seeds the sparse PCA solver (ARPACK's start vector); the logistic regression starts
+        from zero and is deterministic.
     max_value
         Standardised values are clipped to ``[-max_value, max_value]``; ``None`` does not clip.
     n_top_genes
