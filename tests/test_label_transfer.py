@@ -8,9 +8,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import scdlkit as sck
 from scdlkit.cli import build_parser, main
@@ -299,3 +301,218 @@ def test_cli_annotate_carries_the_labelling_options(_pbmc_raw, baseline_runner, 
     assert result.obs[f"{KEY}_majority_voting"].notna().all()
     assert f"{KEY}_probabilities" in result.obsm
     assert main([*argv[:-1], "--min-prop", "2", "-q"]) == 2  # out of range: a usage error
+
+
+# ------------------------------------------------------------------------------- markers
+
+MARKERS = {
+    "CD19+ B": {"CD79A", "CD79B", "MS4A1"},
+    "CD56+ NK": {"GNLY", "NKG7", "GZMB", "PRF1"},
+    "CD14+ Monocyte": {"LYZ", "S100A8", "S100A9", "FCN1", "CST3"},
+}
+
+
+@pytest.fixture(scope="module")
+def baseline_markers(annotated, baseline_runner):
+    adata = annotated.copy()
+    sck.tl.annotation_markers(adata, n_genes=10)  # the runner from uns[KEY]["runner_dir"]
+    return adata
+
+
+def test_baseline_markers_name_the_known_marker_genes(baseline_markers):
+    markers = baseline_markers.uns[f"{KEY}_markers"]
+    assert list(markers.columns) == ["label", "rank", "gene", "score"]
+    for label, known in MARKERS.items():
+        top = markers[markers["label"] == label].sort_values("rank")
+        assert list(top["rank"]) == list(range(1, 11))
+        assert (np.diff(top["score"].to_numpy()) <= 0).all()
+        assert set(top["gene"]) & known, (label, list(top["gene"]))
+    assert baseline_markers.uns[f"{KEY}_markers_params"]["method"] == "linear_attribution"
+
+
+def test_markers_survive_h5ad(baseline_markers, tmp_path):
+    baseline_markers.write_h5ad(tmp_path / "m.h5ad")
+    back = ad.read_h5ad(tmp_path / "m.h5ad").uns[f"{KEY}_markers"]
+    pd.testing.assert_frame_equal(
+        back.reset_index(drop=True),
+        baseline_markers.uns[f"{KEY}_markers"].reset_index(drop=True),
+        check_dtype=False,
+    )
+
+
+def test_markers_need_labels_and_a_runner(_pbmc_raw, annotated):
+    with pytest.raises(KeyError, match="annotate"):
+        sck.tl.annotation_markers(_pbmc_raw.copy())
+    adata = annotated.copy()
+    del adata.uns[KEY]
+    with pytest.raises(KeyError, match="runner="):
+        sck.tl.annotation_markers(adata)
+
+
+@pytest.fixture(scope="module")
+def fixture_runners(checkpoint_dir, tmp_path_factory):
+    """One runner per scGPT family on the 48-cell fixture: probe, frozen head, LoRA."""
+    adata = ad.read_h5ad(checkpoint_dir.parent / "data.h5ad")
+    runners = {}
+    for strategy in ("frozen_probe", "head", "lora"):
+        runners[strategy] = sck.AnnotationRunner(
+            label_key="cell_type",
+            strategies=(strategy,),
+            checkpoint=checkpoint_dir,
+            batch_size=16,
+            epochs=1,
+            attention_dropout=0.0,
+            device="cpu",
+            **FAST,
+        ).fit(adata)
+        runners[strategy].save(tmp_path_factory.mktemp(strategy) / "runner")
+    return adata, runners
+
+
+@pytest.mark.parametrize("strategy", ["frozen_probe", "head", "lora"])
+def test_scgpt_attributions_are_finite_and_name_query_genes(fixture_runners, strategy):
+    adata, runners = fixture_runners
+    adata = adata.copy()
+    runner = runners[strategy]
+    sck.tl.annotate(adata, runner)
+    sck.tl.annotation_markers(adata, runner=runner, n_genes=5, n_steps=4)
+    markers = adata.uns[f"{KEY}_markers"]
+    assert len(markers) > 0
+    assert np.isfinite(markers["score"]).all()
+    assert set(markers["label"]) <= set(adata.obs[KEY].astype(str))
+    assert set(markers["gene"]) <= set(adata.var_names)
+    for _, group in markers.groupby("label"):
+        assert list(group["rank"]) == list(range(1, len(group) + 1))
+        assert (np.diff(group["score"].to_numpy()) <= 0).all()
+    assert adata.uns[f"{KEY}_markers_params"]["method"] == "integrated_gradients"
+
+
+def test_attribution_does_not_depend_on_batch_or_chunk(fixture_runners):
+    from scdlkit.foundation._attribution import class_gene_scores
+
+    adata, runners = fixture_runners
+    runner = runners["lora"]
+    codes = runner.predict(adata)["label_codes"]
+    one = class_gene_scores(runner, adata, codes, n_steps=3, batch_size=1)
+    many = class_gene_scores(runner, adata, codes, n_steps=3, batch_size=32, chunk_size=10)
+    pd.testing.assert_frame_equal(one, many, rtol=1e-4, atol=1e-6)
+    assert np.isfinite(one.to_numpy()).all()
+    predicted = np.bincount(codes, minlength=len(runner.label_categories_)) > 0
+    assert ((one.abs().sum(axis=1) > 0).to_numpy() == predicted).all()  # unpredicted: zeros
+
+
+def test_integrated_gradients_add_up_to_the_logit_difference(fixture_runners):
+    """Completeness: a cell's attributions sum to logit(input) - logit(zero-token baseline)."""
+    from scdlkit.foundation._attribution import integrated_gradients
+    from scdlkit.foundation._genes import tokenize_adata
+    from scdlkit.foundation._tokenize import collate_tokens
+
+    adata, runners = fixture_runners
+    runner = runners["lora"]
+    model = runner._best.model.eval()
+    encoder = model.encoder
+
+    def head(cls):
+        return model.cls_decoder(model.feature_norm(cls))
+
+    tokens, _ = tokenize_adata(adata, runner.checkpoint_, seed=runner.random_state)
+    batch = collate_tokens(tokens, np.arange(6))
+    target = torch.tensor([0, 1, 2, 0, 1, 2])
+    attr = integrated_gradients(encoder, head, batch, target, n_steps=128)
+    assert attr.shape == batch["gene_ids"].shape
+    assert (attr[batch["padding_mask"]] == 0).all()
+    assert (attr[:, 0] == 0).all()
+    with torch.no_grad():
+        emb = encoder.encoder(batch["gene_ids"]) + encoder.value_encoder(batch["values"])
+        genes = ~batch["padding_mask"]
+        genes[:, 0] = False
+        padded = batch["padding_mask"].any()
+        mask = (~batch["padding_mask"])[:, None, None, :] if padded else None
+        rows = torch.arange(6)
+
+        def logit(x):
+            return head(encoder.transformer_encoder(x, mask, first_only=True)[:, 0])[rows, target]
+
+        gap = logit(emb) - logit(emb * ~genes[..., None])
+    error = np.abs(attr.sum(1).numpy() - gap.numpy())
+    coarse = integrated_gradients(encoder, head, batch, target, n_steps=2).sum(1).numpy()
+    # the midpoint rule converges: a few percent of the logit gaps at 128 points (ReLU kinks)
+    assert error.max() < 0.02
+    assert error.max() < np.abs(coarse - gap.numpy()).max()
+
+
+# ---------------------------------------------------------------------------------- plots
+
+
+def _png_ok(path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = plt.imread(path)
+    assert image.shape[0] > 100
+    assert image[..., :3].std() > 0.05  # something was drawn
+
+
+def test_label_transfer_plot_draws_shares_and_confidences(annotated, tmp_path):
+    from scdlkit.pl._label_transfer import MAX_DOT_SIZE, label_transfer_table
+
+    fig = sck.pl.label_transfer(annotated, "louvain", return_fig=True, show=False)
+    share, confidence = label_transfer_table(annotated, "louvain", predicted_key=KEY)
+    np.testing.assert_allclose(share.sum(axis=1), 1.0)
+    ax = fig.axes[0]
+    dots = ax.collections[0]
+    i, j = np.nonzero(share.to_numpy() > 0)
+    # one dot per (group, label) pair with cells, where it belongs, sized and coloured by it
+    np.testing.assert_allclose(dots.get_offsets(), np.column_stack([j, i]))
+    np.testing.assert_allclose(dots.get_sizes(), share.to_numpy()[i, j] * MAX_DOT_SIZE)
+    np.testing.assert_allclose(dots.get_array(), confidence.to_numpy()[i, j])
+    # check one value by hand: louvain group "0"'s cells and their labels
+    group = annotated.obs["louvain"] == share.index[0]
+    label = share.columns[np.argmax(share.iloc[0].to_numpy())]
+    picked = group & (annotated.obs[KEY] == label)
+    assert share.iloc[0][label] == pytest.approx(picked.sum() / group.sum())
+    assert confidence.iloc[0][label] == pytest.approx(
+        annotated.obs.loc[picked, f"{KEY}_confidence"].mean(), rel=1e-5
+    )
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(share.columns)
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(share.index)
+    assert fig.axes[1].get_ylabel() == "mean confidence"  # the colorbar
+    fig.savefig(tmp_path / "lt.png")
+    _png_ok(tmp_path / "lt.png")
+    plt.close(fig)
+
+
+def test_label_transfer_plot_into_given_axes_with_majority_voting(annotated, baseline_runner):
+    adata = annotated.copy()
+    sck.tl.annotate(adata, baseline_runner, majority_voting=True, over_clustering="louvain")
+    fig, ax = plt.subplots()
+    assert sck.pl.label_transfer(adata, "bulk_labels", majority_voting=True, ax=ax) is None
+    # voted per louvain cluster: each louvain cluster would be one dot; here rows are bulk labels
+    assert ax.get_xlabel() == f"predicted ({KEY}_majority_voting)"
+    assert len(ax.collections[0].get_offsets()) > 0
+    plt.close(fig)
+    with pytest.raises(KeyError, match="reference_key"):
+        sck.pl.label_transfer(adata, "nope")
+
+
+def test_annotation_markers_dotplot_shows_the_marker_genes(baseline_markers, tmp_path):
+    from scdlkit.pl._annotation_markers import marker_genes
+
+    genes = marker_genes(baseline_markers, n_genes=3, available=baseline_markers.var_names)
+    fig = sck.pl.annotation_markers(baseline_markers, n_genes=3, return_fig=True, show=False)
+    texts = {t.get_text() for a in fig.axes for t in a.get_xticklabels()}
+    flat = [g for gs in genes.values() for g in gs]
+    assert set(flat) <= texts
+    assert len(flat) == len(set(flat))  # each gene once
+    assert set(genes["CD19+ B"]) & MARKERS["CD19+ B"]
+    groups = {t.get_text() for a in fig.axes for t in a.get_yticklabels()}
+    assert set(baseline_markers.obs[KEY].astype(str)) <= groups
+    # one dot per (predicted label, gene)
+    main_ax = max(
+        fig.axes, key=lambda a: len(a.collections[0].get_offsets()) if a.collections else 0
+    )
+    n_groups = baseline_markers.obs[KEY].nunique()
+    assert len(main_ax.collections[0].get_offsets()) == n_groups * len(flat)
+    fig.savefig(tmp_path / "markers.png")
+    _png_ok(tmp_path / "markers.png")
+    plt.close(fig)
+    with pytest.raises(KeyError, match="annotation_markers"):
+        sck.pl.annotation_markers(baseline_markers, key="other")
