@@ -515,4 +515,4 @@ def test_annotation_markers_dotplot_shows_the_marker_genes(baseline_markers, tmp
     _png_ok(tmp_path / "markers.png")
     plt.close(fig)
     with pytest.raises(KeyError, match="annotation_markers"):
-        sck.pl.annotation_markers(baseline_markers, key="other")
+        sck.pl.annotation_markers(baseline_markers, key="other", groupby=KEY)

@@ -112,7 +112,7 @@ def label_transfer(
     )
     rows, cols = list(share.index), list(share.columns)
     fig, ax, created = get_axes(
-        ax, figsize=(max(4.0, 1.5 + 0.45 * len(cols)), max(3.0, 1.2 + 0.35 * len(rows)))
+        ax, figsize=(max(5.0, 3.0 + 0.5 * len(cols)), max(3.5, 2.0 + 0.4 * len(rows)))
     )
     i, j = np.nonzero(share.to_numpy() > 0)
     dots = ax.scatter(
@@ -132,18 +132,19 @@ def label_transfer(
         ax.scatter([], [], s=value * MAX_DOT_SIZE, c="0.6", label=f"{value:.0%}")
     ax.legend(
         title="share of group",
-        loc="upper left",
-        bbox_to_anchor=(1.25, 1.0),
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.01),
+        ncols=3,
         frameon=False,
-        labelspacing=1.2,
+        columnspacing=2.0,
     )
     ax.set_xticks(np.arange(len(cols)), labels=cols, rotation=45, ha="right")
     ax.set_yticks(np.arange(len(rows)), labels=rows)
     ax.set_xlim(-0.5, len(cols) - 0.5)
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlabel(f"predicted ({predicted_key})")
-    ax.set_ylabel(reference_key)
+    n_cells = int(share.shape[0] and adata.obs[reference_key].notna().sum())
+    ax.set_ylabel(f"{reference_key} (n={n_cells} cells)")
     ax.grid(True, color="0.92", zorder=0)
     ax.set_axisbelow(True)
-    ax.set_title(f"label transfer, n={int(adata.obs[reference_key].notna().sum())} cells")
     return finish(fig, created=created, show=show, return_fig=return_fig, save=save)
