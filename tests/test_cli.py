@@ -576,3 +576,21 @@ def test_adapt_split_by_batch_without_batch_key_exits_2(files, checkpoint_dir, t
     assert code == 2
     assert "batch_key" in stderr
     assert not out.exists()
+
+
+def test_adapt_into_a_folder_with_a_run_needs_overwrite(files, checkpoint_dir, tmp_path):
+    argv = [
+        "adapt", files["ref"], "--label-key", "bulk_labels", "--checkpoint", checkpoint_dir,
+        "--strategies", "baseline", "--output-dir", tmp_path / "run",
+    ]  # fmt: skip
+    code, _, stderr = run([*argv, "-o", tmp_path / "first.h5ad"])
+    assert code == 0, stderr
+    code, _, stderr = run([*argv, "-o", tmp_path / "second.h5ad"])
+    assert code == 2
+    assert len(stderr.strip().splitlines()) == 1
+    assert "already holds a run" in stderr
+    assert "--overwrite" in stderr
+    assert not (tmp_path / "second.h5ad").exists()
+    code, _, stderr = run([*argv, "-o", tmp_path / "second.h5ad", "--overwrite"])
+    assert code == 0, stderr
+    assert (tmp_path / "run" / "run_complete.json").exists()

@@ -380,7 +380,8 @@ def claim_run_folder(
         if found and not overwrite:
             msg = (
                 f"output_dir {str(output_dir)!r} already holds a run ({', '.join(found)}). "
-                "Pass overwrite=True to replace it, or choose a fresh output_dir."
+                "Pass overwrite=True (scdlkit adapt --overwrite) to replace it, or choose a fresh "
+                "output_dir."
             )
             raise RunExistsError(msg)
         (output_dir / RUN_MARKER).unlink(missing_ok=True)

@@ -129,6 +129,7 @@ def run_adapt(args: argparse.Namespace) -> int:
         n_repeats=args.n_repeats,
         device=args.device,
         output_dir=output_dir,
+        overwrite=args.overwrite,
         key_added=args.key_added,
         gene_key=args.gene_key,
         layer=args.layer,

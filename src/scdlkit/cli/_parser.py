@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         "CSV, report.md, plots) (default: OUT without .h5ad plus '_scdlkit', beside OUT)",
     )
     sub.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in the output folder (default: refuse it)",
+    )
+    sub.add_argument(
         "--epochs",
         type=positive_int,
         metavar="N",
