@@ -391,6 +391,79 @@ def test_train_and_eval_agree_without_dropout(checkpoint_dir, batch, config):
     torch.testing.assert_close(train_out, eval_out, rtol=1e-5, atol=1e-5)
 
 
+# ---------------------------------------------------------------------------- one optimiser step
+
+
+@pytest.mark.parametrize(
+    "config",
+    [LoRAConfig(dropout=0.0), AdapterConfig(), PrefixTuningConfig(), IA3Config()],
+    ids=lambda c: type(c).__name__,
+)
+def test_one_adamw_step_moves_the_method_and_the_eval_output(encoder, batch, config):
+    # issue 19 item 10 reported adapter and ia3 "do not move at all": at the PEFT level they do
+    apply_peft(encoder, config)
+    freeze_except_peft(encoder)
+    own = dict(encoder.named_parameters())
+    names = peft_parameter_names(encoder)
+    assert names
+    assert all(own[n].requires_grad for n in names)
+    start = {n: own[n].detach().clone() for n in names}
+    torch.manual_seed(1)
+    head = nn.Linear(D, 3)
+    labels = torch.arange(len(batch["gene_ids"])) % 3
+    optimiser = torch.optim.AdamW([own[n] for n in names], lr=1e-3, weight_decay=0.0)
+    before = encoder.eval().cls_embedding(batch["gene_ids"], batch["values"], batch["padding_mask"])
+    loss = nn.functional.cross_entropy(
+        head(
+            encoder.train().cls_embedding(batch["gene_ids"], batch["values"], batch["padding_mask"])
+        ),
+        labels,
+    )
+    loss.backward()
+    # zero-initialised factors (lora_B, adapter up) get gradient first; their partners
+    # (lora_A, adapter down) only once those have moved, as in the papers
+    waits = ("lora_A", "adapter.down")
+    for name in names:
+        grad = own[name].grad
+        if any(w in name for w in waits):
+            assert grad is None or torch.count_nonzero(grad) == 0, name
+        else:
+            assert grad is not None, name
+            assert torch.count_nonzero(grad) > 0, name
+    optimiser.step()
+    moved = [n for n in names if not torch.equal(own[n], start[n])]
+    assert moved == [n for n in names if not any(w in n for w in waits)]
+    with torch.no_grad():
+        after = encoder.eval().cls_embedding(
+            batch["gene_ids"], batch["values"], batch["padding_mask"]
+        )
+    assert (after - before.detach()).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+def test_registry_names_every_method_once_in_strategy_order():
+    from scdlkit._shared.strategies import PEFT_STRATEGIES
+    from scdlkit.foundation.peft import PEFT_METHODS, register_peft_method
+
+    assert tuple(PEFT_METHODS) == PEFT_STRATEGIES
+    assert [m.config_cls for m in PEFT_METHODS.values()] == [
+        LoRAConfig,
+        AdapterConfig,
+        PrefixTuningConfig,
+        IA3Config,
+    ]
+    assert PEFT_METHODS["ia3"].apply is apply_ia3
+    with pytest.raises(ValueError, match="already registered"):
+        register_peft_method(name="lora", config_cls=LoRAConfig, apply=apply_lora)
+    with pytest.raises(ValueError, match="not one of the PEFT strategy names"):
+        register_peft_method(name="full_finetune", config_cls=LoRAConfig, apply=apply_lora)
+    with pytest.raises(ValueError, match="cannot be registered as 'lora'"):
+        register_peft_method(name="lora", config_cls=IA3Config, apply=apply_lora)
+    assert tuple(PEFT_METHODS) == PEFT_STRATEGIES
+
+
 # ---------------------------------------------------------------------------- whole-human size
 
 

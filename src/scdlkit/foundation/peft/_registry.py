@@ -86,9 +86,6 @@ def register_peft_method(
             f"{', '.join(map(repr, PEFT_STRATEGIES))} (scdlkit._shared.strategies)."
         )
         raise ValueError(msg)
-    if name in PEFT_METHODS:
-        msg = f"PEFT method {name!r} is already registered."
-        raise ValueError(msg)
     if not (isinstance(config_cls, type) and issubclass(config_cls, PEFTConfig)):
         msg = f"config_cls of {name!r} must be a PEFTConfig subclass, got {config_cls!r}."
         raise ValueError(msg)
@@ -97,6 +94,9 @@ def register_peft_method(
             f"{config_cls.__name__}.strategy is {config_cls.strategy!r}, so it cannot be "
             f"registered as {name!r}."
         )
+        raise ValueError(msg)
+    if name in PEFT_METHODS:
+        msg = f"PEFT method {name!r} is already registered."
         raise ValueError(msg)
     method = PEFTMethod(name=name, config_cls=config_cls, apply=apply)
     # keep the display order of PEFT_STRATEGIES whatever order the method files are imported in
