@@ -219,6 +219,25 @@ def test_over_cluster_is_deterministic():
     assert info["n_clusters"] == len(set(first)) > 1
 
 
+def test_over_cluster_uses_leiden_with_igraph():
+    pytest.importorskip("igraph")
+    rep = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    clusters, info = over_cluster(rep, random_state=0)
+    assert info["method"] == "leiden"
+    assert info["resolution"] == 5.0
+    assert len(set(clusters)) == info["n_clusters"] > 1
+
+
+def test_over_cluster_falls_back_to_kmeans_without_igraph(monkeypatch):
+    from scdlkit.tl import _majority_voting
+
+    monkeypatch.setattr(_majority_voting, "find_spec", lambda name: None)
+    rep = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    clusters, info = over_cluster(rep, random_state=0)
+    assert info["method"] == "kmeans"
+    assert info["n_clusters"] == len(set(clusters)) == 50  # 10 x resolution 5, <= 300 / 5
+
+
 def test_backed_query_streams_the_new_options(_pbmc_raw, baseline_runner, annotated, tmp_path):
     path = tmp_path / "q.h5ad"
     _pbmc_raw.write_h5ad(path)
