@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from scdlkit._shared.progress import tqdm
 from scdlkit._shared.validation import iter_row_chunks
 
 __all__ = [
@@ -197,8 +198,6 @@ def tokenize_matrix(
     Memory beyond the tokens themselves is bounded by one chunk of rows. Each cell's tokens
     depend only on its own values, ``vocab_ids`` and ``seed`` (see the module docstring).
     """
-    from scdlkit._shared.progress import tqdm
-
     vocab_ids = np.asarray(vocab_ids)
     if n_bins - 1 > np.iinfo(np.uint8).max:
         msg = f"n_bins={n_bins} does not fit the uint8 token store (at most 256)."
