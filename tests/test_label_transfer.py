@@ -535,3 +535,14 @@ def test_annotation_markers_dotplot_shows_the_marker_genes(baseline_markers, tmp
     plt.close(fig)
     with pytest.raises(KeyError, match="annotation_markers"):
         sck.pl.annotation_markers(baseline_markers, key="other", groupby=KEY)
+
+
+def test_annotation_markers_dotplot_skips_labels_without_cells(baseline_markers):
+    subset = baseline_markers[baseline_markers.obs[KEY] != "CD34+"].copy()
+    subset.obs[KEY] = subset.obs[KEY].cat.set_categories(baseline_markers.obs[KEY].cat.categories)
+    assert "CD34+" in subset.obs[KEY].cat.categories  # a class no cell was given
+    fig = sck.pl.annotation_markers(subset, n_genes=2, return_fig=True, show=False)
+    groups = {t.get_text() for a in fig.axes for t in a.get_yticklabels()}
+    assert "CD34+" not in groups
+    assert "CD19+ B" in groups
+    plt.close(fig)

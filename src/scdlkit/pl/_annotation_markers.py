@@ -90,7 +90,7 @@ def annotation_markers(
     groupby
         ``obs`` column grouping the cells; default ``key``.
     use_raw
-        Passed to :func:`scanpy.pl.dotplot`.
+        Read the expression from ``adata.raw`` (default: when it exists), else from ``X``.
     ax
         Axes to draw into; a new figure is created when ``None``.
     show
@@ -114,6 +114,7 @@ def annotation_markers(
     """
     # scanpy's plotting is imported here: `import scdlkit.pl` stays light
     import scanpy as sc
+    from anndata import AnnData
 
     groupby = key if groupby is None else groupby
     if groupby not in adata.obs.columns:
@@ -125,11 +126,23 @@ def annotation_markers(
     if not genes:
         msg = f"none of the marker genes of adata.uns['{key}_markers'] are in adata's genes."
         raise ValueError(msg)
+    # a small AnnData of the plotted genes, without the categories no cell has (classes no query
+    # cell was given), on which scanpy's dot plot fails
+    flat = [g for group in genes.values() for g in group]
+    matrix = (adata.raw if raw else adata)[:, flat].X
+    groups = adata.obs[groupby]
+    if isinstance(groups.dtype, pd.CategoricalDtype):
+        groups = groups.cat.remove_unused_categories()
+    plotted = AnnData(
+        matrix,
+        obs=pd.DataFrame({groupby: groups.values}, index=adata.obs_names),
+        var=pd.DataFrame(index=flat),
+    )
     plot = sc.pl.dotplot(
-        adata,
+        plotted,
         genes,
         groupby,
-        use_raw=raw,
+        use_raw=False,
         ax=ax,
         show=False,
         return_fig=True,
