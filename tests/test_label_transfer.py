@@ -546,3 +546,63 @@ def test_annotation_markers_dotplot_skips_labels_without_cells(baseline_markers)
     assert "CD34+" not in groups
     assert "CD19+ B" in groups
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------- normalisation
+
+
+def _log1p_to(counts: np.ndarray, total: float) -> np.ndarray:
+    return np.log1p(counts / counts.sum(axis=1, keepdims=True) * total)
+
+
+def test_describe_normalisation_tells_counts_log1p_and_other():
+    from scdlkit.foundation._normalisation import describe_normalisation
+
+    counts = np.random.default_rng(0).poisson(2.0, size=(300, 50)).astype(np.float32) + 1
+    described = describe_normalisation(ad.AnnData(counts), None)
+    assert described["kind"] == "counts"
+    assert described["typical_total"] == pytest.approx(np.median(counts.sum(axis=1)))
+    log = describe_normalisation(ad.AnnData(_log1p_to(counts, 1e4)), None)
+    assert log["kind"] == "log1p"
+    assert log["target_sum"] == pytest.approx(1e4, rel=1e-4)
+    subset = describe_normalisation(ad.AnnData(_log1p_to(counts, 1e4)[:, :20]), None)
+    assert subset["kind"] == "log1p"
+    assert subset["target_sum"] is None  # a gene subset: no fixed total
+    cpm = describe_normalisation(ad.AnnData(counts / counts.sum(1, keepdims=True) * 1e6), None)
+    assert cpm["kind"] == "other"
+
+
+def test_normalisation_mismatch_names_both_only_when_it_matters():
+    from scdlkit.foundation._normalisation import normalisation_mismatch
+
+    counts = {"kind": "counts", "typical_total": 2500.0, "target_sum": None}
+    log_1e4 = {"kind": "log1p", "typical_total": 1e4, "target_sum": 1e4}
+    log_cpm = {"kind": "log1p", "typical_total": 1e6, "target_sum": 1e6}
+    subset = {"kind": "log1p", "typical_total": 3000.0, "target_sum": None}
+    other = {"kind": "other", "typical_total": 1e6, "target_sum": None}
+    assert normalisation_mismatch(counts, log_1e4) is None  # counts are normalised to 1e4
+    assert normalisation_mismatch(log_1e4, subset) is None  # unknown total: not compared
+    assert normalisation_mismatch(None, other) is None  # a runner saved before it was recorded
+    message = normalisation_mismatch(log_1e4, log_cpm)
+    assert "log1p-normalised to 10,000" in message
+    assert "log1p-normalised to 1,000,000" in message
+    message = normalisation_mismatch(counts, other)
+    assert "raw counts (median 2,500 per cell)" in message
+    assert "neither counts nor log1p" in message
+
+
+def test_annotate_warns_once_when_the_query_is_normalised_differently(_pbmc_raw, baseline_runner):
+    loaded = sck.AnnotationRunner.load(baseline_runner.runner_dir_)
+    assert loaded.normalisation_ == baseline_runner.normalisation_
+    assert baseline_runner.normalisation_["kind"] == "log1p"  # pbmc68k's .raw
+    query = _pbmc_raw.copy()
+    query.X = np.expm1(query.X.toarray() if hasattr(query.X, "toarray") else query.X) * 100
+    with pytest.warns(UserWarning, match="normalise the query") as caught:
+        sck.tl.annotate(query, loaded, chunk_size=200)
+    assert sum("normalise the query" in str(w.message) for w in caught) == 1
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # the same normalisation: no warning
+        warnings.simplefilter("always")
+        sck.tl.annotate(_pbmc_raw.copy(), loaded)
+    assert not [w for w in caught if "normalise the query" in str(w.message)]

@@ -39,6 +39,7 @@ from scdlkit.foundation._fitting import (
 )
 from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
 from scdlkit.foundation._loading import build_encoder, load_encoder_weights, load_state_dict_file
+from scdlkit.foundation._normalisation import describe_normalisation
 from scdlkit.foundation._runner_args import check_strategies, recorded_arguments, str_list
 from scdlkit.foundation._runner_io import load_runner, save_runner
 from scdlkit.foundation._selection import batch_metrics
@@ -371,6 +372,7 @@ class ScGPTAnnotationRunner:
         self.inspect(adata, expressed_per_cell=self.prepared_.tokens.n_genes_per_cell)
         self.label_categories_ = list(self.prepared_.label_categories)
         self.matched_genes_ = list(self.prepared_.matched_genes)
+        self.normalisation_ = describe_normalisation(adata, self.layer)  # annotate compares
         if self.confidence_threshold is not None and UNKNOWN_LABEL in self.label_categories_:
             msg = (
                 f"a class is named {UNKNOWN_LABEL!r}, the label confidence_threshold gives unsure "

@@ -109,6 +109,7 @@ MANIFEST_SCHEMA = (
     Field("history", (dict, type(None)), required=False, check=_history),
     Field("batch_metrics", (list, type(None)), required=False, check=_records),
     Field("split", (dict, type(None)), required=False),
+    Field("normalisation", (dict, type(None)), required=False),
     Field(
         "weights_file",
         (str,),
@@ -198,6 +199,7 @@ def save_runner(runner: Any, path: Path) -> Path:
         if getattr(runner, "batch_metrics_", None) is None
         else runner.batch_metrics_.to_dict(orient="records"),
         "split": runner.split_summary_,
+        "normalisation": getattr(runner, "normalisation_", None),
     }
 
     def write_weights(file: Path) -> str:
@@ -349,6 +351,7 @@ def load_runner(cls: type, path: Path, *, checkpoint: Any, device: str, verify: 
     runner.strategy_metrics_ = _metrics_frame(manifest["strategy_metrics"])
     runner.history_ = {k: pd.DataFrame(v) for k, v in (manifest.get("history") or {}).items()}
     runner.split_summary_ = manifest.get("split") or {}
+    runner.normalisation_ = manifest.get("normalisation")
     batch_records = manifest.get("batch_metrics")
     runner.batch_metrics_ = None if batch_records is None else pd.DataFrame(batch_records)
     runner._features = None

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,7 @@ def annotate(
         runner = ScGPTAnnotationRunner.load(runner, checkpoint=checkpoint, device=device)
     if expected is not None:  # again: the folder may have changed while it was read
         _check_unchanged(runner.runner_dir_, expected, runner.manifest_sha256_)
+    _warn_if_normalised_differently(runner, adata, layer)
     predictions = runner.predict(adata, gene_key=gene_key, layer=layer, chunk_size=chunk_size)
     threshold = (
         runner.confidence_threshold if confidence_threshold is None else confidence_threshold
@@ -203,3 +205,14 @@ def _recorded_runner(record: Mapping[str, Any]) -> tuple[str, str]:
         )
         raise ValueError(msg)
     return folder, digest
+
+
+def _warn_if_normalised_differently(runner: Any, adata: AnnData, layer: str | None) -> None:
+    """One warning naming both normalisations when the query's would change the labels."""
+    # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
+    from scdlkit.foundation._normalisation import describe_normalisation, normalisation_mismatch
+
+    query = describe_normalisation(adata, runner.layer if layer is None else layer)
+    message = normalisation_mismatch(getattr(runner, "normalisation_", None), query)
+    if message is not None:
+        warnings.warn(message, UserWarning, stacklevel=3)
