@@ -26,8 +26,9 @@ STRATEGIES = (
     "ia3",
     "baseline",
 )
-#: What ``adapt_annotation`` compares when ``strategies`` is not given.
-DEFAULT_STRATEGIES = ("frozen_probe", "head")
+#: What ``adapt_annotation`` compares when ``strategies`` is not given: the cheap scGPT
+#: strategies, always beside the plain baseline.
+DEFAULT_STRATEGIES = ("frozen_probe", "head", "baseline")
 #: Strategies trained by gradient descent through the Trainer.
 NEURAL_STRATEGIES = ("head", "full_finetune", "lora", "adapter", "prefix_tuning", "ia3")
 #: Strategies that tune the scGPT annotation model (its ``tuning_strategy`` values).

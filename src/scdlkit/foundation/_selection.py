@@ -110,7 +110,8 @@ def batch_metrics(
         predicted = proba.argmax(axis=1)
         for batch in sorted(set(batch_of)):
             mask = batch_of == batch
-            present = np.unique(labels[mask])
+            # the class set of the main metric: classes present in truth or prediction
+            present = np.union1d(labels[mask], predicted[mask])
             rows.append(
                 {
                     "strategy": name,

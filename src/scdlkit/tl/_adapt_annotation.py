@@ -9,6 +9,7 @@ from anndata import AnnData
 
 from scdlkit._shared.provenance import check_writable
 from scdlkit._shared.slots import check_key_added, fit_summary_uns, write_annotation_slots
+from scdlkit._shared.strategies import DEFAULT_STRATEGIES
 
 __all__ = ["adapt_annotation"]
 
@@ -20,7 +21,7 @@ def adapt_annotation(
     label_key: str,
     *,
     checkpoint: str | os.PathLike = "whole-human",
-    strategies: Sequence[str] = ("frozen_probe", "head"),
+    strategies: Sequence[str] = DEFAULT_STRATEGIES,
     strategy_configs: Mapping[str, Any] | None = None,
     lora_config: Any = None,
     batch_size: int = 64,
