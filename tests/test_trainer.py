@@ -351,6 +351,30 @@ def test_resolve_precision(monkeypatch):
 
 
 @pytest.mark.parametrize(
+    ("optimizer", "reference_class"), [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)]
+)
+@pytest.mark.parametrize("adam_eps", [1e-8, 1e-1])
+def test_optimizer_and_adam_eps_match_torch(optimizer, reference_class, adam_eps):
+    data = ToyData(32)
+    batch = {"x": torch.from_numpy(data.x), "labels": torch.from_numpy(data.labels)}
+    settings = {"lr": 0.05, "weight_decay": 0.1}
+    reference = MLP(seed=5)
+    step = reference_class(reference.parameters(), eps=adam_eps, **settings)
+    nn.functional.cross_entropy(reference(batch)["logits"], batch["labels"]).backward()
+    step.step()
+    trainer = _trainer(
+        MLP(seed=5), optimizer=optimizer, adam_eps=adam_eps, epochs=1, grad_clip=None, **settings
+    ).fit(data)  # one batch of all 32 cells: exactly one optimiser step
+    fitted = trainer.model.state_dict()
+    for key, expected in reference.state_dict().items():
+        torch.testing.assert_close(fitted[key], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="optimizer"):
+        _trainer(optimizer="sgd")
+    with pytest.raises(ValueError, match="adam_eps"):
+        _trainer(adam_eps=0.0)
+
+
+@pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"task": "regression"}, "task"),

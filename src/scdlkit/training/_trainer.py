@@ -30,7 +30,8 @@ Model protocol
 - If the output holds ``"loss"`` (a scalar tensor), the Trainer optimises it instead of
   cross-entropy. This is how ``task="representation"`` works (autoencoders, VAEs); ``predict``
   then returns every per-sample tensor of the output (e.g. ``"latent"``, ``"reconstruction"``).
-- Only parameters with ``requires_grad`` are optimised (AdamW). The Trainer calls
+- Only parameters with ``requires_grad`` are optimised (AdamW by default, or Adam as upstream
+  scGPT's fine-tuning scripts use). The Trainer calls
   ``model.train()`` and ``model.eval()``; a model may override ``train()`` to keep frozen parts
   in eval mode.
 """
@@ -80,6 +81,7 @@ logger = logging.getLogger("scdlkit")
 
 _TASKS = ("classification", "representation")
 _MONITORS = {"val_loss": "min", "val_macro_f1": "max"}
+_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 _HISTORY_COLUMNS = [
     "epoch",
     "train_loss",
@@ -111,9 +113,17 @@ class Trainer:
     epochs
         Maximum number of passes over the training data.
     lr
-        Peak learning rate of AdamW.
+        Peak learning rate.
     weight_decay
-        AdamW weight decay.
+        Weight decay: decoupled under ``"adamw"``, an L2 term added to the gradient under
+        ``"adam"`` (as :class:`torch.optim.Adam` does).
+    optimizer
+        ``"adamw"`` (default; :class:`torch.optim.AdamW`) or ``"adam"`` (:class:`torch.optim.Adam`,
+        the optimiser of upstream scGPT's fine-tuning tutorials).
+    adam_eps
+        The ``eps`` term of Adam/AdamW's denominator. Default ``1e-8`` (PyTorch's). Upstream scGPT
+        uses ``1e-4`` when it trains under fp16 mixed precision, which damps the update of
+        parameters whose squared-gradient average is tiny.
     warmup
         Linear learning-rate warm-up from ~0 to ``lr``: a fraction of the planned total steps
         (float in ``[0, 1)``) or a number of steps (int).
@@ -205,6 +215,8 @@ class Trainer:
         epochs: int = 10,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
+        optimizer: str = "adamw",
+        adam_eps: float = 1e-8,
         warmup: float | int = 0.0,
         lr_decay: float | None = None,
         grad_clip: float | None = 1.0,
@@ -231,6 +243,10 @@ class Trainer:
         check_int(seed, "seed", minimum=0)
         check_number(lr, "lr", positive=True)
         check_number(weight_decay, "weight_decay", positive=False)
+        if optimizer not in _OPTIMIZERS:
+            msg = f"`optimizer`={optimizer!r} is not supported; choose one of {tuple(_OPTIMIZERS)}."
+            raise ValueError(msg)
+        check_number(adam_eps, "adam_eps", positive=True)
         check_warmup(warmup)
         if lr_decay is not None and not (is_number(lr_decay) and 0 < lr_decay <= 1):
             msg = f"`lr_decay` must be None or a factor in (0, 1] such as 0.9; got {lr_decay!r}."
@@ -258,6 +274,8 @@ class Trainer:
         self.epochs = epochs
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
+        self.optimizer = optimizer
+        self.adam_eps = float(adam_eps)
         self.warmup = warmup
         self.lr_decay = lr_decay
         self.grad_clip = grad_clip
@@ -430,8 +448,9 @@ class Trainer:
         seed_everything(self.seed, verbose=False)
         module = self._setup_module()
         params = [p for p in module.parameters() if p.requires_grad]
+        optimizer_class = _OPTIMIZERS[self.optimizer]
         optimizer = fabric.setup_optimizers(
-            torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+            optimizer_class(params, lr=self.lr, weight_decay=self.weight_decay, eps=self.adam_eps)
         )
         self._class_weights = None
         counts = label_counts(train) if self.class_weight == "balanced" else None
