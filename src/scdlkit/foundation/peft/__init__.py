@@ -6,8 +6,8 @@ strategy name with :func:`register_peft_method` (as peft's ``tuners/<method>/``)
 
 - :mod:`~scdlkit.foundation.peft.lora`: LoRA (Hu et al. 2021), a low-rank update
   ``B @ A * alpha / rank`` added to chosen projections.
-- :mod:`~scdlkit.foundation.peft.adapter`: bottleneck adapters (Houlsby et al. 2019; the
-  "encoder adapter" of scPEFT, He et al. 2025).
+- :mod:`~scdlkit.foundation.peft.adapter`: bottleneck adapters (Houlsby et al. 2019), akin to
+  scPEFT's "encoder adapter" (He et al. 2025; placement and initialisation differ).
 - :mod:`~scdlkit.foundation.peft.prefix_tuning`: prefix tuning (Li & Liang 2021), learned keys
   and values joined in front of each layer's own.
 - :mod:`~scdlkit.foundation.peft.ia3`: IA3 (Liu et al. 2022), learned vectors rescaling keys,

@@ -1,4 +1,4 @@
-"""Bottleneck adapters (Houlsby et al. 2019; the "encoder adapter" of scPEFT, He et al. 2025)."""
+"""Bottleneck adapters (Houlsby et al. 2019); scPEFT's "encoder adapter" is a variant."""
 
 from __future__ import annotations
 
@@ -34,14 +34,17 @@ class AdapterConfig(PEFTConfig):
 
     An adapter is ``up(dropout(act(down(h))))`` added to a sub-layer's output ``h`` before the
     residual connection and LayerNorm, i.e. ``h + adapter(h)``. ``up`` starts at zero, so the model
-    starts exactly as the pretrained one. scPEFT's "encoder adapter" on scGPT is this module with
-    512 -> 128 -> 512 after the attention block (He et al. 2025).
+    starts exactly as the pretrained one. scPEFT's "encoder adapter" on scGPT (He et al. 2025) has
+    the same shape (512 -> 128 -> 512, GELU, no dropout) but differs in three ways: it sits after
+    the attention block's residual and first LayerNorm (``n + adapter(n)``, ``n = norm1(x +
+    attn(x))``), both its projections keep PyTorch's default (non-zero) initialisation, and only
+    the first half of the layers (6 of 12) get one. ``docs/strategies.md`` compares the two.
 
     Parameters
     ----------
     bottleneck_dim
-        Width of the bottleneck. Default ``None``: a quarter of the model width, i.e. scPEFT's
-        512 -> 128 -> 512 on whole-human and a proportionate width on smaller checkpoints. An
+        Width of the bottleneck. Default ``None``: a quarter of the model width (scPEFT's ratio),
+        i.e. 512 -> 128 -> 512 on whole-human and a proportionate width on smaller checkpoints. An
         explicit value must be smaller than the model width (checked when applied).
     dropout
         Dropout after the activation (training only). Default 0.0: scPEFT's adapter has none, and
@@ -49,8 +52,9 @@ class AdapterConfig(PEFTConfig):
     activation
         ``"gelu"`` (default, scPEFT's adapter) or ``"relu"``.
     placement
-        ``"attention"`` (default, as scPEFT: on the attention block's output, i.e. wrapping
-        ``self_attn.out_proj``), ``"ffn"`` (on the feed-forward output, wrapping ``linear2``) or
+        ``"attention"`` (default: on the attention block's output before its residual and norm,
+        i.e. wrapping ``self_attn.out_proj``; scPEFT's adapter follows the same block, after the
+        norm), ``"ffn"`` (on the feed-forward output, wrapping ``linear2``) or
         ``"both"`` (Houlsby's two adapters per layer).
     layers
         Encoder layer indices to adapt; ``None`` (default) adapts all.

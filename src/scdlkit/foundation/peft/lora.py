@@ -49,6 +49,7 @@ class LoRAConfig(PEFTConfig):
     alpha
         Scale numerator: the update is multiplied by ``alpha / rank``. Default 16 (scale 2, the
         common ``alpha = 2 * rank`` recipe), so changing ``rank`` alone keeps a similar step size.
+        scPEFT uses ``alpha=1`` (scale 1/8) on scGPT.
     dropout
         Dropout on the input of the low-rank path (training only). Default 0.1, as in the LoRA
         paper's GPT-2 experiments; labelled single-cell sets are small, so some regularisation
@@ -59,7 +60,8 @@ class LoRAConfig(PEFTConfig):
         (attention output), ``"linear1"`` and ``"linear2"`` (feed-forward in and out). Default
         ``("q", "v")``, as in the LoRA paper and scPEFT.
     layers
-        Encoder layer indices to adapt; ``None`` (default) adapts all.
+        Encoder layer indices to adapt; ``None`` (default) adapts all (scPEFT adapts the first 6
+        of 12).
 
     Examples
     --------

@@ -40,7 +40,10 @@ class PrefixTuningConfig(PEFTConfig):
     Parameters
     ----------
     prefix_length
-        Number of prefix slots per layer. Default 8, scPEFT's prefix length on scGPT.
+        Number of prefix slots per layer. Default 8, scPEFT's prefix length on scGPT (scPEFT's
+        prefixes are deep prompt tokens instead: 8 zero-initialised tokens inserted after
+        ``<cls>`` in the first 6 of 12 layers, which pass through attention and the feed-forward
+        network like genes).
     dropout
         Dropout on the prefix keys and values (training only). Default 0.0.
     init
