@@ -2,8 +2,9 @@
 
 Defaults follow the published recipes (SCGPT_NOTES.md section 5): full fine-tuning uses the scGPT
 tutorial's Adam lr 1e-4, StepLR gamma 0.9 per epoch and gradient clipping at 1.0; parameter-
-efficient methods train few parameters and use a larger lr (1e-3, as scPEFT and the LoRA/IA3
-papers do); the frozen ``head`` trains only the classifier on ``<cls>`` features computed once, so
+efficient methods train few parameters and use a larger lr (1e-3, as the LoRA and IA3 papers
+train such parameters faster than full fine-tuning; scPEFT uses 5e-5, docs/strategies.md says why
+we differ); the frozen ``head`` trains only the classifier on ``<cls>`` features computed once, so
 it affords many cheap epochs. Every neural strategy keeps the epoch with the lowest validation
 loss (the tutorial's rule) and stops after ``early_stopping_patience`` epochs without improvement.
 """
@@ -34,6 +35,8 @@ _COMMON = {
     "grad_clip": 1.0,
     "monitor": "val_loss",
     "class_weight": None,
+    "optimizer": "adamw",
+    "adam_eps": 1e-8,
 }
 _PEFT = {"epochs": 10, "lr": 1e-3, "lr_decay": 0.9, "early_stopping_patience": 3}
 #: Training settings per neural strategy (``batch_size`` comes from the runner).
@@ -45,6 +48,9 @@ DEFAULT_TRAINING: dict[str, dict[str, Any]] = {
         "lr": 1e-4,
         "lr_decay": 0.9,
         "early_stopping_patience": 3,
+        # upstream scGPT's optimiser: Adam with eps 1e-4 under mixed precision (docs/strategies.md)
+        "optimizer": "adam",
+        "adam_eps": 1e-4,
     },
     **{name: {**_COMMON, **_PEFT} for name in PEFT_STRATEGIES},
 }
