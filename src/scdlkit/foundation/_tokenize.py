@@ -51,8 +51,8 @@ def cell_seed(random_state: int, gene_ids: np.ndarray, values: np.ndarray) -> li
     """Seed of a cell's random draws: ``random_state`` plus a hash of its ids and values.
 
     ``gene_ids`` and ``values`` are hashed in the order given (callers pass vocabulary-id order)
-    as little-endian int64 and float64, so the seed does not depend on the stored dtypes, the
-    platform, the cell's row or the AnnData's column order.
+    as little-endian int32 and float32 (the precision tokens are computed at), so the seed does
+    not depend on the stored dtypes, the platform, the cell's row or the AnnData's column order.
 
     Parameters
     ----------
@@ -69,8 +69,8 @@ def cell_seed(random_state: int, gene_ids: np.ndarray, values: np.ndarray) -> li
         Entropy for :func:`numpy.random.default_rng`.
     """
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(np.ascontiguousarray(gene_ids, dtype="<i8").tobytes())
-    digest.update(np.ascontiguousarray(values, dtype="<f8").tobytes())
+    digest.update(np.ascontiguousarray(gene_ids, dtype="<i4").tobytes())
+    digest.update(np.ascontiguousarray(values, dtype="<f4").tobytes())
     words = np.frombuffer(digest.digest(), dtype="<u8")
     return [int(random_state), *map(int, words)]
 
