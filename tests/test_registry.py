@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from scdlkit._shared.strategies import FEATURE_STRATEGIES, NEURAL_STRATEGIES, STRATEGIES
 from scdlkit.foundation import ScGPTAnnotationRunner
@@ -281,3 +282,36 @@ def test_report_shows_the_noise_and_the_paired_difference(_pbmc_raw, checkpoint_
     assert "| frozen_probe |" in table
     metrics = pd.read_csv(tmp_path / "run" / "strategy_metrics.csv")
     assert {"test_macro_f1_sd", "test_macro_f1_vs_baseline"} <= set(metrics.columns)
+
+
+def test_small_data_gets_enough_optimiser_steps():
+    from scdlkit.foundation._training_settings import resolve_training, stretch_to_min_steps
+
+    settings = resolve_training("lora", None, {})
+    assert settings["min_steps"] == 300
+    budget = stretch_to_min_steps(settings, steps_per_epoch=6)
+    assert budget["epochs"] == 50  # 50 x 6 = 300 steps
+    assert "min_steps" not in budget
+    # the schedule over the run is the recipe's: 10 epochs of 0.9 decay, patience 3 of 10 epochs
+    assert budget["lr_decay"] ** 50 == pytest.approx(0.9**10)
+    assert budget["early_stopping_patience"] == 15
+    # large data: the epochs already give the steps, nothing changes
+    assert stretch_to_min_steps(settings, steps_per_epoch=100)["epochs"] == 10
+    # an explicit epochs means exactly that many epochs
+    assert resolve_training("lora", None, {"epochs": 1})["min_steps"] == 0
+    assert resolve_training("lora", {"lora": {"epochs": 2}}, {})["min_steps"] == 0
+    both = resolve_training("lora", {"epochs": 2, "min_steps": 40}, {})
+    assert stretch_to_min_steps(both, steps_per_epoch=5)["epochs"] == 8
+
+
+def test_every_neural_classifier_input_is_standardised(_pbmc_raw, checkpoint_dir):
+    runner = ScGPTAnnotationRunner(
+        label_key="bulk_labels", checkpoint=checkpoint_dir, strategies=("lora",), **FAST
+    ).fit(_pbmc_raw)
+    norm = runner.results_["lora"].model.feature_norm
+    train = runner.split_.indices("train")
+    features = runner._features[train]
+    assert not torch.equal(norm.shift, torch.zeros_like(norm.shift))
+    # fitted on the frozen training features that early stopping did not hold out
+    assert norm.scale.min() > 0
+    assert float((norm.shift - torch.as_tensor(features.mean(0))).abs().max()) < 0.05

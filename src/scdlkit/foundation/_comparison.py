@@ -32,7 +32,7 @@ def fit_strategies(
         with Stopwatch() as watch:
             results[name] = family.fit(name, ctx, settings(name), configs.get(name))
         results[name].runtime_sec = watch.seconds + (
-            feature_seconds if family.uses_features else 0.0
+            feature_seconds if family.reads_features else 0.0
         )
     return results
 

@@ -30,6 +30,7 @@ from scdlkit.foundation._embed import l2_normalise
 from scdlkit.foundation._loading import load_state_dict_file
 from scdlkit.foundation._model import set_attention_dropout
 from scdlkit.foundation._selection import evaluate_splits
+from scdlkit.foundation._training_settings import stretch_to_min_steps
 
 __all__ = [
     "BaseWeights",
@@ -162,12 +163,15 @@ class StrategyFamily:
     Attributes
     ----------
     uses_features
-        Reads the frozen encoder's ``<cls>`` features (computed once per fit).
+        Fits and predicts on the frozen encoder's ``<cls>`` features (computed once per fit).
+    reads_features
+        Needs those features when fitting (to fit on, or to standardise the classifier input).
     uses_checkpoint
         Needs the scGPT checkpoint's weights.
     """
 
     uses_features = False
+    reads_features = False
     uses_checkpoint = True
 
     def fit(self, strategy: str, ctx: FitContext, settings: dict, config: Any) -> StrategyResult:
@@ -257,6 +261,7 @@ class FrozenProbe(StrategyFamily):
     """``frozen_probe``: logistic regression on the frozen encoder's ``<cls>`` features."""
 
     uses_features = True
+    reads_features = True
 
     def fit(self, strategy: str, ctx: FitContext, settings: dict, config: Any) -> StrategyResult:
         # scikit-learn is imported where used: most sessions never fit a probe
@@ -404,6 +409,9 @@ class NeuralStrategy(StrategyFamily):
     """Classifier head (``head``, on frozen features) or an adapted encoder, trained by the
     :class:`~scdlkit.training.Trainer`; the epoch with the lowest validation loss is kept."""
 
+    #: every neural strategy standardises its classifier input on the frozen training features
+    reads_features = True
+
     def __init__(self, strategy: str) -> None:
         self.uses_features = strategy == "head"
 
@@ -422,6 +430,8 @@ class NeuralStrategy(StrategyFamily):
         )
         if ctx.attention_dropout is not None:
             set_attention_dropout(model, ctx.attention_dropout)
+        fit_cells, stop_cells = ctx.early_stopping_split()
+        budget = stretch_to_min_steps(settings, -(-len(fit_cells) // ctx.batch_size))
         trainer = Trainer(
             model,
             batch_size=ctx.batch_size,
@@ -430,9 +440,8 @@ class NeuralStrategy(StrategyFamily):
             precision=resolve_precision(ctx.precision, ctx.device),
             seed=ctx.random_state,
             progress=ctx.progress,
-            **settings,
+            **budget,
         )
-        fit_cells, stop_cells = ctx.early_stopping_split()
         cells = {
             "fit": fit_cells,
             "stop": stop_cells,
@@ -440,8 +449,10 @@ class NeuralStrategy(StrategyFamily):
             "test": ctx.cells("test")[0],
         }
         codes = ctx.prepared.label_codes
+        # the frozen <cls> outputs share a large common component; standardising the classifier
+        # input on them lets every strategy's classifier read the cell-to-cell differences
+        model.feature_norm.fit(torch.as_tensor(ctx.features[fit_cells]))
         if self.uses_features:
-            model.feature_norm.fit(torch.as_tensor(ctx.features[fit_cells]))
             datasets = {k: FeatureDataset(ctx.features[c], codes[c]) for k, c in cells.items()}
         else:
             datasets = {k: ctx.prepared.dataset(c) for k, c in cells.items()}
@@ -457,7 +468,7 @@ class NeuralStrategy(StrategyFamily):
             runtime_sec=0.0,
             history=trainer.history_,
             config=None if model.strategy_config is None else model.strategy_config.to_dict(),
-            training=settings,
+            training={**settings, "trainer": budget},
             model=model,
             extra={"test_probabilities": test_proba},
         )

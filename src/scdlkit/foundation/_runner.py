@@ -395,7 +395,7 @@ class ScGPTAnnotationRunner:
             encoder_state = load_state_dict_file(self.checkpoint_.weights_path)
             self._base_encoder = self._build_base_encoder(encoder_state)
         features, feature_seconds = None, 0.0
-        if any(f.uses_features for f in families.values()):
+        if any(f.reads_features for f in families.values()):
             with Stopwatch() as watch:
                 features = self._encode_base(self.prepared_)
             feature_seconds = watch.seconds

@@ -7,6 +7,12 @@ train such parameters faster than full fine-tuning; scPEFT uses 5e-5, docs/strat
 we differ); the frozen ``head`` trains only the classifier on ``<cls>`` features computed once, so
 it affords many cheap epochs. Every neural strategy keeps the epoch with the lowest validation
 loss (the tutorial's rule) and stops after ``early_stopping_patience`` epochs without improvement.
+
+Budgets hold at any dataset size: an encoder-trained strategy takes at least ``min_steps``
+optimiser steps. On a small dataset (few batches per epoch) its epochs are stretched to reach that
+many steps, and the per-epoch learning-rate decay and the patience are rescaled with them, so the
+schedule over the run stays the recipe's. An explicit ``epochs`` (without ``min_steps``) means
+exactly that many epochs.
 """
 
 from __future__ import annotations
@@ -38,13 +44,29 @@ _COMMON = {
     "optimizer": "adamw",
     "adam_eps": 1e-8,
 }
-_PEFT = {"epochs": 10, "lr": 1e-3, "lr_decay": 0.9, "early_stopping_patience": 3}
+#: Optimiser steps an encoder-trained strategy takes at least (epochs are stretched to reach it).
+MIN_STEPS = 300
+_PEFT = {
+    "epochs": 10,
+    "min_steps": MIN_STEPS,
+    "lr": 1e-3,
+    "lr_decay": 0.9,
+    "early_stopping_patience": 3,
+}
 #: Training settings per neural strategy (``batch_size`` comes from the runner).
 DEFAULT_TRAINING: dict[str, dict[str, Any]] = {
-    "head": {**_COMMON, "epochs": 50, "lr": 1e-3, "lr_decay": None, "early_stopping_patience": 10},
+    "head": {
+        **_COMMON,
+        "epochs": 50,
+        "min_steps": 0,
+        "lr": 1e-3,
+        "lr_decay": None,
+        "early_stopping_patience": 10,
+    },
     "full_finetune": {
         **_COMMON,
         "epochs": 10,
+        "min_steps": MIN_STEPS,
         "lr": 1e-4,
         "lr_decay": 0.9,
         "early_stopping_patience": 3,
@@ -80,7 +102,29 @@ def resolve_training(
     overrides = dict(overrides or {})
     settings.update({k: v for k, v in overrides.items() if k in TRAINING_KEYS and k in known})
     settings.update(overrides.get(strategy, {}))
+    explicit = {k for k, v in shortcuts.items() if v is not None} | set(overrides)
+    explicit |= set(overrides.get(strategy, {}))
+    if "epochs" in explicit and "min_steps" not in explicit and "min_steps" in settings:
+        settings["min_steps"] = 0  # an explicit epochs means exactly that many epochs
     return settings
+
+
+def stretch_to_min_steps(settings: Mapping[str, Any], steps_per_epoch: int) -> dict[str, Any]:
+    """The Trainer's settings: epochs stretched to at least ``min_steps`` optimiser steps, with the
+    per-epoch lr decay and the patience rescaled so the schedule over the run is unchanged."""
+    out = dict(settings)
+    min_steps = out.pop("min_steps", 0) or 0
+    epochs = int(out["epochs"])
+    needed = -(-int(min_steps) // max(int(steps_per_epoch), 1))
+    if needed <= epochs:
+        return out
+    factor = needed / epochs
+    out["epochs"] = needed
+    if out.get("lr_decay") is not None:
+        out["lr_decay"] = float(out["lr_decay"]) ** (1 / factor)
+    if out.get("early_stopping_patience") is not None:
+        out["early_stopping_patience"] = int(-(-out["early_stopping_patience"] * factor // 1))
+    return out
 
 
 def check_training_overrides(overrides: Mapping[str, Any] | None) -> None:
