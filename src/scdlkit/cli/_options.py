@@ -133,7 +133,7 @@ def streaming_options(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         metavar="N",
         help="cells read, tokenised and run at a time (default: all cells in memory; 50000 with "
-        "--backed); results do not depend on it",
+        "--backed); results do not depend on it in fp32",
     )
 
 

@@ -64,7 +64,8 @@ def annotate(
         Where to run when loading from a folder.
     chunk_size
         Cells read, tokenised and labelled at a time (default: all of an in-memory AnnData,
-        50,000 of a backed one). Results do not depend on it.
+        50,000 of a backed one). Results do not depend on it in fp32; in bf16 the
+        tolerance of the outputs page ("What a cell's result depends on") holds.
     key_added
         Prefix of the written slots.
     confidence_threshold

@@ -59,7 +59,8 @@ def embed(
     chunk_size
         Cells read, tokenised and embedded at a time. ``None``: all at once for an in-memory
         AnnData, 50,000 for a backed one (``sc.read_h5ad(path, backed="r")``), so memory stays
-        bounded by the chunk, not the dataset. Results do not depend on it. Under a
+        bounded by the chunk, not the dataset. Results do not depend on it in fp32 (bf16: see
+        "What a cell's result depends on" in the outputs docs). Under a
         ``torch.distributed`` launch (``torchrun --nproc-per-node=N``), each process embeds a
         share of every chunk and all processes receive the results in cell order.
     progress
