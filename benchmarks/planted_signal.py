@@ -86,7 +86,7 @@ def run(adata: ad.AnnData, label_key: str, checkpoint: Path, strategy: str, seed
     row = runner.strategy_metrics_.iloc[0]
     trainer = (runner.results_[strategy].training or {}).get("trainer", {})
     history = runner.history_.get(strategy)
-    return {
+    out = {
         "strategy": strategy,
         "seed": seed,
         "test_accuracy": row["test_accuracy"],
@@ -95,6 +95,12 @@ def run(adata: ad.AnnData, label_key: str, checkpoint: Path, strategy: str, seed
         "epoch_budget": trainer.get("epochs", ""),
         "seconds": time.perf_counter() - start,
     }
+    print(
+        "  "
+        + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()),
+        flush=True,
+    )
+    return out
 
 
 def table(rows: list[dict]) -> pd.DataFrame:

@@ -110,7 +110,8 @@ def _batch_section(runner: Any) -> list[str]:
         "## Per-batch test metrics",
         "",
         f"Batch column `{runner.batch_key}`, split by {split.get('split_by')}; test batches: "
-        f"{held_out}. Macro-F1 is over the classes present in each batch's truth or predictions, as the main metric.",
+        f"{held_out}. Macro-F1 is over the classes present in each batch's truth or "
+        "predictions, as the main metric.",
         "",
         _markdown_table(frame),
         "",

@@ -46,6 +46,7 @@ __all__ = [
     "FolderBusyError",
     "atomic_file",
     "check_fields",
+    "checked_weights_file",
     "claim_run_folder",
     "clean_leftovers",
     "folder_lock",
@@ -552,11 +553,8 @@ def read_manifest_file(
     )[0]
 
 
-def read_checked_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The safetensors file the manifest names, refused unless its sha256 matches the record."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def checked_weights_file(path: Path, manifest: dict[str, Any]) -> Path:
+    """The weights file the manifest names, refused when missing or changed since saving."""
     file = path / manifest["weights_file"]
     if not file.is_file():
         msg = f"{file} is missing; the runner folder is incomplete."
@@ -567,6 +565,16 @@ def read_checked_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torc
             "changed after saving. Refusing to load them."
         )
         raise ValueError(msg)
+    return file
+
+
+def read_checked_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The safetensors file the manifest names, refused unless its sha256 matches the record."""
+    # safetensors is the foundation extra's: imported where it is needed
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = checked_weights_file(path, manifest)
     try:
         return load_file(str(file))
     except (SafetensorError, OSError) as err:  # the hash matched a file that is not safetensors

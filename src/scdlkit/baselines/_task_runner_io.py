@@ -21,10 +21,10 @@ from torch import nn
 
 from scdlkit._shared.persist import (
     MANIFEST_NAME,
+    checked_weights_file,
     read_checked_weights,
     read_manifest_file,
     save_weights_folder,
-    sha256_file,
 )
 from scdlkit.baselines._models import build_model, resolve_task
 from scdlkit.training.metrics import json_safe
@@ -155,16 +155,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 def _read_torch_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The ``.pt`` weights, refused unless their sha256 matches and they hold only tensors."""
-    file = path / manifest["weights_file"]
-    if not file.is_file():
-        msg = f"{file} is missing; the runner folder is incomplete."
-        raise FileNotFoundError(msg)
-    if sha256_file(file) != manifest["weights_sha256"]:
-        msg = (
-            f"{file} does not match the sha256 recorded in {MANIFEST_NAME}: the weights were "
-            "changed after saving. Refusing to load them."
-        )
-        raise ValueError(msg)
+    file = checked_weights_file(path, manifest)
     try:
         tensors = torch.load(file, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:

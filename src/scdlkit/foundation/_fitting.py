@@ -380,7 +380,6 @@ class ExpressionBaseline(StrategyFamily):
         manifest: Mapping[str, Any],
         base: BaseWeights,
     ) -> Any:
-        # scdlkit.baselines imports the Trainer (lightning_fabric): only when the baseline runs
         # scdlkit.baselines imports the Trainer (lightning_fabric): only for a baseline runner
         from scdlkit.baselines._expression import ExpressionLogisticBaseline
 
