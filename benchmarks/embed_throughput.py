@@ -23,6 +23,7 @@ other programs on the cores slow the wall clock, so CPU-time speed-up is reporte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import platform
@@ -30,7 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,10 @@ import numpy as np
 import torch
 
 import scdlkit as sck
+from scdlkit._shared.hardware import native_bf16
 from scdlkit.foundation import load_scgpt_model, resolve_checkpoint, tokenize_adata
 from scdlkit.foundation._device import resolve_device, resolve_precision
-from scdlkit.foundation._embed import encode_cells, l2_normalise
+from scdlkit.foundation._embed import encode_cells, inference_batches, l2_normalise, padded_width
 from scdlkit.foundation._tokenize import collate_tokens
 
 
@@ -76,6 +78,29 @@ COLUMNS = (
     "tokenise cells/s",
     "token bytes / non-zero",
 )
+PRECISION_COLUMNS = (
+    "precision",
+    "cells/s",
+    "useful GFLOP/s",
+    "GEMM GFLOP/s",
+    "fraction of GEMM",
+    "min cosine to fp32",
+)
+#: torch.profiler operator names (substrings) -> the kind of work, for ``--profile``.
+OP_GROUPS = {
+    "matrix products (linear layers)": (
+        "aten::addmm",
+        "aten::mm",
+        "aten::bmm",
+        "aten::matmul",
+        "aten::linear",
+        "mkldnn::_linear_pointwise",
+    ),
+    "attention (SDPA)": ("scaled_dot_product", "flash_attention", "efficient_attention"),
+    "casts and copies": ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone"),
+    "layer norm": ("layer_norm",),
+    "elementwise (add, ReLU, clamp)": ("aten::add", "aten::clamp", "aten::relu", "aten::mul"),
+}
 MFU_COLUMNS = (
     "device",
     "precision",
@@ -168,15 +193,172 @@ def embed_ours(
     return adata.obsm["X_scgpt"]
 
 
-def matmul_params(model: torch.nn.Module) -> int:
-    """Weights that take part in a matrix product per token (all ``nn.Linear`` weights)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+def useful_flops(args: Any, lengths: Sequence[int] | np.ndarray) -> float:
+    """FLOPs the ``<cls>`` embeddings of cells of ``lengths`` tokens need (no padding counted).
+
+    Every layer but the last, over all positions: ``2 (4 d^2 + 2 d h)`` per token for the
+    projections and the feed-forward, ``4 L^2 d`` for attention scores and values. The last
+    layer: keys and values of every position, then the query, attention, output projection and
+    feed-forward of ``<cls>`` alone. The value encoder's ``d x d`` layer on every token.
+    """
+    d, h, n = args.embsize, args.d_hid, args.nlayers
+    length = np.asarray(lengths, dtype=np.float64)
+    layer = 2.0 * (4 * d * d + 2 * d * h) * length + 4.0 * length**2 * d
+    last = 4.0 * d * d * length + 2.0 * (2 * d * d + 2 * d * h) + 4.0 * length * d
+    value_encoder = 2.0 * (d + d * d) * length
+    return float((value_encoder + (n - 1) * layer + last).sum())
 
 
-def flops_per_cell(model: Any, length: int) -> float:
-    """Forward FLOPs for one cell of ``length`` tokens: matmuls plus attention scores/values."""
-    args = model.args
-    return 2.0 * matmul_params(model) * length + args.nlayers * 4.0 * length**2 * args.embsize
+def gemm_rate(
+    dtype: torch.dtype, rows: int, device: torch.device, *, d: int = 512, repeats: int = 5
+) -> float:
+    """GFLOP/s of ``(rows x d) @ (d x 3d)``: the attention input projection's shape."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, d, generator=gen).to(device, dtype)
+    w = torch.randn(3 * d, d, generator=gen).to(device, dtype)
+    with torch.inference_mode():
+        x @ w.t()  # warm-up
+        seconds = statistics.median(timed(lambda: x @ w.t(), device)[0] for _ in range(repeats))
+    return 2.0 * rows * d * 3 * d / seconds / 1e9
+
+
+def batch_rows(lengths: np.ndarray, batch_size: int) -> int:
+    """Median padded tokens per inference batch: the rows of its matrix products."""
+    rows = [
+        len(p) * padded_width(int(lengths[p].max())) for p in inference_batches(lengths, batch_size)
+    ]
+    return int(np.median(rows))
+
+
+@contextlib.contextmanager
+def plain_autocast() -> Iterator[None]:
+    """bf16 as scdlkit ran it before its bf16 weight copy: autocast on the fp32 weights and
+    batches padded to their longest cell only (batch sizes stay powers of two)."""
+    from scdlkit.foundation import _embed, _model
+
+    saved = _model._bf16_inference, _embed.WIDTH_MULTIPLE
+    _model._bf16_inference, _embed.WIDTH_MULTIPLE = (lambda *_: False), 1
+    try:
+        yield
+    finally:
+        _model._bf16_inference, _embed.WIDTH_MULTIPLE = saved
+
+
+def _variants(autocast_baseline: bool) -> list[tuple[str, str, Callable[[], Any]]]:
+    variants = [("fp32", "fp32", contextlib.nullcontext), ("bf16", "bf16", contextlib.nullcontext)]
+    if autocast_baseline:
+        variants.append(("bf16, plain autocast (before)", "bf16", plain_autocast))
+    return variants
+
+
+def _encode(model: Any, tokens: Any, device: torch.device, batch_size: int, precision: str):
+    return encode_cells(
+        tokens,
+        lambda b: model.cls_embedding(b["gene_ids"], b["values"], b["padding_mask"]),
+        device=device,
+        batch_size=batch_size,
+        precision=precision,
+    )
+
+
+def precision_rows(
+    model: Any,
+    tokens: Any,
+    *,
+    device: torch.device,
+    batch_size: int,
+    repeats: int,
+    autocast_baseline: bool = False,
+) -> list[dict[str, Any]]:
+    """Cells/s and useful FLOP rate of the encoder per precision, beside a same-run GEMM rate.
+
+    Each model run is timed between two runs of the reference product in the same dtype, so
+    load from other programs slows both alike; medians over ``repeats``.
+    """
+    useful = useful_flops(model.args, tokens.lengths)
+    rows, d = batch_rows(tokens.lengths, batch_size), model.args.embsize
+    variants = _variants(autocast_baseline)
+    outputs = {}
+    for name, precision, context in variants:  # warm-up, and the results compared with fp32
+        with context():
+            outputs[name] = l2_normalise(_encode(model, tokens, device, batch_size, precision))
+    seconds: dict[str, list[float]] = {name: [] for name, *_ in variants}
+    gemms: dict[str, list[float]] = {name: [] for name, *_ in variants}
+    fractions: dict[str, list[float]] = {name: [] for name, *_ in variants}
+    for _ in range(repeats):
+        for name, precision, context in variants:
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            before = gemm_rate(dtype, rows, device, d=d)
+            with context():
+                elapsed, _ = timed(
+                    lambda p=precision: _encode(model, tokens, device, batch_size, p), device
+                )
+            gemm = (before + gemm_rate(dtype, rows, device, d=d)) / 2
+            seconds[name].append(elapsed)
+            gemms[name].append(gemm)
+            fractions[name].append(useful / elapsed / 1e9 / gemm)
+    out = []
+    for name, *_ in variants:
+        elapsed = statistics.median(seconds[name])
+        out.append(
+            {
+                "precision": name,
+                "cells/s": f"{tokens.n_cells / elapsed:.2f}",
+                "useful GFLOP/s": f"{useful / elapsed / 1e9:.1f}",
+                "GEMM GFLOP/s": f"{statistics.median(gemms[name]):.1f}",
+                "fraction of GEMM": f"{statistics.median(fractions[name]):.2f}",
+                "min cosine to fp32": f"{(outputs[name] * outputs['fp32']).sum(1).min():.6f}",
+            }
+        )
+    return out
+
+
+OTHER_OPS = "other (embedding, masks, allocation, ...)"
+
+
+def _op_group(name: str) -> str:
+    """The group of a profiler op: exact ``aten::`` names, substrings for the rest."""
+    for group, keys in OP_GROUPS.items():
+        if any(name == key or ("::" not in key and key in name) for key in keys):
+            return group
+    return OTHER_OPS
+
+
+def profile_table(
+    model: Any,
+    tokens: Any,
+    *,
+    device: torch.device,
+    batch_size: int,
+    autocast_baseline: bool = False,
+) -> str:
+    """Where the encoder's time goes per precision: torch.profiler self time by kind of op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    groups = [*OP_GROUPS, OTHER_OPS]
+    columns = ["op group"]
+    rows: dict[str, dict[str, str]] = {g: {"op group": g} for g in [*groups, "total"]}
+    for name, precision, context in _variants(autocast_baseline):
+        with context():
+            _encode(model, tokens, device, batch_size, precision)  # warm-up
+            with profile(activities=activities) as prof:
+                _encode(model, tokens, device, batch_size, precision)
+        spent = dict.fromkeys(groups, 0.0)
+        for event in prof.key_averages():
+            self_time = event.self_cpu_time_total
+            if device.type == "cuda":
+                self_time = getattr(event, "self_device_time_total", self_time)
+            spent[_op_group(event.key)] += self_time / 1e3
+        total = sum(spent.values()) or 1.0
+        columns += [f"{name} ms", f"{name} %"]
+        for group in groups:
+            rows[group][f"{name} ms"] = f"{spent[group]:,.0f}"
+            rows[group][f"{name} %"] = f"{100 * spent[group] / total:.1f}"
+        rows["total"][f"{name} ms"], rows["total"][f"{name} %"] = f"{total:,.0f}", "100"
+    return markdown_table(columns, list(rows.values()))
 
 
 def fixed_length_throughput(
@@ -212,7 +394,7 @@ def fixed_length_throughput(
     run()  # warm-up: kernels, allocator
     seconds = statistics.median(timed(run, device)[0] for _ in range(repeats))
     cells_per_s = n_cells / seconds
-    flops = flops_per_cell(model, length)
+    flops = useful_flops(model.args, [length])
     achieved = cells_per_s * flops / 1e12
     mfu = (
         f"{100 * achieved / H100_BF16_PEAK_TFLOPS:.1f}% of {H100_BF16_PEAK_TFLOPS:g}"
@@ -255,13 +437,39 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="fixed-length bf16 FLOP-utilisation table (default: only on CUDA)",
     )
     p.add_argument("--mfu-cells", type=int, default=4096, help="cells in the MFU timing")
+    p.add_argument(
+        "--precision-cells",
+        type=int,
+        default=32,
+        help="cells (150 to 1,100 expressed genes) in the per-precision table",
+    )
+    p.add_argument(
+        "--autocast-baseline",
+        action="store_true",
+        help="add bf16 as it ran before the bf16 weight copy (plain autocast) to the tables",
+    )
+    p.add_argument("--profile", action="store_true", help="where the encoder's time goes")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--quick", action="store_true", help="tiny model and data: a smoke run")
     args = p.parse_args(argv)
     if args.quick:
         args.n_cells, args.repeats, args.tokenize_cells = 16, 1, 32
-        args.batch_size, args.mfu_cells = 8, 8
+        args.batch_size, args.mfu_cells, args.precision_cells = 8, 8, 8
     return args
+
+
+def bf16_hardware(device: torch.device) -> str:
+    """Whether ``device`` runs bf16 natively, and from which CPU flags."""
+    if device.type == "cpu":
+        try:
+            flags = set(Path("/proc/cpuinfo").read_text().split())
+        except OSError:
+            flags = set()
+        found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+        if native_bf16(device):
+            return f"yes ({', '.join(found) or 'SCDLKIT_NATIVE_BF16=1'})"
+        return "no (bf16 is emulated: its figures do not show what native bf16 would do)"
+    return "yes" if native_bf16(device) else "no"
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -350,6 +558,42 @@ def main(argv: Sequence[str] | None = None) -> str:
             "clock when other programs share the cores."
         )
 
+        # the encoder alone, per precision, beside a same-run GEMM rate (the issue-18 setting)
+        lo, hi = (20, 120) if args.quick else (150, 1100)
+        few = syn.synthetic_adata(
+            args.precision_cells, genes, min_expressed=lo, max_expressed=hi, seed=3
+        )
+        few_tokens, _ = tokenize_adata(few, ckpt)
+        model = load_scgpt_model(ckpt, device=device)
+        rows = precision_rows(
+            model,
+            few_tokens,
+            device=device,
+            batch_size=args.batch_size,
+            repeats=args.repeats,
+            autocast_baseline=args.autocast_baseline,
+        )
+        out += ["", markdown_table(PRECISION_COLUMNS, rows)]
+        out.append(
+            f"\nThe encoder alone on {args.precision_cells} cells of {lo:,} to {hi:,} expressed "
+            f"genes (median {int(np.median(few_tokens.lengths))} tokens), "
+            f"{torch.get_num_threads()} torch thread(s); native bf16: {bf16_hardware(device)}. "
+            "Useful FLOPs: what the <cls> embeddings need on real tokens (no padding, the last "
+            "layer's <cls> position only). GEMM: (M x d) @ (d x 3d) in the row's dtype, "
+            f"M = {batch_rows(few_tokens.lengths, args.batch_size):,} (median padded tokens per "
+            f"batch), timed around every model run; medians of {args.repeats}."
+        )
+        if args.profile:
+            table = profile_table(
+                model,
+                few_tokens,
+                device=device,
+                batch_size=args.batch_size,
+                autocast_baseline=args.autocast_baseline,
+            )
+            out += ["", table, "\ntorch.profiler self time of one run, grouped by kind of op."]
+        del model
+
         if args.mfu if args.mfu is not None else device.type == "cuda":
             mfu_row = fixed_length_throughput(
                 folder,
@@ -360,9 +604,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                 repeats=args.repeats,
             )
             out += ["", markdown_table(MFU_COLUMNS, [mfu_row])]
-            out.append(
-                "\nFLOPs per cell = 2 x (nn.Linear weights) x tokens + layers x 4 x tokens^2 x d."
-            )
+            out.append("\nFLOPs per cell: the useful FLOPs above, at max_seq_len tokens.")
     text = "\n".join(out)
     print(text)
     return text

@@ -75,6 +75,122 @@ def test_embed_throughput_quick_table(capsys):
     assert float(row["token bytes / non-zero"]) <= 8
     mfu_header = next(line for line in lines[3:] if line.startswith("| device | precision"))
     assert [c.strip() for c in mfu_header.strip("|").split("|")] == list(bench.MFU_COLUMNS)
+    precision = _table(text, "| precision | cells/s")
+    assert [r["precision"] for r in precision] == ["fp32", "bf16"]
+    for r in precision:
+        assert float(r["cells/s"]) > 0
+        assert float(r["useful GFLOP/s"]) >= 0
+        assert float(r["GEMM GFLOP/s"]) > 0
+        assert float(r["fraction of GEMM"]) >= 0
+        assert float(r["min cosine to fp32"]) > 0.999
+    assert "native bf16: " in text
+
+
+def _table(text: str, header_start: str) -> list[dict[str, str]]:
+    """Rows of the markdown table whose header line starts with ``header_start``."""
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    header = [c.strip() for c in lines[at].strip("|").split("|")]
+    rows = []
+    for line in lines[at + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)))
+    return rows
+
+
+def test_useful_flops_counts_the_cls_path_only():
+    bench = _import("embed_throughput")
+    args = type("Args", (), {"embsize": 4, "d_hid": 8, "nlayers": 2})()
+    # layer 1 on 3 tokens: 2*(4*16 + 2*32)*3 + 4*9*4; last layer: K,V of 3 tokens, the rest for
+    # <cls> alone; value encoder on 3 tokens
+    layer = 2 * (64 + 64) * 3 + 4 * 9 * 4
+    last = 4 * 16 * 3 + 2 * (32 + 64) + 4 * 3 * 4
+    value = 2 * (4 + 16) * 3
+    assert bench.useful_flops(args, [3]) == layer + last + value
+    assert bench.useful_flops(args, [3, 3]) == 2 * (layer + last + value)
+
+
+def test_embed_throughput_profile_and_autocast_baseline(synthetic):
+    from scdlkit.foundation import load_scgpt_model, resolve_checkpoint, tokenize_adata
+
+    bench = _import("embed_throughput")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = synthetic.write_random_checkpoint(
+            Path(tmp) / "c", embsize=16, nheads=2, d_hid=32, nlayers=2, n_vocab_genes=300
+        )
+        genes = synthetic.fake_gene_symbols(300)
+        adata = synthetic.synthetic_adata(12, genes, min_expressed=10, max_expressed=80, seed=0)
+        tokens, _ = tokenize_adata(adata, resolve_checkpoint(folder))
+        model = load_scgpt_model(folder, device="cpu")
+        cpu = torch.device("cpu")
+        table = bench.profile_table(model, tokens, device=cpu, batch_size=4, autocast_baseline=True)
+        rows = bench.precision_rows(
+            model, tokens, device=cpu, batch_size=4, repeats=1, autocast_baseline=True
+        )
+    groups = {r["op group"]: r for r in _table(table, "| op group")}
+    assert groups["total"]["fp32 %"] == "100"
+    assert float(groups["matrix products (linear layers)"]["fp32 ms"].replace(",", "")) > 0
+    # plain autocast casts weights on every call; the bf16 copy does not
+    assert float(groups["casts and copies"]["bf16, plain autocast (before) %"]) > float(
+        groups["casts and copies"]["bf16 %"]
+    )
+    assert [r["precision"] for r in rows] == ["fp32", "bf16", "bf16, plain autocast (before)"]
+    assert all(float(r["min cosine to fp32"]) > 0.999 for r in rows)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    import os
+    import subprocess
+
+    script = BENCHMARKS / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+    out = subprocess.run(
+        ["bash", str(script), "--dry-run", "--cells", "8", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=600,
+    ).stdout
+    assert out.startswith("dry run: tiny model on the CPU")
+    rows = {r["check"].split(" (")[0]: r for r in _table(out, "| check | result")}
+    assert len(rows) == 7
+    assert float(rows["embedding, bf16, 128 tokens/cell"]["result"].split()[0]) > 0
+    assert (
+        float(rows["fixture: fp32 against upstream scGPT's embeddings"]["result"].split()[-1])
+        < 1e-4
+    )
+    assert float(rows["fixture: bf16 against fp32"]["result"].split()[-1]) > 0.9999
+    assert float(rows["full_finetune training, bf16"]["result"].split()[0]) > 0
+    assert float(rows["lora training, bf16"]["result"].split()[0]) > 0
+
+
+def test_gpu_check_refuses_without_a_gpu():
+    import subprocess
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert "--dry-run" in done.stderr or "no CUDA" in done.stderr
+
+
+def test_stream_memory_quick_table(tmp_path, capsys):
+    bench = _import("stream_memory")
+    args = ["--quick", "--n-cells", "60", "--chunk-size", "25", "--warm-cells", "10"]
+    text = bench.main([*args, "--in-process", "--workdir", str(tmp_path)])
+    assert text in capsys.readouterr().out
+    rows = _table(text, "| cells | CSR size")
+    assert [r["cells"] for r in rows] == ["60", "120"]
+    for r in rows:
+        assert float(r["cells/s"].replace(",", "")) > 0
+        assert float(r["results"]) >= 0
+        assert float(r["peak growth"]) >= float(r["retained after"]) - 1
 
 
 def test_scale_table_and_backed_file(tmp_path, capsys):

@@ -132,9 +132,10 @@ def encode_cells(
 
     bar = tqdm(total=len(cells), desc=desc, unit="cell", disable=not progress)
     with torch.inference_mode(), autocast_context(device, precision):
-        for positions in inference_batches(tokens.lengths[cells], batch_size):
+        multiple = WIDTH_MULTIPLE  # read at call time, so benchmarks can compare settings
+        for positions in inference_batches(tokens.lengths[cells], batch_size, multiple=multiple):
             batch = collate_tokens(tokens, cells[positions])
-            width = padded_width(batch["gene_ids"].shape[1])
+            width = padded_width(batch["gene_ids"].shape[1], multiple)
             batch = pad_batch(batch, width, pad_id=tokens.pad_id, pad_value=tokens.pad_value)
             batch = {
                 k: (v.pin_memory() if pin else v).to(device, non_blocking=True)
