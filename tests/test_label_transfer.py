@@ -456,7 +456,7 @@ def test_integrated_gradients_add_up_to_the_logit_difference(fixture_runners):
     error = np.abs(attr.sum(1).numpy() - gap.numpy())
     coarse = integrated_gradients(encoder, head, batch, target, n_steps=2).sum(1).numpy()
     # the midpoint rule converges: a few percent of the logit gaps at 128 points (ReLU kinks)
-    assert error.max() < 0.02
+    assert error.max() < 0.05 * max(float(np.abs(gap.numpy()).max()), 1.0)
     assert error.max() < np.abs(coarse - gap.numpy()).max()
 
 
