@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from scdlkit._shared.progress import tqdm
 from scdlkit.foundation._device import autocast_context
 from scdlkit.foundation._tokenize import ScGPTTokens, collate_tokens
 
@@ -117,8 +118,6 @@ def encode_cells(
     put back in the order of ``cells`` (default: all cells). On CUDA, the next batch is built
     on the CPU while the GPU runs the current one.
     """
-    from scdlkit._shared.progress import tqdm
-
     cells = np.arange(tokens.n_cells) if cells is None else np.asarray(cells)
     out: np.ndarray | None = None
     pending: tuple[np.ndarray, torch.Tensor, torch.cuda.Event | None] | None = None

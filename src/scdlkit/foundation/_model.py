@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scdlkit._shared.hardware import native_bf16
 from scdlkit.foundation._checkpoint import ScGPTModelArgs
 
 __all__ = [
@@ -394,8 +395,6 @@ class PackedLinear(nn.Module):
 @functools.cache
 def _packing_works() -> bool:
     """Whether :class:`PackedLinear` runs here, natively in bf16, and agrees with ``F.linear``."""
-    from scdlkit._shared.hardware import native_bf16
-
     if not (native_bf16("cpu") and torch.backends.mkldnn.is_available()):
         return False
     try:
