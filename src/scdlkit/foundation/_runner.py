@@ -100,9 +100,11 @@ class ScGPTAnnotationRunner:
         Where gene symbols and values are (default ``var_names`` and ``X``).
     training
         Overrides of the training settings: setting names (apply to all strategies) and/or
-        strategy names mapping to dicts, e.g. ``{"lora": {"epochs": 20}}``. Settings: epochs, lr,
-        weight_decay, warmup, lr_decay, grad_clip, early_stopping_patience, monitor,
-        class_weight. Defaults: :data:`~scdlkit.foundation._training_settings.DEFAULT_TRAINING`.
+        strategy names mapping to dicts, e.g. ``{"lora": {"epochs": 20}}``. Settings: epochs,
+        min_steps, lr, weight_decay, warmup, lr_decay, grad_clip, early_stopping_patience,
+        monitor, class_weight, optimizer, adam_eps (``frozen_probe`` and ``baseline`` take
+        class_weight only). Defaults:
+        :data:`~scdlkit.foundation._training_settings.DEFAULT_TRAINING`.
     epochs, lr, early_stopping_patience, class_weight
         Shortcuts for the same settings, applied to every neural strategy when given;
         ``class_weight="balanced"`` weights the ``frozen_probe`` and ``baseline`` logistic
