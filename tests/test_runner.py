@@ -400,4 +400,6 @@ def test_sharded_prediction_over_two_processes(saved_lora, small_ref, tmp_path):
     subprocess.run([*command, str(tmp_path / "query.h5ad"), str(tmp_path)], check=True, timeout=300)
     for rank in (0, 1):
         got = np.load(tmp_path / f"rank{rank}.npy")
-        np.testing.assert_allclose(got, single["probabilities"], rtol=1e-5, atol=1e-7)
+        # fp32: the same up to rounding (each process batches a different share of the cells)
+        np.testing.assert_allclose(got, single["probabilities"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(got.argmax(1), single["probabilities"].argmax(1))
