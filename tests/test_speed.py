@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from scdlkit.foundation import _model, load_scgpt_model, resolve_checkpoint, tokenize_adata
 from scdlkit.foundation._embed import (
+    MIN_BATCH_TOKENS,
     WIDTH_MULTIPLE,
     encode_cells,
     inference_batches,
@@ -117,8 +118,10 @@ def test_packed_linear_matches_linear():
     with torch.inference_mode():
         got = _model.PackedLinear(linear)(x).float()
         want = F.linear(x.float(), linear.weight.bfloat16().float(), linear.bias.bfloat16().float())
+        fused = _model.PackedLinear(linear)(x, relu=True).float()
     assert got.shape == (3, 7, 96)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fused, F.relu(got))
 
 
 def test_inference_batches_shapes_come_from_small_fixed_sets():
@@ -133,9 +136,9 @@ def test_inference_batches_shapes_come_from_small_fixed_sets():
             width = padded_width(int(lengths[positions].max()))
             assert width % WIDTH_MULTIPLE == 0
             assert len(positions) in allowed
-            # a cell under 90% of the width joins only to fill a batch to 4,096 tokens
+            # a cell under 90% of the width joins only to fill a batch to MIN_BATCH_TOKENS
             similar = int((lengths[positions] >= np.ceil(0.9 * width)).sum())
-            assert similar == len(positions) or len(positions) <= -(-4096 // width)
+            assert similar == len(positions) or len(positions) <= -(-MIN_BATCH_TOKENS // width)
             shapes.add((len(positions), width))
             seen.append(positions)
         np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(2000))

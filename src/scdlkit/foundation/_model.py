@@ -185,8 +185,11 @@ class ScGPTEncoderLayer(nn.Module):
         """
         attended = self.self_attn(x, attn_mask, first_only=first_only)
         x = self.norm1((x[:, :1] if first_only else x) + self.dropout1(attended))
-        hidden = self.dropout(F.relu(self.linear1(x)))
-        return self.norm2(x + self.dropout2(self.linear2(hidden)))
+        if isinstance(self.linear1, PackedLinear):  # the bf16 inference copy: ReLU fused
+            hidden = self.linear1(x, relu=True)
+        else:
+            hidden = F.relu(self.linear1(x))
+        return self.norm2(x + self.dropout2(self.linear2(self.dropout(hidden))))
 
 
 class TransformerStack(nn.Module):
@@ -376,19 +379,23 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, relu: bool = False) -> torch.Tensor:
         """``x @ weight.T + bias`` in bf16, for ``x`` of shape ``(..., in_features)``.
 
         Parameters
         ----------
         x
             bf16 input.
+        relu
+            Apply ReLU in the same pass.
 
         Returns
         -------
         torch.Tensor
             ``(..., out_features)`` bf16 output.
         """
+        if relu:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "relu", [], "")
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
