@@ -355,9 +355,9 @@ def profile_table(
         total = sum(spent.values()) or 1.0
         columns += [f"{name} ms", f"{name} %"]
         for group in groups:
-            rows[group][f"{name} ms"] = f"{spent[group]:,.0f}"
+            rows[group][f"{name} ms"] = f"{spent[group]:,.1f}"
             rows[group][f"{name} %"] = f"{100 * spent[group] / total:.1f}"
-        rows["total"][f"{name} ms"], rows["total"][f"{name} %"] = f"{total:,.0f}", "100"
+        rows["total"][f"{name} ms"], rows["total"][f"{name} %"] = f"{total:,.1f}", "100"
     return markdown_table(columns, list(rows.values()))
 
 

@@ -132,7 +132,8 @@ def test_embed_throughput_profile_and_autocast_baseline(synthetic):
         )
     groups = {r["op group"]: r for r in _table(table, "| op group")}
     assert groups["total"]["fp32 %"] == "100"
-    assert float(groups["matrix products (linear layers)"]["fp32 ms"].replace(",", "")) > 0
+    # a share, not milliseconds: a tiny model on a fast CPU rounds to 0.0 ms
+    assert float(groups["matrix products (linear layers)"]["fp32 %"]) > 0
     # plain autocast casts weights on every call; the bf16 copy does not
     assert float(groups["casts and copies"]["bf16, plain autocast (before) %"]) > float(
         groups["casts and copies"]["bf16 %"]
@@ -158,14 +159,14 @@ def test_gpu_check_dry_run(tmp_path):
     assert out.startswith("dry run: tiny model on the CPU")
     rows = {r["check"].split(" (")[0]: r for r in _table(out, "| check | result")}
     assert len(rows) == 7
-    assert float(rows["embedding, bf16, 128 tokens/cell"]["result"].split()[0]) > 0
-    assert (
-        float(rows["fixture: fp32 against upstream scGPT's embeddings"]["result"].split()[-1])
-        < 1e-4
-    )
-    assert float(rows["fixture: bf16 against fp32"]["result"].split()[-1]) > 0.9999
-    assert float(rows["full_finetune training, bf16"]["result"].split()[0]) > 0
-    assert float(rows["lora training, bf16"]["result"].split()[0]) > 0
+    def number(check, index=0):
+        return float(rows[check]["result"].split()[index].replace(",", ""))
+
+    assert number("embedding, bf16, 128 tokens/cell") > 0
+    assert number("fixture: fp32 against upstream scGPT's embeddings", -1) < 1e-4
+    assert number("fixture: bf16 against fp32", -1) > 0.9999
+    assert number("full_finetune training, bf16") > 0
+    assert number("lora training, bf16") > 0
 
 
 def test_gpu_check_refuses_without_a_gpu():
