@@ -11,6 +11,7 @@ import torch
 
 from scdlkit._shared.strategies import FEATURE_STRATEGIES, NEURAL_STRATEGIES, STRATEGIES
 from scdlkit.foundation import ScGPTAnnotationRunner
+from scdlkit.foundation._model import ScGPTSelfAttention
 from scdlkit.foundation._fitting import (
     BaseWeights,
     ExpressionBaseline,
@@ -315,3 +316,43 @@ def test_every_neural_classifier_input_is_standardised(_pbmc_raw, checkpoint_dir
     # fitted on the frozen training features that early stopping did not hold out
     assert norm.scale.min() > 0
     assert float((norm.shift - torch.as_tensor(features.mean(0))).abs().max()) < 0.05
+
+
+def test_encoder_dropout_reaches_the_encoder_only(_pbmc_raw, checkpoint_dir):
+    runner = ScGPTAnnotationRunner(
+        label_key="bulk_labels",
+        checkpoint=checkpoint_dir,
+        strategies=("lora",),
+        strategy_configs={"lora": {"dropout": 0.3}},
+        training={"encoder_dropout": 0.05},
+        **{**FAST, "attention_dropout": None},
+    ).fit(_pbmc_raw)
+    model = runner.results_["lora"].model
+    assert runner.results_["lora"].training["encoder_dropout"] == 0.05
+    encoder_rates = {
+        name: m.p
+        for name, m in model.encoder.named_modules()
+        if isinstance(m, torch.nn.Dropout) and "lora" not in name
+    }
+    assert encoder_rates and set(encoder_rates.values()) == {0.05}, encoder_rates
+    attention = [m.dropout for m in model.encoder.modules() if isinstance(m, ScGPTSelfAttention)]
+    assert attention and set(attention) == {0.05}
+    # the adaptation's own dropout and the classifier's are their own settings
+    lora_rates = {m.p for n, m in model.encoder.named_modules() if "lora" in n and hasattr(m, "p")}
+    assert lora_rates == {0.3}
+    assert model.dropout.p == model.classifier_dropout
+
+
+@pytest.mark.parametrize(
+    "training",
+    [
+        {"encoder_dropout": 1.0},
+        {"lora": {"encoder_dropout": "none"}},
+        {"head": {"encoder_dropout": 0}},
+    ],
+)
+def test_bad_encoder_dropout_is_refused_before_training(training, checkpoint_dir):
+    with pytest.raises(ValueError, match="encoder_dropout"):
+        ScGPTAnnotationRunner(
+            label_key="bulk_labels", checkpoint=checkpoint_dir, training=training, **FAST
+        )

@@ -28,7 +28,7 @@ from scdlkit.foundation._annotation_model import build_annotation_model
 from scdlkit.foundation._device import resolve_precision
 from scdlkit.foundation._embed import l2_normalise
 from scdlkit.foundation._loading import load_state_dict_file
-from scdlkit.foundation._model import set_attention_dropout
+from scdlkit.foundation._model import set_attention_dropout, set_encoder_dropout
 from scdlkit.foundation._selection import evaluate_splits
 from scdlkit.foundation._training_settings import stretch_to_min_steps
 
@@ -427,10 +427,12 @@ class NeuralStrategy(StrategyFamily):
             label_categories=ctx.label_categories,
             seed=ctx.random_state,
         )
-        if ctx.attention_dropout is not None:
-            set_attention_dropout(model, ctx.attention_dropout)
         fit_cells, stop_cells = ctx.early_stopping_split()
         budget = stretch_to_min_steps(settings, -(-len(fit_cells) // ctx.batch_size))
+        if budget.pop("encoder_dropout", None) is not None:
+            set_encoder_dropout(model.encoder, settings["encoder_dropout"])
+        if ctx.attention_dropout is not None:
+            set_attention_dropout(model, ctx.attention_dropout)
         trainer = Trainer(
             model,
             batch_size=ctx.batch_size,

@@ -31,6 +31,7 @@ __all__ = [
     "ScGPTSelfAttention",
     "bf16_inference_copy",
     "set_attention_dropout",
+    "set_encoder_dropout",
 ]
 
 VALUE_CLAMP = 512.0
@@ -530,3 +531,42 @@ def set_attention_dropout(module: nn.Module, p: float) -> nn.Module:
         if isinstance(sub, ScGPTSelfAttention):
             sub.dropout = float(p)
     return module
+
+
+def set_encoder_dropout(module: nn.Module, p: float) -> nn.Module:
+    """Set every dropout of an scGPT encoder: embeddings, residual, feed-forward and attention.
+
+    Upstream fine-tunes with the checkpoint's ``dropout`` (0.2) everywhere. Adaptation modules
+    keep their own dropout settings (prefix dropout is a prefix-tuning setting).
+
+    Parameters
+    ----------
+    module
+        The encoder (or a model holding it); modified in place.
+    p
+        Dropout probability, in ``[0, 1)``.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``module`` itself.
+
+    Raises
+    ------
+    ValueError
+        When ``p`` is outside ``[0, 1)``.
+
+    Examples
+    --------
+    >>> set_encoder_dropout(model.encoder, 0.0)  # doctest: +SKIP
+    """
+    if not 0 <= p < 1:
+        msg = f"encoder dropout must be in [0, 1), got {p}."
+        raise ValueError(msg)
+    for sub in module.modules():
+        if isinstance(sub, (ContinuousValueEncoder, ScGPTEncoderLayer)):
+            # direct children only: adaptation modules nested below keep their own dropout
+            for child in sub.children():
+                if isinstance(child, nn.Dropout):
+                    child.p = float(p)
+    return set_attention_dropout(module, p)

@@ -46,7 +46,13 @@ _COMMON = {
 }
 #: Optimiser steps an encoder-trained strategy takes at least (epochs are stretched to reach it).
 MIN_STEPS = 300
+#: Settings of the strategies that train the encoder (or modules inside it), not of ``head``.
+_ENCODER = {
+    # dropout inside the encoder while it trains; None keeps the checkpoint's (upstream's choice)
+    "encoder_dropout": None,
+}
 _PEFT = {
+    **_ENCODER,
     "epochs": 10,
     "min_steps": MIN_STEPS,
     "lr": 1e-3,
@@ -65,6 +71,7 @@ DEFAULT_TRAINING: dict[str, dict[str, Any]] = {
     },
     "full_finetune": {
         **_COMMON,
+        **_ENCODER,
         "epochs": 10,
         "min_steps": MIN_STEPS,
         "lr": 1e-4,
@@ -76,7 +83,7 @@ DEFAULT_TRAINING: dict[str, dict[str, Any]] = {
     },
     **{name: {**_COMMON, **_PEFT} for name in PEFT_STRATEGIES},
 }
-TRAINING_KEYS = frozenset(DEFAULT_TRAINING["head"])
+TRAINING_KEYS = frozenset().union(*DEFAULT_TRAINING.values())
 #: Strategies fitted in closed form (no epochs, no learning rate) take class weighting only.
 FIT_SETTINGS: dict[str, dict[str, Any]] = {
     name: {"class_weight": None} for name in STRATEGIES if name not in NEURAL_STRATEGIES
@@ -127,9 +134,20 @@ def stretch_to_min_steps(settings: Mapping[str, Any], steps_per_epoch: int) -> d
     return out
 
 
+def _check_encoder_dropout(value: Any) -> None:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if value is not None and not (number and 0 <= value < 1):
+        msg = f"training: encoder_dropout must be None or a number in [0, 1), got {value!r}."
+        raise ValueError(msg)
+
+
 def check_training_overrides(overrides: Mapping[str, Any] | None) -> None:
     """Unknown keys in ``training=`` are errors, not silently ignored settings."""
     for key, value in (overrides or {}).items():
+        if key == "encoder_dropout":
+            _check_encoder_dropout(value)
+        elif key in STRATEGIES and isinstance(value, Mapping):
+            _check_encoder_dropout(value.get("encoder_dropout"))
         if key in STRATEGIES:
             allowed = set(_defaults(key))
             if set(value) - allowed and key not in NEURAL_STRATEGIES:
