@@ -11,7 +11,6 @@ import torch
 
 from scdlkit._shared.strategies import FEATURE_STRATEGIES, NEURAL_STRATEGIES, STRATEGIES
 from scdlkit.foundation import ScGPTAnnotationRunner
-from scdlkit.foundation._model import ScGPTSelfAttention
 from scdlkit.foundation._fitting import (
     BaseWeights,
     ExpressionBaseline,
@@ -20,6 +19,7 @@ from scdlkit.foundation._fitting import (
     register_strategy,
     strategy_family,
 )
+from scdlkit.foundation._model import ScGPTSelfAttention
 
 FAST = {"epochs": 1, "attention_dropout": 0.0, "progress": False, "precision": "fp32"}
 
@@ -334,9 +334,11 @@ def test_encoder_dropout_reaches_the_encoder_only(_pbmc_raw, checkpoint_dir):
         for name, m in model.encoder.named_modules()
         if isinstance(m, torch.nn.Dropout) and "lora" not in name
     }
-    assert encoder_rates and set(encoder_rates.values()) == {0.05}, encoder_rates
+    assert len(encoder_rates) > 3
+    assert set(encoder_rates.values()) == {0.05}, encoder_rates
     attention = [m.dropout for m in model.encoder.modules() if isinstance(m, ScGPTSelfAttention)]
-    assert attention and set(attention) == {0.05}
+    assert len(attention) > 0
+    assert set(attention) == {0.05}
     # the adaptation's own dropout and the classifier's are their own settings
     lora_rates = {m.p for n, m in model.encoder.named_modules() if "lora" in n and hasattr(m, "p")}
     assert lora_rates == {0.3}
