@@ -298,7 +298,40 @@ def test_warmup_and_lr_decay_schedule():
     trainer = _trainer(epochs=3, warmup=4, lr_decay=0.5, lr=0.1).fit(ToyData(64))
     # 2 steps per epoch: the warm-up reaches the peak at step 4 (epoch 2), then decays
     np.testing.assert_allclose(trainer.history_["lr"], [0.1 * 2 / 4, 0.1 * 0.5, 0.1 * 0.25])
-    assert trainer._lr_at(0, 0, 4) == pytest.approx(0.025)
+    from scdlkit.training._schedule import lr_factor
+
+    assert 0.1 * lr_factor(0, 0, 4, 0.5) == pytest.approx(0.025)
+
+
+class MLPWithHead(MLP):
+    def head_parameters(self):
+        return list(self.head.parameters())
+
+
+def test_head_lr_trains_the_head_at_its_own_rate():
+    from scdlkit.training._schedule import build_optimizer
+
+    model = MLPWithHead()
+    optimizer = build_optimizer(
+        model, model, optimizer="adamw", lr=1e-4, head_lr=1e-2, weight_decay=0.0, eps=1e-8
+    )
+    rates = [(g["lr"], sum(p.numel() for p in g["params"])) for g in optimizer.param_groups]
+    assert rates == [(1e-4, N_FEATURES * 16 + 16), (1e-2, 16 * N_CLASSES + N_CLASSES)]
+    # one schedule scales both: after fitting with decay, the ratio of the rates is unchanged
+    trainer = _trainer(MLPWithHead(), epochs=2, lr=1e-3, head_lr=1e-2, lr_decay=0.5)
+    trainer.fit(ToyData(64))
+    np.testing.assert_allclose(trainer.history_["lr"], [1e-3, 5e-4])
+    # Adam's first step moves every weight by about its rate: the head ten times the encoder
+    model = MLPWithHead()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _trainer(model, epochs=1, lr=1e-4, head_lr=1e-3, grad_clip=None).fit(ToyData(16))
+    moved = {k: float((v - before[k]).abs().max()) for k, v in model.state_dict().items()}
+    assert moved["head.weight"] > 5 * moved["encoder.0.weight"]
+
+
+def test_head_lr_needs_a_model_that_names_its_head():
+    with pytest.raises(ValueError, match="head_parameters"):
+        _trainer(MLP(), epochs=1, head_lr=1e-2).fit(ToyData(16))
 
 
 def test_frozen_parameters_are_not_trained():

@@ -339,6 +339,15 @@ class ScGPTAnnotationModel(nn.Module):
 
     # ------------------------------------------------------------------ parameters and state
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The classifier head's parameters, new for every label set (the Trainer's ``head_lr``).
+
+        Returns
+        -------
+        The parameters of ``cls_decoder``.
+        """
+        return list(self.cls_decoder.parameters())
+
     def trainable_parameter_count(self) -> int:
         """Number of parameter elements that require gradients (the strategy's and the head's).
 

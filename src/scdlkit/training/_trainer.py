@@ -73,6 +73,14 @@ from scdlkit.training._loss import (
     label_counts,
 )
 from scdlkit.training._precision import resolve_devices, resolve_precision
+from scdlkit.training._schedule import (
+    OPTIMIZERS,
+    build_optimizer,
+    improves,
+    lr_factor,
+    set_lr,
+    warmup_steps,
+)
 from scdlkit.training.metrics import classification_metrics
 
 __all__ = ["Trainer"]
@@ -81,7 +89,6 @@ logger = logging.getLogger("scdlkit")
 
 _TASKS = ("classification", "representation")
 _MONITORS = {"val_loss": "min", "val_macro_f1": "max"}
-_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 _HISTORY_COLUMNS = [
     "epoch",
     "train_loss",
@@ -114,6 +121,10 @@ class Trainer:
         Maximum number of passes over the training data.
     lr
         Peak learning rate.
+    head_lr
+        Peak learning rate of a freshly initialised head, for models with a ``head_parameters()``
+        method (the scGPT annotation model's classifier); ``None`` trains it at ``lr``. The
+        schedule scales both rates alike.
     weight_decay
         Weight decay: decoupled under ``"adamw"``, an L2 term added to the gradient under
         ``"adam"`` (as :class:`torch.optim.Adam` does).
@@ -214,6 +225,7 @@ class Trainer:
         batch_size: int = 64,
         epochs: int = 10,
         lr: float = 1e-4,
+        head_lr: float | None = None,
         weight_decay: float = 0.0,
         optimizer: str = "adamw",
         adam_eps: float = 1e-8,
@@ -242,9 +254,11 @@ class Trainer:
         check_int(num_nodes, "num_nodes", minimum=1)
         check_int(seed, "seed", minimum=0)
         check_number(lr, "lr", positive=True)
+        if head_lr is not None:
+            check_number(head_lr, "head_lr", positive=True, hint="or None for `lr`")
         check_number(weight_decay, "weight_decay", positive=False)
-        if optimizer not in _OPTIMIZERS:
-            msg = f"`optimizer`={optimizer!r} is not supported; choose one of {tuple(_OPTIMIZERS)}."
+        if optimizer not in OPTIMIZERS:
+            msg = f"`optimizer`={optimizer!r} is not supported; choose one of {tuple(OPTIMIZERS)}."
             raise ValueError(msg)
         check_number(adam_eps, "adam_eps", positive=True)
         check_warmup(warmup)
@@ -273,6 +287,7 @@ class Trainer:
         self.batch_size = batch_size
         self.epochs = epochs
         self.lr = float(lr)
+        self.head_lr = None if head_lr is None else float(head_lr)
         self.weight_decay = float(weight_decay)
         self.optimizer = optimizer
         self.adam_eps = float(adam_eps)
@@ -447,10 +462,16 @@ class Trainer:
         fabric = self.fabric
         seed_everything(self.seed, verbose=False)
         module = self._setup_module()
-        params = [p for p in module.parameters() if p.requires_grad]
-        optimizer_class = _OPTIMIZERS[self.optimizer]
         optimizer = fabric.setup_optimizers(
-            optimizer_class(params, lr=self.lr, weight_decay=self.weight_decay, eps=self.adam_eps)
+            build_optimizer(
+                module,
+                self.model,
+                optimizer=self.optimizer,
+                lr=self.lr,
+                head_lr=self.head_lr,
+                weight_decay=self.weight_decay,
+                eps=self.adam_eps,
+            )
         )
         self._class_weights = None
         counts = label_counts(train) if self.class_weight == "balanced" else None
@@ -468,7 +489,7 @@ class Trainer:
                 raise ValueError(msg)
             return mine
 
-        warmup_steps = _warmup_steps(self.warmup, self.epochs * len(epoch_batches(0)))
+        warmup = warmup_steps(self.warmup, self.epochs * len(epoch_batches(0)))
         direction = "min" if val is None else _MONITORS[self.monitor]
         monitored = "train_loss" if val is None else self.monitor
         if val is None and self.monitor != "val_loss":
@@ -500,9 +521,9 @@ class Trainer:
                 fabric.backward(loss)
                 if self.grad_clip is not None:
                     fabric.clip_gradients(module, optimizer, max_norm=self.grad_clip)
-                lr_now = self._lr_at(step, epoch - 1, warmup_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_now
+                factor = lr_factor(step, epoch - 1, warmup, self.lr_decay)
+                set_lr(optimizer, factor)
+                lr_now = self.lr * factor
                 optimizer.step()
                 step += 1
                 totals += torch.stack([numerator.detach(), denominator.detach()]).double()
@@ -514,7 +535,7 @@ class Trainer:
             rows.append(row)
 
             value = row.get(monitored)
-            if _improves(value, best_value, direction):
+            if improves(value, best_value, direction):
                 best_value, best_state, best_epoch, stale = value, self._snapshot(), epoch, 0
             else:
                 stale += 1
@@ -547,12 +568,6 @@ class Trainer:
                 monitored,
                 math.nan if best_value is None else best_value,
             )
-
-    def _lr_at(self, step: int, epoch_index: int, warmup_steps: int) -> float:
-        factor = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-        if self.lr_decay is not None:
-            factor *= self.lr_decay**epoch_index
-        return self.lr * factor
 
     def _loss(
         self, output: Any, batch: Any, batch_len: int
@@ -732,17 +747,3 @@ def _ratio(totals: torch.Tensor) -> float:
 
 def _nan_if_none(value: Any) -> float:
     return math.nan if value is None else float(value)
-
-
-def _improves(value: Any, best: Any, direction: str) -> bool:
-    if value is None or not math.isfinite(value):
-        return False
-    if best is None:
-        return True
-    return value < best if direction == "min" else value > best
-
-
-def _warmup_steps(warmup: float | int, total_steps: int) -> int:
-    if isinstance(warmup, int):
-        return warmup
-    return math.ceil(warmup * total_steps)

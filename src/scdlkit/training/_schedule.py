@@ -1,0 +1,76 @@
+"""The optimiser, its learning-rate schedule (warm-up, per-epoch decay) and the stopping rule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+__all__ = ["OPTIMIZERS", "build_optimizer", "improves", "lr_factor", "set_lr", "warmup_steps"]
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+
+
+def build_optimizer(
+    module: torch.nn.Module,
+    model: torch.nn.Module,
+    *,
+    optimizer: str,
+    lr: float,
+    head_lr: float | None,
+    weight_decay: float,
+    eps: float,
+) -> torch.optim.Optimizer:
+    """The optimiser over ``module``'s trainable parameters, the head at its own rate if asked.
+
+    ``head_lr`` needs ``model.head_parameters()`` (the parameters of a freshly initialised head);
+    every group keeps its peak rate in ``"peak_lr"`` so one schedule scales them all alike.
+    """
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if head_lr is None:
+        groups = [{"params": trainable, "peak_lr": lr}]
+    else:
+        if not callable(getattr(model, "head_parameters", None)):
+            msg = (
+                f"`head_lr` needs a model with a head_parameters() method; "
+                f"{type(model).__name__} has none. Leave head_lr=None."
+            )
+            raise ValueError(msg)
+        head = {id(p) for p in model.head_parameters()}
+        groups = [
+            {"params": [p for p in trainable if id(p) not in head], "peak_lr": lr},
+            {"params": [p for p in trainable if id(p) in head], "peak_lr": head_lr},
+        ]
+        groups = [g for g in groups if g["params"]]
+    for group in groups:
+        group["lr"] = group["peak_lr"]
+    return OPTIMIZERS[optimizer](groups, lr=lr, weight_decay=weight_decay, eps=eps)
+
+
+def lr_factor(step: int, epoch_index: int, warmup: int, lr_decay: float | None) -> float:
+    """The schedule's factor on each group's peak rate: linear warm-up, then decay per epoch."""
+    factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    if lr_decay is not None:
+        factor *= lr_decay**epoch_index
+    return factor
+
+
+def set_lr(optimizer: Any, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["peak_lr"] * factor
+
+
+def warmup_steps(warmup: float | int, total_steps: int) -> int:
+    if isinstance(warmup, int):
+        return warmup
+    return math.ceil(warmup * total_steps)
+
+
+def improves(value: Any, best: Any, direction: str) -> bool:
+    """Whether the monitored ``value`` beats ``best`` (``direction`` ``"min"`` or ``"max"``)."""
+    if value is None or not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value < best if direction == "min" else value > best
