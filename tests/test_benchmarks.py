@@ -159,6 +159,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert out.startswith("dry run: tiny model on the CPU")
     rows = {r["check"].split(" (")[0]: r for r in _table(out, "| check | result")}
     assert len(rows) == 7
+
     def number(check, index=0):
         return float(rows[check]["result"].split()[index].replace(",", ""))
 
@@ -216,3 +217,28 @@ def test_scale_table_and_backed_file(tmp_path, capsys):
     sample = ad.read_h5ad(tmp_path / "synthetic_60.h5ad", backed="r")
     assert sample.n_obs == 60
     sample.file.close()
+
+
+def test_planted_signal_is_learned_by_the_encoder_and_the_baseline():
+    """Issue 19's planted-signal data: 6 classes, each written in 6 marker genes."""
+    from scdlkit.foundation import ScGPTAnnotationRunner
+
+    planted = _import("planted_signal")
+    adata = planted.planted_signal_adata()
+    assert adata.shape == (600, 600)
+    assert adata.obs["cell_type"].value_counts().tolist() == [100] * 6
+    runner = ScGPTAnnotationRunner(
+        label_key="cell_type",
+        checkpoint=planted.RANDOM_CHECKPOINT,
+        strategies=("baseline", "full_finetune"),
+        # a random encoder must learn to read the markers: the encoder rate of a random model
+        training={"full_finetune": {"lr": 1e-3}},
+        precision="fp32",
+        progress=False,
+        random_state=0,
+    ).fit(adata)
+    accuracy = runner.strategy_metrics_.set_index("strategy")["test_accuracy"]
+    assert accuracy["baseline"] >= 0.95
+    assert accuracy["full_finetune"] >= 0.8
+    # the step floor stretched 10 epochs of 6 batches to 300 steps
+    assert runner.results_["full_finetune"].training["trainer"]["epochs"] >= 30
