@@ -246,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention-dropout",
         type=float,
         metavar="P",
-        help="dropout on attention weights while training; 0 is several times faster on CPU "
-        "(default: the checkpoint's dropout, as upstream)",
+        help="dropout on attention weights while training, over the encoder_dropout training "
+        "setting (default 0; the checkpoint's is 0.2); >0 is several times slower on CPU",
     )
     key_added_option(sub, "scgpt_annotation", "prefix of the written obs/obsm/uns slots")
     logging_options(sub, top=False)

@@ -101,9 +101,9 @@ class ScGPTAnnotationRunner:
     training
         Overrides of the training settings: setting names (apply to all strategies) and/or
         strategy names mapping to dicts, e.g. ``{"lora": {"epochs": 20}}``. Settings: epochs,
-        min_steps, lr, weight_decay, warmup, lr_decay, grad_clip, early_stopping_patience,
-        monitor, class_weight, optimizer, adam_eps (``frozen_probe`` and ``baseline`` take
-        class_weight only). Defaults:
+        min_steps, lr, head_lr, weight_decay, warmup, lr_decay, grad_clip, early_stopping_patience,
+        monitor, class_weight, optimizer, adam_eps, encoder_dropout (encoder-trained strategies);
+        ``frozen_probe`` and ``baseline`` take class_weight only. Defaults:
         :data:`~scdlkit.foundation._training_settings.DEFAULT_TRAINING`.
     epochs, lr, early_stopping_patience, class_weight
         Shortcuts for the same settings, applied to every neural strategy when given;
@@ -125,8 +125,8 @@ class ScGPTAnnotationRunner:
         Batches to hold out by name with ``split_by="batch"`` (default: drawn with
         ``random_state``).
     attention_dropout
-        Dropout on attention weights while training; ``None`` keeps the checkpoint's ``dropout``
-        as upstream does. ``0.0`` is several times faster on CPU (no fused kernel with dropout).
+        Dropout on attention weights while training, over the ``encoder_dropout`` training
+        setting (default 0: the encoder trains without dropout); ``None`` leaves that setting.
     n_repeats
         Fit every strategy on this many splits (seeds ``random_state``, ``random_state + 1``,
         ...): ``strategy_metrics_`` then holds means with ``<column>_sd`` beside each metric,

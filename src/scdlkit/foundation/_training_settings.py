@@ -4,9 +4,10 @@ Defaults follow the published recipes (SCGPT_NOTES.md section 5) except where a 
 otherwise (docs/strategies.md gives each difference and its reason): full fine-tuning uses the
 scGPT tutorial's Adam lr 1e-4 (its new head 1e-3), StepLR gamma 0.9 per epoch and gradient
 clipping at 1.0; parameter-efficient methods train few parameters at a larger lr (3e-3, the IA3
-paper's; scPEFT uses 5e-5); encoder dropout is off while training; the frozen ``head`` trains only the classifier on ``<cls>`` features computed once, so
-it affords many cheap epochs. Every neural strategy keeps the epoch with the lowest validation
-loss (the tutorial's rule) and stops after ``early_stopping_patience`` epochs without improvement.
+paper's; scPEFT uses 5e-5); encoder dropout is off while training; the frozen ``head`` trains
+only the classifier on ``<cls>`` features computed once, so it affords many cheap epochs. Every
+neural strategy keeps the epoch with the lowest loss on an inner split of the training cells and
+stops after ``early_stopping_patience`` epochs without improvement.
 
 Budgets hold at any dataset size: an encoder-trained strategy takes at least ``min_steps``
 optimiser steps. On a small dataset (few batches per epoch) its epochs are stretched to reach that
