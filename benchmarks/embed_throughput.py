@@ -84,6 +84,9 @@ PRECISION_COLUMNS = (
     "useful GFLOP/s",
     "GEMM GFLOP/s",
     "fraction of GEMM",
+    "attention share of FLOPs",
+    "attention kernel alone, fraction of GEMM",
+    "ceiling set by attention",
     "min cosine to fp32",
 )
 #: torch.profiler operator names (substrings) -> the kind of work, for ``--profile``.
@@ -222,6 +225,40 @@ def gemm_rate(
     return 2.0 * rows * d * 3 * d / seconds / 1e9
 
 
+def attention_flops(args: Any, lengths: Sequence[int]) -> float:
+    """The attention (scores and values) part of :func:`useful_flops`."""
+    length = np.asarray(lengths, dtype=np.float64)
+    d, n = args.embsize, args.nlayers
+    return float(((n - 1) * 4.0 * length**2 * d + 4.0 * length * d).sum())
+
+
+def attention_rate(
+    dtype: torch.dtype, lengths: np.ndarray, batch_size: int, device: torch.device, args: Any
+) -> float:
+    """GFLOP/s of torch's attention kernel alone (``scaled_dot_product_attention`` with a padding
+    mask) at the median inference batch's shape: the ceiling attention puts on the encoder."""
+    batches = sorted(inference_batches(lengths, batch_size), key=len)
+    cells = batches[len(batches) // 2]
+    batch, width = len(cells), padded_width(int(lengths[cells].max()))
+    heads, d = args.nheads, args.embsize
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(batch, heads, width, d // heads, generator=gen).to(device, dtype)
+        for _ in range(3)
+    )
+    keep = torch.arange(width)[None, :] < torch.as_tensor(lengths[cells])[:, None]
+    mask = keep[:, None, None, :].to(device)
+
+    def run() -> Any:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    with torch.inference_mode():
+        run()
+        seconds = statistics.median(timed(run, device)[0] for _ in range(5))
+    real = float((np.asarray(lengths[cells], dtype=np.float64) ** 2).sum())
+    return 4.0 * real * d / seconds / 1e9
+
+
 def batch_rows(lengths: np.ndarray, batch_size: int) -> int:
     """Median padded tokens per inference batch: the rows of its matrix products."""
     rows = [
@@ -276,6 +313,7 @@ def precision_rows(
     load from other programs slows both alike; medians over ``repeats``.
     """
     useful = useful_flops(model.args, tokens.lengths)
+    attention_share = attention_flops(model.args, tokens.lengths) / useful
     rows, d = batch_rows(tokens.lengths, batch_size), model.args.embsize
     variants = _variants(autocast_baseline)
     outputs = {}
@@ -298,8 +336,13 @@ def precision_rows(
             gemms[name].append(gemm)
             fractions[name].append(useful / elapsed / 1e9 / gemm)
     out = []
-    for name, *_ in variants:
+    for name, precision, _ in variants:
         elapsed = statistics.median(seconds[name])
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        attention = attention_rate(dtype, tokens.lengths, batch_size, device, model.args)
+        attention_fraction = attention / statistics.median(gemms[name])
+        # reachable if all but attention ran at the GEMM rate and attention at its kernel's
+        ceiling = 1.0 / (1.0 - attention_share + attention_share / attention_fraction)
         out.append(
             {
                 "precision": name,
@@ -307,6 +350,9 @@ def precision_rows(
                 "useful GFLOP/s": f"{useful / elapsed / 1e9:.1f}",
                 "GEMM GFLOP/s": f"{statistics.median(gemms[name]):.1f}",
                 "fraction of GEMM": f"{statistics.median(fractions[name]):.2f}",
+                "attention share of FLOPs": f"{attention_share:.2f}",
+                "attention kernel alone, fraction of GEMM": f"{attention_fraction:.2f}",
+                "ceiling set by attention": f"{ceiling:.2f}",
                 "min cosine to fp32": f"{(outputs[name] * outputs['fp32']).sum(1).min():.6f}",
             }
         )
@@ -581,7 +627,10 @@ def main(argv: Sequence[str] | None = None) -> str:
             "Useful FLOPs: what the <cls> embeddings need on real tokens (no padding, the last "
             "layer's <cls> position only). GEMM: (M x d) @ (d x 3d) in the row's dtype, "
             f"M = {batch_rows(few_tokens.lengths, args.batch_size):,} (median padded tokens per "
-            f"batch), timed around every model run; medians of {args.repeats}."
+            f"batch), timed around every model run; medians of {args.repeats}. Attention kernel "
+            "alone: torch's scaled_dot_product_attention with a padding mask at the median "
+            "batch's shape, on real tokens' FLOPs. Ceiling: the fraction of GEMM the encoder "
+            "would reach if everything but attention ran at the GEMM rate."
         )
         if args.profile:
             table = profile_table(

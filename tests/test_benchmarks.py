@@ -82,6 +82,13 @@ def test_embed_throughput_quick_table(capsys):
         assert float(r["useful GFLOP/s"]) >= 0
         assert float(r["GEMM GFLOP/s"]) > 0
         assert float(r["fraction of GEMM"]) >= 0
+        assert 0 < float(r["attention share of FLOPs"]) < 1
+        assert float(r["attention kernel alone, fraction of GEMM"]) > 0
+        assert (
+            0
+            < float(r["ceiling set by attention"])
+            <= 1 / (1 - float(r["attention share of FLOPs"]))
+        )
         assert float(r["min cosine to fp32"]) > 0.999
     assert "native bf16: " in text
 
