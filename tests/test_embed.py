@@ -181,6 +181,33 @@ def test_non_finite_values_refused(fixture_adata, checkpoint_dir):
     assert "scgpt" not in fixture_adata.uns
 
 
+@pytest.mark.parametrize("storage", ["dense", "csr", "csc", "backed"])
+@pytest.mark.parametrize("bad", [-1.0, np.inf])
+def test_bad_values_refused_in_every_storage(fixture_adata, checkpoint_dir, tmp_path, storage, bad):
+    from scipy import sparse
+
+    from scdlkit._shared import validation
+
+    x = np.asarray(
+        fixture_adata.X.toarray() if sparse.issparse(fixture_adata.X) else fixture_adata.X
+    )
+    x = x.astype(np.float32)
+    x[-1, np.flatnonzero(x[-1])[-1]] = bad  # the last stored value: the scan reaches the end
+    adata = ad.AnnData(x, var=fixture_adata.var.copy())
+    if storage != "dense":
+        adata.X = sparse.csr_matrix(x) if storage != "csc" else sparse.csc_matrix(x)
+    if storage == "backed":
+        adata.write_h5ad(tmp_path / "bad.h5ad")
+        adata = ad.read_h5ad(tmp_path / "bad.h5ad", backed="r")
+    match = "negative" if bad < 0 else "NaN or infinite"
+    with pytest.raises(ValueError, match=match):
+        validation.validate_values(adata, None)
+    # and in blocks smaller than the data, as a large file is scanned
+    blocks = list(validation._stored_values(validation.get_matrix(adata, None), size=7))
+    assert sum(len(b) for b in blocks) == np.count_nonzero(x)
+    assert not np.isfinite(np.concatenate(blocks)).all() or np.concatenate(blocks).min() < 0
+
+
 def test_no_gene_overlap(fixture_adata, checkpoint_dir):
     fixture_adata.var_names = [f"NOTAGENE{i}" for i in range(fixture_adata.n_vars)]
     with pytest.raises(ValueError, match="gene_key"):

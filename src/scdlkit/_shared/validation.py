@@ -56,15 +56,28 @@ def _where(layer: str | None) -> str:
     return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
 
 
+def _stored_values(matrix: Any, size: int = 1 << 20) -> Iterator[np.ndarray]:
+    """The matrix's stored values in blocks of ``size``; sparse ones (backed or not) without
+    reading their indices, so the scan's memory stays a few MiB whatever the data."""
+    group = getattr(matrix, "group", None)  # anndata's backed sparse dataset
+    stored = group["data"] if group is not None and "data" in group else None
+    if stored is None and sparse.issparse(matrix):
+        stored = matrix.data
+    if stored is not None:
+        for start in range(0, stored.shape[0], size):
+            yield np.asarray(stored[start : start + size])
+        return
+    for _, block in iter_row_chunks(matrix):
+        yield block.data
+
+
 def validate_values(adata: Any, layer: str | None) -> None:
     """Refuse negative or non-finite expression values with a pointer to usable data.
 
     scGPT bins each cell's non-zero values by rank, so raw counts and log-normalised values work
     alike; scaled (z-scored) data have negative values and lose the zero/non-zero distinction.
     """
-    matrix = get_matrix(adata, layer)
-    for _, block in iter_row_chunks(matrix):
-        data = block.data
+    for data in _stored_values(get_matrix(adata, layer)):
         if not np.isfinite(data).all():
             msg = (
                 f"{_where(layer)} holds NaN or infinite values. scGPT needs raw counts or "
