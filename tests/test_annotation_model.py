@@ -40,7 +40,7 @@ CONFIGS = {
     "ia3": IA3Config(),
 }
 PEFT_COUNTS = {
-    "lora": N_LAYERS * 2 * 4 * (D + D),
+    "lora": N_LAYERS * 3 * 4 * (D + D),  # query, key and value
     "adapter": N_LAYERS * (2 * D * 8 + 8 + D),
     "prefix_tuning": N_LAYERS * 2 * 4 * D,
     "ia3": N_LAYERS * (2 * D + D_HID),
@@ -341,7 +341,7 @@ def test_whole_human_counts_on_meta_device():
     head = 2 * (512 * 512 + 512 + 2 * 512) + 512 * 10 + 10
     expected = {
         "head": head,
-        "lora": head + 12 * 2 * 8 * (512 + 512),
+        "lora": head + 12 * 3 * 8 * (512 + 512),
         "adapter": head + 12 * (2 * 512 * 128 + 128 + 512),
         "prefix_tuning": head + 12 * 2 * 8 * 512,
         "ia3": head + 12 * (2 * 512 + 512),

@@ -91,7 +91,12 @@ def test_config_round_trip(config):
 
 def test_config_defaults_follow_published_recipes():
     lora = LoRAConfig()
-    assert (lora.rank, lora.alpha, lora.target_modules, lora.layers) == (8, 16.0, ("q", "v"), None)
+    assert (lora.rank, lora.alpha, lora.target_modules, lora.layers) == (
+        8,
+        16.0,
+        ("q", "k", "v"),
+        None,
+    )
     assert lora.scaling == 2.0
     adapter = AdapterConfig()
     assert (adapter.bottleneck_dim, adapter.placement, adapter.activation) == (
@@ -110,7 +115,7 @@ def test_config_normalises_names_and_layers():
     assert config.layers == (0, 1)
     assert LoRAConfig(target_modules="k").target_modules == ("k",)
     assert LoRAConfig(layers=1).layers == (1,)
-    assert LoRAConfig(target_modules=("v", "q")) == LoRAConfig()
+    assert LoRAConfig(target_modules=("v", "k", "q")) == LoRAConfig()
 
 
 def test_from_dict_rejects_unknown_keys():
@@ -474,6 +479,6 @@ def test_lora_count_at_whole_human_size():
         apply_lora(encoder, LoRAConfig())
         freeze_except_peft(encoder)
     lora = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
-    assert lora == args.nlayers * 2 * 8 * (512 + 512) == 196_608
+    assert lora == args.nlayers * 3 * 8 * (512 + 512) == 294_912
     total = sum(p.numel() for p in encoder.parameters())
     assert total - lora == 50_278_400  # the pretrained encoder

@@ -58,7 +58,8 @@ class LoRAConfig(PEFTConfig):
         Which projections get an update: ``"q"``, ``"k"``, ``"v"`` (the query, key and value row
         blocks of the packed ``self_attn.Wqkv``; only those output rows change), ``"out_proj"``
         (attention output), ``"linear1"`` and ``"linear2"`` (feed-forward in and out). Default
-        ``("q", "v")``, as in the LoRA paper and scPEFT.
+        ``("q", "k", "v")``; the LoRA paper and scPEFT adapt ``("q", "v")``, which learned less on
+        small data here (docs/strategies.md).
     layers
         Encoder layer indices to adapt; ``None`` (default) adapts all (scPEFT adapts the first 6
         of 12).
@@ -75,7 +76,7 @@ class LoRAConfig(PEFTConfig):
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.1
-    target_modules: tuple[str, ...] = ("q", "v")
+    target_modules: tuple[str, ...] = ("q", "k", "v")
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
