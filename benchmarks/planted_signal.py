@@ -23,19 +23,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from scdlkit._shared.strategies import STRATEGIES
+
 ROOT = Path(__file__).resolve().parents[1]
 RANDOM_CHECKPOINT = ROOT / "tests" / "data" / "scgpt-tiny-flash" / "checkpoint"
 PRETRAINED = ROOT / "tests" / "data" / "scgpt-tiny-pbmc-pretrained"
-STRATEGIES = (
-    "frozen_probe",
-    "head",
-    "full_finetune",
-    "lora",
-    "adapter",
-    "prefix_tuning",
-    "ia3",
-    "baseline",
-)
 
 
 def planted_signal_adata(
