@@ -288,7 +288,10 @@ def _variants(autocast_baseline: bool) -> list[tuple[str, str, Callable[[], Any]
     return variants
 
 
-def _encode(model: Any, tokens: Any, device: torch.device, batch_size: int, precision: str):
+def encode_tokens(
+    model: Any, tokens: Any, device: torch.device, batch_size: int, precision: str
+) -> np.ndarray:
+    """``<cls>`` outputs of every cell through ``encode_cells``, as ``sck.tl.embed`` runs it."""
     return encode_cells(
         tokens,
         lambda b: model.cls_embedding(b["gene_ids"], b["values"], b["padding_mask"]),
@@ -319,7 +322,8 @@ def precision_rows(
     outputs = {}
     for name, precision, context in variants:  # warm-up, and the results compared with fp32
         with context():
-            outputs[name] = l2_normalise(_encode(model, tokens, device, batch_size, precision))
+            embeddings = encode_tokens(model, tokens, device, batch_size, precision)
+            outputs[name] = l2_normalise(embeddings)
     seconds: dict[str, list[float]] = {name: [] for name, *_ in variants}
     gemms: dict[str, list[float]] = {name: [] for name, *_ in variants}
     fractions: dict[str, list[float]] = {name: [] for name, *_ in variants}
@@ -329,7 +333,7 @@ def precision_rows(
             before = gemm_rate(dtype, rows, device, d=d)
             with context():
                 elapsed, _ = timed(
-                    lambda p=precision: _encode(model, tokens, device, batch_size, p), device
+                    lambda p=precision: encode_tokens(model, tokens, device, batch_size, p), device
                 )
             gemm = (before + gemm_rate(dtype, rows, device, d=d)) / 2
             seconds[name].append(elapsed)
@@ -389,9 +393,9 @@ def profile_table(
     rows: dict[str, dict[str, str]] = {g: {"op group": g} for g in [*groups, "total"]}
     for name, precision, context in _variants(autocast_baseline):
         with context():
-            _encode(model, tokens, device, batch_size, precision)  # warm-up
+            encode_tokens(model, tokens, device, batch_size, precision)  # warm-up
             with profile(activities=activities) as prof:
-                _encode(model, tokens, device, batch_size, precision)
+                encode_tokens(model, tokens, device, batch_size, precision)
         spent = dict.fromkeys(groups, 0.0)
         for event in prof.key_averages():
             self_time = event.self_cpu_time_total
@@ -429,13 +433,7 @@ def fixed_length_throughput(
     model = load_scgpt_model(ckpt, device=device)
 
     def run() -> np.ndarray:
-        return encode_cells(
-            tokens,
-            lambda b: model.cls_embedding(b["gene_ids"], b["values"], b["padding_mask"]),
-            device=device,
-            batch_size=batch_size,
-            precision=precision,
-        )
+        return encode_tokens(model, tokens, device, batch_size, precision)
 
     run()  # warm-up: kernels, allocator
     seconds = statistics.median(timed(run, device)[0] for _ in range(repeats))

@@ -101,19 +101,11 @@ def embedding_row(
     goal: str,
 ) -> dict[str, str]:
     """bf16 embedding cells/s and model FLOP utilisation on ``tokens``."""
-    from scdlkit.foundation._embed import encode_cells
-
     bench = _load("embed_throughput")
     _reset_peak(device)
 
     def run() -> np.ndarray:
-        return encode_cells(
-            tokens,
-            lambda b: model.cls_embedding(b["gene_ids"], b["values"], b["padding_mask"]),
-            device=device,
-            batch_size=batch_size,
-            precision="bf16",
-        )
+        return bench.encode_tokens(model, tokens, device, batch_size, "bf16")
 
     seconds = _median_seconds(run, device, repeats)
     achieved = bench.useful_flops(model.args, tokens.lengths) / seconds / 1e12
@@ -196,7 +188,6 @@ def parity_rows(
     import anndata as ad
 
     import scdlkit as sck
-    from scdlkit.foundation._embed import encode_cells
 
     _reset_peak(device)
     adata = ad.read_h5ad(FIXTURE / "data.h5ad")
@@ -218,11 +209,8 @@ def parity_rows(
             "peak GPU memory": _peak(device),
         },
     ]
-    forward = lambda b: model.cls_embedding(b["gene_ids"], b["values"], b["padding_mask"])  # noqa: E731
-    big = {
-        p: encode_cells(tokens, forward, device=device, batch_size=batch_size, precision=p)
-        for p in ("fp32", "bf16")
-    }
+    bench = _load("embed_throughput")
+    big = {p: bench.encode_tokens(model, tokens, device, batch_size, p) for p in ("fp32", "bf16")}
     rows.append(
         {
             "check": f"{model.args.nlayers}-layer model, {tokens.n_cells} realistic cells: bf16 "

@@ -429,8 +429,9 @@ class NeuralStrategy(StrategyFamily):
         )
         fit_cells, stop_cells = ctx.early_stopping_split()
         budget = stretch_to_min_steps(settings, -(-len(fit_cells) // ctx.batch_size))
-        if budget.pop("encoder_dropout", None) is not None:
-            set_encoder_dropout(model.encoder, settings["encoder_dropout"])
+        encoder_dropout = budget.pop("encoder_dropout", None)  # a model setting, not the Trainer's
+        if encoder_dropout is not None:
+            set_encoder_dropout(model.encoder, encoder_dropout)
         if ctx.attention_dropout is not None:
             set_attention_dropout(model, ctx.attention_dropout)
         trainer = Trainer(
