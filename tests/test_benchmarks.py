@@ -228,24 +228,39 @@ def test_scale_table_and_backed_file(tmp_path, capsys):
 
 def test_planted_signal_is_learned_by_the_encoder_and_the_baseline():
     """Issue 19's planted-signal data: 6 classes, each written in 6 marker genes."""
-    from scdlkit.foundation import ScGPTAnnotationRunner
+    from scdlkit.foundation import ScGPTAnnotationRunner, load_scgpt_model
 
     planted = _import("planted_signal")
     adata = planted.planted_signal_adata()
     assert adata.shape == (600, 600)
     assert adata.obs["cell_type"].value_counts().tolist() == [100] * 6
+    assert (adata.var["marker_of"] != "").sum() == 36
+    common = {
+        "label_key": "cell_type",
+        "checkpoint": planted.RANDOM_CHECKPOINT,
+        "precision": "fp32",
+        "progress": False,
+        "random_state": 0,
+    }
+    baseline = ScGPTAnnotationRunner(strategies=("baseline",), **common).fit(adata)
+    assert baseline.strategy_metrics_["test_accuracy"].iloc[0] >= 0.95
+    # fitted alone, so the runner keeps its model; the default budget (2,000 steps at lr 1e-4)
+    # reaches 0.81 in the benchmark, a shorter run at a random model's rate keeps the suite fast
     runner = ScGPTAnnotationRunner(
-        label_key="cell_type",
-        checkpoint=planted.RANDOM_CHECKPOINT,
-        strategies=("baseline", "full_finetune"),
-        # a random encoder must learn to read the markers: the encoder rate of a random model
-        training={"full_finetune": {"lr": 1e-3}},
-        precision="fp32",
-        progress=False,
-        random_state=0,
+        strategies=("full_finetune",),
+        training={"full_finetune": {"lr": 1e-3, "min_steps": 300}},
+        **common,
     ).fit(adata)
-    accuracy = runner.strategy_metrics_.set_index("strategy")["test_accuracy"]
-    assert accuracy["baseline"] >= 0.95
-    assert accuracy["full_finetune"] >= 0.8
+    assert runner.strategy_metrics_["test_accuracy"].iloc[0] >= 0.8
     # the step floor stretched 10 epochs of 6 batches to 300 steps
     assert runner.results_["full_finetune"].training["trainer"]["epochs"] >= 30
+    # it learned by sending <cls>'s attention to the markers: uniform is about 6 / 127
+    frozen = planted.cls_attention_on_markers(
+        load_scgpt_model(planted.RANDOM_CHECKPOINT, device="cpu"), adata, planted.RANDOM_CHECKPOINT
+    )
+    tuned = planted.cls_attention_on_markers(
+        runner.results_["full_finetune"].model.encoder, adata, planted.RANDOM_CHECKPOINT
+    )
+    assert len(frozen) == len(tuned) == 2
+    assert all(0.02 < share < 0.1 for share in frozen)
+    assert max(tuned) > 2 * max(frozen)

@@ -47,7 +47,7 @@ _COMMON = {
     "adam_eps": 1e-8,
 }
 #: Optimiser steps an encoder-trained strategy takes at least (epochs are stretched to reach it).
-MIN_STEPS = 300
+MIN_STEPS = 2000
 #: Settings of the strategies that train the encoder (or modules inside it), not of ``head``.
 _ENCODER = {
     # dropout inside the encoder while it trains; None keeps the checkpoint's (upstream's 0.2).
