@@ -183,6 +183,7 @@ def run(
         # inner loss is memorisation; both near ln(n_classes) is no learning at all
         "train_loss": float(kept["train_loss"]) if kept is not None else np.nan,
         "inner_val_loss": float(kept["val_loss"]) if kept is not None else np.nan,
+        "final_train_loss": float(history["train_loss"].iloc[-1]) if kept is not None else np.nan,
         "epochs_run": len(history) if history is not None else 0,
         "epoch_budget": trainer.get("epochs", ""),
         "seconds": seconds,
@@ -209,6 +210,7 @@ def table(rows: list[dict]) -> pd.DataFrame:
         "test_macro_f1_sd": ("test_macro_f1", "std"),
         "train_loss": ("train_loss", "mean"),
         "inner_val_loss": ("inner_val_loss", "mean"),
+        "final_train_loss": ("final_train_loss", "mean"),
     }
     columns.update({c: (c, "mean") for c in frame.columns if c.startswith("cls_on_markers")})
     columns.update(
