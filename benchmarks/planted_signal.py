@@ -14,11 +14,13 @@ per data set (fp32, so the numbers mean the same on every CPU) and names the mac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import anndata as ad
 import numpy as np
@@ -155,20 +157,32 @@ def run(
     *,
     training: dict | None = None,
     attention: bool = False,
+    keep_last: bool = False,
 ) -> dict:
-    """Fit one strategy; with ``attention``, also measure ``<cls>`` attention on the markers."""
-    from scdlkit.foundation import ScGPTAnnotationRunner
+    """Fit one strategy; with ``attention``, also measure ``<cls>`` attention on the markers.
 
+    ``keep_last`` is a diagnosis: the Trainer keeps the last epoch's weights instead of restoring
+    the best one, so metrics and attention describe the model at the end of training.
+    """
+    from scdlkit.foundation import ScGPTAnnotationRunner
+    from scdlkit.training import Trainer
+
+    keeping = (
+        mock.patch.object(Trainer, "_restore", return_value=None)
+        if keep_last
+        else contextlib.nullcontext()
+    )
     start = time.perf_counter()
-    runner = ScGPTAnnotationRunner(
-        label_key=label_key,
-        checkpoint=checkpoint,
-        strategies=(strategy,),
-        training=training,
-        random_state=seed,
-        precision="fp32",
-        progress=False,
-    ).fit(adata)
+    with keeping:
+        runner = ScGPTAnnotationRunner(
+            label_key=label_key,
+            checkpoint=checkpoint,
+            strategies=(strategy,),
+            training=training,
+            random_state=seed,
+            precision="fp32",
+            progress=False,
+        ).fit(adata)
     seconds = time.perf_counter() - start
     row = runner.strategy_metrics_.iloc[0]
     trainer = (runner.results_[strategy].training or {}).get("trainer", {})
@@ -229,6 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--training", type=json.loads, default=None, help="training= overrides, as JSON"
     )
+    parser.add_argument(
+        "--keep-last",
+        action="store_true",
+        help="diagnosis: keep the last epoch's weights, not the best (planted data)",
+    )
     args = parser.parse_args(argv)
     from scdlkit._shared.hardware import native_bf16
 
@@ -248,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
                 seed,
                 training=args.training,
                 attention=True,
+                keep_last=args.keep_last,
             )
             for seed in args.seeds
             for s in args.strategies

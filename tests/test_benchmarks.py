@@ -264,3 +264,25 @@ def test_planted_signal_is_learned_by_the_encoder_and_the_baseline():
     assert len(frozen) == len(tuned) == 2
     assert all(0.02 < share < 0.1 for share in frozen)
     assert max(tuned) > 2 * max(frozen)
+
+
+def test_planted_signal_run_reports_losses_and_attention_at_the_last_epoch():
+    planted = _import("planted_signal")
+    adata = planted.planted_signal_adata(n_cells=120)
+    out = planted.run(
+        adata,
+        "cell_type",
+        planted.RANDOM_CHECKPOINT,
+        "ia3",
+        0,
+        training={"epochs": 3, "early_stopping_patience": None},
+        attention=True,
+        keep_last=True,
+    )
+    assert out["epochs_run"] == 3
+    assert np.isfinite([out["train_loss"], out["inner_val_loss"], out["final_train_loss"]]).all()
+    # both layers' <cls> attention on the markers, as shares of one
+    assert 0 < out["cls_on_markers_l1"] < 1
+    assert 0 < out["cls_on_markers_l2"] < 1
+    frame = planted.table([out])
+    assert {"final_train_loss", "cls_on_markers_l1", "cls_on_markers_l2"} <= set(frame.columns)

@@ -81,8 +81,8 @@ DEFAULT_TRAINING: dict[str, dict[str, Any]] = {
         "epochs": 10,
         "min_steps": MIN_STEPS,
         "lr": 1e-4,
-        # the head is new and random: at the encoder's 1e-4 it barely trains in a few hundred
-        # steps (measured, docs/strategies.md); it trains at the `head` strategy's rate
+        # the head is new and random: at the encoder's 1e-4 it barely trained in 300 steps
+        # (measured, docs/strategies.md); it trains at the `head` strategy's rate
         "head_lr": 1e-3,
         "lr_decay": 0.9,
         "early_stopping_patience": 3,
