@@ -93,11 +93,10 @@ def cls_attention_on_markers(encoder: Any, adata: ad.AnnData, checkpoint: Path) 
             qkv = module.Wqkv(x).view(batch, length, 3, module.nhead, module.head_dim)
             q = qkv[:, :1, 0].transpose(1, 2)  # (batch, heads, 1, head_dim): <cls>'s query
             k = qkv[:, :, 1].transpose(1, 2)
-            keep = (
-                torch.ones(batch, 1, 1, length, dtype=torch.bool)
-                if attn_mask is None
-                else (attn_mask)
-            )
+            if attn_mask is None:  # no padding in this batch
+                keep = torch.ones(batch, 1, 1, length, dtype=torch.bool, device=x.device)
+            else:
+                keep = attn_mask
             n_prefix = 0
             if module.prefix is not None:
                 prefix_k = module.prefix(batch)[0].to(k.dtype)
