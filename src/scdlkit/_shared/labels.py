@@ -1,7 +1,9 @@
-"""Label columns: missing values mean "unlabelled", never a class called "nan"."""
+"""Label columns: missing values (and strings spelling them) mean "unlabelled", never a class
+called "nan"."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,15 +38,33 @@ def read_label_column(obs: pd.DataFrame, label_key: str) -> pd.Series:
     return obs[label_key]
 
 
-def _missing(values: pd.Series) -> np.ndarray:
-    as_str = values.astype("string")
-    return (values.isna() | as_str.str.strip().fillna("").eq("")).to_numpy()
+#: Strings that mean "no label": what ``astype(str)`` makes of NaN, None and pandas' NA, and
+#: the spellings of "not available" that spreadsheets write. Compared case-insensitively.
+MISSING_LABEL_STRINGS = frozenset({"nan", "none", "<na>", "na", "n/a", "null"})
+
+
+def _missing(values: pd.Series, *, what: str = "label") -> np.ndarray:
+    """Missing values, empty strings and strings that spell "missing" (with a warning)."""
+    as_str = values.astype("string").str.strip()
+    empty = values.isna() | as_str.fillna("").eq("")
+    spelled = ~empty & as_str.str.lower().isin(MISSING_LABEL_STRINGS).fillna(False)
+    if spelled.any():
+        found = as_str[spelled].value_counts()
+        listed = ", ".join(f"{name!r}: {count}" for name, count in found.items())
+        msg = (
+            f"{int(spelled.sum())} cells have a {what} that spells a missing value ({listed}); "
+            "they are treated as unlabelled, not as a class. (astype(str) turns missing values "
+            "into such strings: keep them as NaN.)"
+        )
+        warnings.warn(msg, UserWarning, stacklevel=3)
+    return (empty | spelled).to_numpy(dtype=bool)
 
 
 def encode_labels(
     values: pd.Series, *, categories: list[str] | None = None, min_classes: int = 2
 ) -> EncodedLabels:
-    """Encode a label column; NaN, None and empty strings become -1 (unlabelled).
+    """Encode a label column; NaN, None, empty strings and strings that spell a missing value
+    (``"nan"``, ``"None"``, ``"<NA>"``, ..., with a warning) become -1 (unlabelled).
 
     Categories keep the column's categorical order when it has one (unused ones dropped), else
     sorted order, so codes are stable across runs. With ``categories`` given (a fitted model's),
@@ -80,7 +100,7 @@ def read_batch_column(obs: pd.DataFrame, batch_key: str) -> np.ndarray:
         msg = f"batch_key={batch_key!r} is not a column of adata.obs (columns: {cols})."
         raise KeyError(msg)
     values = obs[batch_key]
-    missing = _missing(values)
+    missing = _missing(values, what="batch")
     if missing.any():
         msg = (
             f"batch_key={batch_key!r}: {int(missing.sum())} cells have no batch (NaN/None/empty). "

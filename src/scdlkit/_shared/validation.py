@@ -11,6 +11,9 @@ import pandas as pd
 from scipy import sparse
 
 __all__ = [
+    "MIN_SHARED_GENES",
+    "cells_without_expression",
+    "check_shared_genes",
     "describe_values",
     "gene_names",
     "get_matrix",
@@ -21,6 +24,9 @@ __all__ = [
 
 _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 CHUNK_CELLS = 4096
+#: Genes a query must share with what a model reads (the scGPT vocabulary, or the baseline's
+#: fitted genes): fewer and its labels say more about the genes missing than about the cells.
+MIN_SHARED_GENES = 100
 
 
 def get_matrix(adata: Any, layer: str | None) -> Any:
@@ -147,3 +153,61 @@ def looks_like_ensembl(names: pd.Index, threshold: float = 0.5) -> bool:
     sample = names[: min(len(names), 2000)]
     hits = sum(bool(_ENSEMBL.match(n)) for n in sample)
     return hits / len(sample) >= threshold
+
+
+def check_shared_genes(
+    names: pd.Index,
+    known: Any,
+    *,
+    gene_key: str | None,
+    what: str,
+    min_shared: int = MIN_SHARED_GENES,
+) -> np.ndarray:
+    """Positions of ``names`` that are in ``known``; refuse a query sharing too few genes.
+
+    At least ``min(min_shared, len(known))`` genes must be shared, so a query with a handful of
+    the model's genes is refused as one with none of them is, never labelled in silence.
+
+    Parameters
+    ----------
+    names
+        The query's gene names.
+    known
+        The genes the model reads (anything supporting ``in``; a sized collection).
+    gene_key
+        Where ``names`` came from, for the message.
+    what
+        What ``known`` is, for the message (e.g. "the baseline's fitted genes").
+    min_shared
+        Genes needed, capped at ``len(known)``.
+    """
+    present = np.fromiter((n in known for n in names), dtype=bool, count=len(names))
+    needed = min(min_shared, len(known))
+    shared = int(present.sum())
+    if shared == 0 or shared < needed:
+        where = f"adata.var[{gene_key!r}]" if gene_key else "adata.var_names"
+        sample = ", ".join(map(str, names[:5])) or "none"
+        msg = (
+            f"only {shared} of {len(names)} genes in {where} are among {what} (need at least "
+            f"{needed}; first genes: {sample}). Use the same kind of gene identifiers as the "
+            "reference (e.g. symbols), or pass gene_key= naming the adata.var column that holds "
+            "them."
+        )
+        raise ValueError(msg)
+    return np.flatnonzero(present)
+
+
+def cells_without_expression(matrix: Any, columns: np.ndarray | None = None) -> np.ndarray:
+    """True for each cell with no non-zero value (among ``columns`` when given).
+
+    Such a cell carries nothing a model can read: any label for it would come from the model's
+    prior alone. Reads the matrix in row chunks (dense, sparse, backed or dask).
+    """
+    empty = np.zeros(matrix.shape[0], dtype=bool)
+    for start, block in iter_row_chunks(matrix):
+        if columns is not None:
+            block = block[:, columns]
+        block = sparse.csr_matrix(block)
+        block.eliminate_zeros()
+        empty[start : start + block.shape[0]] = np.diff(block.indptr) == 0
+    return empty
