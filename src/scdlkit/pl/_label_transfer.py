@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from scdlkit.pl._utils import finish, get_axes, missing_slot_error
+from scdlkit.pl._utils import finish, get_axes
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -26,6 +26,18 @@ def _ordered(column: pd.Series) -> list[str]:
     return sorted(values)
 
 
+def _missing_labels_error(key: str, column: str) -> KeyError:
+    """The tool that writes ``obs[column]``: annotate (with majority voting for the vote)."""
+    if column == f"{key}_majority_voting":
+        how = f"sck.tl.annotate(adata, runner, majority_voting=True, key_added={key!r})"
+    else:
+        how = (
+            f"sck.tl.annotate(adata, runner, key_added={key!r}) (or sck.tl.adapt_annotation on "
+            "the reference)"
+        )
+    return KeyError(f"adata.obs[{column!r}] not found: run {how} first.")
+
+
 def label_transfer_table(
     adata: AnnData, reference_key: str, *, key: str = "scgpt_annotation", predicted_key: str
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -39,7 +51,7 @@ def label_transfer_table(
         raise KeyError(msg)
     for column in (predicted_key, f"{key}_confidence"):
         if column not in adata.obs.columns:
-            raise missing_slot_error(key, f"adata.obs[{column!r}]")
+            raise _missing_labels_error(key, column)
     obs = adata.obs[[reference_key, predicted_key, f"{key}_confidence"]].dropna()
     rows, cols = _ordered(obs[reference_key]), _ordered(obs[predicted_key])
     groups = obs[reference_key].astype(str)

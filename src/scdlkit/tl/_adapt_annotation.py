@@ -2,14 +2,31 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from anndata import AnnData
 
+from scdlkit._shared.arguments import (
+    check_bool,
+    check_int,
+    check_number,
+    check_optional_int,
+    check_optional_number,
+)
 from scdlkit._shared.provenance import check_writable
-from scdlkit._shared.slots import check_key_added, fit_summary_uns, write_annotation_slots
+from scdlkit._shared.slots import annotation_slots, check_key_added, fit_summary_uns
 from scdlkit._shared.strategies import DEFAULT_STRATEGIES
+from scdlkit.tl._checks import (
+    check_checkpoint,
+    check_device,
+    check_has_cells,
+    check_optional_path,
+    check_optional_str,
+    check_random_state,
+    check_str,
+)
 
 __all__ = ["adapt_annotation"]
 
@@ -36,6 +53,9 @@ def adapt_annotation(
     **kwargs: Any,
 ) -> AnnData | None:
     """Adapt scGPT to the labelled cells of ``adata``, compare strategies, keep the best.
+
+    Every argument is checked before any work, and every slot is built before the first is
+    written, so a call that fails leaves ``adata`` exactly as it was.
 
     Fits every strategy on a stratified train split, ranks them by validation macro-F1, keeps
     the best, labels every cell (unlabelled ones included) and writes the results into ``adata``.
@@ -71,8 +91,9 @@ def adapt_annotation(
         repeat; the ranking uses the mean validation macro-F1. With one repeat, test macro-F1
         carries a bootstrap 95% interval. Labels and ``_split`` come from the first repeat.
     key_added
-        Prefix of the written slots. Refused before any work when the slots would replace the
-        label or batch column, or obs/obsm entries that scdlkit did not write.
+        Prefix of the written slots: a string without ``/``, backslash or NUL (h5ad and zarr
+        refuse them). Refused before any work when the slots would replace the label or batch
+        column, or obs/obsm entries that scdlkit did not write.
     copy
         Return a modified copy instead of writing into ``adata``.
     **kwargs
@@ -105,8 +126,22 @@ def adapt_annotation(
     # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
     from scdlkit.foundation._adapt import adapt_scgpt_annotation, default_runner_dir
 
+    copy = check_bool("copy", copy)
     check_writable(adata, copy=copy)
-    check_key_added(adata, key_added, inputs=(label_key, kwargs.get("batch_key")))
+    check_has_cells(adata, "adapt_annotation")
+    label_key = check_str("label_key", label_key)
+    checkpoint = check_checkpoint("checkpoint", checkpoint)
+    batch_size = check_int("batch_size", batch_size, min_value=1)
+    val_size = check_number("val_size", val_size, min_value=0.0, max_value=1.0, max_inclusive=False)
+    test_size = check_number(
+        "test_size", test_size, min_value=0.0, max_value=1.0, max_inclusive=False
+    )
+    random_state = check_random_state(random_state)
+    device = check_device(device)
+    output_dir = check_optional_path("output_dir", output_dir)
+    n_repeats = check_int("n_repeats", n_repeats, min_value=1)
+    kwargs = _check_runner_kwargs(kwargs)
+    key_added = check_key_added(adata, key_added, inputs=(label_key, kwargs.get("batch_key")))
     runner = adapt_scgpt_annotation(
         adata,
         label_key=label_key,
@@ -129,9 +164,7 @@ def adapt_annotation(
             "runner saved to the temporary folder %s; pass output_dir= to keep it",
             runner.runner_dir_,
         )
-    if copy:
-        adata = adata.copy()
-    write_annotation_slots(
+    slots = annotation_slots(
         adata,
         runner,
         runner.reference_predictions(),
@@ -139,4 +172,28 @@ def adapt_annotation(
         split=runner.split_.split_labels(),
         uns=fit_summary_uns(runner),
     )
+    if copy:
+        adata = adata.copy()
+    slots.write(adata)
     return adata if copy else None
+
+
+#: Checks of the runner arguments passed through ``**kwargs`` whose type and range are plain.
+_RUNNER_KWARG_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "gene_key": check_optional_str,
+    "layer": check_optional_str,
+    "batch_key": check_optional_str,
+    "confidence_threshold": partial(check_optional_number, min_value=0.0, max_value=1.0),
+    "epochs": partial(check_optional_int, min_value=1),
+    "lr": partial(check_optional_number, min_value=0.0, min_inclusive=False),
+    "overwrite": check_bool,
+    "progress": check_bool,
+}
+
+
+def _check_runner_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with the plain ones checked and in Python types (the runner checks the rest)."""
+    return {
+        name: _RUNNER_KWARG_CHECKS[name](name, value) if name in _RUNNER_KWARG_CHECKS else value
+        for name, value in kwargs.items()
+    }

@@ -9,15 +9,31 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
+from scdlkit._shared.arguments import check_bool, check_optional_int
 from scdlkit._shared.persist import MANIFEST_NAME, sha256_file
 from scdlkit._shared.provenance import check_writable
-from scdlkit._shared.slots import check_key_added, write_annotation_slots
+from scdlkit._shared.slots import (
+    annotation_slots,
+    check_key_added,
+    check_key_name,
+    written_by_scdlkit,
+)
+from scdlkit.tl._checks import (
+    check_checkpoint,
+    check_device,
+    check_has_cells,
+    check_optional_str,
+    check_random_state,
+    check_runner,
+)
 from scdlkit.tl._labelling import (
     UNKNOWN_LABEL,
+    LabellingOptions,
     Vote,
     check_labelling_options,
+    check_unknown_label,
     label_cells,
-    write_labelling_slots,
+    labelling_slots,
 )
 from scdlkit.tl._majority_voting import majority_vote, over_cluster, resolve_over_clustering
 
@@ -45,17 +61,22 @@ def annotate(
 ) -> AnnData | None:
     """Label new cells with a fitted annotation runner.
 
+    Every argument is checked before any work, and every slot is built before the first is
+    written, so a call that fails leaves ``adata`` exactly as it was.
+
     Parameters
     ----------
     adata
         Query cells with gene symbols (raw counts or log-normalised). A backed AnnData is read in
-        chunks and takes the results in memory, as in :func:`scdlkit.tl.embed`.
+        chunks and takes the results in memory, as in :func:`scdlkit.tl.embed`. An AnnData with
+        no cells is refused before any work.
     runner
         A fitted :class:`scdlkit.AnnotationRunner`, the folder it was saved to, or the
         reference's record ``ref.uns["scgpt_annotation"]``: then the folder it names is loaded
         and refused if its manifest's sha256 differs from the one recorded (the folder was
         overwritten or edited since), so the labels always come from the model the record
-        describes.
+        describes. A runner that was never saved works too: ``uns[key_added]`` then records
+        ``runner_dir`` ``"None"`` and ``runner_saved`` ``False``.
     checkpoint
         Base checkpoint when loading from a folder (default: the one recorded at save time).
     gene_key, layer
@@ -67,7 +88,9 @@ def annotate(
         50,000 of a backed one). Results do not depend on it in fp32; in bf16 the
         tolerance of the outputs page ("What a cell's result depends on") holds.
     key_added
-        Prefix of the written slots.
+        Prefix of the written slots: a string without ``/``, backslash or NUL (h5ad and zarr
+        refuse them). Refused before any work when the slots would replace the
+        ``over_clustering`` column, or obs/obsm entries that scdlkit did not write.
     confidence_threshold
         Cells whose top probability is below it are labelled ``unknown_label`` (CellTypist's
         ``p_thres``); default: the runner's own ``confidence_threshold`` (often ``None``: every
@@ -79,12 +102,13 @@ def annotate(
         label of its cluster of ``over_clustering`` (as in CellTypist), which smooths single-cell
         noise on large queries.
     over_clustering
-        Clusters for the vote: an ``obs`` column, or one value per cell. ``None`` over-clusters
-        the cells on the annotation representation (``obsm[f"X_{key_added}"]``): scanpy's Leiden
-        when ``python-igraph`` is installed, with CellTypist's resolution growing with the
-        number of cells (5 up to 5,000 cells ... 30 above 200,000), k-means otherwise (10 x that
-        resolution clusters, at most one per 5 cells); written to
-        ``obs[f"{key_added}_over_clustering"]``.
+        Clusters for the vote: an ``obs`` column (kept as it is, also when it is the
+        ``obs[f"{key_added}_over_clustering"]`` of an earlier vote), or one value per cell.
+        ``None`` over-clusters the cells on the annotation representation
+        (``obsm[f"X_{key_added}"]``): scanpy's Leiden when ``python-igraph`` is installed, with
+        CellTypist's resolution growing with the number of cells (5 up to 5,000 cells ... 30
+        above 200,000), k-means otherwise (10 x that resolution clusters, at most one per 5
+        cells); written to ``obs[f"{key_added}_over_clustering"]``.
     min_prop
         A cluster whose majority label holds a smaller share of its cells is called
         ``"Heterogeneous"``.
@@ -114,51 +138,63 @@ def annotate(
     ...     query, runner_dir, confidence_threshold=0.5, majority_voting=True
     ... )  # doctest: +SKIP
     """
-    # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
-    from scdlkit.foundation import ScGPTAnnotationRunner
-
+    copy = check_bool("copy", copy)
     check_writable(adata, copy=copy)
-    check_key_added(adata, key_added)
-    check_labelling_options(confidence_threshold, unknown_label, min_prop)
-    if over_clustering is not None and not majority_voting:
+    check_has_cells(adata, "annotate")
+    runner = check_runner(runner, records=True)
+    checkpoint = check_checkpoint("checkpoint", checkpoint, optional=True)
+    gene_key = check_optional_str("gene_key", gene_key)
+    layer = check_optional_str("layer", layer)
+    device = check_device(device)
+    chunk_size = check_optional_int("chunk_size", chunk_size, min_value=1)
+    options = check_labelling_options(
+        confidence_threshold,
+        unknown_label,
+        min_prop,
+        majority_voting=majority_voting,
+        probabilities=probabilities,
+    )
+    random_state = check_random_state(random_state)
+    if over_clustering is not None and not options.majority_voting:
         msg = "over_clustering= is used only with majority_voting=True; pass both, or neither."
         raise ValueError(msg)
-    clusters = resolve_over_clustering(adata, over_clustering) if majority_voting else None
-    expected = None
-    if isinstance(runner, Mapping):
-        runner, expected = _recorded_runner(runner)
-        if (Path(runner) / MANIFEST_NAME).is_file():  # else loading says what is missing
-            _check_unchanged(runner, expected, sha256_file(Path(runner) / MANIFEST_NAME))
-    if not isinstance(runner, ScGPTAnnotationRunner):
-        runner = ScGPTAnnotationRunner.load(runner, checkpoint=checkpoint, device=device)
-    if expected is not None:  # again: the folder may have changed while it was read
-        _check_unchanged(runner.runner_dir_, expected, runner.manifest_sha256_)
+    key_added = _check_key_added(adata, key_added, options, over_clustering)
+    clusters = resolve_over_clustering(adata, over_clustering) if options.majority_voting else None
+
+    runner = _resolve_runner(runner, checkpoint, device)
+    threshold = (
+        runner.confidence_threshold
+        if options.confidence_threshold is None
+        else options.confidence_threshold
+    )
+    check_unknown_label(runner.label_categories_, threshold, options.unknown_label)
     _warn_if_normalised_differently(runner, adata, layer)
     predictions = runner.predict(adata, gene_key=gene_key, layer=layer, chunk_size=chunk_size)
-    threshold = (
-        runner.confidence_threshold if confidence_threshold is None else confidence_threshold
-    )
     labels, categories = label_cells(
-        predictions["probabilities"], runner.label_categories_, threshold, unknown_label
+        predictions["probabilities"],
+        runner.label_categories_,
+        threshold,
+        options.unknown_label,
+        no_expression=predictions.get("no_expression"),
     )
     vote = None
-    if majority_voting:
-        how = {"method": "given", "over_clustering": str(over_clustering)}
+    if options.majority_voting:
+        named = over_clustering if isinstance(over_clustering, str) else "one value per cell"
+        how = {"method": "given", "over_clustering": named}
         computed = clusters is None
         if computed:
             clusters, how = over_cluster(predictions["latent"], random_state=random_state)
-        vote = Vote(computed, clusters, *majority_vote(labels, clusters, min_prop=min_prop), how)
-    if copy:
-        adata = adata.copy()
+        summary = majority_vote(labels, clusters, min_prop=options.min_prop)
+        vote = Vote(computed, clusters, *summary, how)
     labelling = {
         "confidence_threshold": threshold,
-        "unknown_label": unknown_label,
-        "majority_voting": majority_voting,
+        "unknown_label": options.unknown_label,
+        "majority_voting": options.majority_voting,
         "over_clustering": over_clustering if isinstance(over_clustering, str) else None,
-        "min_prop": min_prop,
-        "probabilities": probabilities,
+        "min_prop": options.min_prop,
+        "probabilities": options.probabilities,
     }
-    write_annotation_slots(
+    slots = annotation_slots(
         adata,
         runner,
         predictions,
@@ -173,15 +209,57 @@ def annotate(
             }
         },
     )
-    write_labelling_slots(
+    labelling_slots(
+        slots,
         adata,
         key_added,
         labels,
         categories,
-        predictions["probabilities"] if probabilities else None,
+        predictions["probabilities"] if options.probabilities else None,
         vote,
+        keep=[over_clustering] if isinstance(over_clustering, str) else [],
+        replace_stale=written_by_scdlkit(adata, key_added),
     )
+    if copy:
+        adata = adata.copy()
+    slots.write(adata)
     return adata if copy else None
+
+
+def _check_key_added(
+    adata: AnnData, key_added: Any, options: LabellingOptions, over_clustering: Any
+) -> str:
+    """``key_added`` checked against every slot this call writes and the clusters it reads."""
+    key_added = check_key_name("key_added", key_added)
+    obs_columns, obsm_keys = [], []
+    if options.majority_voting:
+        obs_columns.append(f"{key_added}_majority_voting")
+        if over_clustering is None:
+            obs_columns.append(f"{key_added}_over_clustering")
+    if options.probabilities:
+        obsm_keys.append(f"{key_added}_probabilities")
+    inputs = [over_clustering] if isinstance(over_clustering, str) else []
+    return check_key_added(
+        adata, key_added, inputs=inputs, obs_columns=obs_columns, obsm_keys=obsm_keys
+    )
+
+
+def _resolve_runner(runner: Any, checkpoint: Any, device: Any) -> Any:
+    """The fitted runner to label with: given, loaded from its folder, or from a record."""
+    # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
+    from scdlkit.foundation import ScGPTAnnotationRunner
+
+    if isinstance(runner, ScGPTAnnotationRunner):
+        return runner
+    expected = None
+    if isinstance(runner, Mapping):
+        runner, expected = _recorded_runner(runner)
+        if (Path(runner) / MANIFEST_NAME).is_file():  # else loading says what is missing
+            _check_unchanged(runner, expected, sha256_file(Path(runner) / MANIFEST_NAME))
+    runner = ScGPTAnnotationRunner.load(runner, checkpoint=checkpoint, device=device)
+    if expected is not None:  # again: the folder may have changed while it was read
+        _check_unchanged(runner.runner_dir_, expected, runner.manifest_sha256_)
+    return runner
 
 
 def _check_unchanged(folder: str | os.PathLike, expected: str, found: str) -> None:
@@ -198,6 +276,13 @@ def _check_unchanged(folder: str | os.PathLike, expected: str, found: str) -> No
 def _recorded_runner(record: Mapping[str, Any]) -> tuple[str, str]:
     """The folder and manifest sha256 of an ``uns`` record written by scdlkit."""
     folder, digest = record.get("runner_dir"), record.get("runner_manifest_sha256")
+    if str(folder) == "None" or record.get("runner_saved") is False:
+        msg = (
+            "runner= is the record of an annotation made with a runner that was never saved "
+            "(its runner_dir is 'None'), so there is no folder to load it from. Pass the fitted "
+            "AnnotationRunner itself, or save it first (runner.save(folder)) and pass the folder."
+        )
+        raise ValueError(msg)
     if not isinstance(folder, str) or not isinstance(digest, str) or len(digest) != 64:
         msg = (
             "runner= is a mapping but not an scdlkit record with 'runner_dir' and "

@@ -6,8 +6,17 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
+from scdlkit._shared.arguments import check_bool, check_int, check_optional_int
 from scdlkit._shared.provenance import check_writable
-from scdlkit._shared.slots import h5ad_safe
+from scdlkit._shared.slots import Slots, check_key_name, h5ad_safe
+from scdlkit.tl._checks import (
+    check_checkpoint,
+    check_device,
+    check_has_cells,
+    check_optional_str,
+    check_random_state,
+    check_runner,
+)
 
 __all__ = ["annotation_markers"]
 
@@ -30,6 +39,9 @@ def annotation_markers(
     copy: bool = False,
 ) -> AnnData | None:
     """The genes behind each predicted label (CellTypist's ``extract_top_markers``, for scGPT too).
+
+    Every argument is checked before any work, and the results are written only once all are
+    computed, so a call that fails leaves ``adata`` exactly as it was.
 
     For each label of ``adata.obs[key]``, genes are ranked by how much they push the cells
     predicted as that label towards it:
@@ -55,7 +67,7 @@ def annotation_markers(
         The ``key_added`` of that call: reads ``obs[key]`` and ``uns[key]["runner_dir"]``.
     runner
         The fitted :class:`scdlkit.AnnotationRunner` or its folder; default
-        ``uns[key]["runner_dir"]``.
+        ``uns[key]["runner_dir"]``. A runner that is not fitted is refused before any work.
     n_genes
         Genes kept per label.
     n_steps
@@ -95,13 +107,24 @@ def annotation_markers(
     from scdlkit.foundation import ScGPTAnnotationRunner
     from scdlkit.foundation._attribution import class_gene_scores, top_genes
 
+    copy = check_bool("copy", copy)
     check_writable(adata, copy=copy)
-    if n_genes < 1 or n_steps < 1:
-        msg = f"n_genes={n_genes} and n_steps={n_steps} must both be at least 1."
-        raise ValueError(msg)
-    if max_cells_per_label is not None and max_cells_per_label < 1:
-        msg = f"max_cells_per_label={max_cells_per_label} must be at least 1, or None."
-        raise ValueError(msg)
+    check_has_cells(adata, "annotation_markers")
+    key = check_key_name("key", key)
+    if runner is not None:
+        runner = check_runner(runner)
+    n_genes = check_int("n_genes", n_genes, min_value=1)
+    n_steps = check_int("n_steps", n_steps, min_value=1)
+    max_cells_per_label = check_optional_int(
+        "max_cells_per_label", max_cells_per_label, min_value=1
+    )
+    checkpoint = check_checkpoint("checkpoint", checkpoint, optional=True)
+    gene_key = check_optional_str("gene_key", gene_key)
+    layer = check_optional_str("layer", layer)
+    device = check_device(device)
+    batch_size = check_optional_int("batch_size", batch_size, min_value=1)
+    chunk_size = check_optional_int("chunk_size", chunk_size, min_value=1)
+    random_state = check_random_state(random_state)
     if key not in adata.obs.columns:
         msg = (
             f"adata.obs[{key!r}] not found: label the cells first with sck.tl.annotate(adata, "
@@ -109,14 +132,7 @@ def annotation_markers(
         )
         raise KeyError(msg)
     if runner is None:
-        uns = adata.uns.get(key)
-        if not hasattr(uns, "get") or "runner_dir" not in uns or str(uns["runner_dir"]) == "None":
-            msg = (
-                f"adata.uns[{key!r}]['runner_dir'] not found: pass runner= (a fitted "
-                "AnnotationRunner or the folder it was saved to)."
-            )
-            raise KeyError(msg)
-        runner = str(uns["runner_dir"])
+        runner = _recorded_runner_dir(adata, key)
     if not isinstance(runner, ScGPTAnnotationRunner):
         runner = ScGPTAnnotationRunner.load(runner, checkpoint=checkpoint, device=device)
 
@@ -145,20 +161,37 @@ def annotation_markers(
         progress=getattr(runner, "progress", False),
     )
     markers = top_genes(scores, n_genes)
+    params = {
+        "strategy": strategy,
+        "method": "linear_attribution" if strategy == "baseline" else "integrated_gradients",
+        "n_genes": n_genes,
+        "n_steps": n_steps,
+        "max_cells_per_label": max_cells_per_label,
+        "n_cells_used": int((codes >= 0).sum()),
+    }
+    slots = Slots(uns={f"{key}_markers": markers, f"{key}_markers_params": h5ad_safe(params)})
     if copy:
         adata = adata.copy()
-    adata.uns[f"{key}_markers"] = markers
-    adata.uns[f"{key}_markers_params"] = h5ad_safe(
-        {
-            "strategy": strategy,
-            "method": "linear_attribution" if strategy == "baseline" else "integrated_gradients",
-            "n_genes": n_genes,
-            "n_steps": n_steps,
-            "max_cells_per_label": max_cells_per_label,
-            "n_cells_used": int((codes >= 0).sum()),
-        }
-    )
+    slots.write(adata)
     return adata if copy else None
+
+
+def _recorded_runner_dir(adata: AnnData, key: str) -> str:
+    """The runner folder that ``uns[key]`` records, or an error saying to pass ``runner=``."""
+    uns = adata.uns.get(key)
+    if not hasattr(uns, "get") or "runner_dir" not in uns:
+        msg = (
+            f"adata.uns[{key!r}]['runner_dir'] not found: pass runner= (a fitted "
+            "AnnotationRunner or the folder it was saved to)."
+        )
+        raise KeyError(msg)
+    if str(uns["runner_dir"]) == "None":
+        msg = (
+            f"adata.uns[{key!r}] records a runner that was never saved (runner_dir 'None'): "
+            "pass runner= (the fitted AnnotationRunner itself, or the folder it was saved to)."
+        )
+        raise KeyError(msg)
+    return str(uns["runner_dir"])
 
 
 def _subsample(codes: np.ndarray, limit: int, random_state: int) -> np.ndarray:

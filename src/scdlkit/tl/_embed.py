@@ -4,7 +4,16 @@ import os
 
 from anndata import AnnData
 
+from scdlkit._shared.arguments import check_bool, check_choice, check_int, check_optional_int
 from scdlkit._shared.provenance import check_writable, package_versions
+from scdlkit._shared.slots import Slots, check_key_name
+from scdlkit.tl._checks import (
+    check_checkpoint,
+    check_device,
+    check_has_cells,
+    check_optional_str,
+    check_random_state,
+)
 
 __all__ = ["embed"]
 
@@ -25,6 +34,9 @@ def embed(
     copy: bool = False,
 ) -> AnnData | None:
     """Embed cells with a pretrained scGPT encoder (frozen, no training).
+
+    Every argument is checked before any work, and the results are written only once all are
+    computed, so a call that fails leaves ``adata`` exactly as it was.
 
     The cell embedding is the encoder output at the ``<cls>`` position, L2-normalised per cell,
     as in upstream's ``embed_data``. Genes are matched to the vocabulary by symbol; each cell's
@@ -66,7 +78,8 @@ def embed(
     progress
         Show a progress bar.
     key_added
-        Writes ``adata.obsm[f"X_{key_added}"]`` and ``adata.uns[key_added]``.
+        Writes ``adata.obsm[f"X_{key_added}"]`` and ``adata.uns[key_added]``: a string without
+        ``/``, backslash or NUL (h5ad and zarr refuse them).
     copy
         Return a modified copy instead of writing into ``adata`` (not for a backed AnnData).
 
@@ -91,7 +104,19 @@ def embed(
     from scdlkit.foundation._genes import check_gene_overlap, match_genes
     from scdlkit.foundation._stream import encode_adata
 
+    copy = check_bool("copy", copy)
     check_writable(adata, copy=copy)
+    check_has_cells(adata, "embed")
+    checkpoint = check_checkpoint("checkpoint", checkpoint)
+    gene_key = check_optional_str("gene_key", gene_key)
+    layer = check_optional_str("layer", layer)
+    batch_size = check_int("batch_size", batch_size, min_value=1)
+    device = check_device(device)
+    precision = check_choice("precision", precision, ("auto", "fp32", "bf16"))
+    random_state = check_random_state(random_state)
+    chunk_size = check_optional_int("chunk_size", chunk_size, min_value=1)
+    progress = check_bool("progress", progress)
+    key_added = check_key_name("key_added", key_added)
     ckpt = resolve_checkpoint(checkpoint)
     # gene identifiers are checked before the weights are read
     check_gene_overlap(match_genes(adata, ckpt, gene_key), gene_key=gene_key)
@@ -111,22 +136,27 @@ def embed(
         chunk_size=chunk_size,
         progress=progress,
     )
+    slots = Slots(
+        obsm={f"X_{key_added}": l2_normalise(raw)},
+        uns={
+            key_added: {
+                "params": {
+                    "checkpoint": str(ckpt.name),
+                    "checkpoint_path": str(ckpt.path),
+                    "gene_key": gene_key or "",
+                    "layer": layer or "",
+                    "batch_size": batch_size,
+                    "device": str(torch_device),
+                    "precision": precision,
+                    "precision_used": precision_used,
+                    "random_state": random_state,
+                },
+                "n_genes_matched": match.n_matched,
+                "versions": package_versions(),
+            }
+        },
+    )
     if copy:
         adata = adata.copy()
-    adata.obsm[f"X_{key_added}"] = l2_normalise(raw)
-    adata.uns[key_added] = {
-        "params": {
-            "checkpoint": str(ckpt.name),
-            "checkpoint_path": str(ckpt.path),
-            "gene_key": gene_key or "",
-            "layer": layer or "",
-            "batch_size": batch_size,
-            "device": str(torch_device),
-            "precision": precision,
-            "precision_used": precision_used,
-            "random_state": random_state,
-        },
-        "n_genes_matched": match.n_matched,
-        "versions": package_versions(),
-    }
+    slots.write(adata)
     return adata if copy else None

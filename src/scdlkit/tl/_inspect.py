@@ -4,6 +4,11 @@ import os
 
 from anndata import AnnData
 
+from scdlkit._shared.arguments import check_bool
+from scdlkit._shared.provenance import check_writable
+from scdlkit._shared.slots import Slots, check_key_name
+from scdlkit.tl._checks import check_checkpoint, check_optional_str
+
 __all__ = ["inspect"]
 
 
@@ -39,7 +44,8 @@ def inspect(
         ``adata.obs`` column with batches/donors: reports cells and classes per batch and warns
         about classes present in one batch only.
     key_added
-        Writes the report to ``adata.uns[key_added]``.
+        Writes the report to ``adata.uns[key_added]`` (a string without ``/``, backslash or
+        NUL: h5ad and zarr refuse them).
     copy
         Return a modified copy instead of writing into ``adata``.
 
@@ -60,6 +66,14 @@ def inspect(
     # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
     from scdlkit.foundation import inspect_annotation_data
 
+    copy = check_bool("copy", copy)
+    check_writable(adata, copy=copy)
+    label_key = check_optional_str("label_key", label_key)
+    checkpoint = check_checkpoint("checkpoint", checkpoint)
+    gene_key = check_optional_str("gene_key", gene_key)
+    layer = check_optional_str("layer", layer)
+    batch_key = check_optional_str("batch_key", batch_key)
+    key_added = check_key_name("key_added", key_added)
     report = inspect_annotation_data(
         adata,
         label_key=label_key,
@@ -69,7 +83,8 @@ def inspect(
         batch_key=batch_key,
     )
     logging.getLogger("scdlkit").info("%r", report)
+    slots = Slots(uns={key_added: report.to_dict()})
     if copy:
         adata = adata.copy()
-    adata.uns[key_added] = report.to_dict()
+    slots.write(adata)
     return adata if copy else None

@@ -10,16 +10,20 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from scdlkit._shared.slots import h5ad_safe
+from scdlkit._shared.arguments import check_bool, check_number, check_optional_number
+from scdlkit._shared.slots import Slots, h5ad_safe
+from scdlkit.tl._checks import check_str
 from scdlkit.tl._majority_voting import HETEROGENEOUS
 
 __all__ = [
     "UNKNOWN_LABEL",
+    "LabellingOptions",
     "Vote",
     "check_labelling_options",
+    "check_unknown_label",
     "label_cells",
+    "labelling_slots",
     "probability_columns",
-    "write_labelling_slots",
 ]
 
 UNKNOWN_LABEL = "Unknown"
@@ -37,18 +41,46 @@ class Vote:
     how: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class LabellingOptions:
+    """The labelling arguments of :func:`scdlkit.tl.annotate`, checked and in Python types."""
+
+    confidence_threshold: float | None
+    unknown_label: str
+    majority_voting: bool
+    min_prop: float
+    probabilities: bool
+
+
 def check_labelling_options(
-    confidence_threshold: float | None, unknown_label: str, min_prop: float
+    confidence_threshold: Any,
+    unknown_label: Any,
+    min_prop: Any,
+    *,
+    majority_voting: Any = False,
+    probabilities: Any = True,
+) -> LabellingOptions:
+    """Refuse bad labelling options before any work; return them checked."""
+    return LabellingOptions(
+        confidence_threshold=check_optional_number(
+            "confidence_threshold", confidence_threshold, min_value=0.0, max_value=1.0
+        ),
+        unknown_label=check_str("unknown_label", unknown_label),
+        majority_voting=check_bool("majority_voting", majority_voting),
+        min_prop=check_number("min_prop", min_prop, min_value=0.0, max_value=1.0),
+        probabilities=check_bool("probabilities", probabilities),
+    )
+
+
+def check_unknown_label(
+    categories: Sequence[Any], threshold: float | None, unknown_label: str
 ) -> None:
-    """Refuse bad labelling options before any work."""
-    if confidence_threshold is not None and not 0 <= confidence_threshold <= 1:
-        msg = f"confidence_threshold={confidence_threshold} must be in [0, 1] or None."
-        raise ValueError(msg)
-    if not isinstance(unknown_label, str) or not unknown_label:
-        msg = f"unknown_label={unknown_label!r} must be a non-empty string."
-        raise ValueError(msg)
-    if not 0 <= min_prop <= 1:
-        msg = f"min_prop={min_prop} must be in [0, 1]."
+    """Refuse an ``unknown_label`` that is one of the classes (only matters with a threshold)."""
+    if threshold is not None and unknown_label in {str(c) for c in categories}:
+        msg = (
+            f"unknown_label={unknown_label!r} is one of the runner's classes; choose another name "
+            "for the cells under the confidence threshold."
+        )
         raise ValueError(msg)
 
 
@@ -57,23 +89,26 @@ def label_cells(
     categories: Sequence[str],
     threshold: float | None,
     unknown_label: str,
+    *,
+    no_expression: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """The most probable class of each cell, ``unknown_label`` under ``threshold``.
 
-    Returns the labels and the categories of the ``obs`` column (``unknown_label`` last when a
-    threshold is set).
+    Cells marked in ``no_expression`` (no expressed gene the model reads, as the runner's
+    ``predict`` reports them) get ``unknown_label`` too. Returns the labels and the categories
+    of the ``obs`` column (``unknown_label`` last when a threshold is set or a cell has it).
     """
     categories = [str(c) for c in categories]
-    if threshold is not None and unknown_label in categories:
-        msg = (
-            f"unknown_label={unknown_label!r} is one of the runner's classes; choose another name "
-            "for the cells under the confidence threshold."
-        )
-        raise ValueError(msg)
+    unsure = np.zeros(probabilities.shape[0], dtype=bool)
+    if threshold is not None:
+        unsure |= probabilities.max(axis=1) < threshold
+    if no_expression is not None:
+        unsure |= np.asarray(no_expression, dtype=bool)
+    check_unknown_label(categories, threshold if not unsure.any() else 0.0, unknown_label)
     labels = np.asarray(categories, dtype=object)[probabilities.argmax(axis=1)]
-    if threshold is None:
+    if threshold is None and not unsure.any():
         return labels, categories
-    labels = np.where(probabilities.max(axis=1) < threshold, unknown_label, labels)
+    labels = np.where(unsure, unknown_label, labels)
     return labels.astype(object), [*categories, unknown_label]
 
 
@@ -92,48 +127,46 @@ def probability_columns(categories: Sequence[str]) -> list[str]:
     return columns
 
 
-def write_labelling_slots(
+def labelling_slots(
+    slots: Slots,
     adata: AnnData,
     key: str,
     labels: np.ndarray,
     categories: list[str],
     probabilities: np.ndarray | None,
     vote: Vote | None,
+    *,
+    keep: Sequence[str] = (),
+    replace_stale: bool = True,
 ) -> None:
-    """``obs[key]`` with these labels; the probability DataFrame and the vote, or neither.
+    """Add to ``slots`` ``obs[key]`` with these labels, the probability DataFrame and the vote.
 
-    Slots of an earlier call that this one does not write are removed, so the AnnData never
-    mixes two annotations.
+    Slots of an earlier call that this one does not write are removed (``replace_stale``: the
+    earlier call was scdlkit's), so the AnnData never mixes two annotations; the obs columns in
+    ``keep`` (the clusters the vote read) are never removed.
     """
-    adata.obs[key] = pd.Categorical(labels, categories=categories)
+    slots.obs[key] = pd.Categorical(labels, categories=categories)
     prob_key = f"{key}_probabilities"
     if probabilities is not None:
         n_classes = probabilities.shape[1]
-        adata.obsm[prob_key] = pd.DataFrame(
+        slots.obsm[prob_key] = pd.DataFrame(
             np.asarray(probabilities, dtype=np.float32),
             index=adata.obs_names.copy(),
             columns=probability_columns(categories[:n_classes]),
         )
-    else:
-        adata.obsm.pop(prob_key, None)
+    elif replace_stale:
+        slots.drop_obsm.append(prob_key)
     vote_key, cluster_key = f"{key}_majority_voting", f"{key}_over_clustering"
+    stale = [vote_key, cluster_key] if vote is None else [] if vote.computed else [cluster_key]
+    if replace_stale:
+        slots.drop_obs.extend(c for c in stale if c not in keep)
     if vote is None:
-        _drop_columns(adata, vote_key, cluster_key)
-        adata.uns[key].pop("majority_voting", None)
         return
     vote_categories = list(categories)
     if (vote.labels == HETEROGENEOUS).any():
         vote_categories.append(HETEROGENEOUS)
-    adata.obs[vote_key] = pd.Categorical(vote.labels, categories=vote_categories)
+    slots.obs[vote_key] = pd.Categorical(vote.labels, categories=vote_categories)
     if vote.computed:
         order = sorted(set(vote.clusters), key=lambda c: (len(c), c))  # "2" before "10"
-        adata.obs[cluster_key] = pd.Categorical(vote.clusters, categories=order)
-    else:
-        _drop_columns(adata, cluster_key)
-    adata.uns[key]["majority_voting"] = {"clusters": vote.summary, **h5ad_safe(vote.how)}
-
-
-def _drop_columns(adata: AnnData, *columns: str) -> None:
-    present = [c for c in columns if c in adata.obs.columns]
-    if present:
-        adata.obs = adata.obs.drop(columns=present)
+        slots.obs[cluster_key] = pd.Categorical(vote.clusters, categories=order)
+    slots.uns[key]["majority_voting"] = {"clusters": vote.summary, **h5ad_safe(vote.how)}

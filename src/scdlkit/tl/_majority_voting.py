@@ -9,7 +9,7 @@ over-clustered on the annotation representation: scanpy's Leiden (igraph flavour
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.util import find_spec
 from typing import Any
 
@@ -106,6 +106,14 @@ def resolve_over_clustering(adata: Any, over_clustering: str | Sequence[Any] | N
     """Check a given clustering before any work: an ``obs`` column or one value per cell."""
     if over_clustering is None:
         return None
+    if isinstance(over_clustering, Mapping) or not (
+        isinstance(over_clustering, str) or hasattr(over_clustering, "__len__")
+    ):
+        msg = (
+            "over_clustering must be an adata.obs column name, one cluster per cell (a list, "
+            f"array or Series) or None, got {type(over_clustering).__name__}."
+        )
+        raise TypeError(msg)
     if isinstance(over_clustering, str):
         if over_clustering not in adata.obs.columns:
             msg = (

@@ -7,8 +7,10 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from scdlkit._shared.provenance import package_versions
-from scdlkit._shared.slots import SPLIT_CATEGORIES, h5ad_safe
+from scdlkit._shared.arguments import check_bool
+from scdlkit._shared.provenance import check_writable, package_versions
+from scdlkit._shared.slots import SPLIT_CATEGORIES, Slots, check_key_name, h5ad_safe
+from scdlkit.tl._checks import check_has_cells, check_optional_str, check_str
 
 __all__ = ["train_baseline"]
 
@@ -62,7 +64,8 @@ def train_baseline(
     layer
         ``adata.layers`` key with the values; ``None`` uses ``adata.X``.
     key_added
-        Prefix of the written slots.
+        Prefix of the written slots: a string without ``/``, backslash or NUL (h5ad and zarr
+        refuse them).
     copy
         Return a modified copy instead of writing into ``adata``.
     **kwargs
@@ -99,9 +102,14 @@ def train_baseline(
     # scdlkit.baselines brings torch and lightning_fabric: imported when the tool runs
     from scdlkit.baselines import TaskRunner
 
-    if not isinstance(key_added, str) or not key_added:
-        msg = f"`key_added` must be a non-empty string; got {key_added!r}."
-        raise ValueError(msg)
+    copy = check_bool("copy", copy)
+    check_writable(adata, copy=copy)
+    check_has_cells(adata, "train_baseline")
+    model = check_str("model", model)
+    task = check_optional_str("task", task)
+    label_key = check_optional_str("label_key", label_key)
+    layer = check_optional_str("layer", layer)
+    key_added = check_key_name("key_added", key_added)
     if label_key is not None and label_key in (key_added, f"{key_added}_split"):
         msg = (
             f"key_added={key_added!r} would overwrite the label column {label_key!r}; "
@@ -126,16 +134,21 @@ def train_baseline(
             "versions": package_versions(),
         }
     )
-    if copy:
-        adata = adata.copy()
     present = set(split)
-    adata.obs[f"{key_added}_split"] = pd.Categorical(
-        split, categories=[c for c in SPLIT_CATEGORIES if c in present]
+    slots = Slots(
+        obs={
+            f"{key_added}_split": pd.Categorical(
+                split, categories=[c for c in SPLIT_CATEGORIES if c in present]
+            )
+        },
+        obsm={f"X_{key_added}": predictions["latent"].astype(np.float32)},
+        uns={key_added: uns},
     )
     if runner.task == "classification":
-        adata.obs[key_added] = pd.Categorical(
+        slots.obs[key_added] = pd.Categorical(
             predictions["labels"], categories=list(runner.label_categories_)
         )
-    adata.obsm[f"X_{key_added}"] = predictions["latent"].astype(np.float32)
-    adata.uns[key_added] = uns
+    if copy:
+        adata = adata.copy()
+    slots.write(adata)
     return adata if copy else None
