@@ -114,7 +114,7 @@ def test_label_strings_spelling_missing_are_unlabelled(spelled):
     assert list(encoded.codes) == [0, 1, -1, 1, -1, 0]
 
 
-def test_labels_from_astype_str_train_no_class_called_nan(_pbmc_raw):
+def test_labels_from_astype_str_train_no_class_called_nan(_pbmc_raw, checkpoint_dir):
     adata = _pbmc_raw[:200].copy()
     labels = adata.obs["bulk_labels"].astype(object)
     labels.iloc[::10] = np.nan
@@ -122,7 +122,11 @@ def test_labels_from_astype_str_train_no_class_called_nan(_pbmc_raw):
     assert (adata.obs["bulk_labels"] == "nan").sum() == 20
     with pytest.warns(UserWarning, match="20 cells have a label that spells a missing value"):
         sck.tl.adapt_annotation(
-            adata, "bulk_labels", strategies=("baseline",), checkpoint=None, progress=False
+            adata,
+            "bulk_labels",
+            strategies=("baseline",),
+            checkpoint=checkpoint_dir,
+            progress=False,
         )
     uns = adata.uns["scgpt_annotation"]
     assert "nan" not in list(uns["label_categories"])
