@@ -286,3 +286,40 @@ def test_planted_signal_run_reports_losses_and_attention_at_the_last_epoch():
     assert 0 < out["cls_on_markers_l2"] < 1
     frame = planted.table([out])
     assert {"final_train_loss", "cls_on_markers_l1", "cls_on_markers_l2"} <= set(frame.columns)
+
+
+# ------------------------------------------------------------------ baseline_vs_celltypist.py
+
+
+def test_baseline_vs_celltypist_without_celltypist_says_it_compares_a_rewrite(monkeypatch):
+    bench = _import("baseline_vs_celltypist")
+    monkeypatch.setitem(sys.modules, "celltypist", None)  # as if not installed
+    module, line = bench.load_celltypist("auto")
+    assert module is None
+    assert "NOT CellTypist" in line
+    assert "celltypist is not installed" in line
+    with pytest.raises(SystemExit, match="not installed"):
+        bench.load_celltypist("require")
+
+
+def test_baseline_vs_celltypist_fallback_table(capsys):
+    bench = _import("baseline_vs_celltypist")
+    text = bench.main(["--celltypist", "off", "--seeds", "0", "1", "--noise-genes", "50"])
+    assert text in capsys.readouterr().out
+    assert "NOT CellTypist" in text
+    assert "bf16 flags: " in text
+    assert "cores visible" in text
+    rows = _table(text, "| seed |")
+    assert [r["seed"] for r in rows] == ["0", "1", "mean ± sd"]
+    assert set(rows[0]) == {c.replace("other", "rewrite") for c in bench.COLUMNS}
+    for r in rows[:2]:
+        assert int(r["query cells"]) > 90
+        for key in ("baseline macro-F1", "rewrite macro-F1"):
+            assert 0.4 < float(r[key]) <= 1
+        for key in ("baseline accuracy", "rewrite accuracy"):
+            assert 0.7 < float(r[key]) <= 1
+        # the rewrite is the same multinomial fit as the baseline, so the labels agree
+        assert float(r["label agreement %"]) >= 99
+        assert r["prob match Unassigned %"] == "n/a"
+    assert " ± " in rows[2]["baseline macro-F1"]
+    assert "rewrite minus baseline, macro-F1" in text
