@@ -1,9 +1,12 @@
-"""The plain baseline: logistic regression on log-normalised expression, no foundation model.
+"""The plain baseline: multinomial logistic regression on standardised log-expression, no scGPT.
 
 A fair comparison always shows one (SCGPT_NOTES.md section 5: L1/L2 logistic regression on
-expression comes close to fine-tuned scGPT on several published benchmarks). It is built like
-CellTypist's: genes centred and scaled on the training cells and clipped at 10, then a
-multinomial logistic regression with ``C=1``; its cell representation is PCA of the same matrix.
+expression comes close to fine-tuned scGPT on several published benchmarks). It is
+CellTypist-style, not CellTypist: the input is standardised as ``celltypist.train`` does (genes
+centred and scaled on the training cells, clipped at 10), but the classifier is one multinomial
+(softmax) logistic regression with ``C=1``, where CellTypist fits one-vs-rest binary ones. Its cell
+representation is PCA of the same standardised matrix. ``benchmarks/baseline_vs_celltypist.py``
+measures the difference against CellTypist itself (``docs/strategies.md``).
 """
 
 from __future__ import annotations
@@ -140,15 +143,18 @@ def highly_variable_genes(
 class ExpressionLogisticBaseline:
     """Standardised log-expression -> multinomial logistic regression; PCA of it as latent.
 
-    CellTypist-grade on any gene set: each gene is centred and scaled on the training cells and
-    clipped to ``+-max_value`` (``sc.pp.scale(max_value=10)``), so a rare gene cannot reach the
-    huge values that plain scaling gives it and dominate an L2-penalised fit.
+    CellTypist-style scaling with a softmax classifier: each gene is centred and scaled on the
+    training cells and clipped to ``+-max_value`` (``sc.pp.scale(max_value=10)``; CellTypist
+    clips only above), so a rare gene cannot reach the huge values that plain scaling gives it and
+    dominate an L2-penalised fit. The classifier is one multinomial logistic regression over all
+    classes, not CellTypist's one-vs-rest binary regressions, so labels and probabilities differ
+    from CellTypist's trained on the same cells (by how much: ``docs/strategies.md``).
 
     Parameters
     ----------
     C
         Inverse L2 regularisation strength of :class:`sklearn.linear_model.LogisticRegression`
-        (CellTypist's default 1.0).
+        (1.0, the default of scikit-learn and of ``celltypist.train``).
     n_components
         Dimensions of the latent representation (PCA of the standardised expression).
     max_iter
@@ -336,7 +342,7 @@ class ExpressionLogisticBaseline:
         penalised, ``gtol=tol``, ``maxls=50``), evaluated on ``shifted + zero row`` through
         sparse products. Fitting ``shifted`` itself would reach the same optimum but along
         another path, and with ``tol=1e-4`` the path decides where L-BFGS stops: this one stops
-        where scikit-learn (and so CellTypist) stops on the dense matrix.
+        where scikit-learn's multinomial ``LogisticRegression`` stops on the dense matrix.
         """
         # Lazy: scikit-learn and scipy.optimize take a fraction of a second to import
         from scipy.optimize import minimize
