@@ -494,27 +494,35 @@ def test_plots_leave_adata_unchanged(adata_mem, plot):
     assert set(adata_mem.uns[KEY]) == set(before.uns[KEY])
 
 
-@pytest.mark.parametrize("noise", ["sd", "ci"])
+_NOISE_LABELS = {
+    "sd": "± 1 sd over repeats",
+    "t": "95% t interval over repeats (corrected)",
+    "boot": "95% bootstrap over test cells (one model)",
+}
+
+
+@pytest.mark.parametrize("noise", ["sd", "t", "boot"])
 def test_strategy_comparison_draws_error_bars(adata_mem, noise, tmp_path):
     from matplotlib.container import BarContainer, ErrorbarContainer
 
     frame = adata_mem.uns[KEY]["strategy_metrics"].copy()
     values = frame["test_macro_f1"].to_numpy(dtype=float)
+    frame["test_macro_f1_sd"] = [0.01, 0.02, 0.03, 0.04]
     if noise == "sd":
-        frame["test_macro_f1_sd"] = [0.01, 0.02, 0.03, 0.04]
         low, high = values - frame["test_macro_f1_sd"], values + frame["test_macro_f1_sd"]
     else:
-        frame["test_macro_f1_ci_low"] = values - 0.05
-        frame["test_macro_f1_ci_high"] = values + np.array([0.01, 0.02, 0.03, 0.04])
-        low, high = frame["test_macro_f1_ci_low"], frame["test_macro_f1_ci_high"]
+        if noise == "boot":
+            del frame["test_macro_f1_sd"]
+        frame[f"test_macro_f1_{noise}_ci_low"] = values - 0.05
+        frame[f"test_macro_f1_{noise}_ci_high"] = values + np.array([0.01, 0.02, 0.03, 0.04])
+        low = frame[f"test_macro_f1_{noise}_ci_low"]
+        high = frame[f"test_macro_f1_{noise}_ci_high"]
     adata_mem.uns[KEY]["strategy_metrics"] = frame
     fig = sck.pl.strategy_comparison(adata_mem, return_fig=True)
     ax = fig.axes[0]
     bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     assert len(bars) == 1
-    assert bars[0].get_label() == (
-        "± 1 sd over repeats" if noise == "sd" else "bootstrap 95% interval"
-    )
+    assert bars[0].get_label() == _NOISE_LABELS[noise]
     (segments,) = bars[0].lines[2]
     ends = np.array([seg[:, 0] for seg in segments.get_segments()])
     np.testing.assert_allclose(ends[:, 0], low)

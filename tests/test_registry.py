@@ -185,8 +185,8 @@ def test_repeats_give_means_sds_and_per_repeat_rows(_pbmc_raw, checkpoint_dir):
         assert summary.loc[name, "test_macro_f1_sd"] > 0  # three different splits
     assert summary.loc["baseline", "test_macro_f1_vs_baseline"] == 0
     diff = summary.loc["frozen_probe", "test_macro_f1_vs_baseline"]
-    assert summary.loc["frozen_probe", "test_macro_f1_vs_baseline_ci_low"] < diff
-    assert diff < summary.loc["frozen_probe", "test_macro_f1_vs_baseline_ci_high"]
+    assert summary.loc["frozen_probe", "test_macro_f1_vs_baseline_t_ci_low"] < diff
+    assert diff < summary.loc["frozen_probe", "test_macro_f1_vs_baseline_t_ci_high"]
     best = summary["validation_macro_f1"].idxmax()
     assert runner.best_strategy_ == best
     # the kept model and split are the first repeat's: the same as a single-repeat fit
@@ -207,7 +207,7 @@ def test_repeats_give_means_sds_and_per_repeat_rows(_pbmc_raw, checkpoint_dir):
 def test_one_repeat_gives_bootstrap_intervals(fitted):
     runner, _ = fitted
     metrics = runner.strategy_metrics_.set_index("strategy")
-    low, high = metrics["test_macro_f1_ci_low"], metrics["test_macro_f1_ci_high"]
+    low, high = metrics["test_macro_f1_boot_ci_low"], metrics["test_macro_f1_boot_ci_high"]
     assert ((low <= metrics["test_macro_f1"]) & (metrics["test_macro_f1"] <= high)).all()
     assert (high - low > 0).all()
     assert metrics.loc["baseline", "test_macro_f1_vs_baseline"] == 0

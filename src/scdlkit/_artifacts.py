@@ -65,34 +65,47 @@ def _environment() -> str:
 
 
 def _noise_section(runner: Any) -> list[str]:
-    """How much the numbers move, and each strategy's paired difference from the baseline."""
+    """How much the numbers move, what each interval covers, and the paired differences from
+    the baseline."""
     metrics = runner.strategy_metrics_
     n_repeats = getattr(runner, "n_repeats", 1)
+    n_strategies = len(metrics)
     if n_repeats > 1:
+        kind = "t"
         noise = (
-            f"Every strategy was fitted on {n_repeats} splits (seeds {runner.random_state} to "
-            f"{runner.random_state + n_repeats - 1}); the table shows means, with the standard "
-            "deviation over splits in the `_sd` columns."
+            f"Every strategy was fitted {n_repeats} times (seeds {runner.random_state} to "
+            f"{runner.random_state + n_repeats - 1}) on one fixed test set; each repeat redrew "
+            "the training and validation cells. The table shows means, the standard deviation "
+            "over repeats in the `_sd` columns, and `test_macro_f1_t_ci_low`/`_high`: a 95% t "
+            "interval over repeats, widened by Nadeau and Bengio's correction because repeats "
+            "share most training cells. It covers the variation from redrawing training cells "
+            "and seeds, on this test set; another test set would move the numbers too."
         )
     else:
+        kind = "boot"
         noise = (
-            "One split: `test_macro_f1_ci_low`/`_ci_high` are a bootstrap 95% interval over the "
-            "test cells. Pass `n_repeats=` to see how much the ranking moves between splits."
+            "One fitted model per strategy: `test_macro_f1_boot_ci_low`/`_high` are a bootstrap "
+            "95% interval over its test cells. It covers which test cells were drawn, not how "
+            "the model would change with other training cells or seeds: pass `n_repeats=` (5 "
+            "or more) for that."
         )
     lines = ["## Noise", "", noise, ""]
     if "test_macro_f1_vs_baseline" in metrics.columns:
-        how = "over splits (t interval)" if n_repeats > 1 else "over bootstrap resamples"
         diff = metrics[
             [
                 "strategy",
                 "test_macro_f1_vs_baseline",
-                "test_macro_f1_vs_baseline_ci_low",
-                "test_macro_f1_vs_baseline_ci_high",
+                f"test_macro_f1_vs_baseline_{kind}_ci_low",
+                f"test_macro_f1_vs_baseline_{kind}_ci_high",
             ]
         ]
+        how = "t interval over repeats" if kind == "t" else "bootstrap over the same test cells"
+        n_compared = max(n_strategies - 1, 0)
         lines += [
-            f"Test macro-F1 minus the baseline's, paired {how}; an interval that contains 0 "
-            "is no evidence of a difference:",
+            f"Test macro-F1 minus the baseline's, paired ({how}). These are {n_compared} "
+            "comparisons at once, each with its own 95% interval: by chance alone about one in "
+            "twenty such intervals misses, so one interval that excludes 0 among many is weak "
+            "evidence; an interval that contains 0 is no evidence of a difference.",
             "",
             _markdown_table(diff[diff["strategy"] != "baseline"]),
             "",

@@ -42,11 +42,14 @@ def compare_strategies(
     test_labels: np.ndarray,
     *,
     random_state: int,
+    held_out_ratio: float | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """``(strategy_metrics, repeat_metrics, best strategy)`` from the results of every repeat.
 
     The best strategy has the highest mean validation macro-F1 (then balanced accuracy,
     accuracy, fewer parameters, less runtime); test metrics are only reported.
+    ``held_out_ratio`` (validation / training cells of one repeat) corrects the t intervals of
+    several repeats for the training cells they share.
     """
     rows = [
         {
@@ -63,6 +66,7 @@ def compare_strategies(
         test_labels=test_labels,
         test_proba={name: res.extra.get("test_probabilities") for name, res in first.items()},
         random_state=random_state,
+        held_out_ratio=held_out_ratio,
     )
     best = min(summary.to_dict(orient="records"), key=rank_key)["strategy"]
     columns = [

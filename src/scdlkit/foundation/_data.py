@@ -423,6 +423,7 @@ def split_scgpt_data(
     split_by: str = "cells",
     test_batches: Sequence[str] | None = None,
     val_batches: Sequence[str] | None = None,
+    fixed_test: np.ndarray | None = None,
 ) -> ScGPTSplitData:
     """Split the labelled cells into train, validation and test sets.
 
@@ -455,6 +456,12 @@ def split_scgpt_data(
         ``"cells"`` or ``"batch"``.
     test_batches, val_batches
         Batches to hold out by name (``split_by="batch"`` only).
+    fixed_test
+        Test cells to keep (another split's ``test_indices``): only training and validation are
+        drawn, from the other labelled cells, with validation still ``val_size`` of all labelled
+        cells (``split_by="cells"``) or of the non-test batches' cells. Repeats of a comparison
+        pass their first split's test cells here, so one outer test set serves them all and no
+        test cell ever validates.
 
     Returns
     -------
@@ -487,7 +494,19 @@ def split_scgpt_data(
         raise ValueError(msg)
     rng = np.random.default_rng(random_state)
     chosen: dict[str, list[str]] = {"test": [], "val": []}
-    if split_by == "cells":
+    if fixed_test is not None:
+        fixed_test = np.sort(np.asarray(fixed_test, dtype=np.int64))
+        if not np.isin(fixed_test, labelled).all():
+            msg = "fixed_test holds cells that are not labelled cells of this prepared data."
+            raise ValueError(msg)
+    if split_by == "cells" and fixed_test is not None:
+        pool = np.setdiff1d(labelled, fixed_test)
+        inner_val = val_size / (1 - test_size) if test_size < 1 else val_size
+        indices, small = _split_labelled(
+            prepared, pool, val_size=min(inner_val, 0.99), test_size=0.0, rng=rng, stratify=stratify
+        )
+        indices["test"] = fixed_test
+    elif split_by == "cells":
         indices, small = _split_labelled(
             prepared, labelled, val_size=val_size, test_size=test_size, rng=rng, stratify=stratify
         )
@@ -503,7 +522,10 @@ def split_scgpt_data(
                 f"{len(names)} ({', '.join(names)}). Use split_by='cells'."
             )
             raise ValueError(msg)
-        chosen["test"] = choose_held_out(names, test_batches, test_size, rng, role="test")
+        if fixed_test is not None:
+            chosen["test"] = sorted(set(batch_of[fixed_test]))
+        else:
+            chosen["test"] = choose_held_out(names, test_batches, test_size, rng, role="test")
         rest = [b for b in names if b not in chosen["test"]]
         if not rest:
             msg = "every batch is a test batch; leave at least one for training."

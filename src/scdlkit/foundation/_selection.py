@@ -138,15 +138,24 @@ def summarise_repeats(
     test_labels: np.ndarray | None = None,
     test_proba: Mapping[str, np.ndarray | None] | None = None,
     random_state: int = 0,
+    held_out_ratio: float | None = None,
 ) -> pd.DataFrame:
     """One row per strategy from ``repeats`` (one row per strategy and repeat).
 
     The metric columns hold the mean over repeats, each followed by ``<column>_sd`` when there
-    are several repeats. With one repeat, ``test_macro_f1_ci_low``/``_ci_high`` give a bootstrap
-    95% interval over the test cells (``test_labels``, ``test_proba`` of that repeat). When the
-    baseline was fitted, ``test_macro_f1_vs_baseline`` (with ``_ci_low``/``_ci_high``) is each
-    strategy's difference from it, paired: over repeats (mean and t interval) or, with one
-    repeat, over the same bootstrap resamples of the test cells.
+    are several repeats. Intervals, named for what they cover:
+
+    - several repeats (one fixed test set; training and validation cells redrawn, new seeds):
+      ``test_macro_f1_t_ci_low``/``_high``, a 95% t interval over repeats with Nadeau and
+      Bengio's correction for the training cells the repeats share (variance times
+      ``1/n + held_out_ratio``, ``held_out_ratio`` = validation / training cells of a repeat).
+      It covers the variation from redrawing training cells and seeds, on this test set.
+    - one repeat: ``test_macro_f1_boot_ci_low``/``_high``, a bootstrap 95% interval over the
+      test cells of the one fitted model (no training or seed variation).
+
+    When the baseline was fitted, ``test_macro_f1_vs_baseline`` is each strategy's paired
+    difference from it, with ``_t_ci_`` or ``_boot_ci_`` bounds as above. Each interval is for
+    one comparison at a time: with several strategies, several are made at once.
     """
     n_repeats = repeats["repeat"].nunique()
     columns = [c for c in repeats.columns if c not in {"strategy", "repeat"}]
@@ -165,9 +174,34 @@ def summarise_repeats(
     frame = pd.DataFrame(rows)
     if n_repeats == 1 and test_proba is not None and test_labels is not None:
         _bootstrap_intervals(frame, test_labels, test_proba, random_state)
-    elif n_repeats > 1 and BASELINE in set(frame["strategy"]):
-        _repeat_differences(frame, repeats)
+    elif n_repeats > 1:
+        if held_out_ratio is None:
+            msg = (
+                "held_out_ratio (validation / training cells) is needed to correct the t interval."
+            )
+            raise ValueError(msg)
+        _repeat_intervals(frame, repeats, held_out_ratio)
     return frame
+
+
+def corrected_t_interval(
+    values: np.ndarray, held_out_ratio: float, level: float = 0.95
+) -> tuple[float, float]:
+    """Nadeau and Bengio's corrected resampled t interval of the mean of ``values``.
+
+    Repeats that share training cells are not independent: the variance of their mean is
+    ``(1/n + held_out_ratio) * s^2`` rather than ``s^2 / n`` (Nadeau & Bengio 2003, Machine
+    Learning 52:239), with ``held_out_ratio`` the held-out / training cells of one repeat.
+    """
+    from scipy.stats import t  # scipy comes with scikit-learn; needed here only
+
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    n = len(values)
+    if n < 2:
+        return (np.nan, np.nan)
+    half = t.ppf(0.5 + level / 2, n - 1) * np.sqrt((1 / n + held_out_ratio) * values.var(ddof=1))
+    return (float(values.mean() - half), float(values.mean() + half))
 
 
 def _is_metric(column: str) -> bool:
@@ -209,8 +243,8 @@ def _bootstrap_intervals(
     low = [np.quantile(scores[s], 0.025) if s in scores else np.nan for s in order]
     high = [np.quantile(scores[s], 0.975) if s in scores else np.nan for s in order]
     at = frame.columns.get_loc("test_macro_f1") + 1
-    frame.insert(at, "test_macro_f1_ci_low", low)
-    frame.insert(at + 1, "test_macro_f1_ci_high", high)
+    frame.insert(at, "test_macro_f1_boot_ci_low", low)
+    frame.insert(at + 1, "test_macro_f1_boot_ci_high", high)
     if BASELINE not in scores:
         return
     point = frame.set_index("strategy")["test_macro_f1"]
@@ -218,23 +252,25 @@ def _bootstrap_intervals(
     frame["test_macro_f1_vs_baseline"] = [
         point[s] - point[BASELINE] if s in diffs else np.nan for s in order
     ]
-    frame["test_macro_f1_vs_baseline_ci_low"] = [
+    frame["test_macro_f1_vs_baseline_boot_ci_low"] = [
         np.quantile(diffs[s], 0.025) if s in diffs else np.nan for s in order
     ]
-    frame["test_macro_f1_vs_baseline_ci_high"] = [
+    frame["test_macro_f1_vs_baseline_boot_ci_high"] = [
         np.quantile(diffs[s], 0.975) if s in diffs else np.nan for s in order
     ]
 
 
-def _repeat_differences(frame: pd.DataFrame, repeats: pd.DataFrame) -> None:
-    # scipy comes with scikit-learn; imported where the t quantile is needed
-    from scipy.stats import t
-
+def _repeat_intervals(frame: pd.DataFrame, repeats: pd.DataFrame, held_out_ratio: float) -> None:
     scores = repeats.pivot(index="repeat", columns="strategy", values="test_macro_f1")
-    diffs = scores.sub(scores[BASELINE], axis=0)
-    n = len(diffs)
-    half = t.ppf(0.975, n - 1) * diffs.std(ddof=1) / np.sqrt(n)
     order = list(frame["strategy"])
+    bounds = [corrected_t_interval(scores[s].to_numpy(), held_out_ratio) for s in order]
+    at = frame.columns.get_loc("test_macro_f1") + 1
+    frame.insert(at, "test_macro_f1_t_ci_low", [b[0] for b in bounds])
+    frame.insert(at + 1, "test_macro_f1_t_ci_high", [b[1] for b in bounds])
+    if BASELINE not in scores.columns:
+        return
+    diffs = scores.sub(scores[BASELINE], axis=0)
+    bounds = [corrected_t_interval(diffs[s].to_numpy(), held_out_ratio) for s in order]
     frame["test_macro_f1_vs_baseline"] = [float(diffs[s].mean()) for s in order]
-    frame["test_macro_f1_vs_baseline_ci_low"] = [float(diffs[s].mean() - half[s]) for s in order]
-    frame["test_macro_f1_vs_baseline_ci_high"] = [float(diffs[s].mean() + half[s]) for s in order]
+    frame["test_macro_f1_vs_baseline_t_ci_low"] = [b[0] for b in bounds]
+    frame["test_macro_f1_vs_baseline_t_ci_high"] = [b[1] for b in bounds]

@@ -69,8 +69,10 @@ def strategy_comparison(
     hatched, with a dotted reference line at its value, so gains over it are easy to judge.
     A metric that is undefined for a strategy (``NaN``, e.g. AUROC on a split missing a class)
     gets an empty bar labelled ``n/a``. Error bars show the noise whenever the metrics hold it:
-    one standard deviation over repeats (``<column>_sd``, from ``n_repeats > 1``), or the
-    bootstrap 95% interval over test cells (``<column>_ci_low``/``_ci_high``).
+    with ``n_repeats > 1`` the 95% t interval over repeats, corrected for their shared training
+    cells (``<column>_t_ci_low``/``_high``; ``<column>_sd`` where no interval was computed);
+    with one repeat the bootstrap 95% interval over the test cells of the one fitted model
+    (``<column>_boot_ci_low``/``_high``).
 
     Parameters
     ----------
@@ -188,17 +190,22 @@ def strategy_comparison(
 
 def _error_bars(frame: pd.DataFrame, column: str, values: np.ndarray) -> np.ndarray | None:
     """``(2, n)`` distances below and above each bar, or ``None`` without noise columns."""
+    for kind in ("t", "boot"):
+        low, high = f"{column}_{kind}_ci_low", f"{column}_{kind}_ci_high"
+        if low in frame.columns and high in frame.columns:
+            lo = pd.to_numeric(frame[low], errors="coerce").to_numpy(dtype=float)
+            hi = pd.to_numeric(frame[high], errors="coerce").to_numpy(dtype=float)
+            return np.vstack([np.clip(values - lo, 0, None), np.clip(hi - values, 0, None)])
     if f"{column}_sd" in frame.columns:
         sd = pd.to_numeric(frame[f"{column}_sd"], errors="coerce").to_numpy(dtype=float)
         return np.vstack([sd, sd])
-    low, high = f"{column}_ci_low", f"{column}_ci_high"
-    if low in frame.columns and high in frame.columns:
-        lo = pd.to_numeric(frame[low], errors="coerce").to_numpy(dtype=float)
-        hi = pd.to_numeric(frame[high], errors="coerce").to_numpy(dtype=float)
-        return np.vstack([np.clip(values - lo, 0, None), np.clip(hi - values, 0, None)])
     return None
 
 
 def spread_label(frame: pd.DataFrame, column: str) -> str:
     """What the error bars of ``column`` show, for the legend."""
-    return "± 1 sd over repeats" if f"{column}_sd" in frame.columns else "bootstrap 95% interval"
+    if f"{column}_t_ci_low" in frame.columns:
+        return "95% t interval over repeats (corrected)"
+    if f"{column}_boot_ci_low" in frame.columns:
+        return "95% bootstrap over test cells (one model)"
+    return "± 1 sd over repeats"
