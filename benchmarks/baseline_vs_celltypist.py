@@ -191,13 +191,14 @@ def load_celltypist(mode: str) -> tuple[ModuleType | None, str]:
     """CellTypist, if installed and able to train here, and a line saying what is compared."""
     if mode == "off":
         return None, f"compared with: {REWRITE} (--celltypist off)"
+    root_level = logging.getLogger().level
     try:
         import celltypist
     except ImportError:
         reason = "celltypist is not installed (pip install celltypist)"
     else:
+        logging.getLogger().setLevel(root_level)  # celltypist's import sets the root to INFO
         celltypist.logger.set_level(logging.ERROR)
-        logging.getLogger().setLevel(logging.WARNING)  # celltypist's import sets the root to INFO
         reason = _training_problem(celltypist)
         if reason is None:
             import sklearn

@@ -302,6 +302,26 @@ def test_baseline_vs_celltypist_without_celltypist_says_it_compares_a_rewrite(mo
         bench.load_celltypist("require")
 
 
+def test_baseline_vs_celltypist_falls_back_when_celltypist_cannot_train(monkeypatch):
+    bench = _import("baseline_vs_celltypist")
+
+    def train(*args, **kwargs):  # CellTypist 1.7.1 under scikit-learn >= 1.8
+        msg = "LogisticRegression.__init__() got an unexpected keyword argument 'multi_class'"
+        raise TypeError(msg)
+
+    fake = ModuleType("celltypist")
+    fake.__version__ = "1.7.1"
+    fake.train = train
+    fake.logger = ModuleType("celltypist.logger")
+    fake.logger.set_level = lambda level: None
+    monkeypatch.setitem(sys.modules, "celltypist", fake)
+    module, line = bench.load_celltypist("auto")
+    assert module is None
+    assert "NOT CellTypist" in line
+    assert "cannot train with scikit-learn" in line
+    assert "multi_class" in line
+
+
 def test_baseline_vs_celltypist_fallback_table(capsys):
     bench = _import("baseline_vs_celltypist")
     text = bench.main(["--celltypist", "off", "--seeds", "0", "1", "--noise-genes", "50"])
