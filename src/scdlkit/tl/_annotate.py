@@ -177,15 +177,11 @@ def annotate(
         options.unknown_label,
         no_expression=predictions.get("no_expression"),
     )
-    vote = None
-    if options.majority_voting:
-        named = over_clustering if isinstance(over_clustering, str) else "one value per cell"
-        how = {"method": "given", "over_clustering": named}
-        computed = clusters is None
-        if computed:
-            clusters, how = over_cluster(predictions["latent"], random_state=random_state)
-        summary = majority_vote(labels, clusters, min_prop=options.min_prop)
-        vote = Vote(computed, clusters, *summary, how)
+    vote = (
+        _vote(labels, clusters, over_clustering, predictions["latent"], options, random_state)
+        if options.majority_voting
+        else None
+    )
     labelling = {
         "confidence_threshold": threshold,
         "unknown_label": options.unknown_label,
@@ -224,6 +220,24 @@ def annotate(
         adata = adata.copy()
     slots.write(adata)
     return adata if copy else None
+
+
+def _vote(
+    labels: np.ndarray,
+    clusters: np.ndarray | None,
+    over_clustering: Any,
+    latent: np.ndarray,
+    options: LabellingOptions,
+    random_state: int,
+) -> Vote:
+    """The majority vote over the given clusters, or over clusters of ``latent`` made here."""
+    named = over_clustering if isinstance(over_clustering, str) else "one value per cell"
+    how = {"method": "given", "over_clustering": named}
+    computed = clusters is None
+    if computed:
+        clusters, how = over_cluster(latent, random_state=random_state)
+    summary = majority_vote(labels, clusters, min_prop=options.min_prop)
+    return Vote(computed, clusters, *summary, how)
 
 
 def _check_key_added(
