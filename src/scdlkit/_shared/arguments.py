@@ -12,6 +12,8 @@ import numbers
 from collections.abc import Collection
 from typing import Any
 
+import numpy as np
+
 __all__ = [
     "check_bool",
     "check_choice",
@@ -28,7 +30,7 @@ def _got(value: Any) -> str:
 
 def check_bool(name: str, value: Any) -> bool:
     """``value`` as a bool; only ``True``/``False`` (and numpy's) are accepted."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, bool | np.bool_):
         return bool(value)
     msg = f"{name} must be True or False, got {_got(value)}."
     raise TypeError(msg)
