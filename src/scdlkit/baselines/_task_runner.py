@@ -16,6 +16,7 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import pandas as pd
 import torch
 from scipy import sparse
 
+from scdlkit._shared.arguments import check_bool, check_choice, check_int, check_number
 from scdlkit._shared.hardware import resolve_device
 from scdlkit._shared.labels import encode_labels, read_label_column
 from scdlkit._shared.numeric import softmax
@@ -50,7 +52,18 @@ from scdlkit.baselines._task_runner_io import (
     write_runner_folder,
 )
 from scdlkit.training import Trainer
-from scdlkit.training._checks import check_int, check_number
+from scdlkit.training._checks import (
+    FRACTION,
+    SEED,
+    TRAINING_SETTINGS,
+    Check,
+    check_adata,
+    check_arguments,
+    check_device,
+    check_optional_path,
+    check_optional_text,
+    check_path,
+)
 from scdlkit.training.metrics import classification_metrics
 
 __all__ = ["TASKS", "VALID_COMBINATIONS", "TaskRunner", "stratified_split"]
@@ -66,6 +79,48 @@ CLASSIFICATION_METRICS = (
     "n_cells",
 )
 REPRESENTATION_METRICS = ("knn_label_consistency", "silhouette", "reconstruction_loss", "n_cells")
+
+
+def check_widths(name: str, value: Any) -> tuple[int, ...]:
+    """Layer widths: a sequence of integers >= 1 such as ``(256, 128)``."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        msg = f"{name} must be a sequence of layer widths such as (256, 128), got {value!r}."
+        raise TypeError(msg)
+    return tuple(check_int(f"{name}[{i}]", w, min_value=1) for i, w in enumerate(value))
+
+
+#: Every argument of :class:`TaskRunner`, checked in the constructor before any work.
+TASK_RUNNER_ARGUMENTS: dict[str, Check] = {
+    "model": partial(check_choice, choices=tuple(VALID_COMBINATIONS)),
+    "task": partial(check_choice, choices=(None, *TASKS)),
+    "latent_dim": partial(check_int, min_value=1),
+    "hidden_dims": check_widths,
+    "epochs": TRAINING_SETTINGS["epochs"],
+    "batch_size": partial(check_int, min_value=1),
+    "lr": TRAINING_SETTINGS["lr"],
+    "weight_decay": TRAINING_SETTINGS["weight_decay"],
+    "dropout": FRACTION,
+    "kl_weight": partial(check_number, min_value=0),
+    "class_weight": partial(check_choice, choices=("auto", None, "balanced")),
+    "device": check_device,
+    "precision": partial(check_choice, choices=("auto", "fp32", "bf16")),
+    "label_key": check_optional_text,
+    "layer": check_optional_text,
+    "gene_key": check_optional_text,
+    "val_size": FRACTION,
+    "test_size": FRACTION,
+    "random_state": SEED,
+    "output_dir": check_optional_path,
+    "early_stopping_patience": TRAINING_SETTINGS["early_stopping_patience"],
+    "n_neighbors": partial(check_int, min_value=1),
+    "progress": check_bool,
+}
+#: The arguments of the methods that read an AnnData.
+QUERY_ARGUMENTS: dict[str, Check] = {
+    "adata": check_adata,
+    "layer": check_optional_text,
+    "gene_key": check_optional_text,
+}
 
 
 class TaskRunner:
@@ -193,47 +248,19 @@ class TaskRunner:
         n_neighbors: int = 15,
         progress: bool = True,
     ) -> None:
+        arguments = check_arguments(
+            TASK_RUNNER_ARGUMENTS, {k: v for k, v in locals().items() if k != "self"}
+        )
         self.task = resolve_task(model, task)
         self.model = model
-        check_int(latent_dim, "latent_dim", minimum=1)
-        if isinstance(hidden_dims, int | str) or not isinstance(hidden_dims, Sequence):
-            msg = (
-                "`hidden_dims` must be a sequence of layer widths such as (256, 128); "
-                f"got {hidden_dims!r}."
-            )
-            raise ValueError(msg)
-        for width in hidden_dims:
-            check_int(width, "hidden_dims entries", minimum=1)
-        check_int(epochs, "epochs", minimum=1)
-        check_int(batch_size, "batch_size", minimum=1)
-        check_int(random_state, "random_state", minimum=0)
-        check_int(n_neighbors, "n_neighbors", minimum=1)
-        check_number(lr, "lr", positive=True)
-        check_number(weight_decay, "weight_decay", positive=False)
-        check_number(kl_weight, "kl_weight", positive=False)
-        check_number(dropout, "dropout", positive=False)
-        if dropout >= 1:
-            msg = f"`dropout` must be in [0, 1); got {dropout!r}."
-            raise ValueError(msg)
-        if early_stopping_patience is not None:
-            check_int(early_stopping_patience, "early_stopping_patience", minimum=1)
-        for name, value in (("val_size", val_size), ("test_size", test_size)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-                msg = f"`{name}`={value!r} must be a fraction in [0, 1)."
-                raise ValueError(msg)
+        val_size, test_size = arguments["val_size"], arguments["test_size"]
         if val_size + test_size >= 1:
             msg = f"val_size + test_size = {val_size + test_size} leaves no cells for training."
-            raise ValueError(msg)
-        if class_weight not in ("auto", None, "balanced"):
-            msg = f"`class_weight`={class_weight!r}; choose 'auto', None or 'balanced'."
             raise ValueError(msg)
         if class_weight == "auto":
             class_weight = "balanced" if self.task == "classification" else None
         if class_weight is not None and self.task != "classification":
             msg = "`class_weight` applies to task='classification' only; leave it as None."
-            raise ValueError(msg)
-        if precision not in {"auto", "fp32", "bf16"}:
-            msg = f"`precision`={precision!r}; choose 'auto', 'fp32' or 'bf16'."
             raise ValueError(msg)
         if self.task == "classification" and label_key is None:
             msg = (
@@ -241,44 +268,31 @@ class TaskRunner:
                 "cell types."
             )
             raise ValueError(msg)
-        for name, value in (("label_key", label_key), ("layer", layer), ("gene_key", gene_key)):
-            if value is not None and not isinstance(value, str):
-                msg = f"`{name}` must be a string or None; got {value!r}."
-                raise ValueError(msg)
-        self._check_device(device)
-        self.latent_dim = int(latent_dim)
-        self.hidden_dims = tuple(int(h) for h in hidden_dims)
-        self.epochs = int(epochs)
-        self.batch_size = int(batch_size)
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
-        self.dropout = float(dropout)
-        self.kl_weight = float(kl_weight)
+        self.latent_dim = arguments["latent_dim"]
+        self.hidden_dims = arguments["hidden_dims"]
+        self.epochs = arguments["epochs"]
+        self.batch_size = arguments["batch_size"]
+        self.lr = arguments["lr"]
+        self.weight_decay = arguments["weight_decay"]
+        self.dropout = arguments["dropout"]
+        self.kl_weight = arguments["kl_weight"]
         self.class_weight = class_weight
         self.device = device
         self.precision = precision
         self.label_key = label_key
         self.layer = layer
         self.gene_key = gene_key
-        self.val_size = float(val_size)
-        self.test_size = float(test_size)
-        self.random_state = int(random_state)
+        self.val_size = val_size
+        self.test_size = test_size
+        self.random_state = arguments["random_state"]
         self.output_dir = None if output_dir is None else Path(output_dir)
-        self.early_stopping_patience = early_stopping_patience
-        self.n_neighbors = int(n_neighbors)
-        self.progress = progress
+        self.early_stopping_patience = arguments["early_stopping_patience"]
+        self.n_neighbors = arguments["n_neighbors"]
+        self.progress = arguments["progress"]
         self.runner_dir_: Path | None = None
         self._fitted = False
 
     # ------------------------------------------------------------------------------ helpers
-
-    @staticmethod
-    def _check_device(device: Any) -> None:
-        try:
-            resolve_device(device)
-        except (RuntimeError, TypeError, ValueError) as err:
-            msg = f"device={device!r} is not a torch device; use 'auto', 'cpu' or 'cuda'."
-            raise ValueError(msg) from err
 
     @property
     def _torch_device(self) -> torch.device:
@@ -346,6 +360,7 @@ class TaskRunner:
         --------
         >>> runner = sck.TaskRunner(model="mlp", label_key="cell_type").fit(adata)  # doctest: +SKIP
         """
+        check_adata("adata", adata)
         codes, categories = self._read_labels(adata)
         matrix, genes = read_expression(adata, self.layer, self.gene_key)
         if self.task == "classification":
@@ -559,6 +574,7 @@ class TaskRunner:
         >>> query.obs["mlp_label"] = out["labels"]  # doctest: +SKIP
         """
         self._require_fitted("predict")
+        check_arguments(QUERY_ARGUMENTS, {"adata": adata, "layer": layer, "gene_key": gene_key})
         layer = self.layer if layer is None else layer
         gene_key = self.gene_key if gene_key is None else gene_key
         dataset = self._query_dataset(adata, layer, gene_key)
@@ -586,6 +602,7 @@ class TaskRunner:
         >>> adata.obsm["X_vae"] = runner.encode(adata)  # doctest: +SKIP
         """
         self._require_fitted("encode")
+        check_arguments(QUERY_ARGUMENTS, {"adata": adata, "layer": layer, "gene_key": gene_key})
         layer = self.layer if layer is None else layer
         gene_key = self.gene_key if gene_key is None else gene_key
         dataset = self._query_dataset(adata, layer, gene_key)
@@ -619,6 +636,7 @@ class TaskRunner:
         >>> same = sck.TaskRunner.load("runs/mlp")  # doctest: +SKIP
         """
         self._require_fitted("save")
+        check_path("path", path)
         path = Path(path)
         tensors = {
             f"model.{k}": v.detach().to("cpu", copy=True).contiguous()
@@ -671,6 +689,8 @@ class TaskRunner:
         >>> runner = sck.TaskRunner.load("runs/mlp", device="cpu")  # doctest: +SKIP
         >>> runner.predict(query)["labels"]  # doctest: +SKIP
         """
+        check_path("path", path)
+        check_device("device", device)
         path = Path(path)
         manifest, tensors = read_runner_folder(path)
         file = path / MANIFEST_NAME

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import scdlkit as sck
 from scdlkit.cli._checks import (
@@ -109,6 +110,34 @@ def default_output_dir(output: Path) -> Path:
     return output.with_name(f"{stem}_scdlkit")
 
 
+def _adapt_options(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
+    """The annotation runner's arguments of ``scdlkit adapt``."""
+    return {
+        "checkpoint": args.checkpoint,
+        "strategies": tuple(args.strategies),
+        "batch_size": args.batch_size,
+        "val_size": args.val_size,
+        "test_size": args.test_size,
+        "random_state": args.random_state,
+        "n_repeats": args.n_repeats,
+        "device": args.device,
+        "output_dir": output_dir,
+        "overwrite": args.overwrite,
+        "gene_key": args.gene_key,
+        "layer": args.layer,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "precision": args.precision,
+        "confidence_threshold": args.confidence_threshold,
+        "attention_dropout": args.attention_dropout,
+        "batch_key": args.batch_key,
+        "split_by": args.split_by,
+        "test_batches": args.test_batches,
+        "val_batches": args.val_batches,
+        "progress": _progress(args),
+    }
+
+
 def run_adapt(args: argparse.Namespace) -> int:
     """``scdlkit adapt``: fit and compare strategies, write the annotated reference."""
     out = check_output(args.output)
@@ -116,34 +145,12 @@ def run_adapt(args: argparse.Namespace) -> int:
     output_dir = (Path(args.output_dir) if args.output_dir else default_output_dir(out)).resolve()
     check_output_dir(output_dir)
     check_device(args.device)
+    options = _adapt_options(args, output_dir)
+    # the runner's own checks (options that only fail together, such as the two fractions),
+    # before the input is read: building a runner reads and computes nothing
+    sck.AnnotationRunner(label_key=args.label_key, **options)
     adata = read_input(args.input)
-    sck.tl.adapt_annotation(
-        adata,
-        args.label_key,
-        checkpoint=args.checkpoint,
-        strategies=tuple(args.strategies),
-        batch_size=args.batch_size,
-        val_size=args.val_size,
-        test_size=args.test_size,
-        random_state=args.random_state,
-        n_repeats=args.n_repeats,
-        device=args.device,
-        output_dir=output_dir,
-        overwrite=args.overwrite,
-        key_added=args.key_added,
-        gene_key=args.gene_key,
-        layer=args.layer,
-        epochs=args.epochs,
-        lr=args.lr,
-        precision=args.precision,
-        confidence_threshold=args.confidence_threshold,
-        attention_dropout=args.attention_dropout,
-        batch_key=args.batch_key,
-        split_by=args.split_by,
-        test_batches=args.test_batches,
-        val_batches=args.val_batches,
-        progress=_progress(args),
-    )
+    sck.tl.adapt_annotation(adata, args.label_key, key_added=args.key_added, **options)
     write_h5ad_atomic(adata, out)
     uns = adata.uns[args.key_added]
     table = uns["strategy_metrics"]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import textwrap
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = [
+    "MAX_SEED",
     "HelpFormatter",
+    "Parser",
     "checkpoint_option",
     "device_option",
     "fraction",
@@ -18,9 +21,15 @@ __all__ = [
     "output_option",
     "paragraphs",
     "positive_int",
+    "positive_number",
     "precision_option",
+    "seed",
     "streaming_options",
+    "unit_interval",
 ]
+
+#: The largest seed numpy and Lightning accept (the runner checks the same bound).
+MAX_SEED = 2**32 - 1
 
 
 def paragraphs(text: str) -> str:
@@ -32,6 +41,15 @@ def paragraphs(text: str) -> str:
         else:
             out.append(textwrap.fill(" ".join(block.split()), 78, break_on_hyphens=False))
     return "\n\n".join(out)
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other error of the
+    command line: ``scdlkit: error: <what>; see 'scdlkit adapt --help'`` (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        line = " ".join(message.split())
+        self.exit(2, f"scdlkit: error: {line}; see '{self.prog} --help'\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -154,17 +172,46 @@ def key_added_option(parser: argparse.ArgumentParser, default: str, slots: str) 
     )
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        msg = f"must be a positive integer, got {text!r}"
+def _number(text: str, kind: type, expected: str) -> float:
+    """``text`` as a finite ``kind``, or an argparse error saying what is ``expected``."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        msg = f"must be {expected}, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
     return value
+
+
+def _in_range(text: str, kind: type, expected: str, ok: Any) -> Any:
+    value = _number(text, kind, expected)
+    if not ok(value):
+        msg = f"must be {expected}, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (cells per batch, epochs, repeats)."""
+    return _in_range(text, int, "a positive integer", lambda v: v >= 1)
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2**32 - 1], the range numpy and Lightning accept."""
+    return _in_range(text, int, f"an integer in [0, {MAX_SEED}]", lambda v: 0 <= v <= MAX_SEED)
+
+
+def positive_number(text: str) -> float:
+    """A finite number > 0 (a learning rate)."""
+    return _in_range(text, float, "a finite number > 0", lambda v: v > 0)
 
 
 def fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        msg = f"must be a fraction in [0, 1), got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
+    """A number in [0, 1) (a share of cells, a dropout)."""
+    return _in_range(text, float, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def unit_interval(text: str) -> float:
+    """A number in [0, 1] (a probability)."""
+    return _in_range(text, float, "a number in [0, 1]", lambda v: 0 <= v <= 1)

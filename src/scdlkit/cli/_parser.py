@@ -9,6 +9,7 @@ from scdlkit._version import __version__
 from scdlkit.cli import _commands
 from scdlkit.cli._options import (
     HelpFormatter,
+    Parser,
     checkpoint_option,
     device_option,
     fraction,
@@ -19,8 +20,11 @@ from scdlkit.cli._options import (
     output_option,
     paragraphs,
     positive_int,
+    positive_number,
     precision_option,
+    seed,
     streaming_options,
+    unit_interval,
 )
 
 __all__ = ["DESCRIPTION", "PROG", "build_parser"]
@@ -51,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     -------
     The parser; each sub-command sets ``func`` to the function that runs it.
     """
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG,
         description=paragraphs(DESCRIPTION),
         formatter_class=HelpFormatter,
@@ -168,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument(
         "--lr",
-        type=float,
+        type=positive_number,
         metavar="LR",
         help="learning rate of every neural strategy (default: each strategy's own default)",
     )
@@ -195,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument(
         "--random-state",
-        type=int,
+        type=seed,
         default=42,
         metavar="SEED",
         help="seed of splits, tokenisation, initialisation and training",
@@ -238,13 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument(
         "--confidence-threshold",
-        type=float,
+        type=unit_interval,
         metavar="P",
         help="label cells whose top probability is below P as 'Unknown' (default: none)",
     )
     sub.add_argument(
         "--attention-dropout",
-        type=float,
+        type=fraction,
         metavar="P",
         help="dropout on attention weights while training, over the encoder_dropout training "
         "setting (default 0; the checkpoint's is 0.2); >0 is several times slower on CPU",
@@ -281,19 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        msg = f"must be a number in [0, 1], got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
 def labelling_options(parser: argparse.ArgumentParser) -> None:
     """``annotate``'s labelling options, those of :func:`scdlkit.tl.annotate`."""
     parser.add_argument(
         "--confidence-threshold",
-        type=_unit_interval,
+        type=unit_interval,
         metavar="P",
         help="label cells whose top probability is below P as --unknown-label "
         "(default: the runner's own threshold)",
@@ -317,7 +313,7 @@ def labelling_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--min-prop",
-        type=_unit_interval,
+        type=unit_interval,
         default=0.0,
         metavar="P",
         help="a cluster whose majority label holds a smaller share is called 'Heterogeneous' "

@@ -38,6 +38,7 @@ __all__ = [
     "PredictInputs",
     "StrategyFamily",
     "StrategyResult",
+    "label_predictions",
     "register_strategy",
     "strategy_family",
 ]
@@ -220,6 +221,28 @@ def full_proba(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.nda
     out = np.zeros((proba.shape[0], n_classes), dtype=np.float32)
     out[:, np.asarray(classes)] = proba
     return out
+
+
+def label_predictions(
+    probabilities: np.ndarray,
+    latent: np.ndarray,
+    categories: list[str],
+    threshold: float | None,
+    unknown: str,
+) -> dict[str, np.ndarray]:
+    """Codes and labels of the most probable class; below ``threshold``, code -1 and ``unknown``."""
+    codes = probabilities.argmax(axis=1).astype(np.int64)
+    labels = np.asarray(categories, dtype=object)[codes]
+    if threshold is not None:
+        unsure = probabilities.max(axis=1) < threshold
+        codes[unsure] = -1
+        labels[unsure] = unknown
+    return {
+        "label_codes": codes,
+        "labels": labels,
+        "probabilities": probabilities.astype(np.float32),
+        "latent": np.asarray(latent, dtype=np.float32),
+    }
 
 
 def read_once(read: Any) -> Any:
@@ -416,7 +439,7 @@ class NeuralStrategy(StrategyFamily):
 
     def fit(self, strategy: str, ctx: FitContext, settings: dict, config: Any) -> StrategyResult:
         # the Trainer brings lightning_fabric, slow to import: only when a strategy trains
-        from scdlkit.training import Trainer
+        from scdlkit.training import Trainer, TrainingDivergedError
 
         model = build_annotation_model(
             ctx.encoder_state,
@@ -458,7 +481,14 @@ class NeuralStrategy(StrategyFamily):
             datasets = {k: FeatureDataset(ctx.features[c], codes[c]) for k, c in cells.items()}
         else:
             datasets = {k: ctx.prepared.dataset(c) for k, c in cells.items()}
-        trainer.fit(datasets["fit"], datasets["stop"] if len(stop_cells) else None)
+        try:
+            trainer.fit(datasets["fit"], datasets["stop"] if len(stop_cells) else None)
+        except TrainingDivergedError as err:
+            msg = (
+                f"strategy {strategy!r}: {err} Set its rate with lr= (every neural strategy) or "
+                f"training={{{strategy!r}: {{'lr': ...}}}}; on the command line, --lr."
+            )
+            raise TrainingDivergedError(msg) from None
         model = model.to("cpu").eval()
         metrics, test_proba = ctx.evaluate(
             lambda split, _: trainer.predict(datasets[split])["probabilities"]

@@ -34,17 +34,27 @@ from scdlkit.foundation._fitting import (
     Stopwatch,
     StrategyResult,
     expression_of,
+    label_predictions,
     read_once,
     strategy_family,
 )
 from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
 from scdlkit.foundation._loading import build_encoder, load_encoder_weights, load_state_dict_file
 from scdlkit.foundation._normalisation import describe_normalisation
-from scdlkit.foundation._runner_args import check_strategies, recorded_arguments, str_list
+from scdlkit.foundation._runner_args import (
+    ANNOTATE_ARGUMENTS,
+    LOAD_ARGUMENTS,
+    PREDICT_ARGUMENTS,
+    SHORTCUTS,
+    check_rows,
+    check_runner_arguments,
+    recorded_arguments,
+)
 from scdlkit.foundation._runner_io import load_runner, save_runner
 from scdlkit.foundation._selection import batch_metrics
 from scdlkit.foundation._stream import encode_adata
-from scdlkit.foundation._training_settings import check_training_overrides, resolve_training
+from scdlkit.foundation._training_settings import resolve_training
+from scdlkit.training._checks import check_adata, check_arguments, check_path
 
 __all__ = ["ScGPTAnnotationRunner"]
 
@@ -193,57 +203,33 @@ class ScGPTAnnotationRunner:
         n_repeats: int = 1,
         progress: bool = True,
     ) -> None:
-        arguments = {k: v for k, v in locals().items() if k not in {"self", "progress"}}
-        self.strategies, self.strategy_configs = check_strategies(
-            strategies, strategy_configs, lora_config
-        )
-        check_training_overrides(training)
-        if batch_size < 1:
-            msg = f"batch_size={batch_size} must be at least 1."
-            raise ValueError(msg)
-        if confidence_threshold is not None and not 0 <= confidence_threshold <= 1:
-            msg = f"confidence_threshold={confidence_threshold} must be in [0, 1] or None."
-            raise ValueError(msg)
-        if precision not in {"auto", "fp32", "bf16"}:
-            msg = f"precision={precision!r}; choose 'auto', 'fp32' or 'bf16'."
-            raise ValueError(msg)
-        self.label_key = label_key
-        self.checkpoint = checkpoint
-        self.batch_size = batch_size
-        self.val_size = val_size
-        self.test_size = test_size
-        self.random_state = random_state
-        self.device = device
+        # every argument checked before any work; canonical values from here on
+        checked = check_runner_arguments({k: v for k, v in locals().items() if k != "self"})
+        self.strategies = checked["strategies"]
+        self.strategy_configs = checked["strategy_configs"]
+        self.label_key = checked["label_key"]
+        self.checkpoint = checked["checkpoint"]
+        self.batch_size = checked["batch_size"]
+        self.val_size = checked["val_size"]
+        self.test_size = checked["test_size"]
+        self.random_state = checked["random_state"]
+        self.device = checked["device"]
         self.output_dir = None if output_dir is None else Path(output_dir).resolve()
-        self.overwrite = overwrite
+        self.overwrite = checked["overwrite"]
         self.gene_key = gene_key
         self.layer = layer
-        self.training = dict(training or {})
-        self.shortcuts = {
-            "epochs": epochs,
-            "lr": lr,
-            "early_stopping_patience": early_stopping_patience,
-            "class_weight": class_weight,
-        }
+        self.training = checked["training"]
+        self.shortcuts = {name: checked[name] for name in SHORTCUTS}
         self.precision = precision
-        self.confidence_threshold = confidence_threshold
-        self.attention_dropout = attention_dropout
-        if split_by not in {"cells", "batch"}:
-            msg = f"split_by={split_by!r}; choose 'cells' or 'batch'."
-            raise ValueError(msg)
-        if split_by == "batch" and batch_key is None:
-            msg = "split_by='batch' needs batch_key= naming the adata.obs column of batches."
-            raise ValueError(msg)
+        self.confidence_threshold = checked["confidence_threshold"]
+        self.attention_dropout = checked["attention_dropout"]
         self.batch_key = batch_key
         self.split_by = split_by
-        self.test_batches = str_list(test_batches)
-        self.val_batches = str_list(val_batches)
-        if not isinstance(n_repeats, int) or n_repeats < 1:
-            msg = f"n_repeats={n_repeats!r} must be a positive integer."
-            raise ValueError(msg)
-        self.n_repeats = n_repeats
-        self.progress = progress
-        self.init_params_ = recorded_arguments(arguments, self.strategy_configs)
+        self.test_batches = checked["test_batches"]
+        self.val_batches = checked["val_batches"]
+        self.n_repeats = checked["n_repeats"]
+        self.progress = checked.pop("progress")
+        self.init_params_ = recorded_arguments(checked)
         self._fitted = False
         self.runner_dir_: Path | None = None
 
@@ -269,7 +255,7 @@ class ScGPTAnnotationRunner:
         recorded = dict(self.init_params_)
         # a loaded baseline runner never needed its checkpoint: the saved name and path stand
         name, path = getattr(self, "saved_checkpoint_", (recorded["checkpoint"], ""))
-        for shortcut in ("training", "epochs", "lr", "early_stopping_patience", "class_weight"):
+        for shortcut in ("training", *SHORTCUTS):
             recorded.pop(shortcut)
         return {
             **recorded,
@@ -325,6 +311,7 @@ class ScGPTAnnotationRunner:
         --------
         >>> runner.inspect(adata).ok  # doctest: +SKIP
         """
+        check_adata("adata", adata)
         self.report_ = inspect_annotation_data(
             adata,
             label_key=self.label_key,
@@ -348,6 +335,7 @@ class ScGPTAnnotationRunner:
         -------
         The fitted runner.
         """
+        check_adata("adata", adata)
         names = gene_names(adata, self.gene_key)
         vocab = resolve_checkpoint(self.checkpoint).vocab
         check_unique_genes(names, vocab=vocab, gene_key=self.gene_key)
@@ -508,16 +496,23 @@ class ScGPTAnnotationRunner:
             )
         return self._base_encoder
 
-    def _encode_base(self, prepared: ScGPTPreparedData) -> np.ndarray:
-        encoder = self._frozen_encoder()
+    def _encode_tokens(self, tokens: Any, forward: Any, desc: str) -> np.ndarray:
         return encode_cells(
-            prepared.tokens,
-            lambda b: encoder.cls_embedding(b["gene_ids"], b["values"], b["padding_mask"]),
+            tokens,
+            forward,
             device=self._torch_device,
             batch_size=self.batch_size,
             precision=self.precision,
             progress=self.progress,
-            desc="<cls> features",
+            desc=desc,
+        )
+
+    def _encode_base(self, prepared: ScGPTPreparedData) -> np.ndarray:
+        encoder = self._frozen_encoder()
+        return self._encode_tokens(
+            prepared.tokens,
+            lambda b: encoder.cls_embedding(b["gene_ids"], b["values"], b["padding_mask"]),
+            "<cls> features",
         )
 
     # ----------------------------------------------------------------------------- predict
@@ -554,40 +549,17 @@ class ScGPTAnnotationRunner:
         probabilities, latent = strategy_family(self.best_strategy_).predict(
             self._best.model, inputs
         )
-        return self._finish(probabilities, latent)
+        return label_predictions(
+            probabilities, latent, self.label_categories_, self.confidence_threshold, UNKNOWN_LABEL
+        )
 
     def _predict_prepared(self, prepared: ScGPTPreparedData) -> dict[str, np.ndarray]:
         """Predictions for the reference cells, reusing their tokens, features and matrix."""
 
         def encode(forward: Any, desc: str) -> np.ndarray:
-            return encode_cells(
-                prepared.tokens,
-                forward,
-                device=self._torch_device,
-                batch_size=self.batch_size,
-                precision=self.precision,
-                progress=self.progress,
-                desc=desc,
-            )
+            return self._encode_tokens(prepared.tokens, forward, desc)
 
         return self._predict_with(encode, self._expression, features=self._features)
-
-    def _finish(self, probabilities: np.ndarray, latent: np.ndarray) -> dict[str, np.ndarray]:
-        codes = probabilities.argmax(axis=1).astype(np.int64)
-        confidence = probabilities.max(axis=1)
-        categories = np.asarray(self.label_categories_, dtype=object)
-        labels = categories[codes]
-        if self.confidence_threshold is not None:
-            unsure = confidence < self.confidence_threshold
-            codes[unsure] = -1
-            labels = labels.copy()
-            labels[unsure] = UNKNOWN_LABEL
-        return {
-            "label_codes": codes,
-            "labels": labels,
-            "probabilities": probabilities.astype(np.float32),
-            "latent": np.asarray(latent, dtype=np.float32),
-        }
 
     def predict(
         self,
@@ -619,6 +591,8 @@ class ScGPTAnnotationRunner:
             L2-normalised for scGPT strategies as :func:`scdlkit.tl.embed`).
         """
         self._require_fitted("predict")
+        arguments = {"adata": adata, "gene_key": gene_key, "layer": layer, "chunk_size": chunk_size}
+        check_arguments(PREDICT_ARGUMENTS, arguments)
         gene_key = self.gene_key if gene_key is None else gene_key
         layer = self.layer if layer is None else layer
         # the expression baseline reads every gene; scGPT strategies only those in the vocabulary
@@ -681,8 +655,16 @@ class ScGPTAnnotationRunner:
         >>> runner.annotate_adata(query)  # doctest: +SKIP
         >>> query.obs["scgpt_label"].value_counts()  # doctest: +SKIP
         """
+        arguments = {
+            "adata": adata,
+            "obs_key": obs_key,
+            "embedding_key": embedding_key,
+            "predictions": predictions,
+        }
         self._require_fitted("annotate_adata")
+        check_arguments(ANNOTATE_ARGUMENTS, arguments)
         predictions = self.predict(adata) if predictions is None else predictions
+        check_rows(predictions, adata.n_obs)  # before anything is written
         categories = list(self.label_categories_)
         if self.confidence_threshold is not None:
             categories.append(UNKNOWN_LABEL)
@@ -715,6 +697,7 @@ class ScGPTAnnotationRunner:
         >>> runner.save("runs/pbmc/runner")  # doctest: +SKIP
         """
         self._require_fitted("save")
+        check_path("path", path)
         self.runner_dir_ = save_runner(self, Path(path))
         return self.runner_dir_
 
@@ -740,6 +723,13 @@ class ScGPTAnnotationRunner:
         verify_checkpoint
             Refuse a base checkpoint whose ``best_model.pt`` hash differs from the recorded one.
         """
+        arguments = {
+            "path": path,
+            "checkpoint": checkpoint,
+            "device": device,
+            "verify_checkpoint": verify_checkpoint,
+        }
+        check_arguments(LOAD_ARGUMENTS, arguments)
         return load_runner(
             cls, Path(path), checkpoint=checkpoint, device=device, verify=verify_checkpoint
         )

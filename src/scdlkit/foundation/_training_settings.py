@@ -18,17 +18,21 @@ exactly that many epochs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from functools import partial
 from typing import Any
 
+from scdlkit._shared.arguments import check_int
 from scdlkit._shared.strategies import (
     NEURAL_STRATEGIES,
     PEFT_STRATEGIES,
     STRATEGIES,
 )
+from scdlkit.training._checks import FRACTION, TRAINING_SETTINGS, Check, optional
 
 __all__ = [
     "DEFAULT_TRAINING",
+    "SETTING_CHECKS",
     "STRATEGIES",
     "TRAINING_KEYS",
     "check_training_overrides",
@@ -93,6 +97,12 @@ DEFAULT_TRAINING: dict[str, dict[str, Any]] = {
     **{name: {**_COMMON, **_PEFT} for name in PEFT_STRATEGIES},
 }
 TRAINING_KEYS = frozenset().union(*DEFAULT_TRAINING.values())
+#: The check of every training setting: the Trainer's, plus the settings only the runner reads.
+SETTING_CHECKS: dict[str, Check] = {
+    **TRAINING_SETTINGS,
+    "min_steps": partial(check_int, min_value=0),
+    "encoder_dropout": optional(FRACTION),
+}
 #: Strategies fitted in closed form (no epochs, no learning rate) take class weighting only.
 FIT_SETTINGS: dict[str, dict[str, Any]] = {
     name: {"class_weight": None} for name in STRATEGIES if name not in NEURAL_STRATEGIES
@@ -143,36 +153,49 @@ def stretch_to_min_steps(settings: Mapping[str, Any], steps_per_epoch: int) -> d
     return out
 
 
-def _check_encoder_dropout(value: Any) -> None:
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if value is not None and not (number and 0 <= value < 1):
-        msg = f"training: encoder_dropout must be None or a number in [0, 1), got {value!r}."
+def _check_settings(where: str, settings: Any, allowed: Collection[str]) -> dict[str, Any]:
+    """``settings`` (a mapping of setting names) with every value through its check."""
+    if not isinstance(settings, Mapping):
+        msg = f"{where} must be a dict of training settings, got {type(settings).__name__}."
+        raise TypeError(msg)
+    unknown = sorted(map(repr, set(settings) - set(allowed)))
+    if unknown:
+        msg = f"{where} has unknown setting(s) {', '.join(unknown)}; allowed: {sorted(allowed)}."
         raise ValueError(msg)
+    return {key: SETTING_CHECKS[key](f"{where}[{key!r}]", v) for key, v in settings.items()}
 
 
-def check_training_overrides(overrides: Mapping[str, Any] | None) -> None:
-    """Unknown keys in ``training=`` are errors, not silently ignored settings."""
-    for key, value in (overrides or {}).items():
-        if key == "encoder_dropout":
-            _check_encoder_dropout(value)
-        elif key in STRATEGIES and isinstance(value, Mapping):
-            _check_encoder_dropout(value.get("encoder_dropout"))
-        if key in STRATEGIES:
-            allowed = set(_defaults(key))
-            if set(value) - allowed and key not in NEURAL_STRATEGIES:
+def check_training_overrides(name: str, overrides: Any) -> dict[str, Any]:
+    """``training=``: setting names (for every strategy) and strategy names mapping to dicts of
+    settings, each value checked; unknown names are errors, never silently ignored settings.
+
+    Returns the overrides with every value in its canonical type (``{}`` for ``None``).
+    """
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, Mapping):
+        msg = f"{name} must be None or a dict of training settings, got {type(overrides).__name__}."
+        raise TypeError(msg)
+    unknown = sorted(repr(k) for k in overrides if k not in TRAINING_KEYS and k not in STRATEGIES)
+    if unknown:
+        msg = (
+            f"{name} has unknown setting(s) {', '.join(unknown)}; allowed: the settings "
+            f"{sorted(TRAINING_KEYS)}, or a strategy name mapping to a dict of them "
+            f"({', '.join(STRATEGIES)})."
+        )
+        raise ValueError(msg)
+    checked = {}
+    for key, value in overrides.items():
+        if key in TRAINING_KEYS:
+            checked[key] = SETTING_CHECKS[key](f"{name}[{key!r}]", value)
+        elif key in NEURAL_STRATEGIES:
+            checked[key] = _check_settings(f"{name}[{key!r}]", value, _defaults(key))
+        else:  # fitted in closed form: no epochs, no learning rate
+            where = f"{name}[{key!r}]"
+            if isinstance(value, Mapping) and set(value) - set(_defaults(key)):
                 msg = (
-                    f"training[{key!r}]: {key} is not trained by gradient descent; it takes "
-                    "class_weight only."
+                    f"{where}: {key} is not trained by gradient descent; it takes class_weight only"
                 )
                 raise ValueError(msg)
-            unknown = set(value) - allowed
-        elif key not in TRAINING_KEYS:
-            unknown = {key}
-        else:
-            continue
-        if unknown:
-            msg = (
-                f"training= has unknown setting(s) {sorted(unknown)}; known: "
-                f"{sorted(TRAINING_KEYS)} (globally or under a strategy name)."
-            )
-            raise ValueError(msg)
+            checked[key] = _check_settings(where, value, _defaults(key))
+    return checked

@@ -7,9 +7,37 @@ from typing import Any
 
 import torch
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "improves", "lr_factor", "set_lr", "warmup_steps"]
+__all__ = [
+    "MONITORS",
+    "OPTIMIZERS",
+    "TrainingDivergedError",
+    "build_optimizer",
+    "diverged",
+    "improves",
+    "lr_factor",
+    "set_lr",
+    "warmup_steps",
+]
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+#: What the Trainer may monitor for the best epoch, and which way is better.
+MONITORS = {"val_loss": "min", "val_macro_f1": "max"}
+
+
+class TrainingDivergedError(ValueError):
+    """The training loss or the gradients became NaN or infinite: the learning rate is too high
+    for this model and data (a ValueError: the fix is an argument)."""
+
+
+def diverged(what: str, epoch: int, lr: float, head_lr: float | None) -> TrainingDivergedError:
+    """The error for a run whose ``what`` (loss, gradient norm) stopped being finite."""
+    rates = f"lr={lr:g}" if head_lr is None else f"lr={lr:g} and head_lr={head_lr:g}"
+    smaller = f"lr={lr / 10:g}" if head_lr is None else f"lr={lr / 10:g}, head_lr={head_lr / 10:g}"
+    msg = (
+        f"training diverged: the {what} became NaN or infinite in epoch {epoch} with {rates}; "
+        f"train with a smaller learning rate (e.g. {smaller})."
+    )
+    return TrainingDivergedError(msg)
 
 
 def build_optimizer(

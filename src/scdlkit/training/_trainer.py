@@ -55,13 +55,7 @@ from lightning_fabric.utilities.seed import seed_everything
 
 from scdlkit._shared.progress import tqdm
 from scdlkit.training._batching import batch_indices, gather_in_order, make_loader, shard
-from scdlkit.training._checks import (
-    check_dataset,
-    check_int,
-    check_number,
-    check_warmup,
-    is_number,
-)
+from scdlkit.training._checks import TRAINER_ARGUMENTS, check_arguments, check_dataset
 from scdlkit.training._loss import (
     LABELS,
     balanced_weights,
@@ -74,8 +68,9 @@ from scdlkit.training._loss import (
 )
 from scdlkit.training._precision import resolve_devices, resolve_precision
 from scdlkit.training._schedule import (
-    OPTIMIZERS,
+    MONITORS,
     build_optimizer,
+    diverged,
     improves,
     lr_factor,
     set_lr,
@@ -87,8 +82,6 @@ __all__ = ["Trainer"]
 
 logger = logging.getLogger("scdlkit")
 
-_TASKS = ("classification", "representation")
-_MONITORS = {"val_loss": "min", "val_macro_f1": "max"}
 _HISTORY_COLUMNS = [
     "epoch",
     "train_loss",
@@ -243,68 +236,39 @@ class Trainer:
         seed: int = 0,
         progress: bool = True,
     ) -> None:
-        if not isinstance(model, torch.nn.Module):
-            msg = f"`model` must be a torch.nn.Module; got {type(model).__name__}."
-            raise TypeError(msg)
-        if task not in _TASKS:
-            msg = f"`task`={task!r} is not supported; choose one of {_TASKS}."
-            raise ValueError(msg)
-        check_int(batch_size, "batch_size", minimum=1)
-        check_int(epochs, "epochs", minimum=1)
-        check_int(num_nodes, "num_nodes", minimum=1)
-        check_int(seed, "seed", minimum=0)
-        check_number(lr, "lr", positive=True)
-        if head_lr is not None:
-            check_number(head_lr, "head_lr", positive=True, hint="or None for `lr`")
-        check_number(weight_decay, "weight_decay", positive=False)
-        if optimizer not in OPTIMIZERS:
-            msg = f"`optimizer`={optimizer!r} is not supported; choose one of {tuple(OPTIMIZERS)}."
-            raise ValueError(msg)
-        check_number(adam_eps, "adam_eps", positive=True)
-        check_warmup(warmup)
-        if lr_decay is not None and not (is_number(lr_decay) and 0 < lr_decay <= 1):
-            msg = f"`lr_decay` must be None or a factor in (0, 1] such as 0.9; got {lr_decay!r}."
-            raise ValueError(msg)
-        if grad_clip is not None:
-            check_number(grad_clip, "grad_clip", positive=True, hint="or None to disable")
-        if early_stopping_patience is not None:
-            check_int(early_stopping_patience, "early_stopping_patience", minimum=1)
-        if monitor not in _MONITORS:
-            msg = f"`monitor`={monitor!r} is not supported; choose one of {tuple(_MONITORS)}."
-            raise ValueError(msg)
-        if class_weight not in (None, "balanced"):
-            msg = f"`class_weight`={class_weight!r}; choose None or 'balanced'."
-            raise ValueError(msg)
+        # every argument checked (and made canonical) before Fabric or any work
+        arguments = check_arguments(
+            TRAINER_ARGUMENTS, {k: v for k, v in locals().items() if k != "self"}
+        )
         if task == "representation" and monitor == "val_macro_f1":
             msg = "`monitor='val_macro_f1'` needs task='classification'; use monitor='val_loss'."
             raise ValueError(msg)
         if task == "representation" and class_weight is not None:
             msg = "`class_weight` applies to task='classification' only; leave it as None."
             raise ValueError(msg)
-
         self.model = model
         self.task = task
-        self.batch_size = batch_size
-        self.epochs = epochs
-        self.lr = float(lr)
-        self.head_lr = None if head_lr is None else float(head_lr)
-        self.weight_decay = float(weight_decay)
+        self.batch_size = arguments["batch_size"]
+        self.epochs = arguments["epochs"]
+        self.lr = arguments["lr"]
+        self.head_lr = arguments["head_lr"]
+        self.weight_decay = arguments["weight_decay"]
         self.optimizer = optimizer
-        self.adam_eps = float(adam_eps)
-        self.warmup = warmup
-        self.lr_decay = lr_decay
-        self.grad_clip = grad_clip
-        self.early_stopping_patience = early_stopping_patience
+        self.adam_eps = arguments["adam_eps"]
+        self.warmup = arguments["warmup"]
+        self.lr_decay = arguments["lr_decay"]
+        self.grad_clip = arguments["grad_clip"]
+        self.early_stopping_patience = arguments["early_stopping_patience"]
         self.monitor = monitor
         self.class_weight = class_weight
-        self.seed = seed
-        self.progress = progress
-        self.precision = resolve_precision(precision, accelerator=accelerator)
+        self.seed = arguments["seed"]
+        self.progress = arguments["progress"]
+        self.precision = resolve_precision(arguments["precision"], accelerator=accelerator)
         self.fabric = Fabric(
             accelerator=accelerator,
-            devices=resolve_devices(devices, strategy=strategy, num_nodes=num_nodes),
+            devices=resolve_devices(devices, strategy=strategy, num_nodes=arguments["num_nodes"]),
             strategy=strategy,
-            num_nodes=num_nodes,
+            num_nodes=arguments["num_nodes"],
             precision=self.precision,
         )
         self.history_: pd.DataFrame | None = None
@@ -342,6 +306,13 @@ class Trainer:
         -------
         Trainer
             ``self``, with ``history_`` and ``best_epoch_`` set.
+
+        Raises
+        ------
+        ValueError
+            :class:`~scdlkit.training.TrainingDivergedError` when the training loss or the
+            gradient norm becomes NaN or infinite (the learning rate is too high); it names the
+            rates in use and a smaller one to try.
 
         Examples
         --------
@@ -490,11 +461,13 @@ class Trainer:
             return mine
 
         warmup = warmup_steps(self.warmup, self.epochs * len(epoch_batches(0)))
-        direction = "min" if val is None else _MONITORS[self.monitor]
+        direction = "min" if val is None else MONITORS[self.monitor]
         monitored = "train_loss" if val is None else self.monitor
         if val is None and self.monitor != "val_loss":
             logger.info("No validation data: selecting the best epoch by train_loss.")
 
+        # a grad scaler (fp16) makes infinite gradients on purpose and skips those steps
+        check_norm = getattr(fabric.strategy.precision, "scaler", None) is None
         rows: list[dict[str, Any]] = []
         best_value, best_state, best_epoch, stale, step = None, None, None, 0, 0
         bar = tqdm(
@@ -506,7 +479,8 @@ class Trainer:
         for epoch in bar:
             start = time.perf_counter()
             self.model.train()
-            totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)
+            # summed loss, labelled weight, steps whose loss was not finite
+            totals = torch.zeros(3, device=fabric.device, dtype=torch.float64)
             batches = epoch_batches(epoch - 1)
             lr_now = self.lr
             for indices, batch in zip(batches, make_loader(train, batches), strict=True):
@@ -520,14 +494,23 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 fabric.backward(loss)
                 if self.grad_clip is not None:
-                    fabric.clip_gradients(module, optimizer, max_norm=self.grad_clip)
+                    norm = fabric.clip_gradients(
+                        module, optimizer, max_norm=self.grad_clip, error_if_nonfinite=False
+                    )
+                    # the same sync clip_grad_norm_'s own check made; equal on every DDP rank
+                    if check_norm and not torch.isfinite(norm):
+                        raise diverged("gradient norm", epoch, self.lr, self.head_lr)
                 factor = lr_factor(step, epoch - 1, warmup, self.lr_decay)
                 set_lr(optimizer, factor)
                 lr_now = self.lr * factor
                 optimizer.step()
                 step += 1
-                totals += torch.stack([numerator.detach(), denominator.detach()]).double()
+                numerator = numerator.detach().double()
+                nonfinite = (~numerator.isfinite()).double()
+                totals += torch.stack([numerator, denominator.detach().double(), nonfinite])
             totals = fabric.all_reduce(totals, reduce_op="sum")
+            if totals[2] > 0:  # summed over ranks, so every rank raises
+                raise diverged("training loss", epoch, self.lr, self.head_lr)
             row: dict[str, Any] = {"epoch": epoch, "train_loss": _ratio(totals)}
             row.update(self._validate(val) if val is not None else {})
             row["lr"] = lr_now
