@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,13 @@ from scdlkit._artifacts import write_artifacts
 from scdlkit._shared.persist import claim_run_folder, publish_files
 from scdlkit._shared.provenance import check_unique_genes
 from scdlkit._shared.strategies import DEFAULT_STRATEGIES
-from scdlkit._shared.validation import gene_names
+from scdlkit._shared.validation import (
+    cells_without_expression,
+    check_shared_genes,
+    gene_names,
+    get_matrix,
+    validate_values,
+)
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._comparison import compare_strategies, fit_strategies, split_summary
 from scdlkit.foundation._data import (
@@ -138,11 +145,15 @@ class ScGPTAnnotationRunner:
         Dropout on attention weights while training, over the ``encoder_dropout`` training
         setting (default 0: the encoder trains without dropout); ``None`` leaves that setting.
     n_repeats
-        Fit every strategy on this many splits (seeds ``random_state``, ``random_state + 1``,
-        ...): ``strategy_metrics_`` then holds means with ``<column>_sd`` beside each metric,
-        ``repeat_metrics_`` one row per strategy and repeat. The best strategy has the highest
-        mean validation macro-F1; the kept model and ``split_`` are those of the first repeat.
-        With one repeat, test macro-F1 carries a bootstrap 95% interval over the test cells.
+        Fit every strategy this many times (seeds ``random_state``, ``random_state + 1``, ...)
+        on one outer test set, fixed by the first repeat: later repeats redraw only the training
+        and validation cells, so no test cell is ever a validation cell. ``strategy_metrics_``
+        then holds means with ``<column>_sd`` beside each metric and a corrected 95% t interval
+        of test macro-F1 (``_t_ci_low``/``_high``), ``repeat_metrics_`` one row per strategy
+        and repeat. The best strategy has the highest mean validation macro-F1; the kept model,
+        ``split_``, batch metrics and labels are those of the first repeat. With one repeat,
+        test macro-F1 carries a bootstrap 95% interval over the test cells
+        (``_boot_ci_low``/``_high``).
     progress
         Show progress bars.
 
@@ -369,7 +380,13 @@ class ScGPTAnnotationRunner:
                 "cells: rename that class, or leave confidence_threshold=None."
             )
             raise ValueError(msg)
-        splits = [self._split(self.random_state + r) for r in range(self.n_repeats)]
+        # One outer test set for every repeat: later repeats redraw only training and
+        # validation cells, so no test cell ever helps choose (DESIGN section 7).
+        first = self._split(self.random_state)
+        splits = [first] + [
+            self._split(self.random_state + r, fixed_test=first.test_indices)
+            for r in range(1, self.n_repeats)
+        ]
         self.split_ = splits[0]
         self.split_summary_ = split_summary(
             self.split_,
@@ -433,7 +450,7 @@ class ScGPTAnnotationRunner:
             )
         return self
 
-    def _split(self, seed: int) -> Any:
+    def _split(self, seed: int, fixed_test: np.ndarray | None = None) -> Any:
         split = split_scgpt_data(
             self.prepared_,
             val_size=self.val_size,
@@ -442,6 +459,7 @@ class ScGPTAnnotationRunner:
             split_by=self.split_by,
             test_batches=self.test_batches,
             val_batches=self.val_batches,
+            fixed_test=fixed_test,
         )
         if len(split.val_indices) == 0 and len(self.strategies) > 1:
             msg = (
@@ -460,6 +478,7 @@ class ScGPTAnnotationRunner:
             repeats,
             self.prepared_.label_codes[self.split_.indices("test")],
             random_state=self.random_state,
+            held_out_ratio=len(self.split_.val_indices) / max(len(self.split_.train_indices), 1),
         )
         self.history_ = {s: r.history for s, r in results.items() if r.history is not None}
         self.batch_metrics_ = None
@@ -599,6 +618,7 @@ class ScGPTAnnotationRunner:
         uses_vocab = self.checkpoint_ is not None and self.best_strategy_ != "baseline"
         vocab = self.checkpoint_.vocab if uses_vocab else None
         check_unique_genes(gene_names(adata, gene_key), vocab=vocab, gene_key=gene_key)
+        silent = self._cells_without_expression(adata, gene_key, layer)
 
         def encode(forward: Any, desc: str) -> np.ndarray:
             return encode_adata(
@@ -617,7 +637,56 @@ class ScGPTAnnotationRunner:
                 desc=desc,
             )[0]
 
-        return self._predict_with(encode, read_once(lambda: expression_of(adata, gene_key, layer)))
+        predictions = self._predict_with(
+            encode, read_once(lambda: expression_of(adata, gene_key, layer))
+        )
+        return self._without_expression(predictions, silent)
+
+    def _cells_without_expression(
+        self, adata: Any, gene_key: str | None, layer: str | None
+    ) -> np.ndarray:
+        """Check a query as every strategy needs it, before any work; its cells with no
+        expressed gene among those the kept model reads.
+
+        Values must be counts or log-normalised (finite, not negative) and enough genes must be
+        shared with what the model reads: the vocabulary for scGPT strategies, the fitted genes
+        for the expression baseline.
+        """
+        validate_values(adata, layer)
+        names = gene_names(adata, gene_key)
+        if strategy_family(self.best_strategy_).uses_checkpoint:
+            vocab = self.checkpoint_.vocab
+            specials = {self.checkpoint_.args.pad_token, "<cls>", "<eoc>"}
+            known: Any = {g for g in vocab if g not in specials}
+            what = "the scGPT vocabulary"
+        else:
+            known = set(self._best.model.genes_)
+            what = f"the {len(known)} genes the baseline was fitted on"
+        columns = check_shared_genes(
+            names, known, gene_key=gene_key, what=what, min_shared=MIN_GENE_OVERLAP
+        )
+        return cells_without_expression(get_matrix(adata, layer), columns)
+
+    def _without_expression(
+        self, predictions: dict[str, np.ndarray], silent: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Cells with no expressed gene the model reads get the unknown label and uniform
+        probabilities: a model's answer for them would be its prior, not the cell."""
+        predictions["no_expression"] = silent
+        if not silent.any():
+            return predictions
+        n_classes = predictions["probabilities"].shape[1]
+        predictions["probabilities"][silent] = 1.0 / n_classes
+        predictions["label_codes"][silent] = -1
+        predictions["labels"] = predictions["labels"].astype(object)
+        predictions["labels"][silent] = UNKNOWN_LABEL
+        msg = (
+            f"{int(silent.sum())} of {len(silent)} cells have no expressed gene among those the "
+            f"model reads; they are labelled {UNKNOWN_LABEL!r} with uniform probabilities. "
+            "Filter such cells first (e.g. sc.pp.filter_cells(adata, min_genes=1))."
+        )
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        return predictions
 
     def reference_predictions(self) -> dict[str, np.ndarray]:
         """Predictions for the cells ``fit`` saw (computed once, features reused)."""
@@ -666,7 +735,7 @@ class ScGPTAnnotationRunner:
         predictions = self.predict(adata) if predictions is None else predictions
         check_rows(predictions, adata.n_obs)  # before anything is written
         categories = list(self.label_categories_)
-        if self.confidence_threshold is not None:
+        if self.confidence_threshold is not None or (predictions["label_codes"] < 0).any():
             categories.append(UNKNOWN_LABEL)
         adata.obs[obs_key] = pd.Categorical(predictions["labels"], categories=categories)
         adata.obs[f"{obs_key}_confidence"] = predictions["probabilities"].max(axis=1)
