@@ -3,34 +3,42 @@
 A saved folder (an annotation runner, a TaskRunner) is a ``manifest.json`` naming a
 content-addressed weights file and its sha256. Every writer here works the same way:
 
-- files are written beside their final name under a temporary name (``.scdlkit-tmp-...``) and
-  renamed into place, so a reader sees the old file or the complete new one, never a partial one;
+- files are written under a temporary name (``.scdlkit-tmp-...``), flushed to disk and renamed
+  into place, so a reader sees the old file or the complete new one, never a partial one;
 - a save holds the folder's lock (``.scdlkit.lock``, an OS lock released when the process ends,
-  even when it is killed); a second process saving to the same folder waits for it (up to
-  :data:`SAVE_WAIT_SECONDS`, then :class:`FolderBusyError`) instead of racing, and a loader holds
-  the lock shared while it reads the manifest and the weights, so they always belong together;
-- a save keeps the weights the replaced manifest named (one generation back), so a reader that
-  has just read the old manifest still finds its file; older weights are removed;
+  even when killed); a second saver waits (up to :data:`SAVE_WAIT_SECONDS`, then
+  :class:`FolderBusyError`), and a loader holds it shared while it reads the manifest and the
+  weights. The lock is a regular file opened without following links and without blocking; a
+  link, named pipe or device in its place is refused (:class:`UnsafeFileError`);
+- a manifest never names a missing file: the weights are flushed under their content-addressed
+  name before the manifest naming them is renamed into place, and weights are removed only after
+  that, only those an earlier save wrote (``retained_weights``, sha256 checked) that neither the
+  new nor the replaced manifest names. No other file of the folder is ever removed;
 - temporary files and folders left by killed saves are removed by the next save to the folder.
 
-Nothing is unpickled: manifests are JSON, checked field by field against a schema
-(:class:`Field`, :func:`check_fields`) whose errors name the file, the field and the fix.
+Nothing is unpickled: manifests are JSON checked against a schema
+(:class:`~scdlkit._shared.provenance.Field`, re-exported here).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from scdlkit._shared.provenance import Field, check_fields
 
 if TYPE_CHECKING:  # torch is only needed to read weights; `scdlkit --help` stays light
     import torch
@@ -44,6 +52,7 @@ __all__ = [
     "RunExistsError",
     "Field",
     "FolderBusyError",
+    "UnsafeFileError",
     "atomic_file",
     "check_fields",
     "checked_weights_file",
@@ -51,6 +60,7 @@ __all__ = [
     "clean_leftovers",
     "folder_lock",
     "make_readable",
+    "open_regular",
     "prepare_folder",
     "publish_files",
     "read_checked_weights",
@@ -66,11 +76,21 @@ LOCK_NAME = ".scdlkit.lock"
 TMP_PREFIX = ".scdlkit-tmp-"
 #: Written last into a run's ``output_dir``: the run finished and its files belong together.
 RUN_MARKER = "run_complete.json"
-_WEIGHT_SUFFIXES = (".safetensors", ".pt")
+#: The names a save gives weights: ``weights-<first 16 hex digits of their sha256><suffix>``.
+WEIGHTS_NAME = re.compile(r"weights-([0-9a-f]{16})\.(safetensors|pt)")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+#: ``os.open`` flags: never follow a link, never wait on a pipe (0 where the OS lacks them).
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 class FolderBusyError(PermissionError):
     """Another process holds the folder's lock (it is saving there right now)."""
+
+
+class UnsafeFileError(PermissionError):
+    """A file scdlkit reads or writes is a link, pipe or device where a regular file belongs."""
 
 
 class RunExistsError(FileExistsError, ValueError):
@@ -80,13 +100,70 @@ class RunExistsError(FileExistsError, ValueError):
 # ------------------------------------------------------------------------------ small helpers
 
 
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISLNK, "a symbolic link"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def open_regular(path: Path) -> Any:
+    """Open ``path`` for binary reading, refusing (never blocking on) a pipe or device.
+
+    Raises
+    ------
+    UnsafeFileError
+        ``path`` is a named pipe, device, socket or folder.
+    """
+    fd = os.open(path, os.O_RDONLY | _NONBLOCK | _CLOEXEC | getattr(os, "O_BINARY", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        msg = (
+            f"{path} is {_file_kind(mode)}, not a regular file; scdlkit does not read it. "
+            "Replace it with the file it should be (copy the folder again)."
+        )
+        raise UnsafeFileError(msg)
+    return os.fdopen(fd, "rb")
+
+
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
+    """Hex sha256 of a regular file, read in 1 MiB blocks (a pipe is refused, never waited on)."""
     digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
+    with open_regular(Path(path)) as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a written file's content to disk (before a rename publishes it)."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (the renames into it) to disk, where the OS supports it."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a folder; the renames are still atomic
+        pass
+    finally:
+        os.close(fd)
 
 
 def make_readable(file: Path) -> None:
@@ -136,11 +213,22 @@ def _leftover_owner(name: str) -> tuple[str | None, int] | None:
     return None
 
 
+def _pending_weights(name: str) -> str | None:
+    """The weights name a save's pending marker (``...-pending-weights-<hex>.<suffix>``) names."""
+    label = name[len(TMP_PREFIX) :].split("-", 3)[-1]
+    if not label.startswith("pending-"):
+        return None
+    weights = label[len("pending-") :]
+    return weights if WEIGHTS_NAME.fullmatch(weights) else None
+
+
 def clean_leftovers(folder: Path) -> list[str]:
     """Remove temporary files and folders of killed saves (this host's dead processes only).
 
     Returns the names removed. Temporary names of live processes, and of other hosts (a shared
-    file system), are left alone.
+    file system), are left alone. A killed save's pending marker names the weights it had moved
+    in before it could write the manifest naming them; those are removed too, unless the
+    manifest names them now (their content must match their content-addressed name).
     """
     removed = []
     host = _host_tag()
@@ -153,6 +241,11 @@ def clean_leftovers(folder: Path) -> list[str]:
         else:
             entry.unlink(missing_ok=True)
         removed.append(entry.name)
+        orphan = _pending_weights(entry.name) if entry.name.startswith(TMP_PREFIX) else None
+        if orphan is not None and orphan not in _generation(folder).names:
+            digest_prefix = WEIGHTS_NAME.fullmatch(orphan).group(1)
+            if _remove_written(Path(folder) / orphan, lambda d, p=digest_prefix: d[:16] == p):
+                removed.append(orphan)
     return removed
 
 
@@ -227,8 +320,56 @@ def _acquire(fd: int, *, shared: bool, wait: float) -> bool:
     while not _try_lock(fd, shared=shared):
         if time.monotonic() >= deadline:
             return False
-        time.sleep(0.02)
+        time.sleep(0.005)
     return True
+
+
+def _unsafe_lock(file: Path, what: str, *, shared: bool) -> UnsafeFileError:
+    action = "read the folder under it" if shared else "write through it"
+    msg = (
+        f"{file} is {what}, not a regular lock file, so scdlkit will not {action}. Remove it "
+        "(scdlkit creates a plain one on the next save) and try again."
+    )
+    return UnsafeFileError(msg)
+
+
+def _open_lock(file: Path, *, shared: bool) -> int | None:
+    """Open the lock file: a regular file, never through a link, never blocking on a pipe.
+
+    Returns ``None`` for a reader when there is no lock file it may open (a folder saved before
+    locks, or a read-only copy): it reads without one.
+    """
+    if not _NOFOLLOW and file.is_symlink():  # Windows: no O_NOFOLLOW
+        raise _unsafe_lock(file, "a symbolic link", shared=shared)
+    flags = os.O_RDONLY if shared else os.O_RDWR | os.O_CREAT
+    try:
+        fd = os.open(file, flags | _NOFOLLOW | _NONBLOCK | _CLOEXEC, 0o666)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.EMLINK) or file.is_symlink():
+            raise _unsafe_lock(file, "a symbolic link", shared=shared) from err
+        if file.is_dir():
+            raise _unsafe_lock(file, "a folder", shared=shared) from err
+        if shared:
+            return None
+        raise
+    info = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = _file_kind(info.st_mode)
+    elif not shared and info.st_nlink > 1:  # writing the holder's pid would change the others
+        problem = f"a file with {info.st_nlink} hard links"
+    if problem is not None:
+        os.close(fd)
+        raise _unsafe_lock(file, problem, shared=shared)
+    return fd
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 @contextlib.contextmanager
@@ -243,28 +384,27 @@ def folder_lock(
     the folder locked; the lock file itself stays (removing it would race). A reader of a folder
     without a lock file (read-only, or saved before locks) reads without one.
 
+    The lock file is opened with ``O_NOFOLLOW`` and ``O_NONBLOCK`` and must be a regular file
+    (for a writer, with no other hard link), so a lock planted as a link to another file, a
+    named pipe or a device is refused at once: never written through, never waited on.
+
     Raises
     ------
     FolderBusyError
         The lock was not free in time; the message names the last writer (pid and host).
+    UnsafeFileError
+        ``.scdlkit.lock`` is a symbolic or hard link, a named pipe, a device or a folder.
     """
     file = Path(folder) / LOCK_NAME
-    try:
-        fd = os.open(file, os.O_RDONLY if shared else os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:
-        if not shared:
-            raise
+    fd = _open_lock(file, shared=shared)
+    if fd is None:
         yield
         return
     try:
         if not _acquire(fd, shared=shared, wait=SAVE_WAIT_SECONDS if shared else wait):
-            try:
-                holder = Path(file).read_text().strip() or "unknown"
-            except OSError:
-                holder = "unknown"
             msg = (
                 f"{what} {str(folder)!r} is being written by another process (last writer: "
-                f"{holder}). Wait for it to finish, or write to another folder."
+                f"{_lock_holder(fd)}). Wait for it to finish, or write to another folder."
             )
             raise FolderBusyError(msg)
         if not shared:
@@ -301,13 +441,83 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.fsync(fh.fileno())
 
 
-def _named_weights(folder: Path) -> str | None:
-    """The weights file the folder's current manifest names, if it can be read."""
-    try:
-        name = json.loads((folder / MANIFEST_NAME).read_text()).get("weights_file")
-    except (OSError, ValueError, AttributeError):
+@dataclass(frozen=True)
+class _Generation:
+    """What the folder's current manifest says about the weights saves wrote there."""
+
+    current: dict[str, str] | None = None  # {"file", "sha256"} of the weights it names
+    retained: tuple[dict[str, str], ...] = ()  # earlier weights a save wrote and kept
+
+    @property
+    def names(self) -> set[str]:
+        return {e["file"] for e in (self.current, *self.retained) if e is not None}
+
+
+def _written_entry(name: Any, digest: Any) -> dict[str, str] | None:
+    """``{"file", "sha256"}`` when ``name`` is a weights name a save gives ``digest``, else None."""
+    if not (isinstance(name, str) and isinstance(digest, str) and _SHA256.fullmatch(digest)):
         return None
-    return name if isinstance(name, str) else None
+    match = WEIGHTS_NAME.fullmatch(name)
+    if match is None or match.group(1) != digest[:16]:
+        return None
+    return {"file": name, "sha256": digest}
+
+
+def _generation(folder: Path) -> _Generation:
+    """The current manifest's weights and retained weights (empty when it cannot be read)."""
+    try:
+        with open_regular(Path(folder) / MANIFEST_NAME) as fh:
+            record = json.loads(fh.read())
+    except (OSError, ValueError):
+        return _Generation()
+    if not isinstance(record, dict):
+        return _Generation()
+    retained = record.get("retained_weights")
+    entries = [
+        _written_entry(e.get("file"), e.get("sha256"))
+        for e in (retained if isinstance(retained, list) else [])
+        if isinstance(e, dict)
+    ]
+    return _Generation(
+        current=_written_entry(record.get("weights_file"), record.get("weights_sha256")),
+        retained=tuple(e for e in entries if e is not None),
+    )
+
+
+def _next_generation(
+    previous: _Generation, name: str
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """``(retained, stale)`` after a save of weights ``name`` replaces ``previous``.
+
+    The weights the replaced manifest named are kept (a reader that has just read it still finds
+    them); those it kept are stale, unless the new manifest names them.
+    """
+    current = previous.current
+    if current is None or current["file"] == name:
+        return [e for e in previous.retained if e["file"] != name], []
+    stale = [e for e in previous.retained if e["file"] not in {name, current["file"]}]
+    return [current], stale
+
+
+def _remove_written(file: Path, matches: Callable[[str], bool]) -> bool:
+    """Remove ``file`` when it is a regular file whose sha256 ``matches``: one a save wrote."""
+    try:
+        if not stat.S_ISREG(os.lstat(file).st_mode) or not matches(sha256_file(file)):
+            return False
+        file.unlink()
+    except OSError:
+        return False
+    return True
+
+
+def _with_retained(text: str, retained: list[dict[str, str]]) -> str:
+    """The manifest text with ``retained_weights`` set: the weights saves wrote and still keep."""
+    record = json.loads(text)
+    if not isinstance(record, dict):
+        msg = "render_manifest must return the JSON text of an object"
+        raise TypeError(msg)
+    record["retained_weights"] = retained
+    return json.dumps(record, indent=2, allow_nan=False)
 
 
 def save_weights_folder(
@@ -319,6 +529,11 @@ def save_weights_folder(
 ) -> str:
     """Save a weights file and the manifest naming it into ``folder``; the one folder writer.
 
+    Under the folder's lock: the weights are flushed under their content-addressed name, then
+    the manifest is renamed into place, then stale weights are removed: those an earlier save
+    wrote (in the replaced manifest's ``retained_weights``, still holding that sha256) that
+    neither manifest names. So the folder's manifest always names weights that are there.
+
     Parameters
     ----------
     folder
@@ -327,7 +542,8 @@ def save_weights_folder(
         Writes the weights to the path it is given; returns the suffix of the format used
         (``".safetensors"`` or ``".pt"``).
     render_manifest
-        ``(weights_file, weights_sha256) -> manifest JSON text``.
+        ``(weights_file, weights_sha256) -> manifest JSON text`` (an object); the writer adds
+        its ``retained_weights`` field.
     what
         How errors name the folder.
 
@@ -339,22 +555,36 @@ def save_weights_folder(
     folder = prepare_folder(folder, what=what)
     with folder_lock(folder, what=what, wait=SAVE_WAIT_SECONDS):
         clean_leftovers(folder)
-        previous = _named_weights(folder)
+        previous = _generation(folder)
         tmp = folder / _tmp_name("weights")
+        marker = None
         try:
             suffix = write_weights(tmp)
+            _fsync_file(tmp)
             digest = sha256_file(tmp)
-            weights_name = f"weights-{digest[:16]}{suffix}"
+            name = f"weights-{digest[:16]}{suffix}"
+            retained, stale = _next_generation(previous, name)
+            text = _with_retained(render_manifest(name, digest), retained)
+            fresh = name not in previous.names
+            if fresh:  # a save killed before its manifest is written leaves this for the next
+                marker = folder / _tmp_name(f"pending-{name}")
+                marker.touch()
             make_readable(tmp)
-            os.replace(tmp, folder / weights_name)
+            os.replace(tmp, folder / name)
+            _fsync_dir(folder)
+            try:
+                write_text_atomic(folder / MANIFEST_NAME, text)
+            except BaseException:
+                if fresh and name not in _generation(folder).names:
+                    (folder / name).unlink(missing_ok=True)
+                raise
+            _fsync_dir(folder)
         finally:
             tmp.unlink(missing_ok=True)
-        text = render_manifest(weights_name, digest)
-        write_text_atomic(folder / MANIFEST_NAME, text)
-        keep = {weights_name, previous}
-        for stale in folder.glob("weights-*"):
-            if stale.suffix in _WEIGHT_SUFFIXES and stale.name not in keep:
-                stale.unlink(missing_ok=True)
+            if marker is not None:
+                marker.unlink(missing_ok=True)
+        for entry in stale:
+            _remove_written(folder / entry["file"], lambda d, e=entry: d == e["sha256"])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -420,71 +650,6 @@ def publish_files(
 # ------------------------------------------------------------------------------------ reading
 
 
-@dataclass(frozen=True)
-class Field:
-    """One manifest field: its JSON types, whether it must be present, and a value check.
-
-    ``check(value)`` returns ``None`` when the value is fine, else what is wrong with it
-    (``"must be at least 1"``). ``bool`` is accepted only where listed in ``types`` (JSON
-    ``true`` is not a number here), and ``int`` wherever ``float`` is.
-    """
-
-    name: str
-    types: tuple[type, ...]
-    required: bool = True
-    check: Callable[[Any], str | None] | None = None
-
-
-def _type_names(types: tuple[type, ...]) -> str:
-    names = {
-        dict: "an object",
-        list: "a list",
-        str: "a string",
-        int: "an integer",
-        float: "a number",
-        bool: "true/false",
-        type(None): "null",
-    }
-    return " or ".join(names.get(t, t.__name__) for t in types)
-
-
-def _has_type(value: Any, types: tuple[type, ...]) -> bool:
-    if isinstance(value, bool):
-        return bool in types
-    if isinstance(value, int) and float in types:
-        return True
-    return isinstance(value, types)
-
-
-def check_fields(file: Path, data: Mapping[str, Any], fields: Sequence[Field], *, fix: str) -> None:
-    """Check every field of ``data`` against ``fields``; the first problem is a ValueError.
-
-    The message names ``file``, the field, what is wrong and ``fix``.
-    """
-    for spec in fields:
-        if spec.name not in data:
-            if spec.required:
-                msg = f"{file}: field {spec.name!r} is missing; {fix}."
-                raise ValueError(msg)
-            continue
-        value = data[spec.name]
-        if not _has_type(value, spec.types):
-            msg = (
-                f"{file}: field {spec.name!r} must be {_type_names(spec.types)}, "
-                f"not {type(value).__name__} ({_short(value)}); {fix}."
-            )
-            raise ValueError(msg)
-        problem = None if spec.check is None or value is None else spec.check(value)
-        if problem:
-            msg = f"{file}: field {spec.name!r} {problem}; {fix}."
-            raise ValueError(msg)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def read_manifest_with_digest(
     path: Path,
     required: dict[str, type] | Sequence[Field],
@@ -501,10 +666,11 @@ def read_manifest_with_digest(
     the very bytes parsed, so it names exactly the manifest used.
     """
     file = Path(path) / MANIFEST_NAME
-    if not file.is_file():
+    if not os.path.lexists(file):
         msg = f"{path} is not a saved {what}: {MANIFEST_NAME} is missing."
         raise FileNotFoundError(msg)
-    raw = file.read_bytes()
+    with open_regular(file) as fh:  # a pipe planted as the manifest is refused, not waited on
+        raw = fh.read()
     try:
         manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -556,7 +722,7 @@ def read_manifest_file(
 def checked_weights_file(path: Path, manifest: dict[str, Any]) -> Path:
     """The weights file the manifest names, refused when missing or changed since saving."""
     file = path / manifest["weights_file"]
-    if not file.is_file():
+    if not os.path.lexists(file):
         msg = f"{file} is missing; the runner folder is incomplete."
         raise FileNotFoundError(msg)
     if sha256_file(file) != manifest["weights_sha256"]:

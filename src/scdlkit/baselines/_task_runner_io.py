@@ -3,7 +3,10 @@
 Weights are a safetensors file when the ``safetensors`` package is installed (the ``foundation``
 extra), else a :func:`torch.save` file of plain tensors that is read back with
 ``torch.load(weights_only=True)``, which refuses anything but tensors and containers. The
-manifest names the file and its sha256; either format loads wherever its reader is installed.
+manifest names the file and its sha256 and records every tensor's shape and dtype, checked
+before the model is built; either format loads wherever its reader is installed. A loader holds
+the folder's lock shared while it reads the manifest and the weights, so a concurrent save never
+hands it a manifest whose weights were removed.
 """
 
 from __future__ import annotations
@@ -22,9 +25,17 @@ from torch import nn
 from scdlkit._shared.persist import (
     MANIFEST_NAME,
     checked_weights_file,
+    folder_lock,
     read_checked_weights,
     read_manifest_file,
     save_weights_folder,
+)
+from scdlkit._shared.provenance import (
+    Field,
+    check_fields,
+    check_tensor_record,
+    tensor_record,
+    tensor_record_problem,
 )
 from scdlkit.baselines._models import build_model, resolve_task
 from scdlkit.training.metrics import json_safe
@@ -56,6 +67,12 @@ _REQUIRED = {
     "weights_file": str,
     "weights_sha256": str,
 }
+_FIX = "save the runner again (TaskRunner.save) rather than editing its manifest"
+#: Fields checked when present (older saves lack them).
+_OPTIONAL_FIELDS = (
+    Field("tensors", (dict,), required=False, check=tensor_record_problem),
+    Field("retained_weights", (list,), required=False),
+)
 #: Recorded params passed back to ``TaskRunner(...)`` on load (device and progress are the
 #: loader's choice; ``output_dir`` would save again).
 _PARAM_NAMES = frozenset(
@@ -110,12 +127,17 @@ def write_runner_folder(
     :func:`scdlkit._shared.persist.save_weights_folder` locks the folder, writes the weights under
     a new content-addressed name, replaces the manifest in one rename and keeps the weights the
     previous manifest named, so an interrupted or concurrent save never leaves a manifest naming a
-    missing file. ``manifest`` gets ``weights_file`` and ``weights_sha256`` added. Returns the
-    sha256 of the manifest written.
+    missing file. ``manifest`` gets ``weights_file``, ``weights_sha256`` and ``tensors`` (each
+    tensor's shape and dtype) added. Returns the sha256 of the manifest written.
     """
 
     def render(weights_file: str, weights_sha256: str) -> str:
-        record = {**manifest, "weights_file": weights_file, "weights_sha256": weights_sha256}
+        record = {
+            **manifest,
+            "tensors": tensor_record(tensors),
+            "weights_file": weights_file,
+            "weights_sha256": weights_sha256,
+        }
         return json.dumps(json_safe(record), indent=2, allow_nan=False)
 
     return save_weights_folder(
@@ -150,6 +172,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if Path(manifest["weights_file"]).suffix not in WEIGHT_SUFFIXES:
         msg = f"{file}: weights_file must end in .safetensors or .pt."
         raise ValueError(msg)
+    check_fields(file, manifest, _OPTIONAL_FIELDS, fix=_FIX)
     return manifest
 
 
@@ -170,17 +193,30 @@ def _read_torch_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch
 
 
 def read_runner_folder(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The validated manifest and the hash-checked tensors of a saved TaskRunner."""
-    manifest = _read_manifest(path)
+    """The validated manifest and the hash-checked tensors of a saved TaskRunner.
+
+    Read under the folder's shared lock (a save waits), so the weights are those the manifest
+    names; their names, shapes and dtypes are checked against its record before anything is
+    built from them.
+    """
+    path = Path(path)
+    with folder_lock(path, what="TaskRunner folder", shared=True):
+        manifest = _read_manifest(path)
+        tensors = _read_weights(path, manifest)
+    check_tensor_record(path / MANIFEST_NAME, manifest, tensors, fix=_FIX)
+    return manifest, tensors
+
+
+def _read_weights(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     if manifest["weights_file"].endswith(".pt"):
-        return manifest, _read_torch_weights(path, manifest)
+        return _read_torch_weights(path, manifest)
     if importlib.util.find_spec("safetensors") is None:  # optional: the `foundation` extra
         msg = (
             f"{path / manifest['weights_file']} is a safetensors file: install safetensors "
             "(pip install 'scdlkit[foundation]') to load this runner."
         )
         raise ImportError(msg)
-    return manifest, read_checked_weights(path, manifest)
+    return read_checked_weights(path, manifest)
 
 
 def runner_kwargs(manifest: dict[str, Any]) -> dict[str, Any]:

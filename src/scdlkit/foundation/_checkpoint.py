@@ -14,10 +14,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from scdlkit._shared.persist import Field, check_fields
+from scdlkit._shared.persist import Field, check_fields, sha256_file
 
 __all__ = [
     "ARGS_SCHEMA",
+    "CHECKPOINT_FILES",
     "OFFICIAL_CHECKPOINTS",
     "ScGPTCheckpoint",
     "ScGPTModelArgs",
@@ -193,6 +194,8 @@ class ScGPTCheckpoint:
     name: str
     args: ScGPTModelArgs
     raw_args: dict[str, Any] = field(repr=False)
+    #: sha256 of the very ``args.json`` bytes parsed into :attr:`args` ("" when built by hand).
+    args_sha256: str = field(default="", repr=False, compare=False)
 
     @property
     def weights_path(self) -> Path:
@@ -200,9 +203,15 @@ class ScGPTCheckpoint:
         return self.path / "best_model.pt"
 
     @cached_property
+    def _vocab_read(self) -> tuple[dict[str, int], str]:
+        file = self.path / "vocab.json"
+        raw, digest = _read_json_with_digest(file, _VOCAB_EXPECTED)
+        return _parse_vocab(raw, file), digest
+
+    @property
     def vocab(self) -> dict[str, int]:
         """``{token: id}``; the specials ``<pad>``, ``<cls>``, ``<eoc>`` appended if absent."""
-        return load_vocab(self.path / "vocab.json")
+        return self._vocab_read[0]
 
     @property
     def pad_id(self) -> int:
@@ -217,16 +226,39 @@ class ScGPTCheckpoint:
     @cached_property
     def weights_sha256(self) -> str:
         """sha256 of ``best_model.pt``, recorded in saved runners to detect a different base."""
-        digest = hashlib.sha256()
-        with self.weights_path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return sha256_file(self.weights_path)
+
+    def file_sha256(self, name: str) -> str:
+        """sha256 of one of :data:`CHECKPOINT_FILES`: of the bytes read, for the JSON files.
+
+        ``args.json`` and ``vocab.json`` are hashed as they are parsed, so the hash describes the
+        arguments and vocabulary in use even if the files change later; ``best_model.pt`` is
+        hashed on first request.
+        """
+        if name == "args.json":
+            return self.args_sha256 or sha256_file(self.path / name)
+        if name == "vocab.json":
+            return self._vocab_read[1]
+        if name == "best_model.pt":
+            return self.weights_sha256
+        msg = f"{name!r} is not a checkpoint file; choose one of {', '.join(CHECKPOINT_FILES)}."
+        raise ValueError(msg)
+
+    @property
+    def files_sha256(self) -> dict[str, str]:
+        """``{file name: sha256}`` of every file that changes outputs; saved runners pin them."""
+        return {name: self.file_sha256(name) for name in CHECKPOINT_FILES}
+
+
+_VOCAB_EXPECTED = "a JSON object of token -> integer id"
 
 
 def load_vocab(path: Path) -> dict[str, int]:
     """Read ``vocab.json`` and append missing special tokens in the official order."""
-    raw = _read_json(Path(path), "a JSON object of token -> integer id")
+    return _parse_vocab(_read_json(Path(path), _VOCAB_EXPECTED), path)
+
+
+def _parse_vocab(raw: Any, path: Path) -> dict[str, int]:
     if not isinstance(raw, dict) or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in raw.values()
     ):
@@ -305,12 +337,15 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | ScGPTCheckpoint) -> ScGPT
         if folder.is_dir():
             msg = f"{folder} lacks {', '.join(missing)}. " + msg
         raise FileNotFoundError(msg)
-    raw_args = _read_json(folder / "args.json", "a JSON object of model arguments")
+    raw_args, args_sha256 = _read_json_with_digest(
+        folder / "args.json", "a JSON object of model arguments"
+    )
     ckpt = ScGPTCheckpoint(
         path=folder.resolve(),
         name=name,
         args=ScGPTModelArgs.from_dict(raw_args, source=folder / "args.json"),
         raw_args=raw_args,
+        args_sha256=args_sha256,
     )
     if ckpt.args.pad_token not in ckpt.vocab:
         msg = (
@@ -324,8 +359,14 @@ def resolve_checkpoint(checkpoint: str | os.PathLike | ScGPTCheckpoint) -> ScGPT
 
 def _read_json(file: Path, expected: str) -> Any:
     """Parse a JSON file; a syntax error names the file and what it should hold."""
+    return _read_json_with_digest(file, expected)[0]
+
+
+def _read_json_with_digest(file: Path, expected: str) -> tuple[Any, str]:
+    """Parse a JSON file and return it with the sha256 of the very bytes parsed."""
+    raw = file.read_bytes()
     try:
-        return json.loads(file.read_bytes())
+        return json.loads(raw), hashlib.sha256(raw).hexdigest()
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         msg = f"{file} is not valid JSON ({err}); expected {expected}."
         raise ValueError(msg) from err

@@ -5,7 +5,13 @@ Nothing is unpickled. Saving goes through :func:`scdlkit._shared.persist.save_we
 manifest replaced atomically; an interrupted save leaves the previous one intact). Loading checks
 the manifest against one schema (:data:`MANIFEST_SCHEMA` and the cross-checks below): every
 field's presence, type and range, ``kind``, categories against the weights, ``best_strategy``
-against the tensors present. Every failure is a ValueError naming the file, the field and the fix.
+against the tensors present, every tensor's name, shape and dtype against the manifest's record.
+Every failure is a ValueError naming the file, the field and the fix.
+
+Provenance: the manifest pins every file of the base checkpoint that changes the runner's
+outputs (``args.json``, ``vocab.json``, ``best_model.pt``) by sha256, and loading refuses a
+checkpoint whose files differ (unless ``verify_checkpoint=False``). A manifest never decides
+where files are written: the ``output_dir`` and ``overwrite`` it records are not restored.
 """
 
 from __future__ import annotations
@@ -22,16 +28,26 @@ import torch
 
 from scdlkit._shared.persist import (
     MANIFEST_NAME,
-    Field,
-    check_fields,
     folder_lock,
     read_checked_weights,
     read_manifest_with_digest,
     save_weights_folder,
 )
-from scdlkit._shared.provenance import package_versions
+from scdlkit._shared.provenance import (
+    Field,
+    check_fields,
+    check_tensor_record,
+    package_versions,
+    tensor_record,
+    tensor_record_problem,
+)
 from scdlkit._shared.strategies import NEURAL_STRATEGIES, STRATEGIES
-from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
+from scdlkit.foundation._checkpoint import (
+    CHECKPOINT_FILES,
+    OFFICIAL_CHECKPOINTS,
+    ScGPTCheckpoint,
+    resolve_checkpoint,
+)
 from scdlkit.foundation._fitting import BaseWeights, StrategyResult, strategy_family
 
 __all__ = [
@@ -82,6 +98,16 @@ def _metric_records(value: list[Any]) -> str | None:
     return None
 
 
+def _pins(value: dict[str, Any]) -> str | None:
+    unknown = sorted(set(value) - set(CHECKPOINT_FILES))
+    if unknown:
+        return f"names {unknown}, not files of a checkpoint ({', '.join(CHECKPOINT_FILES)})"
+    bad = sorted(k for k, v in value.items() if not (isinstance(v, str) and _SHA256.fullmatch(v)))
+    if bad:
+        return f"must map each file to 64 lowercase hex digits (not for {bad})"
+    return None
+
+
 def _history(value: dict[str, Any]) -> str | None:
     if not all(isinstance(v, list) and not _records(v) for v in value.values()):
         return "must map strategy names to lists of per-epoch objects"
@@ -124,18 +150,24 @@ MANIFEST_SCHEMA = (
         (str,),
         check=lambda v: None if _SHA256.fullmatch(v) else "must be 64 lowercase hex digits",
     ),
+    Field("tensors", (dict,), required=False, check=tensor_record_problem),
+    Field("retained_weights", (list,), required=False, check=_records),
 )
 _CHECKPOINT_SCHEMA = (
     Field("checkpoint.name", (str,)),
     Field("checkpoint.path", (str,)),
     Field("checkpoint.sha256", (str,)),
+    Field("checkpoint.files", (dict,), required=False, check=_pins),
     Field("checkpoint.args", (dict,)),
 )
+#: What a manifest may not decide: where a refit of the loaded runner writes. Restored as these.
+_NOT_RESTORED = {"output_dir": None, "overwrite": False}
 _MODEL_CONFIG_SCHEMA = (
     Field("model_config.num_classes", (int,)),
     Field("model_config.tuning_strategy", (str,)),
     Field("model_config.strategy_config", (dict, type(None)), required=False),
     Field("model_config.label_categories", (list, type(None)), required=False),
+    Field("model_config.input_norm", (str,), required=False),  # the model checks its value
     Field(
         "model_config.classifier_dropout",
         (float,),
@@ -171,6 +203,7 @@ def save_runner(runner: Any, path: Path) -> Path:
     path = Path(path).resolve()
     tensors = family.state(best.model)
     ckpt: ScGPTCheckpoint | None = runner.checkpoint_
+    pinned = ckpt is not None and best.strategy != "baseline"
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "kind": KIND,
@@ -178,9 +211,8 @@ def save_runner(runner: Any, path: Path) -> Path:
         "checkpoint": {  # a loaded baseline runner has no checkpoint: it never needed one
             "name": ckpt.name if ckpt is not None else str(runner.checkpoint),
             "path": str(ckpt.path) if ckpt is not None else "",
-            "sha256": ckpt.weights_sha256
-            if ckpt is not None and best.strategy != "baseline"
-            else "",
+            "sha256": ckpt.weights_sha256 if pinned else "",
+            "files": ckpt.files_sha256 if pinned else {},  # everything that changes outputs
             "args": ckpt.args.to_dict() if ckpt is not None else {},
         },
         "params": runner.params(),
@@ -200,6 +232,7 @@ def save_runner(runner: Any, path: Path) -> Path:
         else runner.batch_metrics_.to_dict(orient="records"),
         "split": runner.split_summary_,
         "normalisation": getattr(runner, "normalisation_", None),
+        "tensors": tensor_record(tensors),
     }
 
     def write_weights(file: Path) -> str:
@@ -258,6 +291,13 @@ def read_manifest(path: Path) -> tuple[dict[str, Any], str]:
                 f"{_FIX}."
             )
             raise ValueError(msg)
+    pins = manifest["checkpoint"].get("files") or {}
+    if "best_model.pt" in pins and pins["best_model.pt"] != manifest["checkpoint"]["sha256"]:
+        msg = (
+            f"{file}: field 'checkpoint.files' pins another best_model.pt than field "
+            f"'checkpoint.sha256'; {_FIX}."
+        )
+        raise ValueError(msg)
     if best == "baseline" and not manifest.get("baseline_genes"):
         msg = f"{file}: field 'baseline_genes' is missing for strategy 'baseline'; {_FIX}."
         raise ValueError(msg)
@@ -269,7 +309,13 @@ def _flatten(manifest: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 
 def check_tensors(file: Path, manifest: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:
-    """Cross-check the weights against the manifest: the strategy's tensors, the classes."""
+    """Cross-check the weights ``file`` against the manifest before anything is built.
+
+    Every tensor's name, shape and dtype against the manifest's record (field ``tensors``), the
+    strategy's tensors, the classes, and for the probe and the baseline every shape against the
+    sizes the manifest implies (classes, the checkpoint's ``embsize``, the baseline's genes).
+    """
+    check_tensor_record(file.parent / MANIFEST_NAME, manifest, tensors, fix=_FIX)
     best = manifest["best_strategy"]
     n_classes = len(manifest["label_categories"])
     prefix = _FAMILY_PREFIX.get(best, "model.")
@@ -282,7 +328,7 @@ def check_tensors(file: Path, manifest: Mapping[str, Any], tensors: Mapping[str,
         )
         raise ValueError(msg)
     if prefix == "model.":
-        return  # the model checks its own tensor names and shapes when it is rebuilt
+        return  # the recorded shapes above; the model checks its own names when it is rebuilt
     classes = tensors[f"{prefix}classes"]
     if (
         classes.ndim != 1
@@ -297,24 +343,167 @@ def check_tensors(file: Path, manifest: Mapping[str, Any], tensors: Mapping[str,
             f"{n_classes} names of field 'label_categories'; {_FIX}."
         )
         raise ValueError(msg)
+    _check_family_shapes(file, prefix, tensors, _input_width(manifest, prefix))
+
+
+#: Shapes of the tensors of the non-neural families, in named sizes: ``k`` coefficient rows,
+#: ``c`` classes, ``n`` inputs (the checkpoint's embsize for the probe, the genes for the
+#: baseline), ``p`` components; plain numbers are fixed sizes. Other names are refused.
+_FAMILY_SHAPES: dict[str, dict[str, tuple[Any, ...]]] = {
+    "probe.": {
+        "coef": ("k", "n"),
+        "intercept": ("k",),
+        "classes": ("c",),
+        "scaler_mean": ("n",),
+        "scaler_scale": ("n",),
+    },
+    "baseline.": {
+        "coef": ("k", "n"),
+        "intercept": ("k",),
+        "classes": ("c",),
+        "scale": ("n",),
+        "mean": ("n",),
+        "max_value": (1,),
+        "pca_components": ("p", "n"),
+        "pca_mean": ("n",),
+        "svd_components": ("p", "n"),  # baselines saved before centring
+    },
+}
+_FAMILY_REQUIRED = {
+    "probe.": {"coef", "intercept", "classes", "scaler_mean", "scaler_scale"},
+    "baseline.": {"coef", "intercept", "classes", "scale"},
+}
+_INPUT_SOURCE = {
+    "probe.": "the checkpoint's embsize (field 'checkpoint.args')",
+    "baseline.": "the genes of field 'baseline_genes'",
+}
+
+
+def _input_width(manifest: Mapping[str, Any], prefix: str) -> int | None:
+    """How many inputs the family's classifier reads, as the manifest says (None: unknown)."""
+    if prefix == "baseline.":
+        return len(manifest.get("baseline_genes") or []) or None
+    embsize = manifest["checkpoint"]["args"].get("embsize", 512)  # ScGPTModelArgs' default
+    return embsize if isinstance(embsize, int) and not isinstance(embsize, bool) else None
+
+
+def _check_family_shapes(
+    file: Path, prefix: str, tensors: Mapping[str, Any], width: int | None
+) -> None:
+    """Every tensor of a probe or baseline has the shape and dtype the manifest implies."""
+    shapes = _FAMILY_SHAPES[prefix]
+    names = {k[len(prefix) :] for k in tensors}
+    odd = sorted(names - set(shapes)) or sorted(_FAMILY_REQUIRED[prefix] - names)
+    if odd:
+        where = "holds" if odd[0] in names else "lacks"
+        msg = f"{file} {where} tensor {prefix + odd[0]!r}, which a {prefix[:-1]} does not; {_FIX}."
+        raise ValueError(msg)
+    sizes: dict[str, int] = {} if width is None else {"n": width}
+    for name, dims in shapes.items():
+        if name not in names:
+            continue
+        tensor = tensors[prefix + name]
+        shape = tuple(int(n) for n in tensor.shape)
+        integer = name == "classes"
+        expected = tuple(
+            d if isinstance(d, int) else sizes.setdefault(d, n)
+            for d, n in zip(dims, shape, strict=False)
+        )
+        if (
+            len(shape) != len(dims)
+            or shape != expected
+            or tensor.dtype.is_floating_point == integer
+        ):
+            kind = "integer" if integer else "floating-point"
+            msg = (
+                f"{file}: tensor {prefix + name!r} has shape {shape} and dtype "
+                f"{str(tensor.dtype).removeprefix('torch.')}; a {prefix[:-1]} needs {kind} values "
+                f"of shape {_shape_text(dims, sizes)} (n: {_INPUT_SOURCE[prefix]}); {_FIX}."
+            )
+            raise ValueError(msg)
+    if not (sizes["k"] == sizes["c"] or (sizes["k"] == 1 and sizes["c"] == 2)):
+        msg = (
+            f"{file}: tensor {prefix + 'coef'!r} has {sizes['k']} rows for {sizes['c']} classes "
+            f"({prefix}classes); a classifier has one row per class (one for two); {_FIX}."
+        )
+        raise ValueError(msg)
+
+
+def _shape_text(dims: tuple[Any, ...], sizes: Mapping[str, int]) -> str:
+    return (
+        "(" + ", ".join(str(sizes.get(d, d)) for d in dims) + ("," if len(dims) == 1 else "") + ")"
+    )
+
+
+def _check_base_width(file: Path, tensors: Mapping[str, Any], ckpt: ScGPTCheckpoint | None) -> None:
+    """A probe reads the base checkpoint's ``<cls>`` features: their width must fit it."""
+    coef = tensors.get("probe.coef")
+    if ckpt is None or coef is None or coef.shape[1] == ckpt.args.embsize:
+        return
+    msg = (
+        f"{file}: tensor 'probe.coef' reads {coef.shape[1]} features but the base checkpoint "
+        f"{ckpt.path} gives {ckpt.args.embsize} (embsize in its args.json): this runner was "
+        "trained on another checkpoint. Pass the original checkpoint= when loading."
+    )
+    raise ValueError(msg)
+
+
+def _find_base(recorded: Mapping[str, Any], checkpoint: Any, runner: Path) -> ScGPTCheckpoint:
+    """The base checkpoint: ``checkpoint=``, else the recorded folder, else an official name.
+
+    A recorded folder that is gone is reported with its path and the ``checkpoint=`` fix, never
+    looked up by its base name (which could be any folder of that name).
+    """
+    if checkpoint is not None:
+        return resolve_checkpoint(checkpoint)
+    folder, name = recorded["path"], recorded["name"]
+    fix = (
+        f"This runner was trained on the scGPT checkpoint recorded in {runner / MANIFEST_NAME} "
+        f"at {folder!r} (name {name!r}). If it was moved, pass its folder (holding "
+        f"{', '.join(CHECKPOINT_FILES)}): AnnotationRunner.load({str(runner)!r}, "
+        "checkpoint='<folder>'); its files are checked against the sha256 recorded for them."
+    )
+    try:
+        if folder and Path(folder).is_dir():
+            return resolve_checkpoint(folder)
+        if name in OFFICIAL_CHECKPOINTS:
+            return resolve_checkpoint(name)
+    except FileNotFoundError as err:
+        msg = f"{err} {fix}"
+        raise FileNotFoundError(msg) from err
+    msg = f"the base checkpoint folder {folder!r} no longer exists. {fix}"
+    raise FileNotFoundError(msg)
+
+
+def _check_pins(
+    ckpt: ScGPTCheckpoint, recorded: Mapping[str, Any], runner: Path, checkpoint: Any
+) -> None:
+    """Every pinned file of ``ckpt`` has the recorded sha256 (only best_model.pt before pins)."""
+    pins = recorded.get("files") or {"best_model.pt": recorded.get("sha256", "")}
+    for name in (n for n in CHECKPOINT_FILES if n in pins):  # the small files first
+        found = ckpt.file_sha256(name)
+        if found == pins[name]:
+            continue
+        given = "the checkpoint= you passed" if checkpoint is not None else "the recorded one"
+        msg = (
+            f"base checkpoint file {ckpt.path / name} differs from the {name} this runner was "
+            f"trained on (sha256 {found[:12]}... vs {str(pins[name])[:12]}... recorded in "
+            f"{runner / MANIFEST_NAME}; checkpoint {given}): its predictions would change. Pass "
+            f"the original folder, AnnotationRunner.load({str(runner)!r}, checkpoint='<folder>'), "
+            "or verify_checkpoint=False to load against this one on purpose."
+        )
+        raise ValueError(msg)
 
 
 def _resolve_base(
-    manifest: dict[str, Any], checkpoint: Any, verify: bool
+    manifest: dict[str, Any], checkpoint: Any, verify: bool, runner: Path
 ) -> ScGPTCheckpoint | None:
     if manifest["best_strategy"] == "baseline":
         return None
     recorded = manifest["checkpoint"]
-    if checkpoint is None:
-        checkpoint = recorded["path"] if Path(recorded["path"]).is_dir() else recorded["name"]
-    ckpt = resolve_checkpoint(checkpoint)
-    if verify and ckpt.weights_sha256 != recorded.get("sha256"):
-        msg = (
-            f"base checkpoint {ckpt.path} differs from the one this runner was trained on "
-            f"(sha256 {ckpt.weights_sha256[:12]}... vs {str(recorded.get('sha256'))[:12]}...). "
-            "Pass the original checkpoint=, or verify_checkpoint=False to load anyway."
-        )
-        raise ValueError(msg)
+    ckpt = _find_base(recorded, checkpoint, runner)
+    if verify:
+        _check_pins(ckpt, recorded, runner, checkpoint)
     return ckpt
 
 
@@ -328,9 +517,11 @@ def load_runner(cls: type, path: Path, *, checkpoint: Any, device: str, verify: 
         manifest, digest = read_manifest(path)
         tensors = read_checked_weights(path, manifest)
     file = path / MANIFEST_NAME
-    check_tensors(path / manifest["weights_file"], manifest, tensors)
+    weights = path / manifest["weights_file"]
+    check_tensors(weights, manifest, tensors)
     arguments = _constructor_arguments(manifest, file, cls)
-    ckpt = _resolve_base(manifest, checkpoint, verify)
+    ckpt = _resolve_base(manifest, checkpoint, verify, path)
+    _check_base_width(weights, tensors, ckpt)
     try:
         runner = cls(
             **{
@@ -393,7 +584,11 @@ def _rebuild(
 
 
 def _constructor_arguments(manifest: dict[str, Any], file: Path, cls: type) -> dict[str, Any]:
-    """The runner's constructor arguments: recorded once since schema 1.1, else from params."""
+    """The runner's constructor arguments: recorded once since schema 1.1, else from params.
+
+    ``output_dir`` and ``overwrite`` are never taken from the manifest: a loaded runner that is
+    fitted again writes only where its user says now.
+    """
     recorded = manifest.get("init_params")
     if isinstance(recorded, dict):
         accepted = set(inspect.signature(cls).parameters)
@@ -402,7 +597,7 @@ def _constructor_arguments(manifest: dict[str, Any], file: Path, cls: type) -> d
             what = f"unknown arguments {unknown}" if unknown else "no string 'label_key'"
             msg = f"{file}: field 'init_params' has {what}; {_FIX}."
             raise ValueError(msg)
-        return dict(recorded)
+        return {**recorded, **{k: v for k, v in _NOT_RESTORED.items() if k in accepted}}
     try:
         return _legacy_arguments(manifest["params"])
     except KeyError as err:
