@@ -440,6 +440,18 @@ def test_a_tampered_record_does_not_hide_a_wrong_probe_shape(saved_probe, tmp_pa
     assert str(folder) in str(info.value)
 
 
+def test_a_probe_loaded_on_purpose_against_another_width_is_refused_before_building(
+    saved_probe, tmp_path, nothing_built
+):
+    _, folder = saved_probe
+    base = _copy(Path(_manifest(folder)["checkpoint"]["path"]), tmp_path / "base")
+    args = json.loads((base / "args.json").read_text())
+    args["embsize"] *= 2
+    (base / "args.json").write_text(json.dumps(args))
+    with pytest.raises(ValueError, match=r"tensor 'probe\.coef' reads 32 features .* gives 64"):
+        ScGPTAnnotationRunner.load(folder, checkpoint=base, device="cpu", verify_checkpoint=False)
+
+
 def test_task_runner_tensors_are_checked_before_the_model_is_built(tmp_path, monkeypatch):
     tensors = {"model.layer.weight": torch.zeros(3, 4), "features.mean": torch.zeros(4)}
     _task_runner_io.write_runner_folder(tmp_path / "r", tensors, _task_manifest("a"))
@@ -513,6 +525,12 @@ _RACER = textwrap.dedent(
 def test_two_processes_alternating_200_saves_never_show_a_manifest_naming_a_missing_file(
     tmp_path, monkeypatch
 ):
+    """What guarantees it: each save flushes its weights under a content-addressed name before
+    the manifest naming them is renamed into place, and removes weights only afterwards, only
+    those neither the new nor the replaced manifest names (so the folder's manifest always names
+    weights that are there); and a loader reads the manifest and the weights under the folder's
+    shared lock, which no save holds at the same time. The reader here is slowed between the
+    manifest and the weights, as a descheduled process is, to give the saves every chance."""
     folder = tmp_path / "runner"
     _task_runner_io.write_runner_folder(folder, {"model.w": torch.zeros(4)}, _task_manifest("0"))
     script = tmp_path / "racer.py"
