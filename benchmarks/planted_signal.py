@@ -7,17 +7,21 @@
    (``scgpt-tiny-pbmc-pretrained``): every encoder-trained strategy should reach at least
    frozen_probe's test macro-F1 minus 0.05.
 
-Usage: ``python benchmarks/planted_signal.py [--strategies ...] [--seeds 0 1 2]``. Prints one table
-per data set (fp32, so the numbers mean the same on every CPU) and names the machine.
+Usage: ``python benchmarks/planted_signal.py [--strategies ...] [--seeds 0 1 2] [--input-norm
+layernorm] [--strategy-configs '{"adapter": {"placement": "post_norm"}}']``. Prints one table per
+data set (fp32, so the numbers mean the same on every CPU) and names the machine. Validation
+metrics are printed beside the test metrics; only validation may choose a setting.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import platform
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -132,6 +136,39 @@ def cls_attention_on_markers(encoder: Any, adata: ad.AnnData, checkpoint: Path) 
     return [float(np.mean(values)) for values in shares]
 
 
+def runner_accepts_input_norm() -> bool:
+    """Whether ``training={"input_norm": ...}`` is a setting the annotation runner knows."""
+    from scdlkit.foundation._training_settings import TRAINING_KEYS
+
+    return "input_norm" in TRAINING_KEYS
+
+
+@contextlib.contextmanager
+def classifier_input_norm(
+    training: Mapping[str, Any] | None, input_norm: str | None
+) -> Iterator[dict[str, Any] | None]:
+    """``training`` for a runner whose neural strategies normalise the ``<cls>`` input by
+    ``input_norm`` (``None``: the runner's default).
+
+    Through ``training={"input_norm": ...}`` where the runner accepts that key. Where it does not
+    yet, the model builder the runner's strategies call is patched for the duration to pass
+    ``input_norm`` (a saved model still records it in its config and reloads with it).
+    """
+    if input_norm is None:
+        yield None if training is None else dict(training)
+        return
+    if runner_accepts_input_norm():
+        yield {**(training or {}), "input_norm": input_norm}
+        return
+    from scdlkit.foundation import _fitting
+    from scdlkit.foundation._annotation_model import build_annotation_model
+
+    # keywords given at call time (a saved model's config) win over the partial's
+    builder = functools.partial(build_annotation_model, input_norm=input_norm)
+    with mock.patch.object(_fitting, "build_annotation_model", builder):
+        yield None if training is None else dict(training)
+
+
 def pbmc_adata() -> ad.AnnData:
     return ad.read_h5ad(PRETRAINED / "data.h5ad")
 
@@ -155,13 +192,17 @@ def run(
     seed: int,
     *,
     training: dict | None = None,
+    strategy_configs: dict | None = None,
+    input_norm: str | None = None,
     attention: bool = False,
     keep_last: bool = False,
 ) -> dict:
     """Fit one strategy; with ``attention``, also measure ``<cls>`` attention on the markers.
 
-    ``keep_last`` is a diagnosis: the Trainer keeps the last epoch's weights instead of restoring
-    the best one, so metrics and attention describe the model at the end of training.
+    ``strategy_configs`` and ``input_norm`` (the classifier-input normalisation, see
+    :func:`classifier_input_norm`) are passed to the runner. ``keep_last`` is a diagnosis: the
+    Trainer keeps the last epoch's weights instead of restoring the best one, so metrics and
+    attention describe the model at the end of training.
     """
     from scdlkit.foundation import ScGPTAnnotationRunner
     from scdlkit.training import Trainer
@@ -171,13 +212,17 @@ def run(
         if keep_last
         else contextlib.nullcontext()
     )
+    configs = (
+        {strategy: strategy_configs[strategy]} if strategy in (strategy_configs or {}) else None
+    )
     start = time.perf_counter()
-    with keeping:
+    with keeping, classifier_input_norm(training, input_norm) as resolved:
         runner = ScGPTAnnotationRunner(
             label_key=label_key,
             checkpoint=checkpoint,
             strategies=(strategy,),
-            training=training,
+            strategy_configs=configs,
+            training=resolved,
             random_state=seed,
             precision="fp32",
             progress=False,
@@ -190,6 +235,9 @@ def run(
     out = {
         "strategy": strategy,
         "seed": seed,
+        "input_norm": getattr(runner.results_[strategy].model, "input_norm", ""),
+        "val_accuracy": row["validation_accuracy"],
+        "val_macro_f1": row["validation_macro_f1"],
         "test_accuracy": row["test_accuracy"],
         "test_macro_f1": row["test_macro_f1"],
         # the kept epoch's training and inner-split losses: a low train loss beside a high
@@ -217,6 +265,10 @@ def run(
 def table(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     columns = {
+        "val_accuracy": ("val_accuracy", "mean"),
+        "val_accuracy_sd": ("val_accuracy", "std"),
+        "val_macro_f1": ("val_macro_f1", "mean"),
+        "val_macro_f1_sd": ("val_macro_f1", "std"),
         "test_accuracy": ("test_accuracy", "mean"),
         "test_accuracy_sd": ("test_accuracy", "std"),
         "test_macro_f1": ("test_macro_f1", "mean"),
@@ -243,6 +295,17 @@ def main(argv: list[str] | None = None) -> None:
         "--training", type=json.loads, default=None, help="training= overrides, as JSON"
     )
     parser.add_argument(
+        "--strategy-configs",
+        type=json.loads,
+        default=None,
+        help='strategy_configs=, as JSON, e.g. \'{"adapter": {"placement": "post_norm"}}\'',
+    )
+    parser.add_argument(
+        "--input-norm",
+        default=None,
+        help="classifier-input normalisation of the neural strategies (frozen, layernorm, batch)",
+    )
+    parser.add_argument(
         "--keep-last",
         action="store_true",
         help="diagnosis: keep the last epoch's weights, not the best (planted data)",
@@ -265,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
                 s,
                 seed,
                 training=args.training,
+                strategy_configs=args.strategy_configs,
+                input_norm=args.input_norm,
                 attention=True,
                 keep_last=args.keep_last,
             )
@@ -280,7 +345,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.data in {"pbmc", "both"}:
         adata = pbmc_adata()
         rows = [
-            run(adata, "bulk_labels", PRETRAINED / "checkpoint", s, seed, training=args.training)
+            run(
+                adata,
+                "bulk_labels",
+                PRETRAINED / "checkpoint",
+                s,
+                seed,
+                training=args.training,
+                strategy_configs=args.strategy_configs,
+                input_norm=args.input_norm,
+            )
             for seed in args.seeds
             for s in args.strategies
         ]

@@ -22,8 +22,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from scdlkit._shared.arguments import check_choice
 from scdlkit._shared.strategies import TUNING_STRATEGIES
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._device import resolve_device
@@ -39,11 +41,18 @@ from scdlkit.foundation.peft import (
 
 __all__ = [
     "DEFAULT_CLASSIFIER_DROPOUT",
+    "DEFAULT_INPUT_NORM",
+    "INPUT_NORMS",
+    "LEGACY_INPUT_NORM",
     "TUNING_STRATEGIES",
+    "BatchStandardiser",
     "ClsDecoder",
+    "FeatureStandardiser",
+    "LayerNormInput",
     "ScGPTAnnotationModel",
     "build_annotation_model",
     "load_scgpt_annotation_model",
+    "make_input_norm",
 ]
 
 #: Strategies that build an :class:`ScGPTAnnotationModel`.
@@ -52,6 +61,18 @@ __all__ = [
 #: classification head (BERT); upstream scGPT has none at this position (0.0 reproduces it), the
 #: encoder's own dropout (0.2 in the official checkpoints) stays active while it trains.
 DEFAULT_CLASSIFIER_DROPOUT = 0.1
+
+#: How the ``<cls>`` vector is normalised before the head (``input_norm=``): ``"frozen"`` a fixed
+#: per-dimension standardisation on the frozen encoder's features (:class:`FeatureStandardiser`),
+#: ``"layernorm"`` a learned LayerNorm trained with the head (:class:`LayerNormInput`),
+#: ``"batch"`` per-dimension statistics that follow the encoder as it trains
+#: (:class:`BatchStandardiser`).
+INPUT_NORMS = ("frozen", "layernorm", "batch")
+#: What a saved config without ``input_norm`` was fitted with (every model saved before the
+#: option existed): fixed for good, whatever the default becomes.
+LEGACY_INPUT_NORM = "frozen"
+#: The normalisation of a model built without ``input_norm=``.
+DEFAULT_INPUT_NORM = LEGACY_INPUT_NORM
 
 _NOT_HERE = {
     "frozen_probe": (
@@ -154,11 +175,13 @@ class ClsDecoder(nn.Module):
 
 
 class FeatureStandardiser(nn.Module):
-    """Fixed per-dimension shift and scale of the ``<cls>`` vector before the head.
+    """Fixed per-dimension shift and scale of the ``<cls>`` vector before the head (``"frozen"``).
 
-    Identity unless :meth:`fit` is called. The frozen ``head`` strategy fits it on the training
-    cells' features: frozen ``<cls>`` outputs share a large common component, and the small
-    cell-to-cell differences the head must read are otherwise hard to learn from.
+    Identity unless :meth:`fit` is called. The runner fits it on the training cells' frozen
+    features: frozen ``<cls>`` outputs share a large common component, and the small cell-to-cell
+    differences the head must read are otherwise hard to learn from. The statistics stay those of
+    the frozen encoder while an encoder-trained strategy changes it: with a per-dimension sd of
+    0.01-0.04, a change of the encoder of 0.02 reaches the head as a whole unit.
     """
 
     def __init__(self, d_model: int) -> None:
@@ -168,13 +191,114 @@ class FeatureStandardiser(nn.Module):
 
     def fit(self, features: torch.Tensor) -> FeatureStandardiser:
         """Set shift and scale to the mean and standard deviation of ``features`` (cells x d)."""
-        features = torch.as_tensor(features, dtype=self.shift.dtype)
+        features = torch.as_tensor(features, dtype=self.shift.dtype, device=self.shift.device)
         self.shift.copy_(features.mean(0))
         self.scale.copy_(features.std(0).clamp_min(1e-6))
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.shift) / self.scale
+
+
+class LayerNormInput(nn.LayerNorm):
+    """A learned LayerNorm on the ``<cls>`` vector (``"layernorm"``), trained with the head.
+
+    Normalises each cell's vector over its dimensions, so it follows the encoder as it trains
+    and adds no gain of its own; its weight and bias start at one and zero. :meth:`fit` does
+    nothing (there are no statistics to fit).
+    """
+
+    def fit(self, features: torch.Tensor) -> LayerNormInput:
+        """Nothing to fit: kept so every classifier-input normalisation takes the same call."""
+        return self
+
+
+class BatchStandardiser(nn.Module):
+    """Per-dimension standardisation with statistics that follow the encoder (``"batch"``).
+
+    As ``nn.BatchNorm1d(d_model, affine=False)``: in training, each batch is standardised with its
+    own per-dimension mean and variance (gradients flow through them) and running estimates are
+    updated with ``momentum``; in evaluation the running estimates are used. A training batch of
+    one cell (no variance) is standardised with the running estimates. :meth:`fit` sets the
+    running estimates to the statistics of given features, e.g. the frozen encoder's, which are
+    exact at the start of training; without it they start at mean 0 and variance 1.
+
+    Parameters
+    ----------
+    d_model
+        Width of the ``<cls>`` vector.
+    momentum
+        Weight of each new batch in the running estimates (BatchNorm's default, 0.1).
+    eps
+        Added to the variance before the square root.
+    """
+
+    def __init__(self, d_model: int, *, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.eps = eps
+        self.register_buffer("running_mean", torch.zeros(d_model))
+        self.register_buffer("running_var", torch.ones(d_model))
+
+    def fit(self, features: torch.Tensor) -> BatchStandardiser:
+        """Set the running mean and variance to those of ``features`` (cells x d)."""
+        features = torch.as_tensor(
+            features, dtype=self.running_mean.dtype, device=self.running_mean.device
+        )
+        self.running_mean.copy_(features.mean(0))
+        self.running_var.copy_(
+            features.var(0) if len(features) > 1 else torch.ones_like(self.running_var)
+        )
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.running_mean.dtype)
+        use_batch = self.training and x.shape[0] > 1
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            training=use_batch,
+            momentum=self.momentum,
+            eps=self.eps,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.running_mean.shape[0]}, momentum={self.momentum}, eps={self.eps}"
+
+
+def _check_input_norm(value: Any) -> str:
+    return check_choice("input_norm", value, INPUT_NORMS)
+
+
+def make_input_norm(input_norm: str, d_model: int) -> nn.Module:
+    """The classifier-input normalisation named ``input_norm`` (one of :data:`INPUT_NORMS`).
+
+    Every one has a ``fit(features)`` method: it sets the frozen standardiser, initialises the
+    running statistics of ``"batch"`` and does nothing for ``"layernorm"``.
+
+    Parameters
+    ----------
+    input_norm
+        ``"frozen"``, ``"layernorm"`` or ``"batch"``.
+    d_model
+        Width of the ``<cls>`` vector.
+
+    Returns
+    -------
+    The module.
+
+    Examples
+    --------
+    >>> make_input_norm("layernorm", 8)
+    LayerNormInput((8,), eps=1e-05, elementwise_affine=True)
+    """
+    input_norm = _check_input_norm(input_norm)
+    if input_norm == "layernorm":
+        return LayerNormInput(d_model)
+    if input_norm == "batch":
+        return BatchStandardiser(d_model)
+    return FeatureStandardiser(d_model)
 
 
 class ScGPTAnnotationModel(nn.Module):
@@ -205,14 +329,23 @@ class ScGPTAnnotationModel(nn.Module):
         :data:`DEFAULT_CLASSIFIER_DROPOUT` (0.1).
     n_layers_cls
         Depth of the head; ``None`` takes ``encoder.args.n_layers_cls`` (3 upstream).
+    input_norm
+        Normalisation of the ``<cls>`` vector before dropout and head (:data:`INPUT_NORMS`):
+        ``"frozen"`` (default) a fixed per-dimension standardisation that
+        ``feature_norm.fit(features)`` sets from the frozen encoder's features (identity until
+        then); ``"layernorm"`` a learned LayerNorm trained with the head; ``"batch"``
+        per-dimension batch statistics with running estimates, which follow the encoder as it
+        trains (``fit`` only initialises the estimates). Upstream scGPT has none.
 
     Attributes
     ----------
     encoder
         The (adapted) :class:`~scdlkit.foundation.ScGPTEncoder`.
+    feature_norm
+        The classifier-input normalisation (see ``input_norm``).
     cls_decoder
         The classifier head (upstream's names and structure).
-    tuning_strategy, strategy_config, label_categories, num_classes, classifier_dropout
+    tuning_strategy, strategy_config, label_categories, num_classes, classifier_dropout, input_norm
         As given (the config validated, ``None`` for ``head``/``full_finetune``).
 
     Examples
@@ -232,6 +365,7 @@ class ScGPTAnnotationModel(nn.Module):
         label_categories: Sequence[Any] | None = None,
         classifier_dropout: float = DEFAULT_CLASSIFIER_DROPOUT,
         n_layers_cls: int | None = None,
+        input_norm: str = DEFAULT_INPUT_NORM,
     ) -> None:
         super().__init__()
         if not isinstance(encoder, ScGPTEncoder):
@@ -242,6 +376,7 @@ class ScGPTAnnotationModel(nn.Module):
         self.num_classes = num_classes
         self.strategy_config = resolve_strategy_config(tuning_strategy, strategy_config)
         self.classifier_dropout = _check_dropout(classifier_dropout)
+        self.input_norm = _check_input_norm(input_norm)
         n_layers_cls = encoder.args.n_layers_cls if n_layers_cls is None else n_layers_cls
         if isinstance(n_layers_cls, bool) or not isinstance(n_layers_cls, int) or n_layers_cls < 1:
             msg = f"n_layers_cls must be an integer >= 1, got {n_layers_cls!r}."
@@ -252,7 +387,9 @@ class ScGPTAnnotationModel(nn.Module):
         # the head is drawn first, so one seed gives every strategy the same initial head
         weight = encoder.encoder.embedding.weight
         self.dropout = nn.Dropout(self.classifier_dropout)
-        self.feature_norm = FeatureStandardiser(encoder.d_model).to(device=weight.device)
+        self.feature_norm = make_input_norm(self.input_norm, encoder.d_model).to(
+            device=weight.device
+        )
         self.cls_decoder = ClsDecoder(encoder.d_model, num_classes, n_layers_cls).to(
             device=weight.device, dtype=weight.dtype
         )
@@ -344,9 +481,10 @@ class ScGPTAnnotationModel(nn.Module):
 
         Returns
         -------
-        The parameters of ``cls_decoder``.
+        The parameters of ``cls_decoder`` and, with ``input_norm="layernorm"``, of the
+        LayerNorm before it (trained with the head).
         """
-        return list(self.cls_decoder.parameters())
+        return [*self.feature_norm.parameters(), *self.cls_decoder.parameters()]
 
     def trainable_parameter_count(self) -> int:
         """Number of parameter elements that require gradients (the strategy's and the head's).
@@ -449,13 +587,16 @@ class ScGPTAnnotationModel(nn.Module):
         -------
         dict
             ``num_classes``, ``tuning_strategy``, ``strategy_config`` (a dict or ``None``),
-            ``label_categories``, ``classifier_dropout``.
+            ``label_categories``, ``classifier_dropout`` and, unless it is ``"frozen"``,
+            ``input_norm``. A config without ``input_norm`` means ``"frozen"``: every model
+            saved before the option existed was fitted with it, and its manifest still reads
+            the same.
 
         Examples
         --------
         >>> build_annotation_model(state, ckpt, **model.config_dict())  # doctest: +SKIP
         """
-        return {
+        config = {
             "num_classes": self.num_classes,
             "tuning_strategy": self.tuning_strategy,
             "strategy_config": None
@@ -466,9 +607,15 @@ class ScGPTAnnotationModel(nn.Module):
             else list(self.label_categories),
             "classifier_dropout": self.classifier_dropout,
         }
+        if self.input_norm != LEGACY_INPUT_NORM:
+            config["input_norm"] = self.input_norm
+        return config
 
     def extra_repr(self) -> str:
-        return f"tuning_strategy={self.tuning_strategy!r}, num_classes={self.num_classes}"
+        return (
+            f"tuning_strategy={self.tuning_strategy!r}, num_classes={self.num_classes}, "
+            f"input_norm={self.input_norm!r}"
+        )
 
 
 def _assemble(encoder: ScGPTEncoder, seed: int, **kwargs: Any) -> ScGPTAnnotationModel:
@@ -478,8 +625,15 @@ def _assemble(encoder: ScGPTEncoder, seed: int, **kwargs: Any) -> ScGPTAnnotatio
         return ScGPTAnnotationModel(encoder, **kwargs)
 
 
-def _precheck(tuning_strategy: str, strategy_config: Any, num_classes: Any, labels: Any) -> None:
+def _precheck(
+    tuning_strategy: str,
+    strategy_config: Any,
+    num_classes: Any,
+    labels: Any,
+    input_norm: Any = DEFAULT_INPUT_NORM,
+) -> None:
     """Fail on bad arguments before any weight is read."""
+    _check_input_norm(input_norm)
     _check_strategy(tuning_strategy)
     _check_num_classes(num_classes, labels)
     resolve_strategy_config(tuning_strategy, strategy_config)
@@ -494,6 +648,7 @@ def build_annotation_model(
     strategy_config: PEFTConfig | dict[str, Any] | None = None,
     label_categories: Sequence[Any] | None = None,
     classifier_dropout: float = DEFAULT_CLASSIFIER_DROPOUT,
+    input_norm: str = LEGACY_INPUT_NORM,
     seed: int = 0,
 ) -> ScGPTAnnotationModel:
     """Build an annotation model from encoder weights already in memory.
@@ -512,6 +667,12 @@ def build_annotation_model(
         :func:`~scdlkit.foundation.resolve_checkpoint` takes.
     num_classes, tuning_strategy, strategy_config, label_categories, classifier_dropout
         See :class:`ScGPTAnnotationModel`.
+    input_norm
+        ``"frozen"``, ``"layernorm"`` or ``"batch"``; see :class:`ScGPTAnnotationModel`. The
+        default is :data:`LEGACY_INPUT_NORM` (``"frozen"``), what a saved config without this key
+        was fitted with, so ``build_annotation_model(..., **model.config_dict())`` always rebuilds
+        the model saved; it stays so if :data:`DEFAULT_INPUT_NORM` changes (a new model's caller
+        passes ``input_norm`` explicitly).
     seed
         Seeds the new parameters (head, LoRA ``A``, prefixes); the global RNG is left as it was.
 
@@ -528,7 +689,7 @@ def build_annotation_model(
     ...     state, ckpt, num_classes=8, tuning_strategy="lora"
     ... )  # doctest: +SKIP
     """
-    _precheck(tuning_strategy, strategy_config, num_classes, label_categories)
+    _precheck(tuning_strategy, strategy_config, num_classes, label_categories, input_norm)
     ckpt = resolve_checkpoint(checkpoint)
     with torch.random.fork_rng(devices=[]):
         encoder = build_encoder(ckpt)
@@ -542,6 +703,7 @@ def build_annotation_model(
         strategy_config=strategy_config,
         label_categories=label_categories,
         classifier_dropout=classifier_dropout,
+        input_norm=input_norm,
     )
     return model.eval()
 
@@ -554,6 +716,7 @@ def load_scgpt_annotation_model(
     strategy_config: PEFTConfig | dict[str, Any] | None = None,
     *,
     classifier_dropout: float = DEFAULT_CLASSIFIER_DROPOUT,
+    input_norm: str = DEFAULT_INPUT_NORM,
     device: str | torch.device = "auto",
     seed: int = 0,
 ) -> ScGPTAnnotationModel:
@@ -577,6 +740,10 @@ def load_scgpt_annotation_model(
         fields, or ``None`` for its defaults.
     classifier_dropout
         Dropout on the ``<cls>`` vector before the head (default 0.1).
+    input_norm
+        Normalisation of the ``<cls>`` vector before the head: ``"frozen"`` (default; fit it
+        with ``model.feature_norm.fit(features)``), ``"layernorm"`` or ``"batch"``; see
+        :class:`ScGPTAnnotationModel`.
     device
         ``"auto"`` (CUDA, then MPS, then CPU) or any torch device.
     seed
@@ -590,8 +757,9 @@ def load_scgpt_annotation_model(
     Raises
     ------
     ValueError
-        For an unknown or runner-only strategy, a config of the wrong type, bad config values or
-        ``label_categories`` of the wrong length (all before the weights are read).
+        For an unknown or runner-only strategy, a config of the wrong type, bad config values,
+        an unknown ``input_norm`` or ``label_categories`` of the wrong length (all before the
+        weights are read).
 
     Examples
     --------
@@ -601,7 +769,7 @@ def load_scgpt_annotation_model(
     ... )
     >>> model.trainable_parameter_count()  # doctest: +SKIP
     """
-    _precheck(tuning_strategy, strategy_config, num_classes, label_categories)
+    _precheck(tuning_strategy, strategy_config, num_classes, label_categories, input_norm)
     encoder = load_scgpt_model(checkpoint, device="cpu")
     model = _assemble(
         encoder,
@@ -611,5 +779,6 @@ def load_scgpt_annotation_model(
         strategy_config=strategy_config,
         label_categories=label_categories,
         classifier_dropout=classifier_dropout,
+        input_norm=input_norm,
     )
     return model.to(resolve_device(device)).eval()

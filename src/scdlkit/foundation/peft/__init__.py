@@ -28,6 +28,7 @@ from scdlkit.foundation.peft._registry import (
 )
 from scdlkit.foundation.peft.adapter import (
     AdapterConfig,
+    AdapterLayerNorm,
     AdapterLinear,
     BottleneckAdapter,
     apply_adapter,
@@ -49,6 +50,7 @@ from scdlkit.foundation.peft.prefix_tuning import (
 __all__ = [
     "PEFT_METHODS",
     "AdapterConfig",
+    "AdapterLayerNorm",
     "AdapterLinear",
     "AttentionPrefix",
     "BottleneckAdapter",

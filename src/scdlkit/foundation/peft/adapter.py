@@ -6,11 +6,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from scdlkit.foundation._model import ScGPTEncoder
 from scdlkit.foundation.peft._base import (
     PEFTConfig,
+    PEFTModule,
     WrappedLinear,
     check_choice,
     check_config,
@@ -22,10 +24,16 @@ from scdlkit.foundation.peft._base import (
 )
 from scdlkit.foundation.peft._registry import register_peft_method
 
-__all__ = ["AdapterConfig", "AdapterLinear", "BottleneckAdapter", "apply_adapter"]
+__all__ = [
+    "AdapterConfig",
+    "AdapterLayerNorm",
+    "AdapterLinear",
+    "BottleneckAdapter",
+    "apply_adapter",
+]
 
 ADAPTER_ACTIVATIONS = ("relu", "gelu")
-ADAPTER_PLACEMENTS = ("attention", "ffn", "both")
+ADAPTER_PLACEMENTS = ("attention", "ffn", "both", "post_norm")
 
 
 @dataclass(frozen=True)
@@ -33,12 +41,14 @@ class AdapterConfig(PEFTConfig):
     """Bottleneck adapters (Houlsby et al. 2019) inside each encoder layer.
 
     An adapter is ``up(dropout(act(down(h))))`` added to a sub-layer's output ``h`` before the
-    residual connection and LayerNorm, i.e. ``h + adapter(h)``. ``up`` starts at zero, so the model
-    starts exactly as the pretrained one. scPEFT's "encoder adapter" on scGPT (He et al. 2025) has
-    the same shape (512 -> 128 -> 512, GELU, no dropout) but differs in three ways: it sits after
-    the attention block's residual and first LayerNorm (``n + adapter(n)``, ``n = norm1(x +
-    attn(x))``), both its projections keep PyTorch's default (non-zero) initialisation, and only
-    the first half of the layers (6 of 12) get one. ``docs/strategies.md`` compares the two.
+    residual connection and LayerNorm, i.e. ``h + adapter(h)`` (Houlsby's placement), or, with
+    ``placement="post_norm"``, to the attention block's normalised output as scPEFT places it.
+    ``up`` starts at zero, so the model starts exactly as the pretrained one. scPEFT's "encoder
+    adapter" on scGPT (He et al. 2025) has the same shape (512 -> 128 -> 512, GELU, no dropout)
+    and sits after the attention block's residual and first LayerNorm (``n + adapter(n)``,
+    ``n = norm1(x + attn(x))``, i.e. ``placement="post_norm"``); it differs in that both its
+    projections keep PyTorch's default (non-zero) initialisation and only the first half of the
+    layers (6 of 12) get one. ``docs/strategies.md`` compares the two.
 
     Parameters
     ----------
@@ -53,9 +63,10 @@ class AdapterConfig(PEFTConfig):
         ``"gelu"`` (default, scPEFT's adapter) or ``"relu"``.
     placement
         ``"attention"`` (default: on the attention block's output before its residual and norm,
-        i.e. wrapping ``self_attn.out_proj``; scPEFT's adapter follows the same block, after the
-        norm), ``"ffn"`` (on the feed-forward output, wrapping ``linear2``) or
-        ``"both"`` (Houlsby's two adapters per layer).
+        i.e. wrapping ``self_attn.out_proj``), ``"post_norm"`` (scPEFT's: on
+        ``n = norm1(x + attn(x))``, per token, ``n + adapter(n)``, wrapping ``norm1``), ``"ffn"``
+        (on the feed-forward output, wrapping ``linear2``) or ``"both"`` (Houlsby's two adapters
+        per layer, ``"attention"`` and ``"ffn"``).
     layers
         Encoder layer indices to adapt; ``None`` (default) adapts all.
 
@@ -145,8 +156,53 @@ class AdapterLinear(WrappedLinear):
         return h + self.adapter(h)
 
 
+class AdapterLayerNorm(PEFTModule):
+    """A LayerNorm followed by a residual bottleneck adapter: ``n + adapter(n)``, ``n = norm(x)``.
+
+    Wrapping a layer's ``norm1`` puts the adapter on ``norm1(x + attn(x))``, token by token,
+    where scPEFT's encoder adapter sits. The LayerNorm's ``weight`` and ``bias`` are kept (same
+    objects, same state-dict names); new parameters: ``adapter.down.*`` and ``adapter.up.*``.
+
+    Parameters
+    ----------
+    base
+        The plain ``nn.LayerNorm`` to wrap.
+    bottleneck, activation, dropout
+        See :class:`AdapterConfig`.
+
+    Examples
+    --------
+    >>> layer = AdapterLayerNorm(nn.LayerNorm(16), 4, "gelu", 0.0)
+    >>> x = torch.randn(2, 3, 16)
+    >>> torch.equal(layer(x), nn.functional.layer_norm(x, (16,)))  # up starts at zero
+    True
+    """
+
+    def __init__(
+        self, base: nn.LayerNorm, bottleneck: int, activation: str, dropout: float
+    ) -> None:
+        super().__init__()
+        if type(base) is not nn.LayerNorm:
+            msg = (
+                f"cannot adapt a {type(base).__name__}: the module was already adapted (one "
+                "strategy per model) or is not a plain nn.LayerNorm."
+            )
+            raise ValueError(msg)
+        self.normalized_shape = base.normalized_shape
+        self.eps = base.eps
+        self.weight = base.weight
+        self.bias = base.bias
+        (width,) = base.normalized_shape
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.adapter = BottleneckAdapter(width, bottleneck, activation, dropout).to(**factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return n + self.adapter(n)
+
+
 def apply_adapter(encoder: ScGPTEncoder, config: AdapterConfig | None = None) -> ScGPTEncoder:
-    """Insert bottleneck adapters into ``encoder`` (wrapping ``out_proj`` and/or ``linear2``).
+    """Insert bottleneck adapters into ``encoder`` (wrapping ``out_proj``, ``linear2``, ``norm1``).
 
     Parameters
     ----------
@@ -186,6 +242,8 @@ def apply_adapter(encoder: ScGPTEncoder, config: AdapterConfig | None = None) ->
             layer.self_attn.out_proj = AdapterLinear(layer.self_attn.out_proj, *args)
         if config.placement in ("ffn", "both"):
             layer.linear2 = AdapterLinear(layer.linear2, *args)
+        if config.placement == "post_norm":
+            layer.norm1 = AdapterLayerNorm(layer.norm1, *args)
     return encoder
 
 
