@@ -343,7 +343,7 @@ def test_annotate_adata_with_predictions_of_another_anndata_writes_nothing(
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"val_size": 0.0}, ValueError, "val_size=0 holds out no validation cells"),
+        ({"val_size": 0.0}, ValueError, r"no validation cells \(val_size=0.0\) to rank \d"),
         ({"random_state": 2**32 - 1, "n_repeats": 2}, ValueError, "beyond the largest seed"),
         ({"test_batches": "donor1", "val_batches": [1.5]}, TypeError, "val_batches must hold"),
         ({"strategies": 5}, TypeError, "strategies must be strategy names"),

@@ -587,3 +587,11 @@ def test_constructors_accept_every_accepted_value(entry, name, data):
 def test_lightning_fabric_options_are_refused_when_the_trainer_is_built(option, value, error):
     with pytest.raises(error, match=option):
         Trainer(torch.nn.Linear(2, 2), **{option: value})
+
+
+def test_a_wrong_type_is_a_type_error_and_a_value_error():
+    """As these arguments raised ValueError before their types were checked, a wrong type is
+    both, so existing ``except ValueError`` (and the command line's exit code 2) still hold."""
+    with pytest.raises(TypeError, match="n_repeats must be an integer") as err:
+        ScGPTAnnotationRunner(label_key="bulk_labels", n_repeats="2")
+    assert isinstance(err.value, ValueError)

@@ -55,6 +55,7 @@ from scdlkit.foundation._runner_args import (
     SHORTCUTS,
     check_rows,
     check_runner_arguments,
+    check_validation_cells,
     recorded_arguments,
 )
 from scdlkit.foundation._runner_io import load_runner, save_runner
@@ -347,6 +348,7 @@ class ScGPTAnnotationRunner:
         The fitted runner.
         """
         check_adata("adata", adata)
+        check_validation_cells(self.strategies, self.val_size, self.split_by, self.val_batches)
         names = gene_names(adata, self.gene_key)
         vocab = resolve_checkpoint(self.checkpoint).vocab
         check_unique_genes(names, vocab=vocab, gene_key=self.gene_key)

@@ -53,6 +53,7 @@ __all__ = [
     "check_rows",
     "check_runner_arguments",
     "check_strategies",
+    "check_validation_cells",
     "recorded_arguments",
 ]
 
@@ -218,7 +219,6 @@ def check_runner_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
     if checked["split_by"] == "batch" and checked["batch_key"] is None:
         msg = "split_by='batch' needs batch_key= naming the adata.obs column of batches."
         raise ValueError(msg)
-    _check_validation_cells(checked)
     last_seed = checked["random_state"] + checked["n_repeats"] - 1
     if last_seed > MAX_SEED:
         msg = (
@@ -229,16 +229,17 @@ def check_runner_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def _check_validation_cells(checked: Mapping[str, Any]) -> None:
-    """Several strategies are ranked on validation cells: refuse a split that holds none."""
-    by_batch = checked["split_by"] == "batch" and checked["val_batches"] is not None
-    none = checked["val_batches"] == [] if by_batch else checked["val_size"] == 0
-    if none and len(checked["strategies"]) > 1:
-        what = "val_batches=[]" if by_batch else "val_size=0"
+def check_validation_cells(
+    strategies: Sequence[str], val_size: float, split_by: str, val_batches: list[str] | None
+) -> None:
+    """Several strategies are ranked on validation cells: refuse a split that holds none (``fit``
+    asks before any work; a split can still come out empty on data with tiny classes)."""
+    by_batch = split_by == "batch" and val_batches is not None
+    if len(strategies) > 1 and (val_batches == [] if by_batch else val_size == 0):
+        what = "val_batches=[]" if by_batch else f"val_size={val_size}"
         msg = (
-            f"{what} holds out no validation cells to rank {len(checked['strategies'])} "
-            "strategies on: give val_size > 0 (or val_batches= with split_by='batch'), or fit "
-            "one strategy at a time."
+            f"no validation cells ({what}) to rank {len(strategies)} strategies on: give "
+            "val_size > 0 (or val_batches= with split_by='batch'), or fit one strategy at a time."
         )
         raise ValueError(msg)
 

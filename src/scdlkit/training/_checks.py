@@ -30,6 +30,7 @@ from scdlkit.training._schedule import MONITORS, OPTIMIZERS
 
 __all__ = [
     "FRACTION",
+    "ArgumentTypeError",
     "SEED",
     "TRAINER_ARGUMENTS",
     "TRAINING_SETTINGS",
@@ -61,17 +62,31 @@ def _got(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type: a TypeError, and a ValueError as these arguments raised
+    before their types were checked (so ``except ValueError`` and the command line's exit code 2
+    still catch it)."""
+
+
 def check_arguments(table: Mapping[str, Check], arguments: Mapping[str, Any]) -> dict[str, Any]:
     """Every argument through its check in ``table``; the canonical values, by name.
 
     An argument missing from ``table`` is a bug of the entry point (a new argument without a
-    check), never accepted unchecked.
+    check), never accepted unchecked. A wrong type raises :class:`ArgumentTypeError`.
     """
     unchecked = sorted(set(arguments) - set(table))
     if unchecked:
         msg = f"no argument check for {unchecked}: add them to the entry point's table."
         raise RuntimeError(msg)
-    return {name: table[name](name, value) for name, value in arguments.items()}
+    checked = {}
+    for name, value in arguments.items():
+        try:
+            checked[name] = table[name](name, value)
+        except ArgumentTypeError:
+            raise
+        except TypeError as err:
+            raise ArgumentTypeError(str(err)) from None
+    return checked
 
 
 def check_none_or(name: str, value: Any, *, check: Check) -> Any:
