@@ -11,6 +11,7 @@ the family for its state, loading asks it to rebuild from that state. A new stra
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +24,15 @@ from torch.utils.data import Dataset
 from scdlkit._shared.numeric import softmax
 from scdlkit._shared.splits import stratified_split
 from scdlkit._shared.strategies import NEURAL_STRATEGIES, STRATEGIES
-from scdlkit._shared.validation import gene_names
+from scdlkit._shared.validation import (
+    cells_without_expression,
+    check_shared_genes,
+    gene_names,
+    get_matrix,
+    validate_values,
+)
 from scdlkit.foundation._annotation_model import build_annotation_model
+from scdlkit.foundation._data import MIN_GENE_OVERLAP
 from scdlkit.foundation._device import resolve_precision
 from scdlkit.foundation._embed import l2_normalise
 from scdlkit.foundation._loading import load_state_dict_file
@@ -38,7 +46,9 @@ __all__ = [
     "PredictInputs",
     "StrategyFamily",
     "StrategyResult",
+    "flag_without_expression",
     "label_predictions",
+    "query_cells_without_expression",
     "register_strategy",
     "strategy_family",
 ]
@@ -243,6 +253,59 @@ def label_predictions(
         "probabilities": probabilities.astype(np.float32),
         "latent": np.asarray(latent, dtype=np.float32),
     }
+
+
+def query_cells_without_expression(
+    adata: Any,
+    gene_key: str | None,
+    layer: str | None,
+    *,
+    family: StrategyFamily,
+    checkpoint: Any,
+    model: Any,
+) -> np.ndarray:
+    """Check a query as every strategy needs it, before any work; its cells with no expressed
+    gene among those the kept model reads.
+
+    Values must be counts or log-normalised (finite, not negative) and enough genes must be shared
+    with what the model reads: the vocabulary for scGPT strategies, the fitted genes for the
+    expression baseline.
+    """
+    validate_values(adata, layer)
+    names = gene_names(adata, gene_key)
+    if family.uses_checkpoint:
+        specials = {checkpoint.args.pad_token, "<cls>", "<eoc>"}
+        known: Any = {g for g in checkpoint.vocab if g not in specials}
+        what = "the scGPT vocabulary"
+    else:
+        known = set(model.genes_)
+        what = f"the {len(known)} genes the baseline was fitted on"
+    columns = check_shared_genes(
+        names, known, gene_key=gene_key, what=what, min_shared=MIN_GENE_OVERLAP
+    )
+    return cells_without_expression(get_matrix(adata, layer), columns)
+
+
+def flag_without_expression(
+    predictions: dict[str, np.ndarray], silent: np.ndarray, unknown: str
+) -> dict[str, np.ndarray]:
+    """Cells with no expressed gene the model reads get the ``unknown`` label and uniform
+    probabilities: a model's answer for them would be its prior, not the cell."""
+    predictions["no_expression"] = silent
+    if not silent.any():
+        return predictions
+    n_classes = predictions["probabilities"].shape[1]
+    predictions["probabilities"][silent] = 1.0 / n_classes
+    predictions["label_codes"][silent] = -1
+    predictions["labels"] = predictions["labels"].astype(object)
+    predictions["labels"][silent] = unknown
+    msg = (
+        f"{int(silent.sum())} of {len(silent)} cells have no expressed gene among those the "
+        f"model reads; they are labelled {unknown!r} with uniform probabilities. "
+        "Filter such cells first (e.g. sc.pp.filter_cells(adata, min_genes=1))."
+    )
+    warnings.warn(msg, UserWarning, stacklevel=3)  # at the caller of predict
+    return predictions
 
 
 def read_once(read: Any) -> Any:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,7 @@ from scdlkit._artifacts import write_artifacts
 from scdlkit._shared.persist import claim_run_folder, publish_files
 from scdlkit._shared.provenance import check_unique_genes
 from scdlkit._shared.strategies import DEFAULT_STRATEGIES
-from scdlkit._shared.validation import (
-    cells_without_expression,
-    check_shared_genes,
-    gene_names,
-    get_matrix,
-    validate_values,
-)
+from scdlkit._shared.validation import gene_names
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._comparison import compare_strategies, fit_strategies, split_summary
 from scdlkit.foundation._data import (
@@ -41,7 +34,9 @@ from scdlkit.foundation._fitting import (
     Stopwatch,
     StrategyResult,
     expression_of,
+    flag_without_expression,
     label_predictions,
+    query_cells_without_expression,
     read_once,
     strategy_family,
 )
@@ -217,31 +212,12 @@ class ScGPTAnnotationRunner:
     ) -> None:
         # every argument checked before any work; canonical values from here on
         checked = check_runner_arguments({k: v for k, v in locals().items() if k != "self"})
-        self.strategies = checked["strategies"]
-        self.strategy_configs = checked["strategy_configs"]
-        self.label_key = checked["label_key"]
-        self.checkpoint = checked["checkpoint"]
-        self.batch_size = checked["batch_size"]
-        self.val_size = checked["val_size"]
-        self.test_size = checked["test_size"]
-        self.random_state = checked["random_state"]
-        self.device = checked["device"]
-        self.output_dir = None if output_dir is None else Path(output_dir).resolve()
-        self.overwrite = checked["overwrite"]
-        self.gene_key = gene_key
-        self.layer = layer
-        self.training = checked["training"]
-        self.shortcuts = {name: checked[name] for name in SHORTCUTS}
-        self.precision = precision
-        self.confidence_threshold = checked["confidence_threshold"]
-        self.attention_dropout = checked["attention_dropout"]
-        self.batch_key = batch_key
-        self.split_by = split_by
-        self.test_batches = checked["test_batches"]
-        self.val_batches = checked["val_batches"]
-        self.n_repeats = checked["n_repeats"]
-        self.progress = checked.pop("progress")
+        self.progress = checked.pop("progress")  # shapes no result: not recorded
         self.init_params_ = recorded_arguments(checked)
+        self.shortcuts = {name: checked.pop(name) for name in SHORTCUTS}
+        for name, value in checked.items():  # every other argument under its own name
+            setattr(self, name, value)
+        self.output_dir = None if output_dir is None else Path(output_dir).resolve()
         self._fitted = False
         self.runner_dir_: Path | None = None
 
@@ -620,7 +596,14 @@ class ScGPTAnnotationRunner:
         uses_vocab = self.checkpoint_ is not None and self.best_strategy_ != "baseline"
         vocab = self.checkpoint_.vocab if uses_vocab else None
         check_unique_genes(gene_names(adata, gene_key), vocab=vocab, gene_key=gene_key)
-        silent = self._cells_without_expression(adata, gene_key, layer)
+        silent = query_cells_without_expression(
+            adata,
+            gene_key,
+            layer,
+            family=strategy_family(self.best_strategy_),
+            checkpoint=self.checkpoint_,
+            model=self._best.model,
+        )
 
         def encode(forward: Any, desc: str) -> np.ndarray:
             return encode_adata(
@@ -642,53 +625,7 @@ class ScGPTAnnotationRunner:
         predictions = self._predict_with(
             encode, read_once(lambda: expression_of(adata, gene_key, layer))
         )
-        return self._without_expression(predictions, silent)
-
-    def _cells_without_expression(
-        self, adata: Any, gene_key: str | None, layer: str | None
-    ) -> np.ndarray:
-        """Check a query as every strategy needs it, before any work; its cells with no
-        expressed gene among those the kept model reads.
-
-        Values must be counts or log-normalised (finite, not negative) and enough genes must be
-        shared with what the model reads: the vocabulary for scGPT strategies, the fitted genes
-        for the expression baseline.
-        """
-        validate_values(adata, layer)
-        names = gene_names(adata, gene_key)
-        if strategy_family(self.best_strategy_).uses_checkpoint:
-            vocab = self.checkpoint_.vocab
-            specials = {self.checkpoint_.args.pad_token, "<cls>", "<eoc>"}
-            known: Any = {g for g in vocab if g not in specials}
-            what = "the scGPT vocabulary"
-        else:
-            known = set(self._best.model.genes_)
-            what = f"the {len(known)} genes the baseline was fitted on"
-        columns = check_shared_genes(
-            names, known, gene_key=gene_key, what=what, min_shared=MIN_GENE_OVERLAP
-        )
-        return cells_without_expression(get_matrix(adata, layer), columns)
-
-    def _without_expression(
-        self, predictions: dict[str, np.ndarray], silent: np.ndarray
-    ) -> dict[str, np.ndarray]:
-        """Cells with no expressed gene the model reads get the unknown label and uniform
-        probabilities: a model's answer for them would be its prior, not the cell."""
-        predictions["no_expression"] = silent
-        if not silent.any():
-            return predictions
-        n_classes = predictions["probabilities"].shape[1]
-        predictions["probabilities"][silent] = 1.0 / n_classes
-        predictions["label_codes"][silent] = -1
-        predictions["labels"] = predictions["labels"].astype(object)
-        predictions["labels"][silent] = UNKNOWN_LABEL
-        msg = (
-            f"{int(silent.sum())} of {len(silent)} cells have no expressed gene among those the "
-            f"model reads; they are labelled {UNKNOWN_LABEL!r} with uniform probabilities. "
-            "Filter such cells first (e.g. sc.pp.filter_cells(adata, min_genes=1))."
-        )
-        warnings.warn(msg, UserWarning, stacklevel=3)
-        return predictions
+        return flag_without_expression(predictions, silent, UNKNOWN_LABEL)
 
     def reference_predictions(self) -> dict[str, np.ndarray]:
         """Predictions for the cells ``fit`` saw (computed once, features reused)."""
