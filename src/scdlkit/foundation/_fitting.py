@@ -38,7 +38,7 @@ from scdlkit.foundation._embed import l2_normalise
 from scdlkit.foundation._loading import load_state_dict_file
 from scdlkit.foundation._model import set_attention_dropout, set_encoder_dropout
 from scdlkit.foundation._selection import evaluate_splits
-from scdlkit.foundation._training_settings import stretch_to_min_steps
+from scdlkit.foundation._training_settings import step_budget, warn_if_stretched
 
 __all__ = [
     "BaseWeights",
@@ -489,6 +489,14 @@ class FeatureDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {"features": self.features[i], "labels": int(self.labels[i])}
 
+    def get_batch(self, indices: Any) -> dict[str, torch.Tensor]:
+        """The collated batch of ``indices`` in one indexing operation (the Trainer's protocol)."""
+        rows = np.asarray(indices, dtype=np.int64)
+        return {
+            "features": self.features[torch.from_numpy(rows)],
+            "labels": torch.from_numpy(self.labels[rows]),
+        }
+
 
 class NeuralStrategy(StrategyFamily):
     """Classifier head (``head``, on frozen features) or an adapted encoder, trained by the
@@ -514,7 +522,16 @@ class NeuralStrategy(StrategyFamily):
             seed=ctx.random_state,
         )
         fit_cells, stop_cells = ctx.early_stopping_split()
-        budget = stretch_to_min_steps(settings, -(-len(fit_cells) // ctx.batch_size))
+        steps_per_epoch = -(-len(fit_cells) // ctx.batch_size)
+        warn_if_stretched(
+            strategy,
+            settings,
+            steps_per_epoch,
+            n_cells=len(fit_cells),
+            batch_size=ctx.batch_size,
+            once_per=ctx.prepared,  # the same for every repeat of one fit
+        )
+        budget = step_budget(settings, steps_per_epoch)
         encoder_dropout = budget.pop("encoder_dropout", None)  # a model setting, not the Trainer's
         if encoder_dropout is not None:
             set_encoder_dropout(model.encoder, encoder_dropout)

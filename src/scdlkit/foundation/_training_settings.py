@@ -9,15 +9,20 @@ only the classifier on ``<cls>`` features computed once, so it affords many chea
 neural strategy keeps the epoch with the lowest loss on an inner split of the training cells and
 stops after ``early_stopping_patience`` epochs without improvement.
 
-Budgets hold at any dataset size: an encoder-trained strategy takes at least ``min_steps``
-optimiser steps. On a small dataset (few batches per epoch) its epochs are stretched to reach that
-many steps, and the per-epoch learning-rate decay and the patience are rescaled with them, so the
-schedule over the run stays the recipe's. An explicit ``epochs`` (without ``min_steps``) means
-exactly that many epochs.
+Budgets hold at any dataset size (:func:`step_budget`): an encoder-trained strategy takes at
+least ``min_steps`` and at most ``max_steps`` optimiser steps. On a small dataset (few batches per
+epoch) its epochs are stretched to reach the floor; on a large one the run ends at the cap, and
+the validation data is evaluated every ``eval_every`` steps instead of once per (long) epoch. The
+learning-rate decay and the patience count evaluation periods and are rescaled to them, so the
+schedule over the run stays the recipe's. An explicit ``epochs`` (without ``min_steps`` or
+``max_steps``) means exactly that many epochs.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
+import weakref
 from collections.abc import Collection, Mapping
 from functools import partial
 from typing import Any
@@ -32,14 +37,35 @@ from scdlkit.training._checks import FRACTION, TRAINING_SETTINGS, Check, optiona
 
 __all__ = [
     "DEFAULT_TRAINING",
+    "EVAL_EVERY",
+    "MAX_STEPS",
+    "MIN_STEPS",
     "SETTING_CHECKS",
     "STRATEGIES",
+    "STRETCH_WARNING_EPOCHS",
     "TRAINING_KEYS",
     "check_training_overrides",
     "resolve_training",
+    "step_budget",
+    "warn_if_stretched",
 ]
 
 
+#: Optimiser steps an encoder-trained strategy takes at least (epochs are stretched to reach it):
+#: about the scGPT annotation tutorial's own budget (10 epochs of 7,060 cells at batch 32); 300
+#: left a full fine-tune of the planted-signal data at 0.42 test accuracy (docs/strategies.md)
+MIN_STEPS = 2000
+#: Optimiser steps an encoder-trained strategy takes at most: a cost cap, not measured at
+#: whole-human size (10x the floor; 1.28M cells seen at batch 64). It binds above ~215,000 cells,
+#: where 10 epochs would take more steps (1M cells: 93,000; docs/performance.md has the table)
+MAX_STEPS = 20_000
+#: An epoch of more optimiser steps than this is evaluated every this many steps instead (early
+#: stopping, best weights, lr decay): a run at the cap is evaluated 10 times, as the recipe's 10
+#: epochs are. Smaller epochs (up to ~215,000 cells at batch 64) are evaluated once each
+EVAL_EVERY = MAX_STEPS // 10
+#: A floor that stretches training past this many epochs is reported (a UserWarning, once per
+#: fit and strategy): every cell is then seen more times than the recipe ever shows it
+STRETCH_WARNING_EPOCHS = 50
 _COMMON = {
     "head_lr": None,  # None: the head trains at `lr`
     "weight_decay": 0.0,
@@ -49,11 +75,8 @@ _COMMON = {
     "class_weight": None,
     "optimizer": "adamw",
     "adam_eps": 1e-8,
+    "eval_every": EVAL_EVERY,
 }
-#: Optimiser steps an encoder-trained strategy takes at least (epochs are stretched to reach it):
-#: about the scGPT annotation tutorial's own budget (10 epochs of 7,060 cells at batch 32); 300
-#: left a full fine-tune of the planted-signal data at 0.42 test accuracy (docs/strategies.md)
-MIN_STEPS = 2000
 #: Settings of the strategies that train the encoder (or modules inside it), not of ``head``.
 _ENCODER = {
     # dropout inside the encoder while it trains; None keeps the checkpoint's (upstream's 0.2).
@@ -64,6 +87,7 @@ _PEFT = {
     **_ENCODER,
     "epochs": 10,
     "min_steps": MIN_STEPS,
+    "max_steps": MAX_STEPS,
     # the IA3 paper's rate; measured better than 1e-3 for every PEFT method (docs/strategies.md)
     "lr": 3e-3,
     "lr_decay": 0.9,
@@ -75,6 +99,8 @@ DEFAULT_TRAINING: dict[str, dict[str, Any]] = {
         **_COMMON,
         "epochs": 50,
         "min_steps": 0,
+        # trains on cached features: 50 epochs cost little next to computing them
+        "max_steps": None,
         "lr": 1e-3,
         "lr_decay": None,
         "early_stopping_patience": 10,
@@ -84,6 +110,7 @@ DEFAULT_TRAINING: dict[str, dict[str, Any]] = {
         **_ENCODER,
         "epochs": 10,
         "min_steps": MIN_STEPS,
+        "max_steps": MAX_STEPS,
         "lr": 1e-4,
         # the head is new and random: at the encoder's 1e-4 it barely trained in 300 steps
         # (measured, docs/strategies.md); it trains at the `head` strategy's rate
@@ -130,27 +157,107 @@ def resolve_training(
     settings.update(overrides.get(strategy, {}))
     explicit = {k for k, v in shortcuts.items() if v is not None} | set(overrides)
     explicit |= set(overrides.get(strategy, {}))
-    if "epochs" in explicit and "min_steps" not in explicit and "min_steps" in settings:
-        settings["min_steps"] = 0  # an explicit epochs means exactly that many epochs
+    if "epochs" in explicit:  # an explicit epochs means exactly that many epochs
+        if "min_steps" not in explicit and "min_steps" in settings:
+            settings["min_steps"] = 0
+        if "max_steps" not in explicit and "max_steps" in settings:
+            settings["max_steps"] = None
     return settings
 
 
-def stretch_to_min_steps(settings: Mapping[str, Any], steps_per_epoch: int) -> dict[str, Any]:
-    """The Trainer's settings: epochs stretched to at least ``min_steps`` optimiser steps, with the
-    per-epoch lr decay and the patience rescaled so the schedule over the run is unchanged."""
+def step_budget(settings: Mapping[str, Any], steps_per_epoch: int) -> dict[str, Any]:
+    """The Trainer's settings for epochs of ``steps_per_epoch`` optimiser steps.
+
+    The recipe's ``epochs`` give ``epochs * steps_per_epoch`` steps; those are raised to
+    ``min_steps`` (whole epochs: stretched) and cut to ``max_steps`` (the Trainer's own
+    ``max_steps``). Evaluation periods are epochs, or ``eval_every`` steps when an epoch holds
+    more; the per-period lr decay and the patience (in periods) are rescaled so that the run
+    decays the rate as much as the recipe's epochs do and waits the same share of the run.
+
+    Parameters
+    ----------
+    settings
+        Resolved settings of one strategy (:func:`resolve_training`).
+    steps_per_epoch
+        Optimiser steps in one epoch (batches of the cells trained on).
+
+    Returns
+    -------
+    dict
+        The settings without ``min_steps``; ``epochs``, ``max_steps``, ``lr_decay`` and
+        ``early_stopping_patience`` as the Trainer takes them.
+
+    Examples
+    --------
+    >>> settings = resolve_training("lora", None, {})
+    >>> budget = step_budget(settings, steps_per_epoch=6)  # 357 cells at batch 64
+    >>> budget["epochs"], budget["early_stopping_patience"], round(budget["lr_decay"], 4)
+    (334, 101, 0.9968)
+    >>> budget = step_budget(settings, steps_per_epoch=9297)  # 1M cells
+    >>> budget["epochs"], budget["max_steps"], budget["early_stopping_patience"]
+    (3, 20000, 3)
+    """
     out = dict(settings)
-    min_steps = out.pop("min_steps", 0) or 0
-    epochs = int(out["epochs"])
-    needed = -(-int(min_steps) // max(int(steps_per_epoch), 1))
-    if needed <= epochs:
+    min_steps = int(out.pop("min_steps", 0) or 0)
+    cap = out.get("max_steps")
+    every = out.get("eval_every")
+    per_epoch = max(int(steps_per_epoch), 1)
+    recipe = int(out["epochs"])
+    steps = max(recipe * per_epoch, min_steps)
+    epochs = -(-steps // per_epoch)  # the floor stretches to whole epochs
+    if cap is not None and epochs * per_epoch > cap:
+        out["max_steps"], steps = int(cap), int(cap)
+    else:
+        out["max_steps"], steps = None, epochs * per_epoch
+    out["epochs"] = -(-steps // per_epoch)
+    period = every if every is not None and per_epoch > every else per_epoch
+    factor = -(-steps // period) / recipe  # evaluation periods per recipe epoch
+    if factor == 1:
         return out
-    factor = needed / epochs
-    out["epochs"] = needed
     if out.get("lr_decay") is not None:
         out["lr_decay"] = float(out["lr_decay"]) ** (1 / factor)
     if out.get("early_stopping_patience") is not None:
-        out["early_stopping_patience"] = int(-(-out["early_stopping_patience"] * factor // 1))
+        out["early_stopping_patience"] = math.ceil(out["early_stopping_patience"] * factor)
     return out
+
+
+#: The same function under the name it had before ``max_steps`` (it stretches and caps).
+stretch_to_min_steps = step_budget
+
+#: Strategies already warned about a stretched budget, per fit (keyed by the id of an object that
+#: lives as long as that fit: its prepared data)
+_WARNED: dict[int, set[str]] = {}
+
+
+def warn_if_stretched(
+    strategy: str,
+    settings: Mapping[str, Any],
+    steps_per_epoch: int,
+    *,
+    n_cells: int,
+    batch_size: int,
+    once_per: Any,
+) -> None:
+    """A UserWarning when the ``min_steps`` floor stretches ``strategy`` past
+    :data:`STRETCH_WARNING_EPOCHS` epochs; once per strategy while ``once_per`` lives."""
+    epochs = step_budget(settings, steps_per_epoch)["epochs"]
+    if epochs <= max(STRETCH_WARNING_EPOCHS, int(settings["epochs"])):
+        return
+    key = id(once_per)
+    if key not in _WARNED:
+        _WARNED[key] = set()
+        weakref.finalize(once_per, _WARNED.pop, key, None)
+    if strategy in _WARNED[key]:
+        return
+    _WARNED[key].add(strategy)
+    msg = (
+        f"strategy {strategy!r}: min_steps={settings['min_steps']} stretches training from "
+        f"{settings['epochs']} to {epochs} epochs ({steps_per_epoch} optimiser steps per epoch: "
+        f"{n_cells} cells at batch_size={batch_size}), so every cell is seen {epochs} times. "
+        f"For a shorter run lower the floor, training={{{strategy!r}: {{'min_steps': 500}}}}, or "
+        "give epochs= (exactly that many epochs)."
+    )
+    warnings.warn(msg, UserWarning, stacklevel=2)
 
 
 def _check_settings(where: str, settings: Any, allowed: Collection[str]) -> dict[str, Any]:

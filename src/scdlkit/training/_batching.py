@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-__all__ = ["batch_indices", "gather_in_order", "make_loader", "shard"]
+__all__ = ["batch_indices", "gather_in_order", "load_batches", "make_loader", "shard"]
 
 
 def batch_indices(
@@ -37,6 +37,15 @@ def make_loader(dataset: Any, batches: Sequence[Sequence[int]]) -> DataLoader:
     """A DataLoader over fixed index batches, using ``dataset.collate_fn`` when present."""
     collate = getattr(dataset, "collate_fn", None) or default_collate
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=0)
+
+
+def load_batches(dataset: Any, batches: Sequence[Sequence[int]]) -> Iterable[Any]:
+    """The collated batches: ``dataset.get_batch(indices)`` where the dataset has it (in-memory
+    tensors, indexed in one operation), else through a DataLoader (:func:`make_loader`)."""
+    get_batch = getattr(dataset, "get_batch", None)
+    if callable(get_batch):
+        return (get_batch(indices) for indices in batches)
+    return make_loader(dataset, batches)
 
 
 def gather_in_order(

@@ -219,6 +219,8 @@ SEED = partial(check_int, min_value=0, max_value=MAX_SEED)
 #: The training settings shared by the Trainer's arguments and the runners' ``training=``.
 TRAINING_SETTINGS: dict[str, Check] = {
     "epochs": POSITIVE_INT,
+    "max_steps": partial(check_optional_int, min_value=1),
+    "eval_every": partial(check_optional_int, min_value=1),
     "lr": POSITIVE,
     "head_lr": partial(check_optional_number, min_value=0, min_inclusive=False),
     "weight_decay": partial(check_number, min_value=0),

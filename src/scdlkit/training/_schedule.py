@@ -1,8 +1,10 @@
-"""The optimiser, its learning-rate schedule (warm-up, per-epoch decay) and the stopping rule."""
+"""The optimiser, its learning-rate schedule (warm-up, decay per evaluation period), when the
+Trainer evaluates, and the stopping rule."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,6 +12,8 @@ import torch
 __all__ = [
     "MONITORS",
     "OPTIMIZERS",
+    "Periods",
+    "Selection",
     "TrainingDivergedError",
     "build_optimizer",
     "diverged",
@@ -76,11 +80,12 @@ def build_optimizer(
     return OPTIMIZERS[optimizer](groups, lr=lr, weight_decay=weight_decay, eps=eps)
 
 
-def lr_factor(step: int, epoch_index: int, warmup: int, lr_decay: float | None) -> float:
-    """The schedule's factor on each group's peak rate: linear warm-up, then decay per epoch."""
+def lr_factor(step: int, period_index: int, warmup: int, lr_decay: float | None) -> float:
+    """The schedule's factor on each group's peak rate: linear warm-up, then decay per evaluation
+    period (an epoch, or ``eval_every`` steps on large data; see :class:`Periods`)."""
     factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
     if lr_decay is not None:
-        factor *= lr_decay**epoch_index
+        factor *= lr_decay**period_index
     return factor
 
 
@@ -102,3 +107,63 @@ def improves(value: Any, best: Any, direction: str) -> bool:
     if best is None:
         return True
     return value < best if direction == "min" else value > best
+
+
+@dataclass(frozen=True)
+class Periods:
+    """When the Trainer evaluates, decays the rate and may stop: the evaluation periods.
+
+    A period is an epoch, unless an epoch holds more than ``eval_every`` optimiser steps: then it
+    is ``eval_every`` steps (counted across epoch boundaries; the run's last period may be
+    shorter). ``max_steps`` ends the run after that many steps, mid-epoch if need be.
+    """
+
+    every: int | None
+    max_steps: int | None
+
+    @classmethod
+    def plan(
+        cls, steps_per_epoch: int, *, eval_every: int | None, max_steps: int | None
+    ) -> Periods:
+        """The periods of a run whose epochs hold ``steps_per_epoch`` optimiser steps."""
+        long_epochs = eval_every is not None and steps_per_epoch > eval_every
+        return cls(every=eval_every if long_epochs else None, max_steps=max_steps)
+
+    @property
+    def by_epoch(self) -> bool:
+        """Whether a period is an epoch (evaluated at its end)."""
+        return self.every is None
+
+    def ends_after(self, step: int) -> bool:
+        """Whether a period ends after optimiser step ``step`` (1-based) within an epoch."""
+        return (self.every is not None and step % self.every == 0) or self.done(step)
+
+    def done(self, step: int) -> bool:
+        """Whether ``step`` steps reach ``max_steps``."""
+        return self.max_steps is not None and step >= self.max_steps
+
+
+class Selection:
+    """The best period so far by the monitored value, and the early-stopping rule.
+
+    ``patience`` counts evaluation periods without improvement (``None``: never stop early).
+    """
+
+    def __init__(self, direction: str, patience: int | None) -> None:
+        self.direction = direction
+        self.patience = patience
+        self.best: Any = None
+        self.stale = 0
+
+    def update(self, value: Any) -> bool:
+        """Record one period's ``value``; whether it is the best so far."""
+        if improves(value, self.best, self.direction):
+            self.best, self.stale = value, 0
+            return True
+        self.stale += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether ``patience`` periods passed without improvement."""
+        return self.patience is not None and self.stale >= self.patience

@@ -8,6 +8,8 @@ Dataset protocol
   or numbers for cell ``i``.
 - If the dataset has an attribute ``collate_fn`` it is the DataLoader's ``collate_fn`` (for
   example to pad variable-length token sequences); otherwise torch's default collate is used.
+- If the dataset has a method ``get_batch(indices)`` it returns the collated batch of those
+  cells directly (in-memory tensors indexed in one operation), and no DataLoader is built.
 - If the dataset has a method ``batches(batch_size, *, shuffle, seed, epoch)`` returning an
   iterable of index sequences, it forms the batches (for example to group cells of similar
   length); it must yield every index exactly once. Otherwise batches are consecutive slices of
@@ -54,7 +56,7 @@ from lightning_fabric.strategies.launchers import _SubprocessScriptLauncher
 from lightning_fabric.utilities.seed import seed_everything
 
 from scdlkit._shared.progress import tqdm
-from scdlkit.training._batching import batch_indices, gather_in_order, make_loader, shard
+from scdlkit.training._batching import batch_indices, gather_in_order, load_batches, shard
 from scdlkit.training._checks import TRAINER_ARGUMENTS, check_arguments, check_dataset
 from scdlkit.training._loss import (
     LABELS,
@@ -69,14 +71,15 @@ from scdlkit.training._loss import (
 from scdlkit.training._precision import resolve_devices, resolve_precision
 from scdlkit.training._schedule import (
     MONITORS,
+    Periods,
+    Selection,
     build_optimizer,
     diverged,
-    improves,
     lr_factor,
     set_lr,
     warmup_steps,
 )
-from scdlkit.training.metrics import classification_metrics
+from scdlkit.training.metrics import classification_metrics, monitor_metrics
 
 __all__ = ["Trainer"]
 
@@ -84,6 +87,7 @@ logger = logging.getLogger("scdlkit")
 
 _HISTORY_COLUMNS = [
     "epoch",
+    "step",
     "train_loss",
     "val_loss",
     "val_accuracy",
@@ -112,6 +116,14 @@ class Trainer:
         Cells per batch (per process under DDP).
     epochs
         Maximum number of passes over the training data.
+    max_steps
+        If given, training ends after this many optimiser steps (mid-epoch if need be), even if
+        ``epochs`` would run longer. ``None``: ``epochs`` alone sets the length.
+    eval_every
+        Evaluation period on large data: when an epoch holds more than ``eval_every`` optimiser
+        steps, the validation data is evaluated (and the best weights, early stopping and the
+        learning-rate decay updated) every ``eval_every`` steps instead of once per epoch.
+        ``None``, or epochs of at most ``eval_every`` steps: once per epoch.
     lr
         Peak learning rate.
     head_lr
@@ -132,13 +144,14 @@ class Trainer:
         Linear learning-rate warm-up from ~0 to ``lr``: a fraction of the planned total steps
         (float in ``[0, 1)``) or a number of steps (int).
     lr_decay
-        If given, the learning rate is multiplied by this factor after every epoch (StepLR with
-        step size 1; the published scGPT recipe uses 0.9). ``None`` keeps it constant.
+        If given, the learning rate is multiplied by this factor after every evaluation period
+        (an epoch, or ``eval_every`` steps on large data; StepLR with step size 1 per epoch is
+        the published scGPT recipe's, with 0.9). ``None`` keeps it constant.
     grad_clip
         Maximum gradient norm; ``None`` disables clipping.
     early_stopping_patience
-        Stop after this many epochs without improvement of ``monitor``; ``None`` runs all
-        epochs.
+        Stop after this many evaluation periods (epochs, or ``eval_every`` steps on large data)
+        without improvement of ``monitor``; ``None`` runs all epochs.
     monitor
         ``"val_loss"`` (lower is better) or ``"val_macro_f1"`` (higher is better). Without a
         validation set the training loss is monitored instead.
@@ -170,11 +183,16 @@ class Trainer:
     Attributes
     ----------
     history_
-        :class:`pandas.DataFrame`, one row per epoch run: ``epoch`` (1-based), ``train_loss``,
+        :class:`pandas.DataFrame`, one row per evaluation period (per epoch, unless epochs hold
+        more than ``eval_every`` steps): ``epoch`` (1-based, the epoch the period ended in),
+        ``step`` (optimiser steps taken so far), ``train_loss`` (over the period),
         ``val_loss``, ``val_accuracy``, ``val_macro_f1`` (NaN without validation data), ``lr``
-        (of the epoch's last step) and ``seconds``.
+        (of the period's last step) and ``seconds``.
     best_epoch_
-        The epoch whose weights were restored at the end of :meth:`fit`.
+        The epoch whose weights were restored at the end of :meth:`fit` (the epoch the best
+        period ended in).
+    best_step_
+        The optimiser step after which those weights were taken.
     trainable_parameters_
         Number of parameters with ``requires_grad``.
     fabric
@@ -217,6 +235,8 @@ class Trainer:
         *,
         batch_size: int = 64,
         epochs: int = 10,
+        max_steps: int | None = None,
+        eval_every: int | None = None,
         lr: float = 1e-4,
         head_lr: float | None = None,
         weight_decay: float = 0.0,
@@ -250,6 +270,8 @@ class Trainer:
         self.task = task
         self.batch_size = arguments["batch_size"]
         self.epochs = arguments["epochs"]
+        self.max_steps = arguments["max_steps"]
+        self.eval_every = arguments["eval_every"]
         self.lr = arguments["lr"]
         self.head_lr = arguments["head_lr"]
         self.weight_decay = arguments["weight_decay"]
@@ -273,6 +295,7 @@ class Trainer:
         )
         self.history_: pd.DataFrame | None = None
         self.best_epoch_: int | None = None
+        self.best_step_: int | None = None
         self._module: Any = None  # the Fabric-wrapped model, set up on first use
         self._launched = False
         self._class_weights: torch.Tensor | None = None
@@ -299,8 +322,9 @@ class Trainer:
         train
             Training dataset following the protocol of :mod:`scdlkit.training._trainer`.
         val
-            Optional validation dataset; evaluated after every epoch for ``monitor`` and
-            early stopping. Without it the best epoch is the one with the lowest training loss.
+            Optional validation dataset; evaluated after every evaluation period (an epoch, or
+            ``eval_every`` steps) for ``monitor`` and early stopping. Without it the best period
+            is the one with the lowest training loss.
 
         Returns
         -------
@@ -330,6 +354,7 @@ class Trainer:
             self._restore(result["state"])
             self.history_ = result["history"]
             self.best_epoch_ = result["best_epoch"]
+            self.best_step_ = result["best_step"]
             weights = result["class_weights"]
             self._class_weights = None if weights is None else torch.from_numpy(weights)
             return self
@@ -426,6 +451,7 @@ class Trainer:
             "state": {k: v.numpy() for k, v in self._snapshot().items()},
             "history": self.history_,
             "best_epoch": self.best_epoch_,
+            "best_step": self.best_step_,
             "class_weights": None if weights is None else weights.cpu().numpy(),
         }
 
@@ -446,21 +472,12 @@ class Trainer:
         )
         self._class_weights = None
         counts = label_counts(train) if self.class_weight == "balanced" else None
-
-        def epoch_batches(epoch: int) -> list[list[int]]:
-            batches = batch_indices(
-                train, self.batch_size, shuffle=True, seed=self.seed, epoch=epoch
-            )
-            mine = shard(batches, rank=fabric.global_rank, world_size=fabric.world_size, equal=True)
-            if not mine:
-                msg = (
-                    f"`train` has {len(train)} cells, too few for batch_size={self.batch_size} "
-                    f"on {fabric.world_size} processes; lower `batch_size` or `devices`."
-                )
-                raise ValueError(msg)
-            return mine
-
-        warmup = warmup_steps(self.warmup, self.epochs * len(epoch_batches(0)))
+        first = self._epoch_batches(train, 0)
+        periods = Periods.plan(len(first), eval_every=self.eval_every, max_steps=self.max_steps)
+        planned = self.epochs * len(first)
+        if self.max_steps is not None:
+            planned = min(planned, self.max_steps)
+        warmup = warmup_steps(self.warmup, planned)
         direction = "min" if val is None else MONITORS[self.monitor]
         monitored = "train_loss" if val is None else self.monitor
         if val is None and self.monitor != "val_loss":
@@ -468,25 +485,20 @@ class Trainer:
 
         # a grad scaler (fp16) makes infinite gradients on purpose and skips those steps
         check_norm = getattr(fabric.strategy.precision, "scaler", None) is None
-        rows: list[dict[str, Any]] = []
-        best_value, best_state, best_epoch, stale, step = None, None, None, 0, 0
+        run = _Run(Selection(direction, self.early_stopping_patience), monitored, fabric.device)
         bar = tqdm(
-            range(1, self.epochs + 1),
+            total=planned,
             desc="Training",
-            unit="epoch",
+            unit="step",
             disable=not (self.progress and fabric.is_global_zero),
         )
-        for epoch in bar:
-            start = time.perf_counter()
+        for epoch in range(1, self.epochs + 1):
             self.model.train()
-            # summed loss, labelled weight, steps whose loss was not finite
-            totals = torch.zeros(3, device=fabric.device, dtype=torch.float64)
-            batches = epoch_batches(epoch - 1)
-            lr_now = self.lr
-            for indices, batch in zip(batches, make_loader(train, batches), strict=True):
+            batches = first if epoch == 1 else self._epoch_batches(train, epoch - 1)
+            for indices, batch in zip(batches, load_batches(train, batches), strict=True):
                 batch = fabric.to_device(batch)
                 output = module(batch)
-                if step == 0 and "loss" not in output:
+                if run.step == 0 and "loss" not in output:
                     check_label_range(train, count_classes(output))
                     if counts is not None:
                         self._class_weights = balanced_weights(counts, count_classes(output))
@@ -500,56 +512,90 @@ class Trainer:
                     # the same sync clip_grad_norm_'s own check made; equal on every DDP rank
                     if check_norm and not torch.isfinite(norm):
                         raise diverged("gradient norm", epoch, self.lr, self.head_lr)
-                factor = lr_factor(step, epoch - 1, warmup, self.lr_decay)
+                factor = lr_factor(run.step, len(run.rows), warmup, self.lr_decay)
                 set_lr(optimizer, factor)
-                lr_now = self.lr * factor
                 optimizer.step()
-                step += 1
-                numerator = numerator.detach().double()
-                nonfinite = (~numerator.isfinite()).double()
-                totals += torch.stack([numerator, denominator.detach().double(), nonfinite])
-            totals = fabric.all_reduce(totals, reduce_op="sum")
-            if totals[2] > 0:  # summed over ranks, so every rank raises
-                raise diverged("training loss", epoch, self.lr, self.head_lr)
-            row: dict[str, Any] = {"epoch": epoch, "train_loss": _ratio(totals)}
-            row.update(self._validate(val) if val is not None else {})
-            row["lr"] = lr_now
-            row["seconds"] = time.perf_counter() - start
-            rows.append(row)
-
-            value = row.get(monitored)
-            if improves(value, best_value, direction):
-                best_value, best_state, best_epoch, stale = value, self._snapshot(), epoch, 0
-            else:
-                stale += 1
-            bar.set_postfix({k: f"{row[k]:.4g}" for k in ("train_loss", "val_loss") if k in row})
-            logger.debug("epoch %d: %s", epoch, row)
-            if self.early_stopping_patience is not None and stale >= self.early_stopping_patience:
-                logger.info(
-                    "Early stopping after epoch %d: %s did not improve for %d epochs.",
-                    epoch,
-                    monitored,
-                    stale,
-                )
+                run.add_step(numerator, denominator, lr=self.lr * factor)
+                bar.update()
+                if periods.ends_after(run.step):
+                    self._end_period(run, val, epoch)
+                    if run.selection.exhausted or periods.done(run.step):
+                        break
+            if run.selection.exhausted or periods.done(run.step):
                 break
+            if periods.by_epoch:
+                self._end_period(run, val, epoch)
+                if run.selection.exhausted:
+                    break
+        if run.period_steps:  # the run's last, shorter period of eval_every steps
+            self._end_period(run, val, epoch)
         bar.close()
+        self._finish(run)
 
-        if best_state is None:
-            logger.warning("%s was never finite; keeping the weights of the last epoch.", monitored)
-            best_epoch = rows[-1]["epoch"]
-        else:
-            self._restore(best_state)
-        self.model.eval()
-        self.history_ = pd.DataFrame(rows).reindex(columns=_HISTORY_COLUMNS)
-        self.history_["epoch"] = self.history_["epoch"].astype(int)
-        self.best_epoch_ = int(best_epoch)
-        if fabric.is_global_zero:
+    def _epoch_batches(self, train: Any, epoch_index: int) -> list[list[int]]:
+        """This process's batches of training cells in epoch ``epoch_index`` (0-based)."""
+        fabric = self.fabric
+        batches = batch_indices(
+            train, self.batch_size, shuffle=True, seed=self.seed, epoch=epoch_index
+        )
+        mine = shard(batches, rank=fabric.global_rank, world_size=fabric.world_size, equal=True)
+        if not mine:
+            msg = (
+                f"`train` has {len(train)} cells, too few for batch_size={self.batch_size} "
+                f"on {fabric.world_size} processes; lower `batch_size` or `devices`."
+            )
+            raise ValueError(msg)
+        return mine
+
+    def _end_period(self, run: _Run, val: Any | None, epoch: int) -> None:
+        """One evaluation period done: its row, the best weights so far, the stopping rule."""
+        totals = self.fabric.all_reduce(run.totals, reduce_op="sum")
+        if totals[2] > 0:  # summed over ranks, so every rank raises
+            raise diverged("training loss", epoch, self.lr, self.head_lr)
+        row: dict[str, Any] = {"epoch": epoch, "step": run.step, "train_loss": _ratio(totals)}
+        row.update(self._validate(val) if val is not None else {})
+        row["lr"] = run.lr
+        row["seconds"] = time.perf_counter() - run.started
+        run.rows.append(row)
+        if run.selection.update(row.get(run.monitored)):
+            run.best_state, run.best_epoch, run.best_step = self._snapshot(), epoch, run.step
+        logger.debug("epoch %d, step %d: %s", epoch, run.step, row)
+        if run.selection.exhausted:
             logger.info(
-                "Trained %d epochs; restored epoch %d (%s=%.4g).",
-                len(rows),
+                "Early stopping after step %d (epoch %d): %s did not improve for %d evaluations.",
+                run.step,
+                epoch,
+                run.monitored,
+                run.selection.stale,
+            )
+        run.new_period()
+        self.model.train()  # the evaluation left it in eval mode
+
+    def _finish(self, run: _Run) -> None:
+        """Restore the best period's weights and record the history."""
+        if run.best_state is None:
+            logger.warning(
+                "%s was never finite; keeping the weights of the last epoch.", run.monitored
+            )
+            run.best_epoch, run.best_step = run.rows[-1]["epoch"], run.rows[-1]["step"]
+        else:
+            self._restore(run.best_state)
+        self.model.eval()
+        self.history_ = pd.DataFrame(run.rows).reindex(columns=_HISTORY_COLUMNS)
+        self.history_["epoch"] = self.history_["epoch"].astype(int)
+        self.history_["step"] = self.history_["step"].astype(int)
+        self.best_epoch_ = int(run.best_epoch)
+        self.best_step_ = int(run.best_step)
+        if self.fabric.is_global_zero:
+            best = run.selection.best
+            logger.info(
+                "Trained %d steps (%d evaluations); restored step %d, epoch %d (%s=%.4g).",
+                run.step,
+                len(run.rows),
+                self.best_step_,
                 self.best_epoch_,
-                monitored,
-                math.nan if best_value is None else best_value,
+                run.monitored,
+                math.nan if best is None else best,
             )
 
     def _loss(
@@ -575,7 +621,9 @@ class Trainer:
         return cross_entropy(logits.float(), labels, self._class_weights)
 
     def _validate(self, val: Any) -> dict[str, float]:
-        metrics = self._evaluate(val, show=False, keys=("logits",))
+        # accuracy and macro-F1 alone, in NumPy: the full metrics (AUROC, scikit-learn's
+        # parameter checks) cost about a third of a second per call, every period
+        metrics = self._evaluate(val, show=False, keys=("logits",), summary=monitor_metrics)
         return {
             "val_loss": _nan_if_none(metrics.get("loss")),
             "val_accuracy": _nan_if_none(metrics.get("accuracy")),
@@ -625,7 +673,7 @@ class Trainer:
             disable=not (show and self.progress and fabric.is_global_zero),
         )
         with torch.inference_mode():
-            for idx, batch in zip(mine, make_loader(dataset, mine), strict=True):
+            for idx, batch in zip(mine, load_batches(dataset, mine), strict=True):
                 batch = precision.convert_input(fabric.to_device(batch))
                 with fabric.autocast():
                     output = module(batch)
@@ -670,13 +718,19 @@ class Trainer:
         return out
 
     def _evaluate(
-        self, dataset: Any, *, show: bool = True, keys: tuple[str, ...] | None = None
+        self,
+        dataset: Any,
+        *,
+        show: bool = True,
+        keys: tuple[str, ...] | None = None,
+        summary: Any = classification_metrics,
     ) -> dict[str, Any]:
+        """Metrics of ``dataset``: ``summary(labels, probabilities)`` plus the loss."""
         raw, model_loss = self._infer(dataset, show=show, keys=keys)
         if model_loss is not None or self.task == "representation":
             result: dict[str, Any] = {}
             if "logits" in raw and LABELS in raw:
-                result.update(_metrics(raw["logits"], raw[LABELS]))
+                result.update(_metrics(raw["logits"], raw[LABELS], summary))
             result["loss"] = model_loss
             result.setdefault("n_cells", len(dataset))
             return result
@@ -686,7 +740,7 @@ class Trainer:
         if LABELS not in raw:
             msg = "`evaluate` needs labelled batches: `dataset[i]` must hold 'labels'."
             raise ValueError(msg)
-        result = _metrics(raw["logits"], raw[LABELS])  # validates the label codes first
+        result = _metrics(raw["logits"], raw[LABELS], summary)  # checks the label codes first
         logits = torch.from_numpy(raw["logits"].astype(np.float32))
         labels = torch.from_numpy(raw[LABELS])
         _, numerator, denominator = cross_entropy(logits, labels, _cpu(self._class_weights))
@@ -708,9 +762,40 @@ def _in_worker(fabric: Fabric, trainer: Trainer, method: str, args: tuple[Any, .
 # ---------------------------------------------------------------------- helpers
 
 
-def _metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+def _metrics(logits: np.ndarray, labels: np.ndarray, summary: Any) -> dict[str, Any]:
     probabilities = torch.softmax(torch.from_numpy(logits.astype(np.float32)), dim=1).numpy()
-    return classification_metrics(labels, probabilities)
+    return summary(labels, probabilities)
+
+
+class _Run:
+    """The state of one :meth:`Trainer.fit`: steps, the current period's sums, the rows so far
+    and the best weights."""
+
+    def __init__(self, selection: Selection, monitored: str, device: Any) -> None:
+        self.selection = selection
+        self.monitored = monitored
+        self.device = device
+        self.rows: list[dict[str, Any]] = []
+        self.step = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_epoch: int | None = None
+        self.best_step: int | None = None
+        self.new_period()
+
+    def new_period(self) -> None:
+        # summed loss, labelled weight, steps whose loss was not finite
+        self.totals = torch.zeros(3, device=self.device, dtype=torch.float64)
+        self.period_steps = 0
+        self.lr = math.nan
+        self.started = time.perf_counter()
+
+    def add_step(self, numerator: torch.Tensor, denominator: torch.Tensor, *, lr: float) -> None:
+        numerator = numerator.detach().double()
+        nonfinite = (~numerator.isfinite()).double()
+        self.totals += torch.stack([numerator, denominator.detach().double(), nonfinite])
+        self.step += 1
+        self.period_steps += 1
+        self.lr = lr
 
 
 def _cpu(tensor: torch.Tensor | None) -> torch.Tensor | None:

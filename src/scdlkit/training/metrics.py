@@ -17,7 +17,13 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-__all__ = ["classification_metrics", "confusion_matrix", "json_safe", "per_class_metrics"]
+__all__ = [
+    "classification_metrics",
+    "confusion_matrix",
+    "json_safe",
+    "monitor_metrics",
+    "per_class_metrics",
+]
 
 
 def _labelled_codes(y_true: Any, *, name: str = "y_true") -> np.ndarray:
@@ -69,6 +75,29 @@ def _auroc_ovr(y: np.ndarray, p: np.ndarray) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _labelled_predictions(
+    y_true: Any, probabilities: Any, n_classes: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled cells' codes and renormalised probabilities, both checked."""
+    y = _labelled_codes(y_true)
+    p = _renormalise(probabilities)
+    if p.shape[0] != y.shape[0]:
+        msg = (
+            f"`y_true` has {y.shape[0]} cells but `probabilities` has {p.shape[0]} rows; "
+            "pass arrays for the same cells."
+        )
+        raise ValueError(msg)
+    if n_classes is not None and n_classes != p.shape[1]:
+        msg = (
+            f"`n_classes`={n_classes} but `probabilities` has {p.shape[1]} columns; "
+            "pass one column per class."
+        )
+        raise ValueError(msg)
+    _check_range(y, p.shape[1], name="y_true")
+    mask = y >= 0
+    return y[mask], p[mask]
+
+
 def classification_metrics(
     y_true: Any, probabilities: Any, *, n_classes: int | None = None
 ) -> dict[str, float | int | None]:
@@ -105,23 +134,7 @@ def classification_metrics(
     >>> round(m["accuracy"], 3), m["auroc_ovr"], m["n_cells"]
     (0.667, 1.0, 3)
     """
-    y = _labelled_codes(y_true)
-    p = _renormalise(probabilities)
-    if p.shape[0] != y.shape[0]:
-        msg = (
-            f"`y_true` has {y.shape[0]} cells but `probabilities` has {p.shape[0]} rows; "
-            "pass arrays for the same cells."
-        )
-        raise ValueError(msg)
-    if n_classes is not None and n_classes != p.shape[1]:
-        msg = (
-            f"`n_classes`={n_classes} but `probabilities` has {p.shape[1]} columns; "
-            "pass one column per class."
-        )
-        raise ValueError(msg)
-    _check_range(y, p.shape[1], name="y_true")
-    mask = y >= 0
-    y, p = y[mask], p[mask]
+    y, p = _labelled_predictions(y_true, probabilities, n_classes)
     n = int(y.size)
     if n == 0:
         return {
@@ -143,6 +156,55 @@ def classification_metrics(
         "balanced_accuracy": float(balanced),
         "weighted_f1": float(skm.f1_score(y, y_pred, average="weighted", zero_division=0)),
         "auroc_ovr": _auroc_ovr(y, p),
+        "n_cells": n,
+    }
+
+
+def monitor_metrics(y_true: Any, probabilities: Any) -> dict[str, float | int | None]:
+    """Accuracy and macro-F1 as :func:`classification_metrics` gives them, in NumPy alone.
+
+    What the Trainer monitors after every evaluation period: the same inputs, checks and values
+    (``macro_f1`` over the classes present in the true or predicted labels, F1 of a class
+    ``2 tp / (2 tp + fp + fn)``, as scikit-learn computes it), without scikit-learn's parameter
+    validation or the AUROC, which cost about a third of a second per call.
+
+    Parameters
+    ----------
+    y_true
+        Integer label codes, shape ``(n,)``; ``-1`` marks unlabelled cells, which are ignored.
+    probabilities
+        Class scores, shape ``(n, C)``, as for :func:`classification_metrics`.
+
+    Returns
+    -------
+    dict
+        ``accuracy`` and ``macro_f1`` (``None`` without labelled cells) and ``n_cells``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scdlkit.training.metrics import monitor_metrics
+    >>> p = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    >>> m = monitor_metrics(np.array([0, 1, 1]), p)
+    >>> round(m["accuracy"], 3), round(m["macro_f1"], 3)
+    (0.667, 0.667)
+    """
+    y, p = _labelled_predictions(y_true, probabilities, None)
+    n = int(y.size)
+    if n == 0:
+        return {"accuracy": None, "macro_f1": None, "n_cells": 0}
+    y_pred = p.argmax(axis=1)
+    n_classes = p.shape[1]
+    true_sum = np.bincount(y, minlength=n_classes)
+    pred_sum = np.bincount(y_pred, minlength=n_classes)
+    tp = np.bincount(y[y == y_pred], minlength=n_classes)
+    present = (true_sum + pred_sum) > 0
+    # scikit-learn's own arithmetic (float64, (1 + beta^2) tp / (beta^2 true + pred)), so the
+    # values are equal to the last bit
+    f1 = 2.0 * tp[present] / (1.0 * true_sum[present] + pred_sum[present])
+    return {
+        "accuracy": float(np.mean((y == y_pred).astype(np.float64))),
+        "macro_f1": float(np.nanmean(f1)),
         "n_cells": n,
     }
 
