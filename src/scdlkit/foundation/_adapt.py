@@ -47,12 +47,19 @@ def adapt_scgpt_annotation(
     **kwargs
         Further :class:`ScGPTAnnotationRunner` arguments (``gene_key``, ``layer``, ``training``,
         ``epochs``, ``lr``, ``early_stopping_patience``, ``class_weight``, ``precision``,
-        ``confidence_threshold``, ``progress``).
+        ``confidence_threshold``, ``n_repeats``, ``progress``, ...).
 
     Returns
     -------
     ScGPTAnnotationRunner
         The fitted :class:`ScGPTAnnotationRunner`.
+
+    Raises
+    ------
+    TypeError, ValueError
+        An argument of the wrong type or out of range (a wrong type is both), before any work:
+        the message names the argument and what it accepts. A ValueError also when training
+        diverges (:class:`~scdlkit.training.TrainingDivergedError`, naming the learning rates).
 
     Examples
     --------
