@@ -132,3 +132,12 @@ def test_labels_from_astype_str_train_no_class_called_nan(_pbmc_raw, checkpoint_
     assert "nan" not in list(uns["label_categories"])
     split = adata.obs["scgpt_annotation_split"]
     assert (split[adata.obs["bulk_labels"] == "nan"] == "unlabelled").all()
+
+
+def test_a_scaled_query_is_refused_without_a_normalisation_warning_first(fitted, query):
+    scaled = query.copy()
+    values = _dense(query)
+    scaled.X = values - values.mean(axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _refused(lambda a: sck.tl.annotate(a, fitted), scaled, "negative values")

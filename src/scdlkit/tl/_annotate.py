@@ -18,6 +18,7 @@ from scdlkit._shared.slots import (
     check_key_name,
     written_by_scdlkit,
 )
+from scdlkit._shared.validation import validate_values
 from scdlkit.tl._checks import (
     check_checkpoint,
     check_device,
@@ -312,7 +313,9 @@ def _warn_if_normalised_differently(runner: Any, adata: AnnData, layer: str | No
     # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
     from scdlkit.foundation._normalisation import describe_normalisation, normalisation_mismatch
 
-    query = describe_normalisation(adata, runner.layer if layer is None else layer)
+    layer = runner.layer if layer is None else layer
+    validate_values(adata, layer)  # scaled or non-finite values: refused, not warned about
+    query = describe_normalisation(adata, layer)
     message = normalisation_mismatch(getattr(runner, "normalisation_", None), query)
     if message is not None:
         warnings.warn(message, UserWarning, stacklevel=3)
