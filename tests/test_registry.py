@@ -277,12 +277,18 @@ def test_report_shows_the_noise_and_the_paired_difference(_pbmc_raw, checkpoint_
     ).fit(_pbmc_raw)
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Noise" in report
-    assert "fitted on 2 splits (seeds 42 to 43)" in report
-    assert "paired over splits (t interval)" in report
-    table = report.split("paired over splits")[1]
+    assert "fitted 2 times (seeds 42 to 43) on one fixed test set" in report
+    assert "Nadeau and Bengio's correction" in report
+    assert "(t interval over repeats). These are 1 comparison at once" in report
+    table = report.split("These are 1 comparison at once")[1]
     assert "| frozen_probe |" in table
     metrics = pd.read_csv(tmp_path / "run" / "strategy_metrics.csv")
-    assert {"test_macro_f1_sd", "test_macro_f1_vs_baseline"} <= set(metrics.columns)
+    assert {
+        "test_macro_f1_sd",
+        "test_macro_f1_t_ci_low",
+        "test_macro_f1_vs_baseline",
+        "test_macro_f1_vs_baseline_t_ci_high",
+    } <= set(metrics.columns)
 
 
 def test_small_data_gets_enough_optimiser_steps():

@@ -103,9 +103,10 @@ def _noise_section(runner: Any) -> list[str]:
         n_compared = max(n_strategies - 1, 0)
         lines += [
             f"Test macro-F1 minus the baseline's, paired ({how}). These are {n_compared} "
-            "comparisons at once, each with its own 95% interval: by chance alone about one in "
-            "twenty such intervals misses, so one interval that excludes 0 among many is weak "
-            "evidence; an interval that contains 0 is no evidence of a difference.",
+            f"comparison{'s' if n_compared != 1 else ''} at once, each with its own 95% "
+            "interval: by chance alone about one in twenty such intervals misses, so one "
+            "interval that excludes 0 among many is weak evidence; an interval that contains 0 "
+            "is no evidence of a difference.",
             "",
             _markdown_table(diff[diff["strategy"] != "baseline"]),
             "",

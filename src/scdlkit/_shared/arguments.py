@@ -97,8 +97,8 @@ def check_optional_number(name: str, value: Any, **bounds: Any) -> float | None:
 def check_choice(name: str, value: Any, choices: Collection[Any]) -> Any:
     """``value`` if it is one of ``choices``, else a ValueError listing them."""
     try:
-        ok = value in choices
-    except TypeError:  # an unhashable value against a set
+        ok = bool(value in choices)
+    except (TypeError, ValueError):  # unhashable against a set; an array's ambiguous truth
         ok = False
     if not ok:
         listed = ", ".join(map(repr, choices))
