@@ -101,6 +101,7 @@ def test_fit_learns_and_records_history(fitted):
     history = trainer.history_
     assert list(history.columns) == [
         "epoch",
+        "step",
         "train_loss",
         "val_loss",
         "val_accuracy",
