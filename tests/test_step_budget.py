@@ -396,3 +396,50 @@ def test_step_budget_benchmark_prints_the_cost_table(capsys):
     hours = bench.table([large], train_rate=1.0, eval_rate=1.0)[-1]
     total = (large.train_passes + large.eval_passes) / 3600
     assert hours.endswith(f"| {total:,.1f} |")
+
+
+class ThreadProbe(Head):
+    """Records torch's intra-op threads at every forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[int] = set()
+
+    def forward(self, batch):
+        self.seen.add(torch.get_num_threads())
+        return super().forward(batch)
+
+
+def test_num_threads_applies_while_training_and_is_restored():
+    before = torch.get_num_threads()
+    model = ThreadProbe()
+    trainer = _trainer(model, epochs=2, num_threads=1).fit(
+        Features(32, seed=0), Features(16, seed=1)
+    )
+    trainer.predict(Features(16, seed=2))
+    assert model.seen == {1}
+    assert torch.get_num_threads() == before
+    model.seen.clear()
+    _trainer(model, epochs=1).fit(Features(32, seed=0))
+    assert model.seen == {before}  # None leaves torch's setting
+    with pytest.raises(ValueError, match="num_threads must be at least 1"):
+        _trainer(num_threads=0)
+
+
+def test_the_head_strategy_trains_on_one_thread(pbmc_raw, monkeypatch):
+    calls = []
+    original = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), original(n))[1])
+    before = torch.get_num_threads()
+    sck.AnnotationRunner(
+        label_key="bulk_labels",
+        checkpoint=CHECKPOINT,
+        strategies=("head",),
+        training={"head": {"epochs": 2}},
+        device="cpu",
+        precision="fp32",
+        progress=False,
+    ).fit(pbmc_raw[:200].copy())
+    assert 1 in calls
+    assert calls[-1] == before
+    assert torch.get_num_threads() == before

@@ -544,6 +544,8 @@ class NeuralStrategy(StrategyFamily):
             devices=1,
             precision=resolve_precision(ctx.precision, ctx.device),
             seed=ctx.random_state,
+            # a head on cached features: operations too small to share between CPU threads
+            num_threads=1 if self.uses_features and ctx.device.type == "cpu" else None,
             progress=ctx.progress,
             **budget,
         )

@@ -246,5 +246,6 @@ TRAINER_ARGUMENTS: dict[str, Check] = {
     "strategy": check_fabric_option,
     "num_nodes": POSITIVE_INT,
     "seed": SEED,
+    "num_threads": partial(check_optional_int, min_value=1),
     "progress": check_bool,
 }
