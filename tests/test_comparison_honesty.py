@@ -98,3 +98,45 @@ def test_batch_splits_keep_the_first_repeats_test_donors(_pbmc_raw, checkpoint_d
         )
         np.testing.assert_array_equal(redrawn.test_indices, first.test_indices)
         assert not set(donors[redrawn.train_indices]) & set(donors[first.test_indices])
+
+
+def test_every_strategy_is_fitted_on_the_same_cells(_pbmc_raw, checkpoint_dir, monkeypatch):
+    """Closed-form fits (probe, baseline) and the neural strategies train on the same cells: the
+    training split less the early-stopping cells, which only the neural strategies read."""
+    from sklearn.linear_model import LogisticRegression
+
+    from scdlkit.baselines._expression import ExpressionLogisticBaseline
+    from scdlkit.foundation import ScGPTAnnotationRunner
+    from scdlkit.training import Trainer
+
+    fitted: dict[str, int] = {}
+    real_lr_fit, real_trainer_fit = LogisticRegression.fit, Trainer.fit
+    real_baseline_fit = ExpressionLogisticBaseline.fit
+
+    def lr_fit(self, x, y, *args, **kwargs):
+        fitted.setdefault("probe", len(y))  # the first: the probe fits before the baseline
+        return real_lr_fit(self, x, y, *args, **kwargs)
+
+    def baseline_fit(self, matrix, genes, labels, *args, **kwargs):
+        fitted["baseline"] = matrix.shape[0]
+        return real_baseline_fit(self, matrix, genes, labels, *args, **kwargs)
+
+    def trainer_fit(self, train, val=None):
+        fitted["head"], fitted["head_stop"] = len(train), len(val)
+        return real_trainer_fit(self, train, val)
+
+    monkeypatch.setattr(LogisticRegression, "fit", lr_fit)
+    monkeypatch.setattr(Trainer, "fit", trainer_fit)
+    monkeypatch.setattr(ExpressionLogisticBaseline, "fit", baseline_fit)
+    runner = ScGPTAnnotationRunner(
+        checkpoint=checkpoint_dir,
+        label_key="bulk_labels",
+        strategies=("frozen_probe", "head", "baseline"),
+        epochs=1,
+        progress=False,
+        random_state=0,
+    ).fit(_pbmc_raw[:240].copy())
+    n_train = len(runner.split_.indices("train"))
+    assert fitted["probe"] == fitted["baseline"] == fitted["head"]
+    assert fitted["head"] + fitted["head_stop"] == n_train
+    assert 0 < fitted["head_stop"] < n_train

@@ -35,6 +35,7 @@ from scdlkit.foundation._annotation_model import build_annotation_model
 from scdlkit.foundation._data import MIN_GENE_OVERLAP
 from scdlkit.foundation._device import resolve_precision
 from scdlkit.foundation._embed import l2_normalise
+from scdlkit.foundation._input_norm import DEFAULT_INPUT_NORM
 from scdlkit.foundation._loading import load_state_dict_file
 from scdlkit.foundation._model import set_attention_dropout, set_encoder_dropout
 from scdlkit.foundation._selection import evaluate_splits
@@ -118,6 +119,17 @@ class FitContext:
         self, proba_for: Callable[[str, np.ndarray], np.ndarray]
     ) -> tuple[dict[str, Any], np.ndarray | None]:
         return evaluate_splits(self.cells, proba_for, self.n_classes, self.confidence_threshold)
+
+    def fit_cells(self) -> tuple[np.ndarray, np.ndarray]:
+        """Positions and label codes of the cells every strategy is fitted on.
+
+        The training cells less the early-stopping cells (:meth:`early_stopping_split`): a
+        closed-form fit (``frozen_probe``, ``baseline``) needs no stopping cells but is fitted on
+        the same cells as the neural strategies, so that no strategy sees more training cells
+        than another.
+        """
+        fit, _ = self.early_stopping_split()
+        return fit, self.prepared.label_codes[fit]
 
     def early_stopping_split(self) -> tuple[np.ndarray, np.ndarray]:
         """Training cells split into cells to fit on and cells to stop early on.
@@ -354,7 +366,7 @@ class FrozenProbe(StrategyFamily):
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
 
-        train, labels = ctx.cells("train")
+        train, labels = ctx.fit_cells()
         scaler = StandardScaler().fit(ctx.features[train])
         probe = LogisticRegression(
             max_iter=2000,
@@ -428,7 +440,7 @@ class ExpressionBaseline(StrategyFamily):
         from scdlkit.baselines._expression import ExpressionLogisticBaseline
 
         matrix, genes = ctx.expression()
-        train, labels = ctx.cells("train")
+        train, labels = ctx.fit_cells()
         model = ExpressionLogisticBaseline(
             random_state=ctx.random_state, class_weight=settings.get("class_weight")
         ).fit(matrix[train], genes, labels)
@@ -520,6 +532,7 @@ class NeuralStrategy(StrategyFamily):
             strategy_config=config,
             label_categories=ctx.label_categories,
             seed=ctx.random_state,
+            input_norm=settings.get("input_norm", DEFAULT_INPUT_NORM),
         )
         fit_cells, stop_cells = ctx.early_stopping_split()
         steps_per_epoch = -(-len(fit_cells) // ctx.batch_size)
@@ -532,7 +545,8 @@ class NeuralStrategy(StrategyFamily):
             once_per=ctx.prepared,  # the same for every repeat of one fit
         )
         budget = step_budget(settings, steps_per_epoch)
-        encoder_dropout = budget.pop("encoder_dropout", None)  # a model setting, not the Trainer's
+        budget.pop("input_norm", None)  # model settings, not the Trainer's
+        encoder_dropout = budget.pop("encoder_dropout", None)
         if encoder_dropout is not None:
             set_encoder_dropout(model.encoder, encoder_dropout)
         if ctx.attention_dropout is not None:
@@ -556,8 +570,9 @@ class NeuralStrategy(StrategyFamily):
             "test": ctx.cells("test")[0],
         }
         codes = ctx.prepared.label_codes
-        # the frozen <cls> outputs share a large common component; standardising the classifier
-        # input on them lets every strategy's classifier read the cell-to-cell differences
+        # "frozen": the frozen <cls> outputs share a large common component; standardising the
+        # classifier input on them lets the classifier read the cell-to-cell differences.
+        # "batch": its running statistics start at the frozen encoder's; "layernorm": no-op
         model.feature_norm.fit(torch.as_tensor(ctx.features[fit_cells]))
         if self.uses_features:
             datasets = {k: FeatureDataset(ctx.features[c], codes[c]) for k, c in cells.items()}

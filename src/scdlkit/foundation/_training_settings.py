@@ -27,12 +27,13 @@ from collections.abc import Collection, Mapping
 from functools import partial
 from typing import Any
 
-from scdlkit._shared.arguments import check_int
+from scdlkit._shared.arguments import check_choice, check_int
 from scdlkit._shared.strategies import (
     NEURAL_STRATEGIES,
     PEFT_STRATEGIES,
     STRATEGIES,
 )
+from scdlkit.foundation._input_norm import DEFAULT_INPUT_NORM, INPUT_NORMS
 from scdlkit.training._checks import FRACTION, TRAINING_SETTINGS, Check, optional
 
 __all__ = [
@@ -76,6 +77,9 @@ _COMMON = {
     "optimizer": "adamw",
     "adam_eps": 1e-8,
     "eval_every": EVAL_EVERY,
+    # how the <cls> vector is normalised before the classifier (a model setting, not the
+    # Trainer's; foundation/_input_norm.py): chosen by benchmarks/tune_defaults.py
+    "input_norm": DEFAULT_INPUT_NORM,
 }
 #: Settings of the strategies that train the encoder (or modules inside it), not of ``head``.
 _ENCODER = {
@@ -129,6 +133,7 @@ SETTING_CHECKS: dict[str, Check] = {
     **TRAINING_SETTINGS,
     "min_steps": partial(check_int, min_value=0),
     "encoder_dropout": optional(FRACTION),
+    "input_norm": partial(check_choice, choices=INPUT_NORMS),
 }
 #: Strategies fitted in closed form (no epochs, no learning rate) take class weighting only.
 FIT_SETTINGS: dict[str, dict[str, Any]] = {
