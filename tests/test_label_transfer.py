@@ -12,17 +12,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import scdlkit as sck
 from scdlkit.cli import build_parser, main
 from scdlkit.tl._labelling import probability_columns
-from scdlkit.tl._majority_voting import (
-    HETEROGENEOUS,
-    majority_vote,
-    over_cluster,
-    over_clustering_resolution,
-)
 
 KEY = "scgpt_annotation"
 FAST = {"progress": False, "precision": "fp32"}
@@ -149,95 +142,6 @@ def test_unknown_label_may_not_be_a_class(_pbmc_raw, baseline_runner):
         )
 
 
-# ------------------------------------------------------------------------- majority voting
-
-
-def test_majority_vote_gives_each_cluster_its_most_frequent_label():
-    labels = np.array(["a", "a", "b", "b", "b", "c", "a", "b"], dtype=object)
-    clusters = np.array(["0", "0", "0", "1", "1", "1", "2", "2"], dtype=object)
-    voted, summary = majority_vote(labels, clusters)
-    assert list(voted) == ["a", "a", "a", "b", "b", "b", "a", "a"]  # tie in "2": sorted first
-    assert summary.set_index("cluster")["share"].round(3).to_dict() == {
-        "0": 0.667,
-        "1": 0.667,
-        "2": 0.5,
-    }
-    voted, _ = majority_vote(labels, clusters, min_prop=0.6)
-    assert list(voted[-2:]) == [HETEROGENEOUS] * 2
-    assert list(voted[:6]) == ["a", "a", "a", "b", "b", "b"]
-
-
-def test_over_clustering_resolution_grows_with_cells_as_celltypist():
-    sizes = [100, 5_000, 20_000, 40_000, 100_000, 200_000]
-    assert [over_clustering_resolution(n) for n in sizes] == [5, 10, 15, 20, 25, 30]
-
-
-def test_majority_voting_on_computed_over_clusters(annotated, baseline_runner, tmp_path):
-    adata = annotated.copy()
-    sck.tl.annotate(adata, baseline_runner, majority_voting=True, min_prop=0.5)
-    clusters = adata.obs[f"{KEY}_over_clustering"]
-    voted = adata.obs[f"{KEY}_majority_voting"]
-    assert clusters.notna().all()
-    assert voted.notna().all()
-    n_clusters = clusters.nunique()
-    assert 10 <= n_clusters < adata.n_obs // 4  # over-clustering: more clusters than labels
-    per_cluster = voted.astype(str).groupby(clusters.to_numpy(), observed=True).nunique()
-    assert (per_cluster == 1).all()  # every over-cluster gets one label
-    summary = adata.uns[KEY]["majority_voting"]["clusters"]
-    assert len(summary) == n_clusters
-    assert ((summary["label"] == HETEROGENEOUS) == (summary["share"] < 0.5)).all()
-    for _, row in summary.iterrows():  # the voted label is the cluster's most frequent one
-        if row["label"] != HETEROGENEOUS:
-            cells = (clusters == row["cluster"]).to_numpy()
-            assert adata.obs[KEY][cells].value_counts().index[0] == row["label"]
-    # voting agrees with most single-cell labels on this well-separated data
-    assert (voted.astype(str) == adata.obs[KEY].astype(str)).mean() > 0.6
-    assert adata.uns[KEY]["params"]["majority_voting"] is True
-    adata.write_h5ad(tmp_path / "v.h5ad")
-    back = ad.read_h5ad(tmp_path / "v.h5ad")
-    assert (back.obs[f"{KEY}_majority_voting"] == voted).all()
-    # annotating again without voting removes the stale vote
-    sck.tl.annotate(adata, baseline_runner)
-    assert f"{KEY}_majority_voting" not in adata.obs
-    assert f"{KEY}_over_clustering" not in adata.obs
-
-
-def test_majority_voting_on_a_given_obs_column(annotated, baseline_runner):
-    adata = annotated.copy()
-    sck.tl.annotate(adata, baseline_runner, majority_voting=True, over_clustering="louvain")
-    assert f"{KEY}_over_clustering" not in adata.obs
-    voted = adata.obs[f"{KEY}_majority_voting"].astype(str)
-    assert (voted.groupby(adata.obs["louvain"].to_numpy(), observed=True).nunique() == 1).all()
-    assert adata.uns[KEY]["majority_voting"]["method"] == "given"
-
-
-def test_over_cluster_is_deterministic():
-    rep = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
-    first, info = over_cluster(rep, random_state=3)
-    second, _ = over_cluster(rep, random_state=3)
-    assert (first == second).all()
-    assert info["n_clusters"] == len(set(first)) > 1
-
-
-def test_over_cluster_uses_leiden_with_igraph():
-    pytest.importorskip("igraph")
-    rep = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
-    clusters, info = over_cluster(rep, random_state=0)
-    assert info["method"] == "leiden"
-    assert info["resolution"] == 5.0
-    assert len(set(clusters)) == info["n_clusters"] > 1
-
-
-def test_over_cluster_falls_back_to_kmeans_without_igraph(monkeypatch):
-    from scdlkit.tl import _majority_voting
-
-    monkeypatch.setattr(_majority_voting, "find_spec", lambda name: None)
-    rep = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
-    clusters, info = over_cluster(rep, random_state=0)
-    assert info["method"] == "kmeans"
-    assert info["n_clusters"] == len(set(clusters)) == 50  # 10 x resolution 5, <= 300 / 5
-
-
 def test_backed_query_streams_the_new_options(_pbmc_raw, baseline_runner, annotated, tmp_path):
     path = tmp_path / "q.h5ad"
     _pbmc_raw.write_h5ad(path)
@@ -322,144 +226,6 @@ def test_cli_annotate_carries_the_labelling_options(_pbmc_raw, baseline_runner, 
     assert main([*argv[:-1], "--min-prop", "2", "-q"]) == 2  # out of range: a usage error
 
 
-# ------------------------------------------------------------------------------- markers
-
-MARKERS = {
-    "CD19+ B": {"CD79A", "CD79B", "MS4A1"},
-    "CD56+ NK": {"GNLY", "NKG7", "GZMB", "PRF1"},
-    "CD14+ Monocyte": {"LYZ", "S100A8", "S100A9", "FCN1", "CST3"},
-}
-
-
-@pytest.fixture(scope="module")
-def baseline_markers(annotated, baseline_runner):
-    adata = annotated.copy()
-    sck.tl.annotation_markers(adata, n_genes=10)  # the runner from uns[KEY]["runner_dir"]
-    return adata
-
-
-def test_baseline_markers_name_the_known_marker_genes(baseline_markers):
-    markers = baseline_markers.uns[f"{KEY}_markers"]
-    assert list(markers.columns) == ["label", "rank", "gene", "score"]
-    for label, known in MARKERS.items():
-        top = markers[markers["label"] == label].sort_values("rank")
-        assert list(top["rank"]) == list(range(1, 11))
-        assert (np.diff(top["score"].to_numpy()) <= 0).all()
-        assert set(top["gene"]) & known, (label, list(top["gene"]))
-    assert baseline_markers.uns[f"{KEY}_markers_params"]["method"] == "linear_attribution"
-
-
-def test_markers_survive_h5ad(baseline_markers, tmp_path):
-    baseline_markers.write_h5ad(tmp_path / "m.h5ad")
-    back = ad.read_h5ad(tmp_path / "m.h5ad").uns[f"{KEY}_markers"]
-    pd.testing.assert_frame_equal(
-        back.reset_index(drop=True),
-        baseline_markers.uns[f"{KEY}_markers"].reset_index(drop=True),
-        check_dtype=False,
-    )
-
-
-def test_markers_need_labels_and_a_runner(_pbmc_raw, annotated):
-    with pytest.raises(KeyError, match="annotate"):
-        sck.tl.annotation_markers(_pbmc_raw.copy())
-    adata = annotated.copy()
-    del adata.uns[KEY]
-    with pytest.raises(KeyError, match="runner="):
-        sck.tl.annotation_markers(adata)
-
-
-@pytest.fixture(scope="module")
-def fixture_runners(checkpoint_dir, tmp_path_factory):
-    """One runner per scGPT family on the 48-cell fixture: probe, frozen head, LoRA."""
-    adata = ad.read_h5ad(checkpoint_dir.parent / "data.h5ad")
-    runners = {}
-    for strategy in ("frozen_probe", "head", "lora"):
-        runners[strategy] = sck.AnnotationRunner(
-            label_key="cell_type",
-            strategies=(strategy,),
-            checkpoint=checkpoint_dir,
-            batch_size=16,
-            epochs=1,
-            attention_dropout=0.0,
-            device="cpu",
-            **FAST,
-        ).fit(adata)
-        runners[strategy].save(tmp_path_factory.mktemp(strategy) / "runner")
-    return adata, runners
-
-
-@pytest.mark.parametrize("strategy", ["frozen_probe", "head", "lora"])
-def test_scgpt_attributions_are_finite_and_name_query_genes(fixture_runners, strategy):
-    adata, runners = fixture_runners
-    adata = adata.copy()
-    runner = runners[strategy]
-    sck.tl.annotate(adata, runner)
-    sck.tl.annotation_markers(adata, runner=runner, n_genes=5, n_steps=4)
-    markers = adata.uns[f"{KEY}_markers"]
-    assert len(markers) > 0
-    assert np.isfinite(markers["score"]).all()
-    assert set(markers["label"]) <= set(adata.obs[KEY].astype(str))
-    assert set(markers["gene"]) <= set(adata.var_names)
-    for _, group in markers.groupby("label"):
-        assert list(group["rank"]) == list(range(1, len(group) + 1))
-        assert (np.diff(group["score"].to_numpy()) <= 0).all()
-    assert adata.uns[f"{KEY}_markers_params"]["method"] == "integrated_gradients"
-
-
-def test_attribution_does_not_depend_on_batch_or_chunk(fixture_runners):
-    from scdlkit.foundation._attribution import class_gene_scores
-
-    adata, runners = fixture_runners
-    runner = runners["lora"]
-    codes = runner.predict(adata)["label_codes"]
-    one = class_gene_scores(runner, adata, codes, n_steps=3, batch_size=1)
-    many = class_gene_scores(runner, adata, codes, n_steps=3, batch_size=32, chunk_size=10)
-    pd.testing.assert_frame_equal(one, many, rtol=1e-4, atol=1e-6)
-    assert np.isfinite(one.to_numpy()).all()
-    predicted = np.bincount(codes, minlength=len(runner.label_categories_)) > 0
-    assert ((one.abs().sum(axis=1) > 0).to_numpy() == predicted).all()  # unpredicted: zeros
-
-
-def test_integrated_gradients_add_up_to_the_logit_difference(fixture_runners):
-    """Completeness: a cell's attributions sum to logit(input) - logit(zero-token baseline)."""
-    from scdlkit.foundation._attribution import integrated_gradients
-    from scdlkit.foundation._genes import tokenize_adata
-    from scdlkit.foundation._tokenize import collate_tokens
-
-    adata, runners = fixture_runners
-    runner = runners["lora"]
-    model = runner._best.model.eval()
-    encoder = model.encoder
-
-    def head(cls):
-        return model.cls_decoder(model.feature_norm(cls))
-
-    tokens, _ = tokenize_adata(adata, runner.checkpoint_, seed=runner.random_state)
-    batch = collate_tokens(tokens, np.arange(6))
-    target = torch.tensor([0, 1, 2, 0, 1, 2])
-    attr = integrated_gradients(encoder, head, batch, target, n_steps=128)
-    assert attr.shape == batch["gene_ids"].shape
-    assert (attr[batch["padding_mask"]] == 0).all()
-    assert (attr[:, 0] == 0).all()
-    with torch.no_grad():
-        emb = encoder.encoder(batch["gene_ids"]) + encoder.value_encoder(batch["values"])
-        genes = ~batch["padding_mask"]
-        genes[:, 0] = False
-        padded = batch["padding_mask"].any()
-        mask = (~batch["padding_mask"])[:, None, None, :] if padded else None
-        rows = torch.arange(6)
-
-        def logit(x):
-            return head(encoder.transformer_encoder(x, mask, first_only=True)[:, 0])[rows, target]
-
-        gap = logit(emb) - logit(emb * ~genes[..., None])
-    error = np.abs(attr.sum(1).numpy() - gap.numpy())
-    coarse = integrated_gradients(encoder, head, batch, target, n_steps=2).sum(1).numpy()
-    # the midpoint rule converges: a few percent of the logit gaps at 128 points (ReLU kinks)
-    assert error.max() < 0.05 * max(float(np.abs(gap.numpy()).max()), 1.0)
-    assert error.max() < np.abs(coarse - gap.numpy()).max()
-
-
 # ---------------------------------------------------------------------------------- plots
 
 
@@ -510,42 +276,6 @@ def test_label_transfer_plot_into_given_axes_with_majority_voting(annotated, bas
     plt.close(fig)
     with pytest.raises(KeyError, match="reference_key"):
         sck.pl.label_transfer(adata, "nope")
-
-
-def test_annotation_markers_dotplot_shows_the_marker_genes(baseline_markers, tmp_path):
-    from scdlkit.pl._annotation_markers import marker_genes
-
-    genes = marker_genes(baseline_markers, n_genes=3, available=baseline_markers.var_names)
-    fig = sck.pl.annotation_markers(baseline_markers, n_genes=3, return_fig=True, show=False)
-    texts = {t.get_text() for a in fig.axes for t in a.get_xticklabels()}
-    flat = [g for gs in genes.values() for g in gs]
-    assert set(flat) <= texts
-    assert len(flat) == len(set(flat))  # each gene once
-    assert set(genes["CD19+ B"]) & MARKERS["CD19+ B"]
-    groups = {t.get_text() for a in fig.axes for t in a.get_yticklabels()}
-    assert set(baseline_markers.obs[KEY].astype(str)) <= groups
-    # one dot per (predicted label, gene)
-    main_ax = max(
-        fig.axes, key=lambda a: len(a.collections[0].get_offsets()) if a.collections else 0
-    )
-    n_groups = baseline_markers.obs[KEY].nunique()
-    assert len(main_ax.collections[0].get_offsets()) == n_groups * len(flat)
-    fig.savefig(tmp_path / "markers.png")
-    _png_ok(tmp_path / "markers.png")
-    plt.close(fig)
-    with pytest.raises(KeyError, match="annotation_markers"):
-        sck.pl.annotation_markers(baseline_markers, key="other", groupby=KEY)
-
-
-def test_annotation_markers_dotplot_skips_labels_without_cells(baseline_markers):
-    subset = baseline_markers[baseline_markers.obs[KEY] != "CD34+"].copy()
-    subset.obs[KEY] = subset.obs[KEY].cat.set_categories(baseline_markers.obs[KEY].cat.categories)
-    assert "CD34+" in subset.obs[KEY].cat.categories  # a class no cell was given
-    fig = sck.pl.annotation_markers(subset, n_genes=2, return_fig=True, show=False)
-    groups = {t.get_text() for a in fig.axes for t in a.get_yticklabels()}
-    assert "CD34+" not in groups
-    assert "CD19+ B" in groups
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------- normalisation

@@ -1,23 +1,33 @@
 """Which genes drive each predicted label: gene scores per class for every strategy family.
 
+Only genes that point **up** are markers (as CellTypist's ``only_positive``): a gene is kept for a
+class when its score is positive *and* its mean log-normalised expression is higher in the cells
+predicted as that class than in the other cells (:func:`expression_difference`, reported beside
+the score). A positive score alone is not enough: a gene lower in the class can push towards it
+when the model reads its absence.
+
 scGPT strategies (``frozen_probe``, ``head``, ``full_finetune`` and the PEFT methods):
-**integrated gradients** (Sundararajan et al., 2017) of the predicted class's logit over the
-input token embeddings. A gene token's input is the sum of its gene embedding and its value
-embedding; the baseline sets every gene token's input to zero (no gene, no value) while
-``<cls>`` and the attention mask stay as they are. Its attribution is
-``sum_d (x - x0)_d * mean_alpha dlogit/dx_d`` along the straight path from the baseline to the
-input (midpoint rule, ``n_steps`` points). Why this method: it satisfies completeness (a cell's
-attributions add up to ``logit(x) - logit(baseline)``, tested), it needs only gradients (no
-extra model), it is exact in the limit of steps, and attention weights are known not to explain
-predictions. Attributions are averaged per class over the cells predicted as that class, a gene
-absent from a cell's tokens counting as zero. Batched: memory is that of one training step of
-``batch_size`` cells, whatever the number of cells.
+**integrated gradients** (Sundararajan et al., 2017) of a **contrast**: the class's logit minus
+the mean logit of the other classes (the model's classes; for ``frozen_probe``, those its probe
+saw). Softmax probabilities do not change when every logit moves together, so the raw logit
+explains in part what raises all classes alike; the contrast explains what sets the class apart.
+A gene token's input is the sum of its gene embedding and its value embedding; the baseline sets
+every gene token's input to zero (no gene, no value) while ``<cls>`` and the attention mask stay
+as they are. Its attribution is ``sum_d (x - x0)_d * mean_alpha dtarget/dx_d`` along the straight
+path from the baseline to the input (midpoint rule, ``n_steps`` points). Why this method: it
+satisfies completeness (a cell's attributions add up to ``target(x) - target(baseline)``,
+tested), it needs only gradients (no extra model), it is exact in the limit of steps, and
+attention weights are known not to explain predictions. Attributions are averaged per class over
+the cells predicted as that class, a gene absent from a cell's tokens counting as zero. Batched:
+memory is that of one training step of ``batch_size`` cells, whatever the number of cells.
 
 Linear strategies on expression (``baseline``): for a linear logit integrated gradients are
 exact without integration: ``coef_cg * (x_g - x0_g)`` on the scaled genes. The baseline ``x0`` is
 the mean cell of the data scored, so genes high in every cell (``FTL``, ribosomal genes) do not
 top every class; the score of gene ``g`` for class ``c`` is
-``coef_cg * (mean over cells predicted c of x_g - mean over all cells of x_g)``.
+``coef_cg * (mean over cells predicted c of x_g - mean over all cells of x_g)``, which is
+positive also when both factors are negative (a gene lower in the class, with a negative
+coefficient): the expression filter above leaves those out.
 """
 
 from __future__ import annotations
@@ -31,11 +41,27 @@ import torch
 
 __all__ = [
     "class_gene_scores",
+    "contrast",
+    "expression_difference",
     "integrated_gradients",
     "top_genes",
 ]
 
 DEFAULT_STEPS = 20
+
+
+def contrast(logits: torch.Tensor, target: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Per cell, ``logits[target]`` minus the mean logit of the other classes in ``classes``.
+
+    ``classes`` is a boolean mask of the classes that count (the model's; a probe that never saw
+    a class gives it no logit worth comparing to). With a single class, the logit itself.
+    """
+    rows = torch.arange(len(target), device=target.device)
+    own = logits[rows, target]
+    counted = classes.to(device=logits.device, dtype=logits.dtype)
+    others = (logits * counted).sum(dim=1) - own * counted[target]
+    n_others = counted.sum() - counted[target]
+    return own - others / n_others.clamp(min=1.0)
 
 
 def integrated_gradients(
@@ -45,8 +71,9 @@ def integrated_gradients(
     target: torch.Tensor,
     *,
     n_steps: int = DEFAULT_STEPS,
+    classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Integrated gradients of ``head(<cls>)[target]`` over each token's input embedding.
+    """Integrated gradients of the contrast of ``head(<cls>)`` for ``target``, per token.
 
     Parameters
     ----------
@@ -58,14 +85,17 @@ def integrated_gradients(
         ``gene_ids``, ``values``, ``padding_mask`` from
         :func:`~scdlkit.foundation._tokenize.collate_tokens`.
     target
-        ``(batch,)`` class code whose logit is explained, per cell.
+        ``(batch,)`` class code whose contrast (:func:`contrast`) is explained, per cell.
     n_steps
         Points of the midpoint rule along the path.
+    classes
+        ``(n_classes,)`` boolean mask of the classes in the contrast; ``None``: all.
 
     Returns
     -------
     torch.Tensor
-        ``(batch, length)`` float32 attribution per token; 0 at ``<cls>`` and padding.
+        ``(batch, length)`` float32 attribution per token; 0 at ``<cls>`` and padding. A cell's
+        attributions add up to ``contrast(input) - contrast(baseline)`` (in the limit of steps).
     """
     gene_ids, values, padding = batch["gene_ids"], batch["values"], batch["padding_mask"]
     with torch.no_grad():
@@ -77,24 +107,31 @@ def integrated_gradients(
         delta = inputs * genes[..., None]
         baseline = inputs - delta
     attn_mask = (~padding)[:, None, None, :] if padding.any() else None
-    rows = torch.arange(len(target), device=target.device)
     total = torch.zeros_like(inputs)
     for alpha in (torch.arange(n_steps, dtype=torch.float32) + 0.5) / n_steps:
         point = (baseline + float(alpha) * delta).detach().requires_grad_(True)
         cls = encoder.transformer_encoder(point, attn_mask, first_only=True)[:, 0, :]
-        logit = head(cls)[rows, target].sum()
-        (grad,) = torch.autograd.grad(logit, point)
+        logits = head(cls)
+        mask = (
+            torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+            if classes is None
+            else classes
+        )
+        score = contrast(logits, target, mask).sum()
+        (grad,) = torch.autograd.grad(score, point)
         total += grad
     return ((delta * total).sum(-1) / n_steps).float()
 
 
-def _neural_parts(runner: Any) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor]]:
-    """Encoder and ``<cls>`` -> logits of the kept scGPT strategy."""
+def _neural_parts(
+    runner: Any,
+) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """Encoder, ``<cls>`` -> logits of the kept scGPT strategy, and the classes it knows."""
     strategy = runner.best_strategy_
     model = runner._best.model
+    n_classes = len(runner.label_categories_)
     if strategy == "frozen_probe":
         scaler, probe = model.scaler, model.probe
-        n_classes = len(runner.label_categories_)
         # logits of absent classes stay very low: those cells are never predicted as them
         weight = torch.zeros(n_classes, len(scaler.mean_), dtype=torch.float32)
         bias = torch.full((n_classes,), -1e4, dtype=torch.float32)
@@ -105,9 +142,13 @@ def _neural_parts(runner: Any) -> tuple[Any, Callable[[torch.Tensor], torch.Tens
             classes
         ] @ torch.as_tensor(scaler.mean_, dtype=torch.float32)
         weight, bias = weight.to(runner._torch_device), bias.to(runner._torch_device)
-        return runner._frozen_encoder().eval(), lambda cls: cls.float() @ weight.T + bias
+        known = torch.zeros(n_classes, dtype=torch.bool)
+        known[classes] = True
+        encoder = runner._frozen_encoder().eval()
+        return encoder, lambda cls: cls.float() @ weight.T + bias, known.to(runner._torch_device)
     model = model.to(runner._torch_device).eval()
-    return model.encoder, lambda cls: model.cls_decoder(model.feature_norm(cls))
+    known = torch.ones(n_classes, dtype=torch.bool, device=runner._torch_device)
+    return model.encoder, lambda cls: model.cls_decoder(model.feature_norm(cls)), known
 
 
 def _token_scores(
@@ -135,7 +176,7 @@ def _token_scores(
     ckpt = runner.checkpoint_
     n_classes = len(runner.label_categories_)
     validate_values(adata, layer)  # one streaming pass, before any model work
-    encoder, head = _neural_parts(runner)
+    encoder, head, known = _neural_parts(runner)
     # (classes x vocabulary) sums: a few MB even for the 60k-token official vocabulary
     totals = np.zeros((n_classes, encoder.encoder.embedding.num_embeddings), dtype=np.float64)
     names: dict[int, str] = {}
@@ -169,7 +210,9 @@ def _token_scores(
             batch = {k: v.to(runner._torch_device) for k, v in batch.items()}
             target = torch.as_tensor(codes[start + cells], device=runner._torch_device)
             with torch.autocast(runner._torch_device.type, enabled=False):
-                attr = integrated_gradients(encoder, head, batch, target, n_steps=n_steps)
+                attr = integrated_gradients(
+                    encoder, head, batch, target, n_steps=n_steps, classes=known
+                )
             ids = batch["gene_ids"].cpu().numpy()
             attr = attr.detach().cpu().numpy().astype(np.float64)
             keep = ~batch["padding_mask"].cpu().numpy()
@@ -284,16 +327,84 @@ def class_gene_scores(
             runner._best.model.to("cpu")  # as after predict: the adapted model waits on the CPU
 
 
-def top_genes(scores: pd.DataFrame, n_genes: int) -> pd.DataFrame:
-    """The ``n_genes`` highest-scoring genes per class: columns ``label``, ``rank``, ``gene``,
-    ``score`` (rank 1 first); classes without a positive score are left out."""
+def expression_difference(
+    adata: Any, codes: np.ndarray, n_classes: int, *, gene_key: str | None, layer: str | None
+) -> pd.DataFrame:
+    """Mean log-normalised expression in each class's cells minus that in all other cells.
+
+    Classes (codes ``0..n_classes-1``) x the genes of ``adata`` (symbols from ``gene_key``;
+    a repeated symbol keeps its first column). Counts are log-normalised as the baseline does
+    (``normalize_total(1e4)`` + ``log1p``); read in chunks of rows (backed AnnData too). A class
+    without cells, or whose cells are all the cells, is NaN.
+    """
+    from scipy import sparse
+
+    # the readers are only needed here
+    from scdlkit._shared.validation import (
+        describe_values,
+        gene_names,
+        get_matrix,
+        iter_row_chunks,
+    )
+    from scdlkit.baselines._expression import TARGET_SUM
+
+    codes = np.asarray(codes, dtype=np.int64)
+    names = gene_names(adata, gene_key)
+    first = ~names.duplicated()
+    counts_kind = describe_values(adata, layer) == "raw_counts"
+    class_sums = np.zeros((n_classes, int(first.sum())), dtype=np.float64)
+    total = np.zeros(int(first.sum()), dtype=np.float64)
+    for start, block in iter_row_chunks(get_matrix(adata, layer)):
+        block = block[:, np.flatnonzero(first)].astype(np.float64)
+        if counts_kind:
+            sums = np.asarray(block.sum(axis=1)).ravel()
+            scale = np.divide(TARGET_SUM, sums, out=np.zeros_like(sums), where=sums > 0)
+            block = sparse.diags(scale) @ block
+            block = sparse.csr_matrix(block)
+            block.data = np.log1p(block.data)
+        chunk_codes = codes[start : start + block.shape[0]]
+        keep = chunk_codes >= 0
+        indicator = sparse.csr_matrix(
+            (np.ones(int(keep.sum())), (chunk_codes[keep], np.flatnonzero(keep))),
+            shape=(n_classes, block.shape[0]),
+        )
+        class_sums += np.asarray((indicator @ block).todense())
+        total += np.asarray(block.sum(axis=0)).ravel()
+    n_in = np.bincount(codes[codes >= 0], minlength=n_classes).astype(np.float64)
+    n_out = adata.n_obs - n_in
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inside = class_sums / n_in[:, None]
+        outside = (total[None, :] - class_sums) / n_out[:, None]
+    difference = inside - outside
+    difference[(n_in == 0) | (n_out == 0)] = np.nan
+    return pd.DataFrame(difference, columns=list(names[first]))
+
+
+def top_genes(
+    scores: pd.DataFrame, n_genes: int, difference: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """The ``n_genes`` highest-scoring genes per class that point up.
+
+    Columns ``label``, ``rank`` (1 first), ``gene``, ``score`` and, with ``difference``
+    (:func:`expression_difference`, rows in the order of ``scores``),
+    ``expression_difference``. A gene is kept only with a positive score and, with
+    ``difference``, a positive difference (higher in the class's cells; a gene the query lacks
+    is left out); classes without such a gene are left out.
+    """
+    columns = ["label", "rank", "gene", "score"]
+    if difference is not None:
+        columns.append("expression_difference")
+        difference = difference.reindex(columns=scores.columns)
     rows = []
-    for label, row in scores.iterrows():
-        if not (row.to_numpy() > 0).any():
-            continue
-        best = row.sort_values(ascending=False, kind="stable").head(n_genes)
+    for position, (label, row) in enumerate(scores.iterrows()):
+        keep = row.to_numpy() > 0
+        if difference is not None:
+            up = difference.iloc[position].to_numpy(dtype=np.float64)
+            keep &= np.nan_to_num(up, nan=0.0) > 0
+        best = row[keep].sort_values(ascending=False, kind="stable").head(n_genes)
         for rank, (gene, score) in enumerate(best.items(), start=1):
-            rows.append(
-                {"label": str(label), "rank": rank, "gene": str(gene), "score": float(score)}
-            )
-    return pd.DataFrame(rows, columns=["label", "rank", "gene", "score"])
+            entry = {"label": str(label), "rank": rank, "gene": str(gene), "score": float(score)}
+            if difference is not None:
+                entry["expression_difference"] = float(up[scores.columns.get_loc(gene)])
+            rows.append(entry)
+    return pd.DataFrame(rows, columns=columns)

@@ -2,15 +2,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from anndata import AnnData
 
 from scdlkit._shared.arguments import check_bool, check_optional_int
-from scdlkit._shared.persist import MANIFEST_NAME, sha256_file
 from scdlkit._shared.provenance import check_writable
 from scdlkit._shared.slots import (
     annotation_slots,
@@ -36,7 +34,15 @@ from scdlkit.tl._labelling import (
     label_cells,
     labelling_slots,
 )
-from scdlkit.tl._majority_voting import majority_vote, over_cluster, resolve_over_clustering
+from scdlkit.tl._majority_voting import (
+    EXPRESSION_GRAPH,
+    MIN_CELLS_TO_VOTE,
+    expression_representation,
+    majority_vote,
+    over_cluster,
+    resolve_over_clustering,
+)
+from scdlkit.tl._runner_source import resolve_runner
 
 __all__ = ["annotate"]
 
@@ -101,18 +107,26 @@ def annotate(
     majority_voting
         Also write ``obs[f"{key_added}_majority_voting"]``: every cell takes the most frequent
         label of its cluster of ``over_clustering`` (as in CellTypist), which smooths single-cell
-        noise on large queries.
+        noise on large queries. Without ``over_clustering``, a query of 50 cells or fewer is
+        not voted on (CellTypist's rule): a ``UserWarning`` says so, no vote slot is written and
+        ``uns[key_added]["majority_voting"]`` records ``performed`` ``False`` and the reason.
     over_clustering
         Clusters for the vote: an ``obs`` column (kept as it is, also when it is the
-        ``obs[f"{key_added}_over_clustering"]`` of an earlier vote), or one value per cell.
-        ``None`` over-clusters the cells on the annotation representation
-        (``obsm[f"X_{key_added}"]``): scanpy's Leiden when ``python-igraph`` is installed, with
-        CellTypist's resolution growing with the number of cells (5 up to 5,000 cells ... 30
-        above 200,000), k-means otherwise (10 x that resolution clusters, at most one per 5
-        cells); written to ``obs[f"{key_added}_over_clustering"]``.
+        ``obs[f"{key_added}_over_clustering"]`` of an earlier vote), or one value per cell;
+        used whatever the number of cells. ``None`` over-clusters the cells on their
+        **expression**, independently of the model (CellTypist's graph: log-normalised values,
+        genes in at least 5 cells, the 2,500 most variable, scaled, 50 principal components, 10
+        neighbours; an existing ``obsp["connectivities"]`` is not used, as it may have been
+        built on the annotation's own representation), then scanpy's Leiden at CellTypist's
+        resolution for the number of cells (5 up to 5,000 cells ... 30 above 200,000). Leiden
+        needs ``igraph`` (``pip install 'scdlkit[leiden]'``); without it the components are
+        split by k-means (``7 x`` the resolution clusters, at most one per 10 cells) with a
+        ``UserWarning``. The clusters go to ``obs[f"{key_added}_over_clustering"]``, the method
+        (``"leiden"`` or ``"kmeans"``) to ``uns[key_added]["majority_voting"]["method"]``.
     min_prop
         A cluster whose majority label holds a smaller share of its cells is called
-        ``"Heterogeneous"``.
+        ``"Heterogeneous"``. Only with ``majority_voting=True``: a ``min_prop`` above 0
+        without it is an error.
     probabilities
         Write ``obsm[f"{key_added}_probabilities"]``: a DataFrame of every class's probability
         (columns: the runner's categories; rows sum to 1).
@@ -129,7 +143,9 @@ def annotate(
         ``obsm[f"X_{key_added}"]``, ``obsm[f"{key_added}_probabilities"]``, with majority voting
         ``obs[f"{key_added}_majority_voting"]`` (and ``obs[f"{key_added}_over_clustering"]`` when
         computed here), and ``uns[key_added]`` (``best_strategy``, ``label_categories``,
-        ``runner_dir``, ``params``, ``versions``; ``majority_voting``: one row per cluster).
+        ``runner_dir``, ``params``, ``versions``; with voting ``majority_voting``: ``performed``,
+        ``method``, and ``clusters``, one row per cluster: ``cluster``, ``label``, ``share``,
+        ``n_cells``).
 
     Examples
     --------
@@ -159,10 +175,17 @@ def annotate(
     if over_clustering is not None and not options.majority_voting:
         msg = "over_clustering= is used only with majority_voting=True; pass both, or neither."
         raise ValueError(msg)
+    if options.min_prop > 0 and not options.majority_voting:
+        msg = (
+            f"min_prop={options.min_prop:g} is used only with majority_voting=True (it names "
+            "'Heterogeneous' the clusters of the vote); pass majority_voting=True, or drop "
+            "min_prop."
+        )
+        raise ValueError(msg)
     key_added = _check_key_added(adata, key_added, options, over_clustering)
     clusters = resolve_over_clustering(adata, over_clustering) if options.majority_voting else None
 
-    runner = _resolve_runner(runner, checkpoint, device)
+    runner = resolve_runner(runner, checkpoint, device)
     threshold = (
         runner.confidence_threshold
         if options.confidence_threshold is None
@@ -178,9 +201,12 @@ def annotate(
         options.unknown_label,
         no_expression=predictions.get("no_expression"),
     )
+    skip_vote = _skip_vote(adata, options, over_clustering)
     vote = (
-        _vote(labels, clusters, over_clustering, predictions["latent"], options, random_state)
-        if options.majority_voting
+        _vote(
+            labels, clusters, over_clustering, adata, layer or runner.layer, options, random_state
+        )
+        if options.majority_voting and skip_vote is None
         else None
     )
     labelling = {
@@ -217,28 +243,48 @@ def annotate(
         keep=[over_clustering] if isinstance(over_clustering, str) else [],
         replace_stale=written_by_scdlkit(adata, key_added),
     )
+    if skip_vote is not None:
+        slots.uns[key_added]["majority_voting"] = {"performed": False, "reason": skip_vote}
     if copy:
         adata = adata.copy()
     slots.write(adata)
     return adata if copy else None
 
 
+def _skip_vote(adata: AnnData, options: LabellingOptions, over_clustering: Any) -> str | None:
+    """Why the vote is skipped (too few cells to over-cluster, CellTypist's rule), or ``None``."""
+    if not options.majority_voting or over_clustering is not None:
+        return None
+    if adata.n_obs > MIN_CELLS_TO_VOTE:
+        return None
+    reason = (
+        f"{adata.n_obs} cells are too few to over-cluster (CellTypist's rule: more than "
+        f"{MIN_CELLS_TO_VOTE}), so no majority voting was done; pass over_clustering= (your own "
+        "clusters) to vote on them anyway"
+    )
+    warnings.warn(f"{reason}.", UserWarning, stacklevel=3)
+    return reason
+
+
 def _vote(
     labels: np.ndarray,
     clusters: np.ndarray | None,
     over_clustering: Any,
-    latent: np.ndarray,
+    adata: AnnData,
+    layer: str | None,
     options: LabellingOptions,
     random_state: int,
 ) -> Vote:
-    """The majority vote over the given clusters, or over clusters of ``latent`` made here."""
+    """The majority vote over the given clusters, or over clusters of the cells' expression."""
     named = over_clustering if isinstance(over_clustering, str) else "one value per cell"
-    how = {"method": "given", "over_clustering": named}
+    how: dict[str, Any] = {"method": "given", "over_clustering": named}
     computed = clusters is None
     if computed:
-        clusters, how = over_cluster(latent, random_state=random_state)
+        rep = expression_representation(adata, layer, random_state=random_state)
+        clusters, how = over_cluster(rep, random_state=random_state)
+        how["representation"] = EXPRESSION_GRAPH
     summary = majority_vote(labels, clusters, min_prop=options.min_prop)
-    return Vote(computed, clusters, *summary, how)
+    return Vote(computed, clusters, *summary, {"performed": True, **how})
 
 
 def _check_key_added(
@@ -257,55 +303,6 @@ def _check_key_added(
     return check_key_added(
         adata, key_added, inputs=inputs, obs_columns=obs_columns, obsm_keys=obsm_keys
     )
-
-
-def _resolve_runner(runner: Any, checkpoint: Any, device: Any) -> Any:
-    """The fitted runner to label with: given, loaded from its folder, or from a record."""
-    # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
-    from scdlkit.foundation import ScGPTAnnotationRunner
-
-    if isinstance(runner, ScGPTAnnotationRunner):
-        return runner
-    expected = None
-    if isinstance(runner, Mapping):
-        runner, expected = _recorded_runner(runner)
-        if (Path(runner) / MANIFEST_NAME).is_file():  # else loading says what is missing
-            _check_unchanged(runner, expected, sha256_file(Path(runner) / MANIFEST_NAME))
-    runner = ScGPTAnnotationRunner.load(runner, checkpoint=checkpoint, device=device)
-    if expected is not None:  # again: the folder may have changed while it was read
-        _check_unchanged(runner.runner_dir_, expected, runner.manifest_sha256_)
-    return runner
-
-
-def _check_unchanged(folder: str | os.PathLike, expected: str, found: str) -> None:
-    if found != expected:
-        msg = (
-            f"the runner folder {str(folder)!r} changed since the record was written: its "
-            f"manifest has sha256 {found}, the record says {expected}. It now holds another "
-            "model; use the folder the record was made with (or pass the folder itself to "
-            "accept the new model)."
-        )
-        raise ValueError(msg)
-
-
-def _recorded_runner(record: Mapping[str, Any]) -> tuple[str, str]:
-    """The folder and manifest sha256 of an ``uns`` record written by scdlkit."""
-    folder, digest = record.get("runner_dir"), record.get("runner_manifest_sha256")
-    if str(folder) == "None" or record.get("runner_saved") is False:
-        msg = (
-            "runner= is the record of an annotation made with a runner that was never saved "
-            "(its runner_dir is 'None'), so there is no folder to load it from. Pass the fitted "
-            "AnnotationRunner itself, or save it first (runner.save(folder)) and pass the folder."
-        )
-        raise ValueError(msg)
-    if not isinstance(folder, str) or not isinstance(digest, str) or len(digest) != 64:
-        msg = (
-            "runner= is a mapping but not an scdlkit record with 'runner_dir' and "
-            "'runner_manifest_sha256' (written by sck.tl.adapt_annotation or sck.tl.annotate "
-            "from this version on); pass the runner folder or a loaded AnnotationRunner instead."
-        )
-        raise ValueError(msg)
-    return folder, digest
 
 
 def _warn_if_normalised_differently(runner: Any, adata: AnnData, layer: str | None) -> None:

@@ -17,6 +17,7 @@ from scdlkit.tl._checks import (
     check_random_state,
     check_runner,
 )
+from scdlkit.tl._runner_source import resolve_runner
 
 __all__ = ["annotation_markers"]
 
@@ -47,14 +48,22 @@ def annotation_markers(
     predicted as that label towards it:
 
     - scGPT strategies (``frozen_probe``, ``head``, ``full_finetune``, ``lora``, ...): integrated
-      gradients of the predicted class's logit over each gene token's input embedding (zero
-      baseline, ``n_steps`` points), averaged over the cells predicted as that label (a gene
-      not among a cell's tokens counts as zero). For ``frozen_probe`` the probe's inputs are
-      ``<cls>`` dimensions, not genes, so its coefficients name no gene: the gradients go
-      through the frozen encoder to the gene tokens instead.
+      gradients of a contrast, the label's logit minus the mean logit of the other classes
+      (what sets the label apart; softmax ignores what moves every logit alike), over each gene
+      token's input embedding (zero baseline, ``n_steps`` points), averaged over the cells
+      predicted as that label (a gene not among a cell's tokens counts as zero). For
+      ``frozen_probe`` the probe's inputs are ``<cls>`` dimensions, not genes, so its
+      coefficients name no gene: the gradients go through the frozen encoder to the gene
+      tokens instead.
     - ``baseline`` (logistic regression on scaled log-expression): the class coefficient times
       the gene's mean scaled expression in the label's cells minus its mean over all cells, which
       is integrated gradients from the average cell, exact for a linear model.
+
+    Only genes that point up are kept (CellTypist's ``only_positive``): a positive score *and* a
+    higher mean log-normalised expression in the label's cells than in all the other cells of
+    ``adata`` (``expression_difference``, reported). A gene lower in the label's cells is never
+    a marker, even when the model reads its absence (for the baseline, a negative coefficient
+    times a negative difference gives a positive score).
 
     See :doc:`/label_transfer` for why these methods.
 
@@ -66,8 +75,10 @@ def annotation_markers(
     key
         The ``key_added`` of that call: reads ``obs[key]`` and ``uns[key]["runner_dir"]``.
     runner
-        The fitted :class:`scdlkit.AnnotationRunner` or its folder; default
-        ``uns[key]["runner_dir"]``. A runner that is not fitted is refused before any work.
+        The fitted :class:`scdlkit.AnnotationRunner`, its folder, or an annotation record;
+        default: the record ``uns[key]``, whose folder is loaded only if its manifest still has
+        the sha256 recorded (as :func:`scdlkit.tl.annotate` does), so the markers explain the
+        model that gave the labels. A runner that is not fitted is refused before any work.
     n_genes
         Genes kept per label.
     n_steps
@@ -94,8 +105,10 @@ def annotation_markers(
     -------
     AnnData or None
         ``None``, or the copy when ``copy=True``. Writes ``uns[f"{key}_markers"]``: a
-        DataFrame with columns ``label``, ``rank`` (1 = strongest), ``gene`` and ``score``, and
-        ``uns[f"{key}_markers_params"]`` (method and settings).
+        DataFrame with columns ``label``, ``rank`` (1 = strongest), ``gene``, ``score`` and
+        ``expression_difference`` (mean log-normalised expression in the label's cells minus
+        that in the other cells; always positive), and ``uns[f"{key}_markers_params"]``
+        (method, target, direction and settings).
 
     Examples
     --------
@@ -104,15 +117,18 @@ def annotation_markers(
     >>> query.uns["scgpt_annotation_markers"].query("rank <= 3")  # doctest: +SKIP
     """
     # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
-    from scdlkit.foundation import ScGPTAnnotationRunner
-    from scdlkit.foundation._attribution import class_gene_scores, top_genes
+    from scdlkit.foundation._attribution import (
+        class_gene_scores,
+        expression_difference,
+        top_genes,
+    )
 
     copy = check_bool("copy", copy)
     check_writable(adata, copy=copy)
     check_has_cells(adata, "annotation_markers")
     key = check_key_name("key", key)
     if runner is not None:
-        runner = check_runner(runner)
+        runner = check_runner(runner, records=True)
     n_genes = check_int("n_genes", n_genes, min_value=1)
     n_steps = check_int("n_steps", n_steps, min_value=1)
     max_cells_per_label = check_optional_int(
@@ -132,9 +148,8 @@ def annotation_markers(
         )
         raise KeyError(msg)
     if runner is None:
-        runner = _recorded_runner_dir(adata, key)
-    if not isinstance(runner, ScGPTAnnotationRunner):
-        runner = ScGPTAnnotationRunner.load(runner, checkpoint=checkpoint, device=device)
+        runner = _annotation_record(adata, key)
+    runner = resolve_runner(runner, checkpoint, device)
 
     categories = list(runner.label_categories_)
     labels = adata.obs[key].astype(object).to_numpy()
@@ -147,6 +162,13 @@ def annotation_markers(
         )
         raise ValueError(msg)
     strategy = runner.best_strategy_
+    difference = expression_difference(
+        adata,
+        codes,
+        len(categories),
+        gene_key=runner.gene_key if gene_key is None else gene_key,
+        layer=runner.layer if layer is None else layer,
+    )
     if max_cells_per_label is not None and strategy != "baseline":
         codes = _subsample(codes, max_cells_per_label, random_state)
     scores = class_gene_scores(
@@ -160,10 +182,12 @@ def annotation_markers(
         chunk_size=chunk_size,
         progress=getattr(runner, "progress", False),
     )
-    markers = top_genes(scores, n_genes)
+    markers = top_genes(scores, n_genes, difference)
     params = {
         "strategy": strategy,
         "method": "linear_attribution" if strategy == "baseline" else "integrated_gradients",
+        "target": "logit" if strategy == "baseline" else "logit minus mean of the other logits",
+        "direction": "up: positive score and higher mean log-expression in the label's cells",
         "n_genes": n_genes,
         "n_steps": n_steps,
         "max_cells_per_label": max_cells_per_label,
@@ -176,8 +200,9 @@ def annotation_markers(
     return adata if copy else None
 
 
-def _recorded_runner_dir(adata: AnnData, key: str) -> str:
-    """The runner folder that ``uns[key]`` records, or an error saying to pass ``runner=``."""
+def _annotation_record(adata: AnnData, key: str) -> Any:
+    """``uns[key]``, the record of the annotation (its runner folder and manifest sha256), or an
+    error saying to pass ``runner=``."""
     uns = adata.uns.get(key)
     if not hasattr(uns, "get") or "runner_dir" not in uns:
         msg = (
@@ -191,7 +216,7 @@ def _recorded_runner_dir(adata: AnnData, key: str) -> str:
             "pass runner= (the fitted AnnotationRunner itself, or the folder it was saved to)."
         )
         raise KeyError(msg)
-    return str(uns["runner_dir"])
+    return uns
 
 
 def _subsample(codes: np.ndarray, limit: int, random_state: int) -> np.ndarray:

@@ -13,6 +13,7 @@ from typing import Any
 from anndata import AnnData
 
 from scdlkit._shared.arguments import check_int
+from scdlkit.tl._runner_source import check_runner_argument
 
 __all__ = [
     "check_checkpoint",
@@ -114,6 +115,7 @@ def check_runner(value: Any, *, records: bool = False) -> Any:
 
     if isinstance(value, ScGPTAnnotationRunner):
         return check_fitted_runner(value)
+    check_runner_argument(value)
     if isinstance(value, Mapping) and records:
         return value
     if isinstance(value, str | os.PathLike):

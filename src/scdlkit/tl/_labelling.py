@@ -12,6 +12,7 @@ from anndata import AnnData
 
 from scdlkit._shared.arguments import check_bool, check_number, check_optional_number
 from scdlkit._shared.slots import Slots, h5ad_safe
+from scdlkit.pl._probabilities import probability_columns
 from scdlkit.tl._checks import check_str
 from scdlkit.tl._majority_voting import HETEROGENEOUS
 
@@ -110,21 +111,6 @@ def label_cells(
         return labels, categories
     labels = np.where(unsure, unknown_label, labels)
     return labels.astype(object), [*categories, unknown_label]
-
-
-def probability_columns(categories: Sequence[str]) -> list[str]:
-    """Column names of the probability DataFrame: the categories, with ``/`` as ``_``.
-
-    zarr (and h5ad from the next anndata release) refuse ``/`` in the names of a DataFrame's
-    columns; ``uns[key]["label_categories"]`` keeps the names as they are, in the same order.
-    """
-    columns: list[str] = []
-    for name in categories:
-        column = str(name).replace("/", "_")
-        while column in columns:
-            column = f"{column}_"
-        columns.append(column)
-    return columns
 
 
 def labelling_slots(

@@ -1,14 +1,19 @@
 """Majority voting of predicted labels over (over-)clusters, as CellTypist does.
 
 Each cluster takes the label most of its cells were given; a cluster whose majority share is
-under ``min_prop`` is called ``"Heterogeneous"``. Without a given clustering, the cells are
-over-clustered on the annotation representation: scanpy's Leiden (igraph flavour) when
-``python-igraph`` is installed, k-means otherwise, with more clusters for more cells.
+under ``min_prop`` is called ``"Heterogeneous"``. Without a given clustering the cells are
+over-clustered on their **expression**, independently of the model that labelled them
+(CellTypist's ``_construct_neighbor_graph``): log-normalised values, genes expressed in at least
+5 cells, the 2,500 most variable genes, scaled (clipped at 10), 50 principal components, a graph
+of 10 neighbours, then scanpy's Leiden (igraph flavour, 2 iterations) at CellTypist's resolution
+for the number of cells. Without ``igraph`` the principal components are split by k-means
+instead, with a ``UserWarning``. With 50 cells or fewer there is no over-clustering and no vote
+(CellTypist's rule).
 """
 
 from __future__ import annotations
 
-import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from importlib.util import find_spec
 from typing import Any
@@ -18,22 +23,38 @@ import pandas as pd
 
 __all__ = [
     "HETEROGENEOUS",
+    "MIN_CELLS_TO_VOTE",
+    "expression_representation",
     "majority_vote",
     "over_cluster",
     "over_clustering_resolution",
     "resolve_over_clustering",
 ]
 
-logger = logging.getLogger("scdlkit")
-
 HETEROGENEOUS = "Heterogeneous"
 
-#: Leiden resolution by number of cells, CellTypist's steps (``celltypist.annotate``):
+#: With this many cells or fewer, no over-clustering and no vote (CellTypist's ``annotate``).
+MIN_CELLS_TO_VOTE = 50
+
+#: Leiden resolution by number of cells, CellTypist's steps (``Classifier.over_cluster``):
 #: up to 5,000 cells 5, then 10, 15, 20, 25 and 30 above 200,000.
 _RESOLUTION_STEPS = ((5_000, 5.0), (20_000, 10.0), (40_000, 15.0), (100_000, 20.0), (200_000, 25.0))
-#: k-means (without igraph) gets ``10 x resolution`` clusters, at most one per 5 cells.
-_KMEANS_PER_RESOLUTION = 10
-_MIN_CELLS_PER_CLUSTER = 5
+#: CellTypist's expression graph: genes in >= 5 cells, 2,500 HVGs, scaled to 10, 50 PCs, 10 NNs.
+_MIN_CELLS_PER_GENE = 5
+_N_TOP_GENES = 2_500
+_SCALE_MAX = 10.0
+_N_PCS = 50
+_N_NEIGHBORS = 10
+#: k-means (without igraph) gets ``7 x resolution`` clusters, at most one per 10 cells: about
+#: the number and size of Leiden's clusters at resolution 5 on 100 to 1,000 PBMCs (28 to 35).
+_KMEANS_PER_RESOLUTION = 7
+_MIN_CELLS_PER_CLUSTER = 10
+
+#: What ``uns[key]["majority_voting"]["representation"]`` says of the computed clusters.
+EXPRESSION_GRAPH = (
+    "expression: log-normalised, genes in >= 5 cells, 2,500 most variable, scaled (max 10), "
+    "50 PCs, 10 neighbours"
+)
 
 
 def over_clustering_resolution(n_cells: int) -> float:
@@ -44,8 +65,43 @@ def over_clustering_resolution(n_cells: int) -> float:
     return 30.0
 
 
+def expression_representation(
+    adata: Any, layer: str | None = None, *, random_state: int = 0
+) -> np.ndarray:
+    """CellTypist's principal components of the cells' expression (cells x <= 50, float32).
+
+    Counts are log-normalised first (values that are already log-normalised are used as they
+    are), as :func:`scdlkit.baselines.log_normalised_matrix` does; a backed AnnData is read in
+    chunks. Memory: one dense cells x (at most 2,500 genes) float32 matrix while scaling.
+    """
+    # scanpy and the baseline's reader are imported here: only a vote without clusters needs them
+    import anndata as ad
+    import scanpy as sc
+
+    from scdlkit.baselines import log_normalised_matrix
+
+    matrix = log_normalised_matrix(adata, layer)
+    expressed = np.asarray((matrix > 0).sum(axis=0)).ravel() >= _MIN_CELLS_PER_GENE
+    if expressed.sum() >= 2:
+        matrix = matrix[:, np.flatnonzero(expressed)]
+    holder = ad.AnnData(matrix)
+    if holder.n_vars > _N_TOP_GENES:
+        sc.pp.highly_variable_genes(holder, n_top_genes=_N_TOP_GENES)
+        holder = holder[:, holder.var["highly_variable"].to_numpy()].copy()
+    holder.X = np.asarray(holder.X.toarray(), dtype=np.float32)
+    sc.pp.scale(holder, max_value=_SCALE_MAX)
+    n_comps = int(min(_N_PCS, holder.n_obs - 1, holder.n_vars - 1))
+    if n_comps < 1:
+        return np.asarray(holder.X, dtype=np.float32)
+    sc.pp.pca(holder, n_comps=n_comps, random_state=random_state)
+    return np.asarray(holder.obsm["X_pca"], dtype=np.float32)
+
+
 def over_cluster(representation: np.ndarray, *, random_state: int = 0) -> tuple[np.ndarray, dict]:
-    """Over-cluster cells on ``representation`` (cells x dims).
+    """Over-cluster cells on ``representation`` (cells x dims, e.g. the expression PCs).
+
+    Leiden on a graph of 10 neighbours when ``igraph`` is installed; else k-means, with a
+    ``UserWarning`` that names the fallback.
 
     Returns
     -------
@@ -62,9 +118,16 @@ def over_cluster(representation: np.ndarray, *, random_state: int = 0) -> tuple[
         method = "leiden"
     else:
         k = int(min(_KMEANS_PER_RESOLUTION * resolution, max(1, n_cells // _MIN_CELLS_PER_CLUSTER)))
+        message = (
+            f"igraph is not installed, so the over-clustering for majority voting is k-means "
+            f"({k} clusters) instead of CellTypist's Leiden (resolution {resolution:g}); "
+            "uns[key]['majority_voting']['method'] records 'kmeans'. For Leiden: "
+            "pip install 'scdlkit[leiden]' (or igraph); or pass over_clustering= (an obs "
+            "column such as sc.tl.leiden's)."
+        )
+        warnings.warn(message, UserWarning, stacklevel=4)  # the caller of tl.annotate
         clusters = _kmeans(rep, k, random_state)
         method = "kmeans"
-        logger.info("python-igraph not installed: over-clustering with k-means (k=%d)", k)
     n_clusters = len(np.unique(clusters))
     info = {"method": method, "resolution": resolution, "n_clusters": n_clusters}
     return clusters.astype(str), info
@@ -77,7 +140,8 @@ def _leiden(rep: np.ndarray, resolution: float, random_state: int) -> np.ndarray
 
     holder = ad.AnnData(np.zeros((rep.shape[0], 0), dtype=np.float32))
     holder.obsm["X_rep"] = rep
-    sc.pp.neighbors(holder, use_rep="X_rep", random_state=random_state)
+    n_neighbors = int(min(_N_NEIGHBORS, rep.shape[0] - 1))
+    sc.pp.neighbors(holder, n_neighbors=n_neighbors, use_rep="X_rep", random_state=random_state)
     sc.tl.leiden(
         holder,
         resolution=resolution,
