@@ -162,6 +162,90 @@ def test_backed_query_streams_the_new_options(_pbmc_raw, baseline_runner, annota
     backed.file.close()
 
 
+def test_probabilities_under_the_real_class_names(annotated, baseline_runner, tmp_path):
+    """The stored columns have ``/`` as ``_`` (zarr refuses ``/``); the reader and the
+    documented one-liner give the real names back, before and after a round trip."""
+    from scdlkit.pl._probabilities import annotation_probabilities
+
+    name = "CD4+/CD25 T Reg"
+    assert name in baseline_runner.label_categories_
+    stored = annotated.obsm[f"{KEY}_probabilities"]
+    assert name not in stored.columns
+    assert "CD4+_CD25 T Reg" in stored.columns
+    annotated.write_zarr(tmp_path / "a.zarr")
+    annotated.write_h5ad(tmp_path / "a.h5ad")
+    for adata in (annotated, ad.read_zarr(tmp_path / "a.zarr"), ad.read_h5ad(tmp_path / "a.h5ad")):
+        probs = annotation_probabilities(adata)
+        assert list(probs.columns) == list(baseline_runner.label_categories_)
+        np.testing.assert_array_equal(probs[name], stored["CD4+_CD25 T Reg"])
+        assert list(probs.index) == list(adata.obs_names)
+        # the one-liner of docs/outputs.md
+        by_hand = adata.obsm[f"{KEY}_probabilities"].set_axis(
+            adata.uns[KEY]["label_categories"], axis=1
+        )
+        pd.testing.assert_frame_equal(by_hand, probs, check_dtype=False)
+
+
+def test_probabilities_reader_refuses_what_does_not_match(annotated, _pbmc_raw):
+    from scdlkit.pl._probabilities import annotation_probabilities
+
+    with pytest.raises(KeyError, match=r"sck.tl.annotate\(adata, runner"):
+        annotation_probabilities(_pbmc_raw)
+    adata = annotated.copy()
+    adata.obsm[f"{KEY}_probabilities"] = adata.obsm[f"{KEY}_probabilities"].iloc[:, 1:]
+    with pytest.raises(ValueError, match="do not match"):
+        annotation_probabilities(adata)
+
+
+# ------------------------------------------------------------------------- runner argument
+
+
+def test_an_anndata_as_the_runner_names_what_to_pass(annotated, _pbmc_raw, baseline_runner):
+    query = _pbmc_raw.copy()
+    before = list(query.obs.columns)
+    folder = str(annotated.uns[KEY]["runner_dir"])
+    with pytest.raises(
+        TypeError, match=r"runner= is an AnnData.*ref.uns\['scgpt_annotation'\]"
+    ) as err:
+        sck.tl.annotate(query, annotated)
+    assert folder in str(err.value)
+    with pytest.raises(TypeError, match=r"sck\.tl\.adapt_annotation"):
+        sck.tl.annotate(query, _pbmc_raw)  # no record: the tools that write one
+    with pytest.raises(TypeError, match="runner= is an AnnData"):
+        sck.tl.annotation_markers(annotated.copy(), runner=_pbmc_raw)
+    assert list(query.obs.columns) == before
+    sck.tl.annotate(query, annotated.uns[KEY])  # what the message says works
+    assert (query.obs[KEY] == annotated.obs[KEY]).all()
+
+
+def test_an_output_dir_as_the_runner_points_to_its_runner_folder(
+    annotated, _pbmc_raw, baseline_runner, tmp_path
+):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(baseline_runner.runner_dir_, run / "runner")
+    query = _pbmc_raw.copy()
+    with pytest.raises(FileNotFoundError, match=r"looks like the output_dir.*run/runner"):
+        sck.tl.annotate(query, str(run))
+    assert KEY not in query.obs
+    with pytest.raises(FileNotFoundError, match="run/runner"):
+        sck.tl.annotation_markers(annotated.copy(), runner=run)
+    sck.tl.annotate(query, run / "runner")
+    assert query.obs[KEY].notna().all()
+
+
+def test_plots_of_a_query_name_the_tool_it_needs(annotated, _pbmc_raw):
+    with pytest.raises(KeyError, match=r"sck.tl.annotate\(adata, runner"):
+        sck.pl.confusion_matrix(_pbmc_raw.copy(), label_key="bulk_labels", split="all")
+    with pytest.raises(KeyError, match=r"labelled by sck.tl.annotate \(a query\)"):
+        sck.pl.strategy_comparison(annotated)
+    with pytest.raises(KeyError, match=r"labelled by sck.tl.annotate \(a query\)"):
+        sck.pl.training_history(annotated)
+    fig = sck.pl.confusion_matrix(annotated, label_key="bulk_labels", split="all", return_fig=True)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------- CLI
 
 

@@ -11,6 +11,7 @@ from scdlkit.pl._utils import (
     METRIC_LABELS,
     annotation_uns,
     as_frame,
+    check_not_a_query,
     finish,
     get_axes,
     strategy_colors,
@@ -84,6 +85,7 @@ def batch_metrics(
     """
     uns = annotation_uns(adata, key)
     if "batch_metrics" not in uns:
+        check_not_a_query(uns, key, "batch_metrics")
         msg = (
             f"adata.uns[{key!r}]['batch_metrics'] not found: per-batch metrics are written by "
             f"sck.tl.adapt_annotation(adata, label_key, split_by='batch', key_added={key!r}), "

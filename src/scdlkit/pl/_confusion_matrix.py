@@ -33,7 +33,7 @@ def confusion_counts(
         msg = f"split={split!r} is not one of 'train', 'val' ('validation'), 'test' or 'all'"
         raise ValueError(msg)
     split = _SPLITS[split]
-    uns = annotation_uns(adata, key)
+    uns = annotation_uns(adata, key, query_ok=True)
     if label_key is None:
         params = uns.get("params")
         if not hasattr(params, "get") or params.get("label_key") is None:
@@ -47,7 +47,7 @@ def confusion_counts(
         msg = f"label_key={label_key!r} is not a column of adata.obs (the true labels)"
         raise KeyError(msg)
     if key not in adata.obs.columns:
-        raise missing_slot_error(key, f"adata.obs[{key!r}] (the predicted labels)")
+        raise missing_slot_error(key, f"adata.obs[{key!r}] (the predicted labels)", query_ok=True)
     categories = label_categories(uns, key)
 
     true = adata.obs[label_key]

@@ -13,6 +13,7 @@ from scdlkit.pl._utils import (
     METRIC_LABELS,
     annotation_uns,
     as_frame,
+    check_not_a_query,
     finish,
     get_axes,
     missing_slot_error,
@@ -37,6 +38,7 @@ _NO_HISTORY = (
 def _histories(adata: AnnData, key: str) -> tuple[dict[str, pd.DataFrame], str | None, list[str]]:
     uns = annotation_uns(adata, key)
     if "history" not in uns:
+        check_not_a_query(uns, key, "history")
         raise missing_slot_error(key, f"adata.uns[{key!r}]['history']", extra=_NO_HISTORY)
     history = uns["history"]
     if not isinstance(history, Mapping):

@@ -26,6 +26,7 @@ __all__ = [
     "METRIC_LABELS",
     "annotation_uns",
     "as_frame",
+    "check_not_a_query",
     "finish",
     "get_axes",
     "label_categories",
@@ -57,18 +58,32 @@ METRIC_LABELS = {
 _STRATEGY_ORDER = STRATEGIES
 
 _TOOL_HINT = "run sck.tl.adapt_annotation(adata, label_key, key_added={key!r}) first"
+_QUERY_HINT = (
+    "run sck.tl.adapt_annotation(adata, label_key, key_added={key!r}) on a labelled reference, "
+    "or sck.tl.annotate(adata, runner, key_added={key!r}) on a query, first"
+)
 
 
-def missing_slot_error(key: str, slot: str, *, extra: str = "") -> KeyError:
-    """A ``KeyError`` naming the missing slot, the key and the tool that writes it."""
-    msg = f"{slot} not found: {_TOOL_HINT.format(key=key)}"
+def missing_slot_error(key: str, slot: str, *, extra: str = "", query_ok: bool = False) -> KeyError:
+    """A ``KeyError`` naming the missing slot, the key and the tool that writes it.
+
+    ``query_ok``: the plot also reads what :func:`scdlkit.tl.annotate` writes on a query, so
+    the hint names both tools.
+    """
+    hint = _QUERY_HINT if query_ok else _TOOL_HINT
+    msg = f"{slot} not found: {hint.format(key=key)}"
     if extra:
         msg = f"{msg} ({extra})"
     return KeyError(msg)
 
 
-def annotation_uns(adata: AnnData, key: str, *, require: Sequence[str] = ()) -> Mapping[str, Any]:
-    """Return ``adata.uns[key]``, checking it holds what ``adapt_annotation`` writes."""
+def annotation_uns(
+    adata: AnnData, key: str, *, require: Sequence[str] = (), query_ok: bool = False
+) -> Mapping[str, Any]:
+    """Return ``adata.uns[key]``, checking it holds what ``adapt_annotation`` writes.
+
+    ``query_ok``: what :func:`scdlkit.tl.annotate` writes on a query is enough.
+    """
     if key not in adata.uns:
         found = [
             k for k, v in adata.uns.items() if isinstance(v, Mapping) and "strategy_metrics" in v
@@ -76,7 +91,7 @@ def annotation_uns(adata: AnnData, key: str, *, require: Sequence[str] = ()) -> 
         extra = (
             f"annotation results found under key(s): {', '.join(map(repr, found))}" if found else ""
         )
-        raise missing_slot_error(key, f"adata.uns[{key!r}]", extra=extra)
+        raise missing_slot_error(key, f"adata.uns[{key!r}]", extra=extra, query_ok=query_ok)
     uns = adata.uns[key]
     if not isinstance(uns, Mapping):
         msg = (
@@ -86,8 +101,23 @@ def annotation_uns(adata: AnnData, key: str, *, require: Sequence[str] = ()) -> 
         raise TypeError(msg)
     for name in require:
         if name not in uns:
+            check_not_a_query(uns, key, name)
             raise missing_slot_error(key, f"adata.uns[{key!r}][{name!r}]")
     return uns
+
+
+def check_not_a_query(uns: Mapping[str, Any], key: str, name: str) -> None:
+    """Say so when ``uns[key]`` lacks ``name`` because :func:`scdlkit.tl.annotate` wrote it."""
+    params = uns.get("params")
+    by_annotate = hasattr(params, "get") and "query_layer" in params
+    if by_annotate and "strategy_metrics" not in uns:
+        msg = (
+            f"adata.uns[{key!r}][{name!r}] not found: this AnnData was labelled by "
+            "sck.tl.annotate (a query), which fits nothing; the strategies' metrics and "
+            "training curves belong to the reference: plot the AnnData that "
+            "sck.tl.adapt_annotation annotated."
+        )
+        raise KeyError(msg)
 
 
 def to_str_list(values: Any) -> list[str]:
