@@ -349,3 +349,54 @@ def test_markers_refuse_a_runner_folder_changed_since_the_record(
     assert set(adata.uns) == set(before)
     sck.tl.annotation_markers(adata, runner=str(folder), n_genes=3)  # the folder itself: fine
     assert f"{KEY}_markers" in adata.uns
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def test_cli_markers_writes_the_table_and_the_anndata(annotated, tmp_path, capsys):
+    from scdlkit.cli import main
+
+    path = tmp_path / "query.h5ad"
+    annotated.write_h5ad(path)
+    out, csv = tmp_path / "out" / "markers.h5ad", tmp_path / "markers.csv"
+    argv = ["markers", str(path), "-o", str(out), "--csv", str(csv), "--n-genes", "5"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "CD19+ B: CD79A" in printed
+    result = ad.read_h5ad(out)
+    markers = result.uns[f"{KEY}_markers"]
+    assert (markers.groupby("label")["rank"].max() <= 5).all()
+    table = pd.read_csv(csv)
+    pd.testing.assert_frame_equal(
+        table, markers.reset_index(drop=True), check_dtype=False, check_exact=False
+    )
+    expected = annotated.copy()
+    sck.tl.annotation_markers(expected, n_genes=5)
+    pd.testing.assert_frame_equal(
+        markers.reset_index(drop=True),
+        expected.uns[f"{KEY}_markers"].reset_index(drop=True),
+        check_dtype=False,
+    )
+    # a runner folder that is not there: a one-line usage error before the input is read
+    assert main([*argv, "--runner", str(tmp_path / "nope"), "-q"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_markers_explains_every_option_with_its_default(capsys):
+    import argparse
+
+    from scdlkit.cli import build_parser, main
+
+    assert main(["markers", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for option in action.choices["markers"]._actions:
+        assert option.help, option.dest
+        if option.option_strings:
+            assert option.option_strings[-1] in text
+        if option.default not in (None, False, argparse.SUPPRESS) and option.option_strings:
+            assert "default" in option.help, option.dest
+    main(["--help"])
+    assert "markers" in capsys.readouterr().out

@@ -20,9 +20,22 @@ from scdlkit.cli._checks import (
     check_output_dir,
 )
 from scdlkit.cli._distributed import torchrun_group
-from scdlkit.cli._io import read_input, write_h5ad_atomic, write_json_atomic, write_result
+from scdlkit.cli._io import (
+    atomic_path,
+    read_input,
+    write_h5ad_atomic,
+    write_json_atomic,
+    write_result,
+)
 
-__all__ = ["default_output_dir", "run_adapt", "run_annotate", "run_embed", "run_inspect"]
+__all__ = [
+    "default_output_dir",
+    "run_adapt",
+    "run_annotate",
+    "run_embed",
+    "run_inspect",
+    "run_markers",
+]
 
 PROG = "scdlkit"
 TABLE_COLUMNS = (
@@ -198,5 +211,45 @@ def run_annotate(args: argparse.Namespace) -> int:
     counts = adata.obs[args.key_added].value_counts()
     print(f"labelled {adata.n_obs} cells with {adata.uns[args.key_added]['best_strategy']}:")
     print(counts.to_string())
+    print(f"AnnData written to {out}")
+    return EXIT_OK
+
+
+def run_markers(args: argparse.Namespace) -> int:
+    """``scdlkit markers``: the genes behind each predicted label of an annotated AnnData."""
+    out = check_output(args.output)
+    csv = check_output(args.csv, what="--csv")
+    check_device(args.device)
+    if args.runner is not None and not Path(args.runner).is_dir():
+        msg = (
+            f"runner folder {args.runner!r} does not exist (see 'runner folder:' of scdlkit adapt)"
+        )
+        raise FileNotFoundError(msg)
+    adata = read_input(args.input, backed=args.backed)
+    sck.tl.annotation_markers(
+        adata,
+        key=args.key,
+        runner=args.runner,
+        n_genes=args.n_genes,
+        n_steps=args.n_steps,
+        max_cells_per_label=args.max_cells_per_label,
+        checkpoint=args.checkpoint,
+        gene_key=args.gene_key,
+        layer=args.layer,
+        device=args.device,
+        batch_size=args.batch_size,
+        random_state=args.random_state,
+    )
+    write_result(adata, source=Path(args.input), path=out, backed=args.backed)
+    markers = adata.uns[f"{args.key}_markers"]
+    if csv is not None:
+        with atomic_path(csv) as tmp:
+            markers.to_csv(tmp, index=False)
+    top = markers[markers["rank"] <= 5].groupby("label", sort=False)["gene"].agg(", ".join)
+    print(f"top genes of {len(top)} labels (all {args.n_genes} in uns['{args.key}_markers']):")
+    for label, genes in top.items():
+        print(f"  {label}: {genes}")
+    if csv is not None:
+        print(f"markers table written to {csv}")
     print(f"AnnData written to {out}")
     return EXIT_OK

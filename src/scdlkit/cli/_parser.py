@@ -39,6 +39,7 @@ Each command reads an .h5ad file, runs one scdlkit tool and writes the result at
   scdlkit inspect ref.h5ad --label-key cell_type --checkpoint path/to/scGPT_human
   scdlkit adapt ref.h5ad --label-key cell_type -o ref_annotated.h5ad --strategies frozen_probe head
   scdlkit annotate query.h5ad --runner ref_annotated_scdlkit/runner -o query_annotated.h5ad
+  scdlkit markers query_annotated.h5ad -o query_markers.h5ad --csv markers.csv
   scdlkit embed cells.h5ad -o cells_embedded.h5ad
 
 Exit codes: 0 success; 1 unexpected error, a bug (with traceback); 2 usage or input error, one
@@ -49,7 +50,7 @@ written, missing or unreadable file or checkpoint, unusable data, or blocking pr
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``scdlkit`` argument parser with its four sub-commands.
+    """The ``scdlkit`` argument parser with its five sub-commands.
 
     Returns
     -------
@@ -282,7 +283,86 @@ def build_parser() -> argparse.ArgumentParser:
     labelling_options(sub)
     logging_options(sub, top=False)
     sub.set_defaults(func=_commands.run_annotate)
+
+    # markers ------------------------------------------------------------------------------
+    sub = command(
+        "markers",
+        "the genes behind each predicted label of an annotated AnnData",
+        "The genes behind each predicted label (sck.tl.annotation_markers) of an AnnData "
+        "labelled by 'scdlkit annotate' or 'scdlkit adapt': genes with a positive score that "
+        "are higher in the label's cells. Writes uns['KEY_markers'] (label, rank, gene, score, "
+        "expression_difference) and prints the top genes of each label.",
+    )
+    input_option(sub, "AnnData labelled by 'scdlkit annotate' or 'scdlkit adapt'")
+    output_option(sub, required=True, what="AnnData with the markers to write")
+    marker_options(sub)
+    checkpoint_option(sub, default=None)
+    gene_layer_options(sub, inherit=True)
+    device_option(sub)
+    sub.add_argument(
+        "--backed",
+        action="store_true",
+        help="open the input backed (read_h5ad(backed='r')) and read it in chunks",
+    )
+    logging_options(sub, top=False)
+    sub.set_defaults(func=_commands.run_markers)
     return parser
+
+
+def marker_options(parser: argparse.ArgumentParser) -> None:
+    """``markers``' options, those of :func:`scdlkit.tl.annotation_markers`."""
+    parser.add_argument(
+        "--key",
+        default="scgpt_annotation",
+        metavar="KEY",
+        help="the --key-added of the annotation: reads obs['KEY'] and uns['KEY'] "
+        "(default: 'scgpt_annotation')",
+    )
+    parser.add_argument(
+        "--runner",
+        metavar="DIR",
+        help="folder of the saved runner (default: the one uns['KEY'] records, checked "
+        "against the sha256 recorded)",
+    )
+    parser.add_argument(
+        "--n-genes",
+        type=positive_int,
+        default=20,
+        metavar="N",
+        help="genes per label (default: 20)",
+    )
+    parser.add_argument(
+        "--n-steps",
+        type=positive_int,
+        default=20,
+        metavar="N",
+        help="integration points of integrated gradients, scGPT strategies (default: 20)",
+    )
+    parser.add_argument(
+        "--max-cells-per-label",
+        type=positive_int,
+        default=500,
+        metavar="N",
+        help="cells per label used by integrated gradients, a seeded subset (default: 500)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        metavar="N",
+        help="cells per forward/backward pass (default: the runner's)",
+    )
+    parser.add_argument(
+        "--random-state",
+        type=seed,
+        default=0,
+        metavar="SEED",
+        help="seeds the subset of --max-cells-per-label (default: 0)",
+    )
+    parser.add_argument(
+        "--csv",
+        metavar="FILE.csv",
+        help="also write the markers table as CSV (written atomically)",
+    )
 
 
 def labelling_options(parser: argparse.ArgumentParser) -> None:
@@ -308,16 +388,17 @@ def labelling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--over-clustering",
         metavar="COLUMN",
-        help="obs column with the clusters to vote in (default: over-cluster the cells on the "
-        "annotation representation)",
+        help="obs column with the clusters to vote in (default: over-cluster the cells on "
+        "their expression, as CellTypist: Leiden with igraph installed, else k-means with a "
+        "warning; no vote on 50 cells or fewer)",
     )
     parser.add_argument(
         "--min-prop",
         type=unit_interval,
         default=0.0,
         metavar="P",
-        help="a cluster whose majority label holds a smaller share is called 'Heterogeneous' "
-        "(default: 0)",
+        help="with --majority-voting: a cluster whose majority label holds a smaller share is "
+        "called 'Heterogeneous' (default: 0)",
     )
     parser.add_argument(
         "--no-probabilities",
