@@ -126,7 +126,10 @@ def test_a_class_weight_typo_is_refused_before_any_work(small_ref, checkpoint_di
         ({"encoder_dropout": 1.0}, "training['encoder_dropout'] must be less than 1"),
         ({"lr_decay": 2}, "training['lr_decay'] must be at most 1"),
         ({"early_stopping_patience": 2.5}, "training['early_stopping_patience'] must be a whole"),
-        ({"optimizer": "sgd"}, "training['optimizer']='sgd' is not one of 'adamw', 'adam'"),
+        (
+            {"optimizer": "sgd"},
+            "training['optimizer']='sgd' is not one of 'adamw', 'adam', 'adafactor'",
+        ),
         ({"head_lrr": 1e-3}, "unknown setting(s) 'head_lrr'; allowed: the settings"),
         ({"head": {"encoder_dropout": 0.1}}, "training['head'] has unknown setting"),
         ({"head": 1e-3}, "training['head'] must be a dict"),

@@ -371,13 +371,14 @@ def _custom_values() -> dict[Callable, Callable[[], tuple]]:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the PEFT configs (foundation/peft/_base.py check_positive_int, check_dropout) refuse "
-    "numpy integers and floats (reported to their owner)",
-)
 def test_strategy_configs_accept_numpy_numbers():
-    assert LoRAConfig(rank=np.int64(4), dropout=np.float32(0.25)).rank == 4
+    config = LoRAConfig(rank=np.int64(4), alpha=np.float64(8), dropout=np.float32(0.25))
+    assert (config.rank, config.alpha, config.dropout) == (4, 8.0, 0.25)
+    assert type(config.rank) is int
+    assert type(config.dropout) is float
+    for bad in (np.bool_(True), np.float64(4.0)):
+        with pytest.raises(ValueError, match="rank must be a positive integer"):
+            LoRAConfig(rank=bad)
 
 
 def values(check: Callable) -> tuple[st.SearchStrategy, st.SearchStrategy]:

@@ -31,7 +31,10 @@ from scdlkit._shared.validation import (
     get_matrix,
     validate_values,
 )
-from scdlkit.foundation._annotation_model import build_annotation_model
+from scdlkit.foundation._annotation_model import (
+    DEFAULT_CLASSIFIER_DROPOUT,
+    build_annotation_model,
+)
 from scdlkit.foundation._data import MIN_GENE_OVERLAP
 from scdlkit.foundation._device import resolve_precision
 from scdlkit.foundation._embed import l2_normalise
@@ -533,19 +536,22 @@ class NeuralStrategy(StrategyFamily):
             label_categories=ctx.label_categories,
             seed=ctx.random_state,
             input_norm=settings.get("input_norm", DEFAULT_INPUT_NORM),
+            classifier_dropout=settings.get("classifier_dropout", DEFAULT_CLASSIFIER_DROPOUT),
         )
+        batch_size = settings.get("batch_size", ctx.batch_size)  # a recipe's, or the runner's
         fit_cells, stop_cells = ctx.early_stopping_split()
-        steps_per_epoch = -(-len(fit_cells) // ctx.batch_size)
+        steps_per_epoch = -(-len(fit_cells) // batch_size)
         warn_if_stretched(
             strategy,
             settings,
             steps_per_epoch,
             n_cells=len(fit_cells),
-            batch_size=ctx.batch_size,
+            batch_size=batch_size,
             once_per=ctx.prepared,  # the same for every repeat of one fit
         )
         budget = step_budget(settings, steps_per_epoch)
-        budget.pop("input_norm", None)  # model settings, not the Trainer's
+        for name in ("input_norm", "classifier_dropout", "batch_size"):  # not the Trainer's
+            budget.pop(name, None)
         encoder_dropout = budget.pop("encoder_dropout", None)
         if encoder_dropout is not None:
             set_encoder_dropout(model.encoder, encoder_dropout)
@@ -553,7 +559,7 @@ class NeuralStrategy(StrategyFamily):
             set_attention_dropout(model, ctx.attention_dropout)
         trainer = Trainer(
             model,
-            batch_size=ctx.batch_size,
+            batch_size=batch_size,
             accelerator=ctx.device.type,
             devices=1,
             precision=resolve_precision(ctx.precision, ctx.device),

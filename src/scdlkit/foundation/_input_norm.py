@@ -21,6 +21,7 @@ __all__ = [
     "BatchStandardiser",
     "FeatureStandardiser",
     "LayerNormInput",
+    "RawInput",
     "make_input_norm",
 ]
 
@@ -28,8 +29,9 @@ __all__ = [
 #: per-dimension standardisation on the frozen encoder's features (:class:`FeatureStandardiser`),
 #: ``"layernorm"`` a learned LayerNorm trained with the head (:class:`LayerNormInput`),
 #: ``"batch"`` per-dimension statistics that follow the encoder as it trains
-#: (:class:`BatchStandardiser`).
-INPUT_NORMS = ("frozen", "layernorm", "batch")
+#: (:class:`BatchStandardiser`), ``"none"`` the raw vector, as upstream scGPT and scPEFT feed it
+#: (:class:`RawInput`).
+INPUT_NORMS = ("frozen", "layernorm", "batch", "none")
 #: What a saved config without ``input_norm`` was fitted with (every model saved before the
 #: option existed): fixed for good, whatever the default becomes.
 LEGACY_INPUT_NORM = "frozen"
@@ -72,6 +74,17 @@ class LayerNormInput(nn.LayerNorm):
     """
 
     def fit(self, features: torch.Tensor) -> LayerNormInput:
+        """Nothing to fit: kept so every classifier-input normalisation takes the same call."""
+        return self
+
+
+class RawInput(nn.Identity):
+    """The raw ``<cls>`` vector (``"none"``), as upstream scGPT and scPEFT feed their heads.
+
+    :meth:`fit` does nothing (there are no statistics to fit).
+    """
+
+    def fit(self, features: torch.Tensor) -> RawInput:
         """Nothing to fit: kept so every classifier-input normalisation takes the same call."""
         return self
 
@@ -138,12 +151,12 @@ def make_input_norm(input_norm: str, d_model: int) -> nn.Module:
     """The classifier-input normalisation named ``input_norm`` (one of :data:`INPUT_NORMS`).
 
     Every one has a ``fit(features)`` method: it sets the frozen standardiser, initialises the
-    running statistics of ``"batch"`` and does nothing for ``"layernorm"``.
+    running statistics of ``"batch"`` and does nothing for ``"layernorm"`` and ``"none"``.
 
     Parameters
     ----------
     input_norm
-        ``"frozen"``, ``"layernorm"`` or ``"batch"``.
+        ``"frozen"``, ``"layernorm"``, ``"batch"`` or ``"none"``.
     d_model
         Width of the ``<cls>`` vector.
 
@@ -161,4 +174,6 @@ def make_input_norm(input_norm: str, d_model: int) -> nn.Module:
         return LayerNormInput(d_model)
     if input_norm == "batch":
         return BatchStandardiser(d_model)
+    if input_norm == "none":
+        return RawInput()
     return FeatureStandardiser(d_model)

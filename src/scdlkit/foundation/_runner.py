@@ -338,6 +338,7 @@ class ScGPTAnnotationRunner:
 
     def _fit(self, adata: Any) -> ScGPTAnnotationRunner:
         families = {name: strategy_family(name) for name in self.strategies}
+        self.runner_dir_ = self.manifest_sha256_ = None  # a refit is no earlier save's model
         self.checkpoint_ = resolve_checkpoint(self.checkpoint)
         self.prepared_ = prepare_scgpt_data(
             adata,

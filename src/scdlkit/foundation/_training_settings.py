@@ -33,6 +33,7 @@ from scdlkit._shared.strategies import (
     PEFT_STRATEGIES,
     STRATEGIES,
 )
+from scdlkit.foundation._annotation_model import DEFAULT_CLASSIFIER_DROPOUT
 from scdlkit.foundation._input_norm import DEFAULT_INPUT_NORM, INPUT_NORMS
 from scdlkit.training._checks import FRACTION, TRAINING_SETTINGS, Check, optional
 
@@ -41,10 +42,12 @@ __all__ = [
     "EVAL_EVERY",
     "MAX_STEPS",
     "MIN_STEPS",
+    "RECIPES",
     "SETTING_CHECKS",
     "STRATEGIES",
     "STRETCH_WARNING_EPOCHS",
     "TRAINING_KEYS",
+    "UPSTREAM_TRAINING",
     "check_training_overrides",
     "resolve_training",
     "step_budget",
@@ -80,6 +83,8 @@ _COMMON = {
     # how the <cls> vector is normalised before the classifier (a model setting, not the
     # Trainer's; foundation/_input_norm.py): chosen by benchmarks/tune_defaults.py
     "input_norm": DEFAULT_INPUT_NORM,
+    # dropout on the normalised <cls> vector before the head (a model setting)
+    "classifier_dropout": DEFAULT_CLASSIFIER_DROPOUT,
 }
 #: Settings of the strategies that train the encoder (or modules inside it), not of ``head``.
 _ENCODER = {
@@ -127,13 +132,69 @@ DEFAULT_TRAINING: dict[str, dict[str, Any]] = {
     },
     **{name: {**_COMMON, **_PEFT} for name in PEFT_STRATEGIES},
 }
-TRAINING_KEYS = frozenset().union(*DEFAULT_TRAINING.values())
+#: What ``training=`` may name as its recipe: ``"scdlkit"`` (:data:`DEFAULT_TRAINING`) or
+#: ``"upstream"`` (:data:`UPSTREAM_TRAINING`).
+RECIPES = ("scdlkit", "upstream")
+_UPSTREAM = {
+    **_COMMON,
+    "input_norm": "none",  # upstream's head reads the raw <cls> vector, without dropout
+    "classifier_dropout": 0.0,
+    "encoder_dropout": None,  # the checkpoint's (0.2)
+    "min_steps": 0,
+    "max_steps": None,
+    "optimizer": "adam",
+    "adam_eps": 1e-4,
+    "lr_decay": 0.9,
+}
+#: The published recipes, setting by setting (``training="upstream"``): scGPT's annotation
+#: tutorial for ``full_finetune`` (no early stopping: the best epoch is kept), scPEFT's
+#: identification tutorial for ``lora``, ``adapter`` and ``prefix_tuning`` (patience 15), the
+#: IA3 paper (T-Few: Adafactor at 3e-3, 1,000 steps of batch 8, 6 % warm-up) for ``ia3``;
+#: ``head`` has no published recipe and keeps scdlkit's, on the raw ``<cls>`` vector.
+#: docs/strategies.md lists what no setting reproduces (tokens, the ``<cls>`` value, scPEFT's
+#: class weighting and sampler, its adapted layers, T-Few's linear decay).
+UPSTREAM_TRAINING: dict[str, dict[str, Any]] = {
+    "head": {**DEFAULT_TRAINING["head"], "input_norm": "none", "classifier_dropout": 0.0},
+    "full_finetune": {
+        **_UPSTREAM,
+        "epochs": 10,
+        "lr": 1e-4,
+        "early_stopping_patience": None,
+        "batch_size": 32,
+    },
+    **{
+        name: {
+            **_UPSTREAM,
+            "epochs": 20,
+            "lr": 5e-5,
+            "early_stopping_patience": 15,
+            "batch_size": 50,
+        }
+        for name in ("lora", "adapter", "prefix_tuning")
+    },
+    "ia3": {
+        **_UPSTREAM,
+        "optimizer": "adafactor",
+        "lr": 3e-3,
+        "lr_decay": None,
+        "warmup": 0.06,
+        "epochs": 1,
+        "min_steps": 1000,
+        "max_steps": 1000,
+        "early_stopping_patience": None,
+        "batch_size": 8,
+    },
+}
+TRAINING_KEYS = frozenset().union(*DEFAULT_TRAINING.values(), *UPSTREAM_TRAINING.values())
 #: The check of every training setting: the Trainer's, plus the settings only the runner reads.
 SETTING_CHECKS: dict[str, Check] = {
     **TRAINING_SETTINGS,
     "min_steps": partial(check_int, min_value=0),
     "encoder_dropout": optional(FRACTION),
     "input_norm": partial(check_choice, choices=INPUT_NORMS),
+    "classifier_dropout": FRACTION,
+    # the recipe's batch size for training (the runner's batch_size where not set)
+    "batch_size": partial(check_int, min_value=1),
 }
 #: Strategies fitted in closed form (no epochs, no learning rate) take class weighting only.
 FIT_SETTINGS: dict[str, dict[str, Any]] = {
@@ -141,8 +202,16 @@ FIT_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _defaults(strategy: str) -> dict[str, Any]:
-    return dict(DEFAULT_TRAINING.get(strategy) or FIT_SETTINGS[strategy])
+def _defaults(strategy: str, recipe: str = "scdlkit") -> dict[str, Any]:
+    table = UPSTREAM_TRAINING if recipe == "upstream" else DEFAULT_TRAINING
+    return dict(table.get(strategy) or FIT_SETTINGS[strategy])
+
+
+def _allowed(strategy: str) -> set[str]:
+    """The settings ``strategy`` takes under any recipe (closed-form fits: class_weight)."""
+    if strategy not in NEURAL_STRATEGIES:
+        return set(FIT_SETTINGS[strategy])
+    return set(DEFAULT_TRAINING[strategy]) | set(UPSTREAM_TRAINING[strategy])
 
 
 def resolve_training(
@@ -154,10 +223,10 @@ def resolve_training(
     dicts of settings; ``shortcuts`` are the runner's own arguments (``epochs=``, ``lr=``, ...)
     where not ``None``.
     """
-    settings = _defaults(strategy)
-    known = set(settings)
-    settings.update({k: v for k, v in shortcuts.items() if v is not None and k in known})
     overrides = dict(overrides or {})
+    settings = _defaults(strategy, overrides.pop("recipe", "scdlkit"))
+    known = _allowed(strategy)
+    settings.update({k: v for k, v in shortcuts.items() if v is not None and k in known})
     settings.update({k: v for k, v in overrides.items() if k in TRAINING_KEYS and k in known})
     settings.update(overrides.get(strategy, {}))
     explicit = {k for k, v in shortcuts.items() if v is not None} | set(overrides)
@@ -285,10 +354,16 @@ def check_training_overrides(name: str, overrides: Any) -> dict[str, Any]:
     """
     if overrides is None:
         return {}
+    if isinstance(overrides, str):  # a recipe by name: training="upstream"
+        overrides = {"recipe": overrides}
     if not isinstance(overrides, Mapping):
-        msg = f"{name} must be None or a dict of training settings, got {type(overrides).__name__}."
+        msg = (
+            f"{name} must be None, a recipe name ({', '.join(map(repr, RECIPES))}) or a dict of "
+            f"training settings, got {type(overrides).__name__}."
+        )
         raise TypeError(msg)
-    unknown = sorted(repr(k) for k in overrides if k not in TRAINING_KEYS and k not in STRATEGIES)
+    known = TRAINING_KEYS | set(STRATEGIES) | {"recipe"}
+    unknown = sorted(repr(k) for k in overrides if k not in known)
     if unknown:
         msg = (
             f"{name} has unknown setting(s) {', '.join(unknown)}; allowed: the settings "
@@ -298,10 +373,12 @@ def check_training_overrides(name: str, overrides: Any) -> dict[str, Any]:
         raise ValueError(msg)
     checked = {}
     for key, value in overrides.items():
-        if key in TRAINING_KEYS:
+        if key == "recipe":
+            checked[key] = check_choice(f"{name}[{key!r}]", value, RECIPES)
+        elif key in TRAINING_KEYS:
             checked[key] = SETTING_CHECKS[key](f"{name}[{key!r}]", value)
         elif key in NEURAL_STRATEGIES:
-            checked[key] = _check_settings(f"{name}[{key!r}]", value, _defaults(key))
+            checked[key] = _check_settings(f"{name}[{key!r}]", value, _allowed(key))
         else:  # fitted in closed form: no epochs, no learning rate
             where = f"{name}[{key!r}]"
             if isinstance(value, Mapping) and set(value) - set(_defaults(key)):

@@ -23,7 +23,13 @@ __all__ = [
     "warmup_steps",
 ]
 
-OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+#: ``adafactor`` is torch's (no relative step, no parameter scaling: the IA3 paper's use, at a
+#: fixed rate); it keeps its own eps, so ``adam_eps`` does not reach it.
+OPTIMIZERS = {
+    "adamw": torch.optim.AdamW,
+    "adam": torch.optim.Adam,
+    "adafactor": torch.optim.Adafactor,
+}
 #: What the Trainer may monitor for the best epoch, and which way is better.
 MONITORS = {"val_loss": "min", "val_macro_f1": "max"}
 
@@ -77,6 +83,8 @@ def build_optimizer(
         groups = [g for g in groups if g["params"]]
     for group in groups:
         group["lr"] = group["peak_lr"]
+    if optimizer == "adafactor":
+        return OPTIMIZERS[optimizer](groups, lr=lr, weight_decay=weight_decay)
     return OPTIMIZERS[optimizer](groups, lr=lr, weight_decay=weight_decay, eps=eps)
 
 

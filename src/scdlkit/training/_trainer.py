@@ -133,8 +133,9 @@ class Trainer:
         Weight decay: decoupled under ``"adamw"``, an L2 term added to the gradient under
         ``"adam"`` (as :class:`torch.optim.Adam` does).
     optimizer
-        ``"adamw"`` (default; :class:`torch.optim.AdamW`) or ``"adam"`` (:class:`torch.optim.Adam`,
-        the optimiser of upstream scGPT's fine-tuning tutorials).
+        ``"adamw"`` (default; :class:`torch.optim.AdamW`), ``"adam"`` (:class:`torch.optim.Adam`,
+        the optimiser of upstream scGPT's fine-tuning tutorials) or ``"adafactor"``
+        (:class:`torch.optim.Adafactor`, the IA3 paper's; ``adam_eps`` does not apply).
     adam_eps
         The ``eps`` term of Adam/AdamW's denominator. Default ``1e-8`` (PyTorch's). Upstream scGPT
         uses ``1e-4`` when it trains under fp16 mixed precision, which damps the update of

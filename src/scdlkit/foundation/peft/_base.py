@@ -12,10 +12,12 @@ checkpoint has them and only the new parameters are added.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,19 +35,22 @@ QKV = ("q", "k", "v")
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
 
 
-def check_positive_int(owner: str, name: str, value: Any) -> None:
+def check_positive_int(owner: str, name: str, value: Any) -> int:
+    """``value`` as a Python int (numpy integers accepted); ValueError unless positive."""
     if not _is_int(value) or value <= 0:
         msg = f"{owner}.{name} must be a positive integer, got {value!r}."
         raise ValueError(msg)
+    return int(value)
 
 
 def check_dropout(owner: str, value: Any) -> float:
     if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
+        isinstance(value, bool | np.bool_)
+        or not isinstance(value, numbers.Real)
         or not math.isfinite(value)
         or not 0.0 <= value < 1.0
     ):

@@ -88,7 +88,9 @@ class AdapterConfig(PEFTConfig):
     def __post_init__(self) -> None:
         owner = type(self).__name__
         if self.bottleneck_dim is not None:
-            check_positive_int(owner, "bottleneck_dim", self.bottleneck_dim)
+            self._set(
+                "bottleneck_dim", check_positive_int(owner, "bottleneck_dim", self.bottleneck_dim)
+            )
         self._set("dropout", check_dropout(owner, self.dropout))
         check_choice(owner, "activation", self.activation, ADAPTER_ACTIVATIONS)
         check_choice(owner, "placement", self.placement, ADAPTER_PLACEMENTS)

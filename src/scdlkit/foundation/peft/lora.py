@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,10 +83,10 @@ class LoRAConfig(PEFTConfig):
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        check_positive_int(owner, "rank", self.rank)
+        self._set("rank", check_positive_int(owner, "rank", self.rank))
         if (
-            isinstance(self.alpha, bool)
-            or not isinstance(self.alpha, int | float)
+            isinstance(self.alpha, bool | np.bool_)
+            or not isinstance(self.alpha, numbers.Real)
             or not math.isfinite(self.alpha)
             or self.alpha <= 0
         ):

@@ -70,7 +70,7 @@ class PrefixTuningConfig(PEFTConfig):
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        check_positive_int(owner, "prefix_length", self.prefix_length)
+        self._set("prefix_length", check_positive_int(owner, "prefix_length", self.prefix_length))
         self._set("dropout", check_dropout(owner, self.dropout))
         check_choice(owner, "init", self.init, PREFIX_INITS)
         self._set("layers", check_layers(owner, self.layers))
