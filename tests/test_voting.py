@@ -144,6 +144,19 @@ def test_computed_clusters_come_from_the_expression_not_the_model(
     assert (adata.obs[f"{KEY}_over_clustering"].astype(str).to_numpy() == clusters).all()
 
 
+def test_a_backed_query_gets_the_same_expression_clusters(
+    _pbmc_raw, voted, baseline_runner, tmp_path
+):
+    path = tmp_path / "q.h5ad"
+    _pbmc_raw.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    with _over_clustering_warning():
+        sck.tl.annotate(backed, baseline_runner, majority_voting=True, min_prop=0.5, chunk_size=128)
+    for column in (f"{KEY}_over_clustering", f"{KEY}_majority_voting"):
+        assert (backed.obs[column].astype(str) == voted.obs[column].astype(str)).all()
+    backed.file.close()
+
+
 def test_expression_representation_treats_counts_and_log_values_alike():
     rng = np.random.default_rng(0)
     counts = rng.poisson(rng.gamma(0.5, 2.0, size=(120, 60))).astype(np.float32)
