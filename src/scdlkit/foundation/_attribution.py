@@ -395,16 +395,24 @@ def top_genes(
     if difference is not None:
         columns.append("expression_difference")
         difference = difference.reindex(columns=scores.columns)
+    genes = [str(g) for g in scores.columns]
     rows = []
-    for position, (label, row) in enumerate(scores.iterrows()):
-        keep = row.to_numpy() > 0
+    for position, label in enumerate(scores.index):
+        values = scores.iloc[position].to_numpy(dtype=np.float64)
+        keep = values > 0
         if difference is not None:
             up = difference.iloc[position].to_numpy(dtype=np.float64)
             keep &= np.nan_to_num(up, nan=0.0) > 0
-        best = row[keep].sort_values(ascending=False, kind="stable").head(n_genes)
-        for rank, (gene, score) in enumerate(best.items(), start=1):
-            entry = {"label": str(label), "rank": rank, "gene": str(gene), "score": float(score)}
+        kept = np.flatnonzero(keep)
+        best = kept[np.argsort(-values[kept], kind="stable")][:n_genes]
+        for rank, column in enumerate(best, start=1):
+            entry = {
+                "label": str(label),
+                "rank": rank,
+                "gene": genes[column],
+                "score": float(values[column]),
+            }
             if difference is not None:
-                entry["expression_difference"] = float(up[scores.columns.get_loc(gene)])
+                entry["expression_difference"] = float(up[column])
             rows.append(entry)
     return pd.DataFrame(rows, columns=columns)
