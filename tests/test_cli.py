@@ -24,7 +24,7 @@ from scdlkit._version import __version__
 from scdlkit.cli import main
 
 KEY = "scgpt_annotation"
-COMMANDS = ("inspect", "embed", "adapt", "annotate")
+COMMANDS = ("inspect", "embed", "adapt", "annotate", "markers")
 
 
 @pytest.fixture(scope="module")
