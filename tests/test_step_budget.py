@@ -89,7 +89,7 @@ def _history(trainer: Trainer) -> pd.DataFrame:
 
 def test_defaults_give_a_floor_a_cap_and_an_evaluation_period():
     lora = resolve_training("lora", None, {})
-    assert (lora["min_steps"], lora["max_steps"], lora["eval_every"]) == (2000, 20_000, 2000)
+    assert (lora["min_steps"], lora["max_steps"], lora["eval_every"]) == (300, 20_000, 2000)
     assert resolve_training("full_finetune", None, {})["max_steps"] == MAX_STEPS
     head = resolve_training("head", None, {})
     assert head["min_steps"] == 0
@@ -136,8 +136,8 @@ def test_explicit_epochs_mean_exactly_that_many_epochs():
     both = resolve_training("lora", {"lora": {"epochs": 30, "max_steps": 500}}, {})
     assert step_budget(both, steps_per_epoch=100)["max_steps"] == 500
     # the cap wins over the floor
-    low = resolve_training("lora", {"max_steps": 300}, {})
-    assert step_budget(low, steps_per_epoch=6)["max_steps"] == 300
+    low = resolve_training("lora", {"max_steps": 200}, {})
+    assert step_budget(low, steps_per_epoch=6)["max_steps"] == 200
 
 
 def test_head_on_a_million_cells_evaluates_every_eval_every_steps():
@@ -171,7 +171,7 @@ def test_bad_max_steps_or_eval_every_is_refused_before_work(pbmc_raw):
 
 
 def test_a_stretched_floor_warns_once_per_fit_and_strategy():
-    settings = resolve_training("lora", None, {})  # 2,000 steps of 6: 334 epochs
+    settings = resolve_training("lora", {"min_steps": 2000}, {})  # 2,000 steps of 6: 334 epochs
 
     class Fit:
         pass
