@@ -102,7 +102,7 @@ def test_input_norm_default_is_frozen_and_its_config_reads_as_before(state, ckpt
     assert isinstance(model.feature_norm, FeatureStandardiser)
     # absent means "frozen": a manifest of a frozen model reads as before the option existed
     assert "input_norm" not in model.config_dict()
-    assert set(INPUT_NORMS) == {"frozen", "layernorm", "batch"}
+    assert set(INPUT_NORMS) == {"frozen", "layernorm", "batch", "none"}
 
 
 @pytest.mark.parametrize(
@@ -219,7 +219,7 @@ def test_input_norm_round_trips_through_config_and_adaptation_state(
     _perturb(model, [n for n, p in model.named_parameters() if p.requires_grad], 0.1)
     saved = {k: v.clone() for k, v in model.adaptation_state_dict().items()}
     own = {k for k in model.state_dict() if k.startswith("feature_norm.")}
-    assert own
+    assert bool(own) == (input_norm != "none")  # the raw vector has no state
     assert own <= set(saved)
     config = model.config_dict()
     fresh = build_annotation_model(state, ckpt, **config, seed=1)
@@ -440,7 +440,9 @@ def test_post_norm_adapter_round_trips_through_the_adaptation_state(state, ckpt,
     fresh.load_adaptation_state_dict(saved)
     torch.testing.assert_close(_logits(fresh.eval(), batch), _logits(model.eval(), batch))
     # an attention-placed adapter's state does not fit
-    attention = _build(state, ckpt, "adapter", strategy_config={"bottleneck_dim": 8})
+    attention = _build(
+        state, ckpt, "adapter", strategy_config={"bottleneck_dim": 8, "placement": "attention"}
+    )
     assert isinstance(
         attention.encoder.transformer_encoder.layers[0].self_attn.out_proj, AdapterLinear
     )
@@ -451,7 +453,7 @@ def test_post_norm_adapter_round_trips_through_the_adaptation_state(state, ckpt,
 def test_adapter_config_accepts_post_norm_only_among_placements():
     assert AdapterConfig(placement="post_norm").placement == "post_norm"
     assert AdapterConfig.from_dict({"placement": "post_norm"}).to_dict()["placement"] == "post_norm"
-    assert AdapterConfig().placement == "attention"  # default unchanged for now
+    assert AdapterConfig().placement == "post_norm"  # scPEFT's, kept by the tuning rule
     with pytest.raises(ValueError, match="placement must be one of"):
         AdapterConfig(placement="norm2")
 
@@ -485,7 +487,10 @@ def test_tuning_search_starts_from_published_values():
     assert published["full_finetune"]["encoder_dropout"] == 0.2
     assert published["lora"]["target_modules"] == ("q", "v")  # scPEFT's
     assert published["adapter"]["placement"] == "post_norm"  # scPEFT's
-    assert all(v[0].name == "input_norm" for v in tune.SEARCH.values())
+    # the rate first (nothing else can be judged at a rate that does not learn), then the input
+    assert all(v[0].name == "lr" and v[1].name == "input_norm" for v in tune.SEARCH.values())
+    assert published["lora"]["lr"] == 5e-4  # the LoRA paper's
+    assert published["adapter"]["lr"] == published["prefix_tuning"]["lr"] == 5e-5  # scPEFT's
     training, configs, input_norm = tune.runner_arguments(
         "lora",
         {"input_norm": "layernorm", "lr": 1e-3, "target_modules": ("q", "v")},

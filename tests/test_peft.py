@@ -101,7 +101,7 @@ def test_config_defaults_follow_published_recipes():
     adapter = AdapterConfig()
     assert (adapter.bottleneck_dim, adapter.placement, adapter.activation) == (
         None,
-        "attention",
+        "post_norm",
         "gelu",
     )
     assert PrefixTuningConfig().prefix_length == 8

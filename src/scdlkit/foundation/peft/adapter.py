@@ -40,9 +40,9 @@ ADAPTER_PLACEMENTS = ("attention", "ffn", "both", "post_norm")
 class AdapterConfig(PEFTConfig):
     """Bottleneck adapters (Houlsby et al. 2019) inside each encoder layer.
 
-    An adapter is ``up(dropout(act(down(h))))`` added to a sub-layer's output ``h`` before the
-    residual connection and LayerNorm, i.e. ``h + adapter(h)`` (Houlsby's placement), or, with
-    ``placement="post_norm"``, to the attention block's normalised output as scPEFT places it.
+    An adapter is ``up(dropout(act(down(h))))`` added to the attention block's normalised output
+    as scPEFT places it (the default, ``placement="post_norm"``), or to a sub-layer's output
+    ``h`` before the residual connection and LayerNorm, ``h + adapter(h)`` (Houlsby's placement).
     ``up`` starts at zero, so the model starts exactly as the pretrained one. scPEFT's "encoder
     adapter" on scGPT (He et al. 2025) has the same shape (512 -> 128 -> 512, GELU, no dropout)
     and sits after the attention block's residual and first LayerNorm (``n + adapter(n)``,
@@ -62,9 +62,10 @@ class AdapterConfig(PEFTConfig):
     activation
         ``"gelu"`` (default, scPEFT's adapter) or ``"relu"``.
     placement
-        ``"attention"`` (default: on the attention block's output before its residual and norm,
-        i.e. wrapping ``self_attn.out_proj``), ``"post_norm"`` (scPEFT's: on
-        ``n = norm1(x + attn(x))``, per token, ``n + adapter(n)``, wrapping ``norm1``), ``"ffn"``
+        ``"post_norm"`` (default, scPEFT's: on ``n = norm1(x + attn(x))``, per token,
+        ``n + adapter(n)``, wrapping ``norm1``; kept by ``benchmarks/tune_defaults.py``, where
+        ``"attention"`` was not ahead of it), ``"attention"`` (Houlsby's: on the attention
+        block's output before its residual and norm, wrapping ``self_attn.out_proj``), ``"ffn"``
         (on the feed-forward output, wrapping ``linear2``) or ``"both"`` (Houlsby's two adapters
         per layer, ``"attention"`` and ``"ffn"``).
     layers
@@ -82,7 +83,7 @@ class AdapterConfig(PEFTConfig):
     bottleneck_dim: int | None = None
     dropout: float = 0.0
     activation: str = "gelu"
-    placement: str = "attention"
+    placement: str = "post_norm"
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
