@@ -382,7 +382,7 @@ def test_step_budget_benchmark_prints_the_cost_table(capsys):
     small, mid, large = plans[700], plans[100_000], plans[1_000_000]
     assert small.bound == "floor"
     assert small.steps >= MIN_STEPS
-    assert small.epochs > 50
+    assert small.epochs == -(-MIN_STEPS // small.steps_per_epoch) > 10  # stretched
     assert mid.bound == "epochs"
     assert mid.steps == 10 * mid.steps_per_epoch
     assert mid.train_passes == 10 * mid.fit

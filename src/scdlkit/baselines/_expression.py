@@ -458,7 +458,11 @@ class ExpressionLogisticBaseline:
             ``(n_cells, n_components_used)`` float32.
         """
         components = self.pca_.components_
-        offset = (self.pca_.mean_ - self._zero_value) @ components.T
+        # in long double (numpy's own loop, not BLAS): a BLAS product's summation order depends
+        # on the arrays' memory alignment, and a loaded model's arrays sit elsewhere than the
+        # fitted one's, which flipped the float32 rounding of single latent values
+        centre = (self.pca_.mean_ - self._zero_value).astype(np.longdouble)
+        offset = (centre @ components.T.astype(np.longdouble)).astype(np.float64)
         return self._per_chunk(
             matrix, genes, lambda shifted: (shifted @ components.T - offset).astype(np.float32)
         )
