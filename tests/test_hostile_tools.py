@@ -158,7 +158,7 @@ def test_predictions_that_do_not_fit_the_adata_are_refused_before_any_slot(
 
     monkeypatch.setattr(ScGPTAnnotationRunner, "predict", short_latent)
     adata = small_ref.copy()
-    with unchanged(adata), pytest.raises(ValueError, match="rows for|incorrect shape"):
+    with unchanged(adata), pytest.raises(ValueError, match=r"rows for|incorrect shape"):
         sck.tl.annotate(adata, runner)
 
 
@@ -177,7 +177,7 @@ def test_adapt_annotation_writes_nothing_when_its_results_do_not_fit(
     monkeypatch.setattr(ScGPTAnnotationRunner, "reference_predictions", short_latent)
     monkeypatch.setattr(adapt, "default_runner_dir", lambda: tmp_path / "runner")
     adata = small_ref.copy()
-    with unchanged(adata), pytest.raises(ValueError, match="rows for|incorrect shape"):
+    with unchanged(adata), pytest.raises(ValueError, match=r"rows for|incorrect shape"):
         sck.tl.adapt_annotation(
             adata, "bulk_labels", checkpoint=checkpoint_dir, strategies=("baseline",), **FAST
         )
@@ -195,7 +195,7 @@ def test_train_baseline_writes_nothing_when_its_results_do_not_fit(small_ref, mo
 
     monkeypatch.setattr(TaskRunner, "reference_predictions", short_latent)
     adata = small_ref.copy()
-    with unchanged(adata), pytest.raises(ValueError, match="rows for|incorrect shape"):
+    with unchanged(adata), pytest.raises(ValueError, match=r"rows for|incorrect shape"):
         sck.tl.train_baseline(adata, model="mlp", label_key="bulk_labels", epochs=1, progress=False)
 
 
