@@ -339,3 +339,13 @@ def test_baseline_vs_celltypist_fallback_table(capsys):
         assert r["prob match Unassigned %"] == "n/a"
     assert " ± " in rows[2]["baseline macro-F1"]
     assert "rewrite minus baseline, macro-F1" in text
+
+
+def test_comparison_time_prints_the_call_and_each_strategy(capsys):
+    bench = _import("comparison_time")
+    assert bench.main(["--strategies", "frozen_probe", "baseline"]) == 0
+    out = capsys.readouterr().out
+    assert "wall time of the call:" in out
+    rows = [line for line in out.splitlines() if line.startswith("| `")]
+    assert [r.split("`")[1] for r in rows] == ["frozen_probe", "baseline"]
+    assert "best (validation):" in out

@@ -101,9 +101,9 @@ _PEFT = {
     "epochs": 10,
     "min_steps": MIN_STEPS,
     "max_steps": MAX_STEPS,
-    # docs/tuning.md: tuned for lora (ahead of the LoRA paper's 5e-4 on the planted data and on
-    # pbmc68k) and, on the planted data only, for adapter and prefix_tuning (ahead of scPEFT's
-    # 5e-5); the IA3 paper's rate for ia3 (not tuned)
+    # docs/tuning.md: tuned on the planted data for lora (ahead of the LoRA paper's 5e-4),
+    # adapter and prefix_tuning (ahead of scPEFT's 5e-5); the IA3 paper's rate for ia3 (not
+    # tuned)
     "lr": 3e-3,
     "lr_decay": 0.9,
     "early_stopping_patience": 3,
