@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import platform
 import time
@@ -136,37 +135,16 @@ def cls_attention_on_markers(encoder: Any, adata: ad.AnnData, checkpoint: Path) 
     return [float(np.mean(values)) for values in shares]
 
 
-def runner_accepts_input_norm() -> bool:
-    """Whether ``training={"input_norm": ...}`` is a setting the annotation runner knows."""
-    from scdlkit.foundation._training_settings import TRAINING_KEYS
-
-    return "input_norm" in TRAINING_KEYS
-
-
 @contextlib.contextmanager
 def classifier_input_norm(
     training: Mapping[str, Any] | None, input_norm: str | None
 ) -> Iterator[dict[str, Any] | None]:
     """``training`` for a runner whose neural strategies normalise the ``<cls>`` input by
-    ``input_norm`` (``None``: the runner's default).
-
-    Through ``training={"input_norm": ...}`` where the runner accepts that key. Where it does not
-    yet, the model builder the runner's strategies call is patched for the duration to pass
-    ``input_norm`` (a saved model still records it in its config and reloads with it).
-    """
+    ``input_norm`` (``None``: the runner's default), as ``training={"input_norm": ...}``."""
     if input_norm is None:
         yield None if training is None else dict(training)
         return
-    if runner_accepts_input_norm():
-        yield {**(training or {}), "input_norm": input_norm}
-        return
-    from scdlkit.foundation import _fitting
-    from scdlkit.foundation._annotation_model import build_annotation_model
-
-    # keywords given at call time (a saved model's config) win over the partial's
-    builder = functools.partial(build_annotation_model, input_norm=input_norm)
-    with mock.patch.object(_fitting, "build_annotation_model", builder):
-        yield None if training is None else dict(training)
+    yield {**(training or {}), "input_norm": input_norm}
 
 
 def pbmc_adata() -> ad.AnnData:

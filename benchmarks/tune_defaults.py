@@ -28,9 +28,8 @@ Usage::
 
 The full search fits 28 distinct candidates per data setting at 5 seeds and the default
 budget (2,000 optimiser steps each): hours on a GPU, days on two CPU cores. ``--min-steps``
-shortens the budget (the table says so). Until the runner accepts ``training={"input_norm":
-...}``, the classifier-input normalisation is set by patching the model builder the runner calls
-(``planted_signal.classifier_input_norm``).
+shortens the budget (the table says so). The classifier-input normalisation reaches the runner
+as ``training={"input_norm": ...}``.
 """
 
 from __future__ import annotations

@@ -74,3 +74,30 @@ def _pbmc_raw() -> ad.AnnData:
 def pbmc_raw(_pbmc_raw: ad.AnnData) -> ad.AnnData:
     """pbmc68k_reduced's log-normalised ``.raw`` (765 symbols) with ``bulk_labels``."""
     return _pbmc_raw.copy()
+
+
+@pytest.fixture(scope="module")
+def baseline_runner(_pbmc_raw: ad.AnnData, checkpoint_dir: Path, tmp_path_factory):
+    """A saved ``baseline`` runner fitted on pbmc68k_reduced's ``.raw`` (``bulk_labels``)."""
+    import scdlkit as sck
+
+    runner = sck.AnnotationRunner(
+        label_key="bulk_labels",
+        strategies=("baseline",),
+        checkpoint=checkpoint_dir,
+        random_state=0,
+        progress=False,
+        precision="fp32",
+    ).fit(_pbmc_raw)
+    runner.save(tmp_path_factory.mktemp("baseline") / "runner")
+    return runner
+
+
+@pytest.fixture(scope="module")
+def annotated(_pbmc_raw: ad.AnnData, baseline_runner) -> ad.AnnData:
+    """pbmc68k_reduced's ``.raw`` labelled by :func:`baseline_runner` (``sck.tl.annotate``)."""
+    import scdlkit as sck
+
+    adata = _pbmc_raw.copy()
+    sck.tl.annotate(adata, baseline_runner)
+    return adata

@@ -21,27 +21,6 @@ KEY = "scgpt_annotation"
 FAST = {"progress": False, "precision": "fp32"}
 
 
-@pytest.fixture(scope="module")
-def baseline_runner(_pbmc_raw, checkpoint_dir, tmp_path_factory):
-    """A saved ``baseline`` runner fitted on pbmc68k_reduced's ``.raw`` (``bulk_labels``)."""
-    runner = sck.AnnotationRunner(
-        label_key="bulk_labels",
-        strategies=("baseline",),
-        checkpoint=checkpoint_dir,
-        random_state=0,
-        **FAST,
-    ).fit(_pbmc_raw)
-    runner.save(tmp_path_factory.mktemp("baseline") / "runner")
-    return runner
-
-
-@pytest.fixture(scope="module")
-def annotated(_pbmc_raw, baseline_runner):
-    adata = _pbmc_raw.copy()
-    sck.tl.annotate(adata, baseline_runner)
-    return adata
-
-
 # --------------------------------------------------------------------- annotate-time options
 
 

@@ -35,20 +35,6 @@ FAST = {"progress": False, "precision": "fp32"}
 HAS_IGRAPH = find_spec("igraph") is not None
 
 
-@pytest.fixture(scope="module")
-def baseline_runner(_pbmc_raw, checkpoint_dir, tmp_path_factory):
-    """A saved ``baseline`` runner fitted on pbmc68k_reduced's ``.raw`` (``bulk_labels``)."""
-    runner = sck.AnnotationRunner(
-        label_key="bulk_labels",
-        strategies=("baseline",),
-        checkpoint=checkpoint_dir,
-        random_state=0,
-        **FAST,
-    ).fit(_pbmc_raw)
-    runner.save(tmp_path_factory.mktemp("baseline") / "runner")
-    return runner
-
-
 def _over_clustering_warning():
     """The k-means fallback warns exactly when igraph is missing."""
     if HAS_IGRAPH:

@@ -176,16 +176,22 @@ def run_adapt(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def run_annotate(args: argparse.Namespace) -> int:
-    """``scdlkit annotate``: label query cells with a saved runner."""
-    out = check_output(args.output)
-    check_device(args.device)
-    runner = Path(args.runner)
+def check_runner_folder(path: str) -> Path:
+    """``--runner`` as a path; FileNotFoundError, before any work, when it is not a folder."""
+    runner = Path(path)
     if not runner.is_dir():
         msg = (
             f"runner folder {str(runner)!r} does not exist (see 'runner folder:' of scdlkit adapt)"
         )
         raise FileNotFoundError(msg)
+    return runner
+
+
+def run_annotate(args: argparse.Namespace) -> int:
+    """``scdlkit annotate``: label query cells with a saved runner."""
+    out = check_output(args.output)
+    check_device(args.device)
+    runner = check_runner_folder(args.runner)
     adata = read_input(args.input, backed=args.backed)
     with torchrun_group(args.device) as writer:
         sck.tl.annotate(
@@ -220,11 +226,8 @@ def run_markers(args: argparse.Namespace) -> int:
     out = check_output(args.output)
     csv = check_output(args.csv, what="--csv")
     check_device(args.device)
-    if args.runner is not None and not Path(args.runner).is_dir():
-        msg = (
-            f"runner folder {args.runner!r} does not exist (see 'runner folder:' of scdlkit adapt)"
-        )
-        raise FileNotFoundError(msg)
+    if args.runner is not None:
+        check_runner_folder(args.runner)
     adata = read_input(args.input, backed=args.backed)
     sck.tl.annotation_markers(
         adata,
