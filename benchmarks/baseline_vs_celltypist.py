@@ -56,6 +56,8 @@ COLUMNS = (
     "other accuracy",
     "label agreement %",
     "prob match Unassigned %",
+    "baseline Unknown at 0.5 %",
+    "threshold for that share",
 )
 #: Where the comparison is not CellTypist itself, say what it is instead.
 REWRITE = "multinomial rewrite of CellTypist's scaling (NOT CellTypist)"
@@ -137,13 +139,15 @@ def runner_split(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------ the methods
 
 
-def baseline_labels(matrix, genes, codes, parts, seed: int) -> np.ndarray:
-    """Query label codes from scdlkit's ``baseline`` (its defaults) fitted on the reference."""
+def baseline_labels(matrix, genes, codes, parts, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Query label codes and top probabilities from scdlkit's ``baseline`` (its defaults)
+    fitted on the reference."""
     from scdlkit.baselines import ExpressionLogisticBaseline
 
     train, test = parts["train"], parts["test"]
     model = ExpressionLogisticBaseline(random_state=seed).fit(matrix[train], genes, codes[train])
-    return model.classifier_.classes_[model.predict_proba(matrix[test], genes).argmax(axis=1)]
+    proba = model.predict_proba(matrix[test], genes)
+    return model.classifier_.classes_[proba.argmax(axis=1)], proba.max(axis=1)
 
 
 def rewrite_labels(matrix, codes, parts) -> np.ndarray:
@@ -241,7 +245,7 @@ def one_seed(matrix, genes, labels: pd.Categorical, seed: int, celltypist) -> di
     codes = labels.codes.astype(np.int64)
     parts = runner_split(codes, seed)
     y_test = codes[parts["test"]]
-    ours = baseline_labels(matrix, genes, codes, parts, seed)
+    ours, top = baseline_labels(matrix, genes, codes, parts, seed)
     unassigned = math.nan
     if celltypist is None:
         theirs = rewrite_labels(matrix, codes, parts)
@@ -261,6 +265,11 @@ def one_seed(matrix, genes, labels: pd.Categorical, seed: int, celltypist) -> di
         "other accuracy": float(accuracy_score(y_test, theirs)),
         "label agreement %": 100 * float(np.mean(ours == theirs)),
         "prob match Unassigned %": unassigned,
+        "baseline Unknown at 0.5 %": 100 * float(np.mean(top < 0.5)),
+        # the confidence_threshold that leaves as many cells unknown as prob match does
+        "threshold for that share": float(np.quantile(top, unassigned / 100))
+        if np.isfinite(unassigned)
+        else math.nan,
     }
 
 

@@ -29,6 +29,19 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"precision='auto' on CPU picks {picks} ({how})"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """Runners saved without output_dir go to the scdlkit cache: a temporary one in tests."""
+    from scdlkit.foundation._checkpoint import CACHE_ENV_VAR
+
+    if os.environ.get(CACHE_ENV_VAR):
+        yield
+        return
+    os.environ[CACHE_ENV_VAR] = str(tmp_path_factory.mktemp("scdlkit-cache"))
+    yield
+    os.environ.pop(CACHE_ENV_VAR, None)
+
+
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
     return FIXTURE

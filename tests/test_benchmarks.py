@@ -349,3 +349,19 @@ def test_comparison_time_prints_the_call_and_each_strategy(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| `")]
     assert [r.split("`")[1] for r in rows] == ["frozen_probe", "baseline"]
     assert "best (validation):" in out
+
+
+# --------------------------------------------------------------------- refit_vs_celltypist.py
+
+
+def test_refit_vs_celltypist_prints_the_refit_and_held_out_models_on_one_seed(capsys, monkeypatch):
+    bench = _import("refit_vs_celltypist")
+    monkeypatch.setitem(sys.modules, "celltypist", None)  # the rewrite path: no CellTypist column
+    text = bench.main(
+        ["--seeds", "0", "--noise-genes", "5", "--strategies", "baseline", "--celltypist", "off"]
+    )
+    assert "machine:" in text
+    assert "scdlkit refit macro-F1" in text
+    assert "scdlkit training split macro-F1" in text
+    assert "CellTypist macro-F1" not in text
+    assert "cells" in text  # what the saved model was fitted on

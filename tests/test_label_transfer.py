@@ -399,3 +399,24 @@ def test_annotate_warns_once_when_the_query_is_normalised_differently(_pbmc_raw,
         warnings.simplefilter("always")
         sck.tl.annotate(_pbmc_raw.copy(), loaded)
     assert not [w for w in caught if "normalise the query" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    ("name", "ours"),
+    [
+        ("p_thres", "confidence_threshold="),
+        ("mode", "confidence_threshold="),
+        ("model", "runner="),
+        ("use_GPU", "device="),
+        ("transpose_input", r"adata\.T"),
+    ],
+)
+def test_celltypist_argument_names_are_refused_naming_ours(annotated, baseline_runner, name, ours):
+    from anndata.tests.helpers import assert_equal
+
+    before = annotated.copy()
+    with pytest.raises(TypeError, match=rf"no argument '{name}' \(CellTypist's name\).*{ours}"):
+        sck.tl.annotate(annotated, baseline_runner, **{name: 0.5})
+    assert_equal(annotated, before)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'p_threshold'"):
+        sck.tl.annotate(annotated, baseline_runner, p_threshold=0.5)

@@ -132,7 +132,7 @@ def _batch_section(runner: Any) -> list[str]:
     ]
 
 
-def _report(runner: Any, adata: AnnData, per_class: pd.DataFrame, figures: list[str]) -> str:
+def _report(runner: Any, adata: AnnData, per_class: pd.DataFrame | None, figures: list[str]) -> str:
     report = runner.report_
     metrics = runner.strategy_metrics_
     best = runner.best_strategy_
@@ -142,7 +142,7 @@ def _report(runner: Any, adata: AnnData, per_class: pd.DataFrame, figures: list[
         base = metrics.set_index("strategy").loc["baseline", "test_macro_f1"]
         baseline_note = (
             f"\nThe plain baseline (logistic regression on expression) reached test macro-F1 "
-            f"{base:.3f}; the best scGPT strategy {best_row['test_macro_f1']:.3f}.\n"
+            f"{_number(base)}; the best scGPT strategy {_number(best_row['test_macro_f1'])}.\n"
         )
     lines = [
         "# scGPT cell-type annotation report",
@@ -162,14 +162,18 @@ def _report(runner: Any, adata: AnnData, per_class: pd.DataFrame, figures: list[
         "",
         _markdown_table(metrics),
         "",
-        f"**Best strategy: `{best}`** (validation macro-F1 {best_row['validation_macro_f1']:.3f}, "
-        f"test macro-F1 {best_row['test_macro_f1']:.3f}).",
+        f"**Best strategy: `{best}`** (validation macro-F1 "
+        f"{_number(best_row['validation_macro_f1'])}, test macro-F1 "
+        f"{_number(best_row['test_macro_f1'])}).",
         baseline_note,
+        *_final_model_section(runner),
         *_noise_section(runner),
         *_batch_section(runner),
         "## Per-class metrics of the best strategy (test split)",
         "",
-        _markdown_table(per_class),
+        _markdown_table(per_class)
+        if per_class is not None
+        else "No test cells (test_size=0): nothing was held out to report on.",
         "",
         "## Figures",
         "",
@@ -185,6 +189,40 @@ def _report(runner: Any, adata: AnnData, per_class: pd.DataFrame, figures: list[
         "",
     ]
     return "\n".join(lines)
+
+
+#: Figures of the test cells, left out when ``test_size=0`` holds none out.
+_TEST_FIGURES = ("strategy_comparison.png", "confusion_matrix.png")
+
+
+def _number(value: Any) -> str:
+    """A metric for the report's prose: three decimals, or "n/a" (no cells to compute it on)."""
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    return f"{value:.3f}"
+
+
+def _final_model_section(runner: Any) -> list[str]:
+    """Which model the saved runner labels new cells with (``refit=``)."""
+    records = getattr(runner, "final_models_", None) or {}
+    record = records.get(runner.best_strategy_)
+    if not record:
+        return []
+    if record.get("refit"):
+        steps = f", for {record['steps']} optimiser steps" if "steps" in record else ""
+        how = (
+            f"refitted on all {record['n_cells']} labelled cells after selection{steps} "
+            "(refit=); the metrics above are those of the model fitted on the training cells "
+            "alone, evaluated on held-out cells, and the reference's labels come from it too"
+        )
+    else:
+        how = f"the model fitted on the {record['n_cells']} training cells, as evaluated above"
+    return [
+        "## Saved model",
+        "",
+        f"The saved runner labels new cells with `{record['strategy']}`: {how}.",
+        "",
+    ]
 
 
 def write_artifacts(runner: Any, output_dir: Path) -> None:
@@ -212,7 +250,11 @@ def write_artifacts(runner: Any, output_dir: Path) -> None:
     test = runner.split_.test_indices
     codes = runner.prepared_.label_codes
     predicted = runner.reference_predictions()["label_codes"]
-    per_class = per_class_metrics(codes[test], predicted[test], labels=runner.label_categories_)
+    per_class = (
+        per_class_metrics(codes[test], predicted[test], labels=runner.label_categories_)
+        if len(test)
+        else None
+    )
     figures = []
     with matplotlib.rc_context({"backend": "Agg"}):
         import matplotlib.pyplot as plt
@@ -235,6 +277,8 @@ def write_artifacts(runner: Any, output_dir: Path) -> None:
             if name == "training_history.png" and not runner.history_:
                 continue
             if name == "batch_metrics.png" and getattr(runner, "batch_metrics_", None) is None:
+                continue
+            if name in _TEST_FIGURES and not len(test):
                 continue
             fig = draw()
             fig.savefig(output_dir / name, dpi=120, bbox_inches="tight")

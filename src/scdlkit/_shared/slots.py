@@ -252,6 +252,9 @@ def fit_summary_uns(runner: Any) -> dict[str, Any]:
         "strategy_metrics": runner.strategy_metrics_.copy(),
         "history": {name: frame.copy() for name, frame in runner.history_.items()},
         "split": dict(runner.split_summary_),
+        "final_models": {
+            k: dict(v) for k, v in (getattr(runner, "final_models_", None) or {}).items()
+        },
     }
     if getattr(runner, "repeat_metrics_", None) is not None:
         uns["repeat_metrics"] = runner.repeat_metrics_.copy()

@@ -133,6 +133,8 @@ def _adapt_options(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]
         "test_size": args.test_size,
         "random_state": args.random_state,
         "n_repeats": args.n_repeats,
+        "refit": args.refit,
+        "keep": args.keep,
         "device": args.device,
         "output_dir": output_dir,
         "overwrite": args.overwrite,
@@ -209,13 +211,14 @@ def run_annotate(args: argparse.Namespace) -> int:
             over_clustering=args.over_clustering,
             min_prop=args.min_prop,
             probabilities=args.probabilities,
+            strategy=args.strategy,
         )
         if writer:
             write_result(adata, source=Path(args.input), path=out, backed=args.backed)
     if not writer:
         return EXIT_OK
     counts = adata.obs[args.key_added].value_counts()
-    print(f"labelled {adata.n_obs} cells with {adata.uns[args.key_added]['best_strategy']}:")
+    print(f"labelled {adata.n_obs} cells with {adata.uns[args.key_added]['strategy']}:")
     print(counts.to_string())
     print(f"AnnData written to {out}")
     return EXIT_OK

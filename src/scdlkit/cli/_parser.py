@@ -212,6 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="fit every strategy on N splits and report mean and sd of each metric",
     )
+    sub.add_argument(
+        "--refit",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="after selection, fit the kept model again on every labelled cell: 'auto' for "
+        "frozen_probe and baseline, 'always' also for trained strategies, 'never' "
+        "(default: auto; reported metrics stay those of the held-out cells)",
+    )
+    sub.add_argument(
+        "--keep",
+        choices=("best", "all"),
+        default="best",
+        help="save the best strategy's model, or every strategy's ('all'; label with any via "
+        "'scdlkit annotate --strategy') (default: best)",
+    )
     device_option(sub)
     precision_option(sub)
     gene_layer_options(sub)
@@ -367,6 +382,11 @@ def marker_options(parser: argparse.ArgumentParser) -> None:
 
 def labelling_options(parser: argparse.ArgumentParser) -> None:
     """``annotate``'s labelling options, those of :func:`scdlkit.tl.annotate`."""
+    parser.add_argument(
+        "--strategy",
+        metavar="S",
+        help="label with this strategy of a runner saved with --keep all (default: the best)",
+    )
     parser.add_argument(
         "--confidence-threshold",
         type=unit_interval,

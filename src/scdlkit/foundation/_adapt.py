@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from scdlkit._shared.strategies import DEFAULT_STRATEGIES
-from scdlkit.foundation._checkpoint import ScGPTCheckpoint
+from scdlkit.foundation._checkpoint import ScGPTCheckpoint, default_cache_dir
 from scdlkit.foundation._runner import ScGPTAnnotationRunner
 
 __all__ = ["adapt_scgpt_annotation", "default_runner_dir"]
@@ -86,5 +87,14 @@ def adapt_scgpt_annotation(
 
 
 def default_runner_dir() -> Path:
-    """A fresh temporary folder for a runner saved without ``output_dir``."""
-    return Path(tempfile.mkdtemp(prefix="scdlkit-runner-"))
+    """A fresh folder for a runner saved without ``output_dir``: ``<cache>/runners/<time>-<id>``.
+
+    In the scdlkit cache (``$SCDLKIT_CACHE_DIR``, else the platform's cache folder), not the
+    system's temporary folder, which a reboot or a cleaner may empty while
+    ``uns[key]["runner_dir"]`` still points at it. Named by the UTC time of the save, so old
+    runs are easy to find and delete.
+    """
+    parent = default_cache_dir() / "runners"
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S-", time.gmtime())
+    return Path(tempfile.mkdtemp(prefix=stamp, dir=parent))

@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scdlkit.foundation._data import split_scgpt_data
 from scdlkit.foundation._fitting import FitContext, Stopwatch, StrategyFamily, StrategyResult
 from scdlkit.foundation._selection import metrics_row, rank_key, summarise_repeats
 
-__all__ = ["compare_strategies", "fit_strategies", "split_summary"]
+__all__ = ["compare_strategies", "fit_strategies", "repeat_splits", "split_summary"]
 
 logger = logging.getLogger("scdlkit")
 
@@ -75,6 +76,36 @@ def compare_strategies(
         *[c for c in repeat_metrics.columns if c not in {"strategy", "repeat"}],
     ]
     return summary, repeat_metrics[columns], best
+
+
+def repeat_splits(
+    prepared: Any,
+    *,
+    n_repeats: int,
+    n_strategies: int,
+    random_state: int,
+    **split_arguments: Any,
+) -> list[Any]:
+    """One split per repeat around one outer test set (DESIGN section 7).
+
+    The first repeat draws the test cells; later repeats (seeds ``random_state + r``) redraw
+    only training and validation cells, so no test cell ever helps choose.
+    """
+    splits: list[Any] = []
+    for r in range(n_repeats):
+        fixed_test = splits[0].test_indices if splits else None
+        split = split_scgpt_data(
+            prepared, random_state=random_state + r, fixed_test=fixed_test, **split_arguments
+        )
+        if len(split.val_indices) == 0 and n_strategies > 1:
+            msg = (
+                f"no validation cells (val_size={split_arguments.get('val_size')}) to rank "
+                f"{n_strategies} strategies on: give val_size > 0 (or val_batches= with "
+                "split_by='batch'), or fit one strategy at a time."
+            )
+            raise ValueError(msg)
+        splits.append(split)
+    return splits
 
 
 def split_summary(

@@ -194,11 +194,15 @@ class StrategyFamily:
         Needs those features when fitting (to fit on, or to standardise the classifier input).
     uses_checkpoint
         Needs the scGPT checkpoint's weights.
+    refit_by_default
+        Refitted on every labelled cell after selection under ``refit="auto"`` (a closed-form
+        fit that chose nothing on held-out cells; :mod:`scdlkit.foundation._final_model`).
     """
 
     uses_features = False
     reads_features = False
     uses_checkpoint = True
+    refit_by_default = False
 
     def fit(self, strategy: str, ctx: FitContext, settings: dict, config: Any) -> StrategyResult:
         raise NotImplementedError
@@ -363,6 +367,7 @@ class FrozenProbe(StrategyFamily):
 
     uses_features = True
     reads_features = True
+    refit_by_default = True
 
     def fit(self, strategy: str, ctx: FitContext, settings: dict, config: Any) -> StrategyResult:
         # scikit-learn is imported where used: most sessions never fit a probe
@@ -437,6 +442,7 @@ class ExpressionBaseline(StrategyFamily):
     """``baseline``: logistic regression on log-normalised expression; no scGPT."""
 
     uses_checkpoint = False
+    refit_by_default = True
 
     def fit(self, strategy: str, ctx: FitContext, settings: dict, config: Any) -> StrategyResult:
         # scdlkit.baselines imports the Trainer (lightning_fabric): only when the baseline runs
@@ -605,7 +611,7 @@ class NeuralStrategy(StrategyFamily):
             config=None if model.strategy_config is None else model.strategy_config.to_dict(),
             training={**settings, "trainer": budget},
             model=model,
-            extra={"test_probabilities": test_proba},
+            extra={"test_probabilities": test_proba, "best_step": trainer.best_step_},
         )
 
     def predict(self, model: Any, inputs: PredictInputs) -> tuple[np.ndarray, np.ndarray]:

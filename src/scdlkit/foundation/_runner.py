@@ -19,15 +19,16 @@ from scdlkit._shared.provenance import check_unique_genes
 from scdlkit._shared.strategies import DEFAULT_STRATEGIES
 from scdlkit._shared.validation import gene_names
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
-from scdlkit.foundation._comparison import compare_strategies, fit_strategies, split_summary
-from scdlkit.foundation._data import (
-    MIN_GENE_OVERLAP,
-    ScGPTPreparedData,
-    prepare_scgpt_data,
-    split_scgpt_data,
+from scdlkit.foundation._comparison import (
+    compare_strategies,
+    fit_strategies,
+    repeat_splits,
+    split_summary,
 )
+from scdlkit.foundation._data import MIN_GENE_OVERLAP, ScGPTPreparedData, prepare_scgpt_data
 from scdlkit.foundation._device import resolve_device, resolve_precision
 from scdlkit.foundation._embed import encode_cells
+from scdlkit.foundation._final_model import kept_models
 from scdlkit.foundation._fitting import (
     FitContext,
     PredictInputs,
@@ -53,7 +54,7 @@ from scdlkit.foundation._runner_args import (
     check_validation_cells,
     recorded_arguments,
 )
-from scdlkit.foundation._runner_io import load_runner, save_runner
+from scdlkit.foundation._runner_io import load_kept, load_runner, save_runner
 from scdlkit.foundation._selection import batch_metrics
 from scdlkit.foundation._stream import encode_adata
 from scdlkit.foundation._training_settings import resolve_training
@@ -66,7 +67,6 @@ logger = logging.getLogger("scdlkit")
 UNKNOWN_LABEL = "Unknown"
 #: What a run writes into ``output_dir``; any of them there means the folder holds a run.
 _RUN_FILES = ("runner", "strategy_metrics.csv", "predictions.csv", "report.md")
-METRIC_NAMES = ("accuracy", "macro_f1", "balanced_accuracy", "auroc_ovr")
 
 
 class ScGPTAnnotationRunner:
@@ -152,6 +152,16 @@ class ScGPTAnnotationRunner:
         ``split_``, batch metrics and labels are those of the first repeat. With one repeat,
         test macro-F1 carries a bootstrap 95% interval over the test cells
         (``_boot_ci_low``/``_high``).
+    refit
+        After selection, fit the kept model again on every labelled cell (CellTypist's practice):
+        ``"auto"`` for the closed-form strategies (``frozen_probe``, ``baseline``), ``"always"``
+        also for the trained ones (for the optimiser steps of their kept weights, no early
+        stopping), ``"never"``. The reported metrics stay those of the held-out evaluation;
+        ``final_models_`` says what each kept model was fitted on.
+    keep
+        ``"best"`` keeps the selected strategy's model; ``"all"`` keeps every strategy's (saved
+        beside it), so ``predict(..., strategy=...)`` and ``sck.tl.annotate(..., strategy=...)``
+        label with any of them without training again.
     progress
         Show progress bars.
 
@@ -170,6 +180,10 @@ class ScGPTAnnotationRunner:
         The preflight :class:`~scdlkit.foundation.ScGPTAnnotationDataReport`.
     split_
         The :class:`~scdlkit.foundation.ScGPTSplitData` used.
+    final_models_
+        ``{strategy: record}`` for every kept model: ``fitted_on`` (``"all labelled cells"`` or
+        ``"training cells"``), ``n_cells``, ``refit`` and, for a refitted trained strategy,
+        ``steps``.
 
     Examples
     --------
@@ -210,6 +224,8 @@ class ScGPTAnnotationRunner:
         test_batches: Sequence[str] | None = None,
         val_batches: Sequence[str] | None = None,
         n_repeats: int = 1,
+        refit: str = "auto",
+        keep: str = "best",
         progress: bool = True,
     ) -> None:
         # every argument checked before any work; canonical values from here on
@@ -361,13 +377,17 @@ class ScGPTAnnotationRunner:
                 "cells: rename that class, or leave confidence_threshold=None."
             )
             raise ValueError(msg)
-        # One outer test set for every repeat: later repeats redraw only training and
-        # validation cells, so no test cell ever helps choose (DESIGN section 7).
-        first = self._split(self.random_state)
-        splits = [first] + [
-            self._split(self.random_state + r, fixed_test=first.test_indices)
-            for r in range(1, self.n_repeats)
-        ]
+        splits = repeat_splits(
+            self.prepared_,
+            n_repeats=self.n_repeats,
+            n_strategies=len(self.strategies),
+            random_state=self.random_state,
+            val_size=self.val_size,
+            test_size=self.test_size,
+            split_by=self.split_by,
+            test_batches=self.test_batches,
+            val_batches=self.val_batches,
+        )
         self.split_ = splits[0]
         self.split_summary_ = split_summary(
             self.split_,
@@ -389,7 +409,7 @@ class ScGPTAnnotationRunner:
             feature_seconds = watch.seconds
         self._features = features
         self._expression = read_once(lambda: expression_of(adata, self.gene_key, self.layer))
-        repeats = []
+        repeats, contexts = [], []
         for r, split in enumerate(splits):
             ctx = FitContext(
                 prepared=self.prepared_,
@@ -419,8 +439,11 @@ class ScGPTAnnotationRunner:
                 for result in results.values():
                     result.model = None
             repeats.append(results)
+            contexts.append(ctx)
         self._finish_fit(repeats)
+        # the reference's labels come from the selected fit: its test cells stay held out
         self._reference_predictions = self._predict_prepared(self.prepared_)
+        self._keep_final_models(repeats[0], contexts[0], families)
         self._expression = None  # the reference matrix is not kept beyond fit
         if self.output_dir is not None:
             self.save(self.output_dir / "runner")
@@ -431,28 +454,8 @@ class ScGPTAnnotationRunner:
             )
         return self
 
-    def _split(self, seed: int, fixed_test: np.ndarray | None = None) -> Any:
-        split = split_scgpt_data(
-            self.prepared_,
-            val_size=self.val_size,
-            test_size=self.test_size,
-            random_state=seed,
-            split_by=self.split_by,
-            test_batches=self.test_batches,
-            val_batches=self.val_batches,
-            fixed_test=fixed_test,
-        )
-        if len(split.val_indices) == 0 and len(self.strategies) > 1:
-            msg = (
-                f"no validation cells (val_size={self.val_size}) to rank {len(self.strategies)} "
-                "strategies on: give val_size > 0 (or val_batches= with split_by='batch'), or "
-                "fit one strategy at a time."
-            )
-            raise ValueError(msg)
-        return split
-
     def _finish_fit(self, repeats: list[dict[str, StrategyResult]]) -> None:
-        """Rank on the mean over repeats, keep the best model of the first repeat."""
+        """Rank on the mean over repeats; the first repeat's best model predicts from here."""
         results = repeats[0]
         self.results_ = results
         self.strategy_metrics_, self.repeat_metrics_, self.best_strategy_ = compare_strategies(
@@ -470,11 +473,30 @@ class ScGPTAnnotationRunner:
                 self.prepared_.label_codes[cells],
                 self.prepared_.batches[cells],
             )
-        for name, result in results.items():  # keep only the best model in memory
-            if name != self.best_strategy_:
-                result.model = None
         self._best = results[self.best_strategy_]
+        self._kept = {self.best_strategy_: self._best}
         self._fitted = True
+
+    def _keep_final_models(
+        self, results: dict[str, StrategyResult], ctx: FitContext, families: dict
+    ) -> None:
+        """Keep the best model (or every one), refitted on every labelled cell where ``refit``
+        says: the models :meth:`predict` labels new cells with."""
+        self._kept, self.final_models_ = kept_models(
+            results,
+            self.best_strategy_,
+            families,
+            ctx,
+            refit=self.refit,
+            keep=self.keep,
+            settings=self.training_settings,
+            configs=self.strategy_configs,
+        )
+        for name, result in results.items():  # the selection fits of kept strategies stay
+            if name not in self._kept:
+                result.model = None
+        self._best = self._kept[self.best_strategy_]
+        self.kept_strategies_ = list(self._kept)
 
     # ----------------------------------------------------------------------------- encoders
 
@@ -522,8 +544,9 @@ class ScGPTAnnotationRunner:
         encode: Any,
         expression: Any,
         features: np.ndarray | None = None,
+        strategy: str | None = None,
     ) -> dict[str, np.ndarray]:
-        """Labels, probabilities and latent of the kept strategy.
+        """Labels, probabilities and latent of a kept strategy (default: the best).
 
         ``encode(forward, desc)`` runs a batch function over every cell (tokens already in
         memory, or streamed from the AnnData); ``expression()`` reads the log-normalised matrix
@@ -546,9 +569,8 @@ class ScGPTAnnotationRunner:
             device=self._torch_device,
             n_classes=len(self.label_categories_),
         )
-        probabilities, latent = strategy_family(self.best_strategy_).predict(
-            self._best.model, inputs
-        )
+        kept = self.kept_result(strategy)
+        probabilities, latent = strategy_family(kept.strategy).predict(kept.model, inputs)
         return label_predictions(
             probabilities, latent, self.label_categories_, self.confidence_threshold, UNKNOWN_LABEL
         )
@@ -568,8 +590,9 @@ class ScGPTAnnotationRunner:
         gene_key: str | None = None,
         layer: str | None = None,
         chunk_size: int | None = None,
+        strategy: str | None = None,
     ) -> dict[str, np.ndarray]:
-        """Label cells with the best strategy.
+        """Label cells with the best strategy (or another kept one).
 
         Parameters
         ----------
@@ -582,6 +605,8 @@ class ScGPTAnnotationRunner:
             50,000 of a backed one), so memory is bounded by the chunk. Under a
             ``torch.distributed`` launch each process predicts a share of every chunk and all
             receive the results in cell order.
+        strategy
+            A strategy kept with ``keep="all"`` (default: the best one).
 
         Returns
         -------
@@ -591,21 +616,28 @@ class ScGPTAnnotationRunner:
             L2-normalised for scGPT strategies as :func:`scdlkit.tl.embed`).
         """
         self._require_fitted("predict")
-        arguments = {"adata": adata, "gene_key": gene_key, "layer": layer, "chunk_size": chunk_size}
+        arguments = {
+            "adata": adata,
+            "gene_key": gene_key,
+            "layer": layer,
+            "chunk_size": chunk_size,
+            "strategy": strategy,
+        }
         check_arguments(PREDICT_ARGUMENTS, arguments)
+        kept = self.kept_result(strategy)
         gene_key = self.gene_key if gene_key is None else gene_key
         layer = self.layer if layer is None else layer
         # the expression baseline reads every gene; scGPT strategies only those in the vocabulary
-        uses_vocab = self.checkpoint_ is not None and self.best_strategy_ != "baseline"
+        uses_vocab = self.checkpoint_ is not None and strategy_family(kept.strategy).uses_checkpoint
         vocab = self.checkpoint_.vocab if uses_vocab else None
         check_unique_genes(gene_names(adata, gene_key), vocab=vocab, gene_key=gene_key)
         silent = query_cells_without_expression(
             adata,
             gene_key,
             layer,
-            family=strategy_family(self.best_strategy_),
+            family=strategy_family(kept.strategy),
             checkpoint=self.checkpoint_,
-            model=self._best.model,
+            model=kept.model,
         )
 
         def encode(forward: Any, desc: str) -> np.ndarray:
@@ -626,9 +658,17 @@ class ScGPTAnnotationRunner:
             )[0]
 
         predictions = self._predict_with(
-            encode, read_once(lambda: expression_of(adata, gene_key, layer))
+            encode, read_once(lambda: expression_of(adata, gene_key, layer)), strategy=strategy
         )
         return flag_without_expression(predictions, silent, UNKNOWN_LABEL)
+
+    def kept_result(self, strategy: str | None = None) -> StrategyResult:
+        """The kept model of ``strategy`` (default: the best), read from the saved runner's
+        ``strategies/`` folder on first use."""
+        name = self.best_strategy_ if strategy is None else strategy
+        if name not in self._kept:
+            self._kept[name] = load_kept(self, name)
+        return self._kept[name]
 
     def reference_predictions(self) -> dict[str, np.ndarray]:
         """Predictions for the cells ``fit`` saw (computed once, features reused)."""

@@ -27,6 +27,7 @@ from scdlkit._shared.arguments import (
 from scdlkit._shared.strategies import STRATEGIES
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint
 from scdlkit.foundation._device import PRECISIONS
+from scdlkit.foundation._final_model import KEEP_CHOICES, REFIT_CHOICES
 from scdlkit.foundation._training_settings import SETTING_CHECKS, check_training_overrides
 from scdlkit.foundation.peft import PEFTConfig, resolve_strategy_config
 from scdlkit.training._checks import (
@@ -157,6 +158,8 @@ RUNNER_ARGUMENTS: dict[str, Check] = {
     "val_batches": check_batch_names,
     # every repeat has its own seed: at most as many repeats as there are seeds
     "n_repeats": partial(check_int, min_value=1, max_value=MAX_SEED + 1),
+    "refit": partial(check_choice, choices=REFIT_CHOICES),
+    "keep": partial(check_choice, choices=KEEP_CHOICES),
     "progress": check_bool,
 }
 
@@ -185,6 +188,7 @@ PREDICT_ARGUMENTS: dict[str, Check] = {
     "gene_key": check_optional_text,
     "layer": check_optional_text,
     "chunk_size": partial(check_optional_int, min_value=1),
+    "strategy": optional(partial(check_choice, choices=STRATEGIES)),
 }
 #: ``annotate_adata``'s arguments.
 ANNOTATE_ARGUMENTS: dict[str, Check] = {

@@ -16,6 +16,7 @@ where files are written: the ``output_dir`` and ``overwrite`` it records are not
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import re
@@ -55,6 +56,7 @@ __all__ = [
     "MANIFEST_NAME",
     "MANIFEST_SCHEMA",
     "SCHEMA_VERSION",
+    "load_kept",
     "load_runner",
     "save_runner",
 ]
@@ -108,6 +110,19 @@ def _pins(value: dict[str, Any]) -> str | None:
     return None
 
 
+def _kept_pins(value: dict[str, Any] | None) -> str | None:
+    if value is None:
+        return None
+    bad = sorted(
+        k
+        for k, v in value.items()
+        if k not in STRATEGIES or not (isinstance(v, str) and _SHA256.fullmatch(v))
+    )
+    if bad:
+        return f"must map strategy names to manifest sha256s (not for {bad})"
+    return None
+
+
 def _history(value: dict[str, Any]) -> str | None:
     if not all(isinstance(v, list) and not _records(v) for v in value.values()):
         return "must map strategy names to lists of per-epoch objects"
@@ -151,6 +166,8 @@ MANIFEST_SCHEMA = (
         check=lambda v: None if _SHA256.fullmatch(v) else "must be 64 lowercase hex digits",
     ),
     Field("tensors", (dict,), required=False, check=tensor_record_problem),
+    Field("final_models", (dict, type(None)), required=False),
+    Field("kept_strategies", (dict, type(None)), required=False, check=_kept_pins),
     Field("retained_weights", (list,), required=False, check=_records),
 )
 _CHECKPOINT_SCHEMA = (
@@ -201,6 +218,7 @@ def save_runner(runner: Any, path: Path) -> Path:
     best: StrategyResult = runner._best
     family = strategy_family(best.strategy)
     path = Path(path).resolve()
+    kept = _save_kept(runner, path)
     tensors = family.state(best.model)
     ckpt: ScGPTCheckpoint | None = runner.checkpoint_
     pinned = ckpt is not None and best.strategy != "baseline"
@@ -233,6 +251,8 @@ def save_runner(runner: Any, path: Path) -> Path:
         "split": runner.split_summary_,
         "normalisation": getattr(runner, "normalisation_", None),
         "tensors": tensor_record(tensors),
+        "final_models": getattr(runner, "final_models_", None),
+        "kept_strategies": kept,
     }
 
     def write_weights(file: Path) -> str:
@@ -245,6 +265,52 @@ def save_runner(runner: Any, path: Path) -> Path:
 
     runner.manifest_sha256_ = save_weights_folder(path, write_weights, render, what="runner folder")
     return path
+
+
+#: Where a runner fitted with ``keep="all"`` saves the model of each other strategy.
+KEPT_FOLDER = "strategies"
+
+
+def _save_kept(runner: Any, path: Path) -> dict[str, str] | None:
+    """Save every kept strategy but the best as a runner of its own under ``strategies/<name>``
+    (first: the main manifest, written last, pins each by its manifest's sha256)."""
+    others = [n for n in getattr(runner, "kept_strategies_", []) if n != runner.best_strategy_]
+    if not others:
+        return None
+    pins = {}
+    for name in others:
+        view = copy.copy(runner)
+        view._best, view.best_strategy_ = runner.kept_result(name), name
+        view._kept, view.kept_strategies_ = {name: view._best}, [name]
+        view.final_models_ = {name: runner.final_models_.get(name)}
+        save_runner(view, path / KEPT_FOLDER / name)
+        pins[name] = view.manifest_sha256_
+    return pins
+
+
+def load_kept(runner: Any, name: str) -> StrategyResult:
+    """The kept model of strategy ``name`` of a saved runner, checked against the sha256 the
+    runner's manifest pins for it."""
+    pins = getattr(runner, "kept_pins_", None) or {}
+    kept = sorted({runner.best_strategy_, *pins})
+    if name not in pins:
+        msg = (
+            f"strategy {name!r} was not kept: this runner labels with {kept}. Fit with "
+            "keep='all' to label with any fitted strategy."
+        )
+        raise ValueError(msg)
+    folder = Path(runner.runner_dir_) / KEPT_FOLDER / name
+    base = runner.checkpoint_.path if runner.checkpoint_ is not None else None
+    other = type(runner).load(folder, checkpoint=base, device=runner.device)
+    if other.manifest_sha256_ != pins[name]:
+        msg = (
+            f"{folder / MANIFEST_NAME} is not the {name!r} model saved with the runner in "
+            f"{runner.runner_dir_} (its sha256 differs from the one pinned there); {_FIX}."
+        )
+        raise ValueError(msg)
+    if runner.checkpoint_ is None:  # a baseline runner: the kept model found and checked it
+        runner.checkpoint_ = other.checkpoint_
+    return other._best
 
 
 def read_manifest(path: Path) -> tuple[dict[str, Any], str]:
@@ -557,6 +623,10 @@ def load_runner(cls: type, path: Path, *, checkpoint: Any, device: str, verify: 
         training=manifest.get("training"),
         model=_rebuild(family, runner.best_strategy_, tensors, manifest, ckpt, path),
     )
+    runner._kept = {runner.best_strategy_: runner._best}
+    runner.kept_pins_ = manifest.get("kept_strategies") or {}
+    runner.kept_strategies_ = [runner.best_strategy_, *runner.kept_pins_]
+    runner.final_models_ = manifest.get("final_models") or {}
     runner._fitted = True
     runner.runner_dir_ = path.resolve()
     runner.manifest_sha256_ = digest

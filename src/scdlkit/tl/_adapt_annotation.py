@@ -59,8 +59,10 @@ def adapt_annotation(
 
     Fits every strategy on a stratified train split, ranks them by validation macro-F1, keeps
     the best, labels every cell (unlabelled ones included) and writes the results into ``adata``.
-    The fitted runner is saved to ``output_dir/runner`` (a temporary folder when ``output_dir``
-    is ``None``); its path is in ``uns[key_added]["runner_dir"]`` for :func:`scdlkit.tl.annotate`.
+    The fitted runner is saved to ``output_dir/runner`` (when ``output_dir`` is ``None``, to a
+    fresh folder ``runners/<UTC time>-<id>`` of the scdlkit cache, ``$SCDLKIT_CACHE_DIR`` or the
+    platform's cache folder such as ``~/.cache/scdlkit``; delete old ones at will); its path is in
+    ``uns[key_added]["runner_dir"]`` for :func:`scdlkit.tl.annotate`.
 
     Parameters
     ----------
@@ -161,7 +163,7 @@ def adapt_annotation(
     if runner.runner_dir_ is None:
         runner.save(default_runner_dir())
         logger.warning(
-            "runner saved to the temporary folder %s; pass output_dir= to keep it",
+            "runner saved to %s (the scdlkit cache; pass output_dir= to choose the folder)",
             runner.runner_dir_,
         )
     slots = annotation_slots(

@@ -42,7 +42,7 @@ from scdlkit.tl._majority_voting import (
     over_cluster,
     resolve_over_clustering,
 )
-from scdlkit.tl._runner_source import resolve_runner
+from scdlkit.tl._runner_source import refuse_celltypist_names, resolve_runner
 
 __all__ = ["annotate"]
 
@@ -63,8 +63,10 @@ def annotate(
     over_clustering: str | Sequence[Any] | None = None,
     min_prop: float = 0.0,
     probabilities: bool = True,
+    strategy: str | None = None,
     random_state: int = 0,
     copy: bool = False,
+    **celltypist_names: Any,
 ) -> AnnData | None:
     """Label new cells with a fitted annotation runner.
 
@@ -130,10 +132,17 @@ def annotate(
     probabilities
         Write ``obsm[f"{key_added}_probabilities"]``: a DataFrame of every class's probability
         (columns: the runner's categories; rows sum to 1).
+    strategy
+        Label with this strategy instead of the best one: any strategy of a runner fitted with
+        ``keep="all"`` (``sck.tl.adapt_annotation(..., keep="all")``); recorded in
+        ``uns[key_added]["strategy"]``.
     random_state
         Seeds the over-clustering.
     copy
         Return a modified copy instead of writing into ``adata`` (not for a backed AnnData).
+    **celltypist_names
+        None are accepted: CellTypist's argument names (``model``, ``p_thres``, ``mode``,
+        ``use_GPU``, ``transpose_input``) raise a ``TypeError`` that names scdlkit's own.
 
     Returns
     -------
@@ -143,9 +152,9 @@ def annotate(
         ``obsm[f"X_{key_added}"]``, ``obsm[f"{key_added}_probabilities"]``, with majority voting
         ``obs[f"{key_added}_majority_voting"]`` (and ``obs[f"{key_added}_over_clustering"]`` when
         computed here), and ``uns[key_added]`` (``best_strategy``, ``label_categories``,
-        ``runner_dir``, ``params``, ``versions``; with voting ``majority_voting``: ``performed``,
-        ``method``, and ``clusters``, one row per cluster: ``cluster``, ``label``, ``share``,
-        ``n_cells``).
+        ``strategy`` (the one that labelled), ``runner_dir``, ``params``, ``versions``; with
+        voting ``majority_voting``: ``performed``, ``method``, and ``clusters``, one row per
+        cluster: ``cluster``, ``label``, ``share``, ``n_cells``).
 
     Examples
     --------
@@ -155,6 +164,7 @@ def annotate(
     ...     query, runner_dir, confidence_threshold=0.5, majority_voting=True
     ... )  # doctest: +SKIP
     """
+    refuse_celltypist_names(celltypist_names)
     copy = check_bool("copy", copy)
     check_writable(adata, copy=copy)
     check_has_cells(adata, "annotate")
@@ -172,6 +182,7 @@ def annotate(
         probabilities=probabilities,
     )
     random_state = check_random_state(random_state)
+    strategy = check_optional_str("strategy", strategy)
     if over_clustering is not None and not options.majority_voting:
         msg = "over_clustering= is used only with majority_voting=True; pass both, or neither."
         raise ValueError(msg)
@@ -193,7 +204,9 @@ def annotate(
     )
     check_unknown_label(runner.label_categories_, threshold, options.unknown_label)
     _warn_if_normalised_differently(runner, adata, layer)
-    predictions = runner.predict(adata, gene_key=gene_key, layer=layer, chunk_size=chunk_size)
+    predictions = runner.predict(
+        adata, gene_key=gene_key, layer=layer, chunk_size=chunk_size, strategy=strategy
+    )
     labels, categories = label_cells(
         predictions["probabilities"],
         runner.label_categories_,
@@ -224,12 +237,13 @@ def annotate(
         key_added=key_added,
         split=np.full(adata.n_obs, "query", dtype=object),
         uns={
+            "strategy": strategy or runner.best_strategy_,
             "params": {
                 **runner.params(),
                 "query_gene_key": gene_key,
                 "query_layer": layer,
                 **labelling,
-            }
+            },
         },
     )
     labelling_slots(

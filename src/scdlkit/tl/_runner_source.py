@@ -18,7 +18,20 @@ from anndata import AnnData
 
 from scdlkit._shared.persist import MANIFEST_NAME, sha256_file
 
-__all__ = ["check_runner_argument", "resolve_runner"]
+__all__ = ["check_runner_argument", "refuse_celltypist_names", "resolve_runner"]
+
+#: CellTypist's ``annotate`` arguments that scdlkit names otherwise, and what to pass instead.
+CELLTYPIST_NAMES = {
+    "model": "pass the runner (a fitted AnnotationRunner, its folder or the reference's record) "
+    "as the second argument, runner=",
+    "p_thres": "use confidence_threshold= (a cut on the top softmax probability; CellTypist "
+    "thresholds one-vs-rest sigmoids, so the same number leaves fewer cells unknown here: see "
+    "docs/label_transfer.md)",
+    "mode": "there is one mode: every cell gets its most probable label ('best match'); for "
+    "'prob match' use confidence_threshold= (one label or unknown_label per cell, never 'A|B')",
+    "use_GPU": "use device= ('auto', 'cuda', 'cpu', ...)",
+    "transpose_input": "pass cells as rows (adata.T if your matrix is genes x cells)",
+}
 
 
 def check_runner_argument(value: Any) -> None:
@@ -47,6 +60,18 @@ def check_runner_argument(value: Any) -> None:
         "runner= is an AnnData, not a fitted runner: to label with the reference's model pass "
         f"{hint}."
     )
+    raise TypeError(msg)
+
+
+def refuse_celltypist_names(arguments: Mapping[str, Any]) -> None:
+    """A TypeError for any extra keyword argument, naming scdlkit's own for CellTypist's."""
+    if not arguments:
+        return
+    name = next(iter(arguments))
+    if name in CELLTYPIST_NAMES:
+        msg = f"annotate() has no argument {name!r} (CellTypist's name): {CELLTYPIST_NAMES[name]}."
+    else:
+        msg = f"annotate() got an unexpected keyword argument {name!r}."
     raise TypeError(msg)
 
 
