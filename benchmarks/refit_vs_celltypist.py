@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
-from baseline_vs_celltypist import (  # noqa: E402  (a sibling script, not a package)
+from baseline_vs_celltypist import (
     _anndata,
     load_celltypist,
     machine,
