@@ -29,7 +29,7 @@ __all__ = [
     "written_by_scdlkit",
 ]
 
-SPLIT_CATEGORIES = ["train", "val", "test", "unlabelled"]
+SPLIT_CATEGORIES = ["train", "val", "calibration", "test", "unlabelled"]
 #: The label of cells a runner does not label (under its threshold, or with no expression).
 UNKNOWN = "Unknown"
 
@@ -260,4 +260,6 @@ def fit_summary_uns(runner: Any) -> dict[str, Any]:
         uns["repeat_metrics"] = runner.repeat_metrics_.copy()
     if getattr(runner, "batch_metrics_", None) is not None:
         uns["batch_metrics"] = runner.batch_metrics_.copy()
+    if getattr(runner, "calibration_curve_", None) is not None:
+        uns["calibration_curve"] = runner.calibration_curve_.copy()
     return uns

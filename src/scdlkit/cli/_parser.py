@@ -213,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit every strategy on N splits and report mean and sd of each metric",
     )
     sub.add_argument(
+        "--calibration-size",
+        type=fraction,
+        default=0.1,
+        metavar="F",
+        help="fraction of labelled cells, taken from the training cells, that calibrate the "
+        "prediction sets of 'scdlkit annotate --error-rate' (neither train nor choose; 0: none)",
+    )
+    sub.add_argument(
         "--refit",
         choices=("auto", "always", "never"),
         default="auto",
@@ -249,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="NAME",
         help="with --split-by batch, the batches to test on (default: drawn with --random-state)",
+    )
+    group.add_argument(
+        "--calibration-batches",
+        nargs="+",
+        metavar="NAME",
+        help="calibrate the prediction sets on these batches (not test or validation ones), so "
+        "that their error rate holds for new batches (needs --batch-key)",
     )
     group.add_argument(
         "--val-batches",
@@ -393,6 +408,14 @@ def labelling_options(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         help="label cells whose top probability is below P as --unknown-label "
         "(default: the runner's own threshold)",
+    )
+    parser.add_argument(
+        "--error-rate",
+        type=unit_interval,
+        metavar="A",
+        help="label with conformal prediction sets that miss the true label with probability at "
+        "most A (e.g. 0.1); cells whose set is not a single class get --unknown-label. Writes "
+        "obsm['KEY_prediction_set'] and obs['KEY_set_size'] (not with --confidence-threshold)",
     )
     parser.add_argument(
         "--unknown-label",

@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from scdlkit._shared.splits import stratified_split
+from scdlkit.foundation._conformal import (
+    ConformalCalibration,
+    conformal_metrics,
+    reliability_rows,
+)
 from scdlkit.foundation._data import split_scgpt_data
 from scdlkit.foundation._fitting import FitContext, Stopwatch, StrategyFamily, StrategyResult
 from scdlkit.foundation._selection import metrics_row, rank_key, summarise_repeats
 
-__all__ = ["compare_strategies", "fit_strategies", "repeat_splits", "split_summary"]
+__all__ = [
+    "calibration_curve",
+    "carve_calibration",
+    "compare_strategies",
+    "fit_strategies",
+    "repeat_splits",
+    "split_summary",
+]
 
 logger = logging.getLogger("scdlkit")
 
@@ -35,7 +49,23 @@ def fit_strategies(
         results[name].runtime_sec = watch.seconds + (
             feature_seconds if family.reads_features else 0.0
         )
+        calibrate(results[name], ctx)
     return results
+
+
+def calibrate(result: StrategyResult, ctx: FitContext) -> None:
+    """Calibrate ``result``'s conformal prediction sets on the calibration cells (when there
+    are any) and add coverage, set size and calibration error on the test cells to its metrics.
+    """
+    proba = result.extra.get("calibration_probabilities")
+    if proba is None:
+        return
+    calibration = ConformalCalibration.fit(proba, ctx.cells("calibration")[1])
+    result.extra["conformal"] = calibration
+    test = result.extra.get("test_probabilities")
+    if test is not None:
+        scores = conformal_metrics(calibration, test, ctx.cells("test")[1])
+        result.metrics.update({f"test_{k}": v for k, v in scores.items()})
 
 
 def compare_strategies(
@@ -84,12 +114,15 @@ def repeat_splits(
     n_repeats: int,
     n_strategies: int,
     random_state: int,
+    calibration_size: float = 0.0,
+    calibration_batches: list[str] | None = None,
     **split_arguments: Any,
 ) -> list[Any]:
     """One split per repeat around one outer test set (DESIGN section 7).
 
     The first repeat draws the test cells; later repeats (seeds ``random_state + r``) redraw
-    only training and validation cells, so no test cell ever helps choose.
+    only training and validation cells, so no test cell ever helps choose. Calibration cells
+    (:func:`carve_calibration`) are then taken out of each repeat's training cells.
     """
     splits: list[Any] = []
     for r in range(n_repeats):
@@ -104,8 +137,74 @@ def repeat_splits(
                 "split_by='batch'), or fit one strategy at a time."
             )
             raise ValueError(msg)
-        splits.append(split)
+        splits.append(
+            carve_calibration(
+                split,
+                size=calibration_size,
+                batches=calibration_batches,
+                random_state=random_state + r,
+            )
+        )
     return splits
+
+
+def carve_calibration(
+    split: Any, *, size: float, batches: list[str] | None, random_state: int
+) -> Any:
+    """``split`` with calibration cells taken out of its training cells.
+
+    Calibration cells neither train a strategy nor choose one: the conformal prediction sets
+    (:mod:`scdlkit.foundation._conformal`) are calibrated on them. ``batches``: every training
+    cell of those batches (the guarantee is then about new batches); else a stratified ``size``
+    share of the labelled cells, drawn from the training cells.
+    """
+    train = split.train_indices
+    prepared = split.prepared
+    if batches:
+        held = [b for b in batches if b in set(split.test_batches) | set(split.val_batches)]
+        if held:
+            msg = f"calibration_batches {held} are also test or validation batches; choose others."
+            raise ValueError(msg)
+        is_cal = np.isin(prepared.batches[train], batches)
+        if not is_cal.any() or is_cal.all():
+            msg = (
+                f"calibration_batches={batches} hold {'no' if not is_cal.any() else 'every'} "
+                "training cell; name batches that are neither test nor validation batches and "
+                "leave at least one for training."
+            )
+            raise ValueError(msg)
+        return replace(
+            split,
+            train_indices=train[~is_cal],
+            calibration_indices=train[is_cal],
+            calibration_batches=list(batches),
+        )
+    if size <= 0:
+        return split
+    labelled = int(prepared.labelled.sum())
+    share = min(size * labelled / max(len(train), 1), 0.9)
+    parts, _ = stratified_split(
+        train,
+        prepared.label_codes[train],
+        val_size=share,
+        test_size=0.0,
+        random_state=np.random.default_rng([random_state, 7]),
+    )
+    return replace(split, train_indices=parts["train"], calibration_indices=parts["val"])
+
+
+def calibration_curve(
+    results: Mapping[str, StrategyResult], test_labels: np.ndarray
+) -> pd.DataFrame | None:
+    """Reliability-diagram points of every calibrated strategy on the test cells (before and
+    after temperature scaling); ``None`` without calibration or test cells."""
+    rows = []
+    for name, result in results.items():
+        calibration = result.extra.get("conformal")
+        test = result.extra.get("test_probabilities")
+        if calibration is not None and test is not None:
+            rows += reliability_rows(name, test, test_labels, calibration.temperature)
+    return pd.DataFrame(rows) if rows else None
 
 
 def split_summary(
@@ -130,6 +229,8 @@ def split_summary(
         "n_train": len(split.train_indices),
         "n_val": len(split.val_indices),
         "n_test": len(split.test_indices),
+        "n_calibration": len(split.calibration_indices),
+        "calibration_batches": list(split.calibration_batches),
         "n_unlabelled": int((~prepared.labelled).sum()),
         "small_classes": list(split.small_classes),
     }

@@ -326,6 +326,8 @@ class ScGPTSplitData:
     split_by: str = "cells"
     test_batches: list[str] = field(default_factory=list)
     val_batches: list[str] = field(default_factory=list)
+    calibration_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    calibration_batches: list[str] = field(default_factory=list)
 
     @property
     def train(self) -> ScGPTCellDataset:
@@ -348,24 +350,27 @@ class ScGPTSplitData:
         Parameters
         ----------
         name
-            ``"train"``, ``"val"`` or ``"test"``.
+            ``"train"``, ``"val"``, ``"test"`` or ``"calibration"``.
 
         Returns
         -------
         numpy.ndarray
-            ``train_indices``, ``val_indices`` or ``test_indices``.
+            ``train_indices``, ``val_indices``, ``test_indices`` or ``calibration_indices``.
 
         Raises
         ------
         KeyError
             For any other ``name``.
         """
-        return {"train": self.train_indices, "val": self.val_indices, "test": self.test_indices}[
-            name
-        ]
+        return {
+            "train": self.train_indices,
+            "val": self.val_indices,
+            "test": self.test_indices,
+            "calibration": self.calibration_indices,
+        }[name]
 
     def split_labels(self) -> np.ndarray:
-        """Per cell: ``"train"``, ``"val"``, ``"test"`` or ``"unlabelled"``.
+        """Per cell: ``"train"``, ``"val"``, ``"test"``, ``"calibration"`` or ``"unlabelled"``.
 
         Returns
         -------
@@ -374,7 +379,7 @@ class ScGPTSplitData:
             (unlabelled ones) are ``"unlabelled"``.
         """
         out = np.full(self.prepared.n_cells, "unlabelled", dtype=object)
-        for name in SPLIT_NAMES:
+        for name in (*SPLIT_NAMES, "calibration"):
             out[self.indices(name)] = name
         return out
 

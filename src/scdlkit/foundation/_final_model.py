@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from scdlkit.foundation._conformal import ConformalCalibration
 from scdlkit.foundation._fitting import FitContext, StrategyFamily, StrategyResult
 
 __all__ = ["KEEP_CHOICES", "REFIT_CHOICES", "final_model", "kept_models", "refits"]
@@ -59,7 +60,9 @@ def final_model(
     }
     if not refits(family, refit):
         return final, record
-    labelled = np.flatnonzero(ctx.prepared.labelled)
+    # every labelled cell but the calibration cells, which must stay unseen to calibrate on
+    calibration = ctx.split.calibration_indices
+    labelled = np.setdiff1d(np.flatnonzero(ctx.prepared.labelled), calibration)
     everything = replace(
         ctx.split, train_indices=labelled, val_indices=train[:0], test_indices=train[:0]
     )
@@ -71,7 +74,13 @@ def final_model(
     refitted = family.fit(name, refit_ctx, settings, config)
     final.model = refitted.model
     final.training = refitted.training
-    record.update(fitted_on="all labelled cells", n_cells=len(labelled), refit=True)
+    final.extra = dict(result.extra)
+    proba = refitted.extra.get("calibration_probabilities")
+    if proba is not None:  # the refitted model's sets are calibrated on its own scores
+        codes = ctx.prepared.label_codes[calibration]
+        final.extra["conformal"] = ConformalCalibration.fit(proba, codes)
+    fitted_on = "all labelled cells but the calibration cells" if len(calibration) else None
+    record.update(fitted_on=fitted_on or "all labelled cells", n_cells=len(labelled), refit=True)
     if steps is not None:
         record["steps"] = int(steps)
     return final, record

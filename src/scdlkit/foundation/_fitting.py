@@ -114,14 +114,21 @@ class FitContext:
         return len(self.label_categories)
 
     def cells(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """Cell positions and label codes of ``"train"``, ``"val"`` or ``"test"``."""
+        """Cell positions and label codes of ``"train"``, ``"val"``, ``"test"`` or
+        ``"calibration"``."""
         cells = self.split.indices(split)
         return cells, self.prepared.label_codes[cells]
 
     def evaluate(
         self, proba_for: Callable[[str, np.ndarray], np.ndarray]
-    ) -> tuple[dict[str, Any], np.ndarray | None]:
-        return evaluate_splits(self.cells, proba_for, self.n_classes, self.confidence_threshold)
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray | None]]:
+        """Validation and test metrics, and the test and calibration cells' probabilities."""
+        metrics, test = evaluate_splits(
+            self.cells, proba_for, self.n_classes, self.confidence_threshold
+        )
+        cells, _ = self.cells("calibration")
+        calibration = proba_for("calibration", cells) if len(cells) else None
+        return metrics, {"test_probabilities": test, "calibration_probabilities": calibration}
 
     def fit_cells(self) -> tuple[np.ndarray, np.ndarray]:
         """Positions and label codes of the cells every strategy is fitted on.
@@ -384,7 +391,7 @@ class FrozenProbe(StrategyFamily):
         )
         probe.fit(scaler.transform(ctx.features[train]), labels)
         model = ProbeModel(scaler, probe)
-        metrics, test_proba = ctx.evaluate(
+        metrics, probabilities = ctx.evaluate(
             lambda _, cells: model.predict_proba(ctx.features[cells], ctx.n_classes)
         )
         return StrategyResult(
@@ -393,7 +400,7 @@ class FrozenProbe(StrategyFamily):
             trainable_parameters=int(probe.coef_.size + probe.intercept_.size),
             runtime_sec=0.0,
             model=model,
-            extra={"test_probabilities": test_proba},
+            extra=probabilities,
         )
 
     def predict(self, model: ProbeModel, inputs: PredictInputs) -> tuple[np.ndarray, np.ndarray]:
@@ -453,7 +460,7 @@ class ExpressionBaseline(StrategyFamily):
         model = ExpressionLogisticBaseline(
             random_state=ctx.random_state, class_weight=settings.get("class_weight")
         ).fit(matrix[train], genes, labels)
-        metrics, test_proba = ctx.evaluate(
+        metrics, probabilities = ctx.evaluate(
             lambda _, cells: full_proba(
                 model.predict_proba(matrix[cells], genes), model.classifier_.classes_, ctx.n_classes
             )
@@ -464,7 +471,7 @@ class ExpressionBaseline(StrategyFamily):
             trainable_parameters=model.n_parameters,
             runtime_sec=0.0,
             model=model,
-            extra={"test_probabilities": test_proba},
+            extra=probabilities,
         )
 
     def predict(self, model: Any, inputs: PredictInputs) -> tuple[np.ndarray, np.ndarray]:
@@ -580,6 +587,7 @@ class NeuralStrategy(StrategyFamily):
             "stop": stop_cells,
             "val": ctx.cells("val")[0],
             "test": ctx.cells("test")[0],
+            "calibration": ctx.cells("calibration")[0],
         }
         codes = ctx.prepared.label_codes
         # "frozen": the frozen <cls> outputs share a large common component; standardising the
@@ -599,7 +607,7 @@ class NeuralStrategy(StrategyFamily):
             )
             raise TrainingDivergedError(msg) from None
         model = model.to("cpu").eval()
-        metrics, test_proba = ctx.evaluate(
+        metrics, probabilities = ctx.evaluate(
             lambda split, _: trainer.predict(datasets[split])["probabilities"]
         )
         return StrategyResult(
@@ -611,7 +619,7 @@ class NeuralStrategy(StrategyFamily):
             config=None if model.strategy_config is None else model.strategy_config.to_dict(),
             training={**settings, "trainer": budget},
             model=model,
-            extra={"test_probabilities": test_proba, "best_step": trainer.best_step_},
+            extra={**probabilities, "best_step": trainer.best_step_},
         )
 
     def predict(self, model: Any, inputs: PredictInputs) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ from scdlkit._shared.strategies import DEFAULT_STRATEGIES
 from scdlkit._shared.validation import gene_names
 from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._comparison import (
+    calibration_curve,
     compare_strategies,
     fit_strategies,
     repeat_splits,
@@ -152,6 +153,15 @@ class ScGPTAnnotationRunner:
         ``split_``, batch metrics and labels are those of the first repeat. With one repeat,
         test macro-F1 carries a bootstrap 95% interval over the test cells
         (``_boot_ci_low``/``_high``).
+    calibration_size
+        Share of the labelled cells, taken from the training cells (stratified), that neither
+        train nor choose a strategy: every strategy's conformal prediction sets are calibrated
+        on them (``sck.tl.annotate(..., error_rate=)``; coverage and set size in
+        ``strategy_metrics_``). ``0`` calibrates nothing.
+    calibration_batches
+        Calibrate on every training cell of these batches instead (``batch_key=`` needed), so
+        that the coverage guarantee is about new batches (donors) rather than new cells of the
+        training batches; not test or validation batches.
     refit
         After selection, fit the kept model again on every labelled cell (CellTypist's practice):
         ``"auto"`` for the closed-form strategies (``frozen_probe``, ``baseline``), ``"always"``
@@ -224,6 +234,8 @@ class ScGPTAnnotationRunner:
         test_batches: Sequence[str] | None = None,
         val_batches: Sequence[str] | None = None,
         n_repeats: int = 1,
+        calibration_size: float = 0.1,
+        calibration_batches: Sequence[str] | None = None,
         refit: str = "auto",
         keep: str = "best",
         progress: bool = True,
@@ -387,6 +399,8 @@ class ScGPTAnnotationRunner:
             split_by=self.split_by,
             test_batches=self.test_batches,
             val_batches=self.val_batches,
+            calibration_size=self.calibration_size,
+            calibration_batches=self.calibration_batches,
         )
         self.split_ = splits[0]
         self.split_summary_ = split_summary(
@@ -465,6 +479,9 @@ class ScGPTAnnotationRunner:
             held_out_ratio=len(self.split_.val_indices) / max(len(self.split_.train_indices), 1),
         )
         self.history_ = {s: r.history for s, r in results.items() if r.history is not None}
+        self.calibration_curve_ = calibration_curve(
+            results, self.prepared_.label_codes[self.split_.indices("test")]
+        )
         self.batch_metrics_ = None
         if self.batch_key:
             cells = self.split_.indices("test")
@@ -669,6 +686,21 @@ class ScGPTAnnotationRunner:
         if name not in self._kept:
             self._kept[name] = load_kept(self, name)
         return self._kept[name]
+
+    def conformal_calibration(self, strategy: str | None = None) -> Any:
+        """The conformal calibration of a kept model (default: the best), for prediction sets
+        with a stated error rate (:class:`~scdlkit.foundation._conformal.ConformalCalibration`).
+        """
+        kept = self.kept_result(strategy)
+        calibration = kept.extra.get("conformal")
+        if calibration is None:
+            msg = (
+                f"the {kept.strategy!r} model has no conformal calibration: it was fitted with "
+                "calibration_size=0 and no calibration_batches (or saved before scdlkit had "
+                "calibration). Fit again with calibration_size > 0 (default 0.1) for error_rate=."
+            )
+            raise ValueError(msg)
+        return calibration
 
     def reference_predictions(self) -> dict[str, np.ndarray]:
         """Predictions for the cells ``fit`` saw (computed once, features reused)."""

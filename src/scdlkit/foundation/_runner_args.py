@@ -158,6 +158,8 @@ RUNNER_ARGUMENTS: dict[str, Check] = {
     "val_batches": check_batch_names,
     # every repeat has its own seed: at most as many repeats as there are seeds
     "n_repeats": partial(check_int, min_value=1, max_value=MAX_SEED + 1),
+    "calibration_size": FRACTION,
+    "calibration_batches": check_batch_names,
     "refit": partial(check_choice, choices=REFIT_CHOICES),
     "keep": partial(check_choice, choices=KEEP_CHOICES),
     "progress": check_bool,
@@ -216,9 +218,15 @@ def check_runner_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
     checked["strategies"], checked["strategy_configs"] = check_strategies(
         checked["strategies"], checked["strategy_configs"], checked.pop("lora_config")
     )
-    if checked["val_size"] + checked["test_size"] >= 1:
-        total = checked["val_size"] + checked["test_size"]
-        msg = f"val_size + test_size = {total} leaves no cells for training; lower them."
+    held_out = checked["val_size"] + checked["test_size"] + checked["calibration_size"]
+    if held_out >= 1:
+        msg = (
+            f"val_size + test_size + calibration_size = {held_out} leaves no cells for "
+            "training; lower them."
+        )
+        raise ValueError(msg)
+    if checked["calibration_batches"] is not None and checked["batch_key"] is None:
+        msg = "calibration_batches= needs batch_key= naming the adata.obs column of batches."
         raise ValueError(msg)
     if checked["split_by"] == "batch" and checked["batch_key"] is None:
         msg = "split_by='batch' needs batch_key= naming the adata.obs column of batches."

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -49,6 +50,7 @@ from scdlkit.foundation._checkpoint import (
     ScGPTCheckpoint,
     resolve_checkpoint,
 )
+from scdlkit.foundation._conformal import ConformalCalibration
 from scdlkit.foundation._fitting import BaseWeights, StrategyResult, strategy_family
 
 __all__ = [
@@ -219,7 +221,7 @@ def save_runner(runner: Any, path: Path) -> Path:
     family = strategy_family(best.strategy)
     path = Path(path).resolve()
     kept = _save_kept(runner, path)
-    tensors = family.state(best.model)
+    tensors = {**family.state(best.model), **_conformal_state(best)}
     ckpt: ScGPTCheckpoint | None = runner.checkpoint_
     pinned = ckpt is not None and best.strategy != "baseline"
     manifest = {
@@ -313,6 +315,53 @@ def load_kept(runner: Any, name: str) -> StrategyResult:
     return other._best
 
 
+#: Prefix of the conformal calibration's tensors (scores, labels, temperature) in the weights.
+CONFORMAL_PREFIX = "conformal."
+
+
+def _conformal_state(result: StrategyResult) -> dict[str, torch.Tensor]:
+    calibration = result.extra.get("conformal")
+    if calibration is None:
+        return {}
+    return {
+        f"{CONFORMAL_PREFIX}{k}": torch.from_numpy(np.ascontiguousarray(v))
+        for k, v in calibration.state_arrays().items()
+    }
+
+
+def _rebuild_conformal(
+    file: Path, tensors: Mapping[str, Any], n_classes: int
+) -> ConformalCalibration | None:
+    """The saved calibration, its shapes and values checked; ``None`` when none was saved."""
+    arrays = {
+        k[len(CONFORMAL_PREFIX) :]: v.numpy()
+        for k, v in tensors.items()
+        if k.startswith(CONFORMAL_PREFIX)
+    }
+    if not arrays:
+        return None
+    scores, labels = arrays.get("scores"), arrays.get("labels")
+    temperature = arrays.get("temperature")
+    if (
+        set(arrays) != {"scores", "labels", "temperature"}
+        or scores.ndim != 1
+        or labels.shape != scores.shape
+        or labels.dtype.kind not in "iu"
+        or temperature.shape != (1,)
+        or not np.isfinite(scores).all()
+        or not np.isfinite(temperature).all()
+        or float(temperature[0]) <= 0
+        or (len(labels) and (labels.min() < 0 or labels.max() >= n_classes))
+    ):
+        msg = (
+            f"{file}: the conformal calibration tensors ({CONFORMAL_PREFIX}*) do not hold one "
+            f"score and one class code (of {n_classes}) per calibration cell and a positive "
+            f"temperature; {_FIX}."
+        )
+        raise ValueError(msg)
+    return ConformalCalibration.from_state(arrays, n_classes)
+
+
 def read_manifest(path: Path) -> tuple[dict[str, Any], str]:
     """Parse and validate ``manifest.json`` against the schema; returns it and its sha256."""
     manifest, digest = read_manifest_with_digest(
@@ -382,6 +431,7 @@ def check_tensors(file: Path, manifest: Mapping[str, Any], tensors: Mapping[str,
     sizes the manifest implies (classes, the checkpoint's ``embsize``, the baseline's genes).
     """
     check_tensor_record(file.parent / MANIFEST_NAME, manifest, tensors, fix=_FIX)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(CONFORMAL_PREFIX)}
     best = manifest["best_strategy"]
     n_classes = len(manifest["label_categories"])
     prefix = _FAMILY_PREFIX.get(best, "model.")
@@ -623,6 +673,9 @@ def load_runner(cls: type, path: Path, *, checkpoint: Any, device: str, verify: 
         training=manifest.get("training"),
         model=_rebuild(family, runner.best_strategy_, tensors, manifest, ckpt, path),
     )
+    conformal = _rebuild_conformal(weights, tensors, len(runner.label_categories_))
+    if conformal is not None:
+        runner._best.extra["conformal"] = conformal
     runner._kept = {runner.best_strategy_: runner._best}
     runner.kept_pins_ = manifest.get("kept_strategies") or {}
     runner.kept_strategies_ = [runner.best_strategy_, *runner.kept_pins_]

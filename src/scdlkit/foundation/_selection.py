@@ -20,6 +20,10 @@ __all__ = [
 METRIC_NAMES = ("accuracy", "macro_f1", "balanced_accuracy", "auroc_ovr")
 #: Reported beside the plain metrics when a confidence threshold labels unsure cells "Unknown".
 THRESHOLD_METRICS = ("unknown_share", "called_accuracy")
+#: Test-cell columns of the conformal prediction sets (with calibration cells): coverage and mean
+#: size of the sets at the default error rate, share of cells without a single label, expected
+#: calibration error before and after temperature scaling.
+CONFORMAL_METRICS = ("coverage", "set_size", "set_unknown_share", "ece", "ece_scaled")
 _SPLIT_PREFIXES = (("val", "validation"), ("test", "test"))
 N_BOOTSTRAP = 1000
 BASELINE = "baseline"
@@ -75,6 +79,10 @@ def metrics_row(
         for m in names:
             value = metrics.get(f"{prefix}_{m}")
             row[f"{prefix}_{m}"] = np.nan if value is None else float(value)
+    if "test_coverage" in metrics:
+        for m in CONFORMAL_METRICS:
+            value = metrics.get(f"test_{m}")
+            row[f"test_{m}"] = np.nan if value is None else float(value)
     row["trainable_parameters"] = int(trainable_parameters)
     row["runtime_sec"] = float(runtime_sec)
     return row

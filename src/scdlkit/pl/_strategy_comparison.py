@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 __all__ = ["strategy_comparison"]
 
 _METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "auroc_ovr")
+#: Test-cell columns of the conformal prediction sets (runs with calibration cells).
+_CONFORMAL = ("coverage", "set_size", "set_unknown_share", "ece", "ece_scaled")
+#: 1 - the error rate the comparison measures coverage at (scdlkit.foundation._conformal)
+_COVERAGE_TARGET = 0.9
 _SPLITS = {"test": "test", "validation": "validation", "val": "validation"}
 
 
@@ -81,7 +85,10 @@ def strategy_comparison(
     key
         The ``key_added`` of that call; reads ``adata.uns[key]["strategy_metrics"]``.
     metric
-        ``"accuracy"``, ``"macro_f1"``, ``"balanced_accuracy"`` or ``"auroc_ovr"``.
+        ``"accuracy"``, ``"macro_f1"``, ``"balanced_accuracy"`` or ``"auroc_ovr"``; on the test
+        cells of a run with calibration cells also ``"coverage"`` (of the prediction sets at
+        error rate 0.1; a dashed line marks the 0.9 target), ``"set_size"``,
+        ``"set_unknown_share"``, ``"ece"`` or ``"ece_scaled"``.
     split
         ``"test"`` (held-out cells) or ``"validation"`` (alias ``"val"``; the split the best
         strategy was chosen on).
@@ -108,8 +115,11 @@ def strategy_comparison(
     >>> sck.pl.strategy_comparison(adata)  # doctest: +SKIP
     >>> sck.pl.strategy_comparison(adata, metric="accuracy", split="validation")  # doctest: +SKIP
     """
-    if metric not in _METRICS:
-        msg = f"metric={metric!r} is not one of {', '.join(map(repr, _METRICS))}"
+    if metric not in _METRICS + _CONFORMAL:
+        msg = f"metric={metric!r} is not one of {', '.join(map(repr, _METRICS + _CONFORMAL))}"
+        raise ValueError(msg)
+    if metric in _CONFORMAL and _SPLITS.get(split) != "test":
+        msg = f"metric={metric!r} is measured on the test cells only: pass split='test'"
         raise ValueError(msg)
     if split not in _SPLITS:
         msg = f"split={split!r} is not one of 'test', 'validation' or 'val'"
@@ -170,6 +180,8 @@ def strategy_comparison(
         x = (end if np.isfinite(end) else 0.0) + pad
         ax.text(x, pos, text, va="center", ha="left", fontsize=9)
 
+    if metric == "coverage":
+        ax.axvline(_COVERAGE_TARGET, color="#b2182b", linestyle="--", linewidth=1.0, zorder=0)
     if "baseline" in strategies:
         base_value = values[strategies.index("baseline")]
         if np.isfinite(base_value):

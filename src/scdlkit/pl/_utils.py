@@ -52,6 +52,11 @@ METRIC_LABELS = {
     "loss": "loss",
     "lr": "learning rate",
     "seconds": "seconds per epoch",
+    "coverage": "coverage of the 90% prediction sets",
+    "set_size": "mean prediction-set size (90%)",
+    "set_unknown_share": "share without a single-class set (90%)",
+    "ece": "expected calibration error",
+    "ece_scaled": "expected calibration error, temperature-scaled",
 }
 
 # A fixed colour per known strategy, so a strategy keeps its colour across plots.

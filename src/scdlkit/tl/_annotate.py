@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
-from scdlkit._shared.arguments import check_bool, check_optional_int
+from scdlkit._shared.arguments import check_bool, check_optional_int, check_optional_number
 from scdlkit._shared.provenance import check_writable
 from scdlkit._shared.slots import (
     annotation_slots,
@@ -31,8 +31,10 @@ from scdlkit.tl._labelling import (
     Vote,
     check_labelling_options,
     check_unknown_label,
+    conformal_slots,
     label_cells,
     labelling_slots,
+    set_labels,
 )
 from scdlkit.tl._majority_voting import (
     EXPRESSION_GRAPH,
@@ -58,6 +60,7 @@ def annotate(
     chunk_size: int | None = None,
     key_added: str = "scgpt_annotation",
     confidence_threshold: float | None = None,
+    error_rate: float | None = None,
     unknown_label: str = UNKNOWN_LABEL,
     majority_voting: bool = False,
     over_clustering: str | Sequence[Any] | None = None,
@@ -104,8 +107,19 @@ def annotate(
         Cells whose top probability is below it are labelled ``unknown_label`` (CellTypist's
         ``p_thres``); default: the runner's own ``confidence_threshold`` (often ``None``: every
         cell gets its most probable label). ``0`` labels every cell.
+    error_rate
+        Label with a stated error rate instead (conformal prediction, e.g. ``0.1``): each cell
+        gets the set of classes that holds its true class with probability at least
+        ``1 - error_rate``, calibrated on the runner's calibration cells (class by class;
+        classes with fewer than ``1/error_rate - 1`` calibration cells use the threshold of
+        all of them); a cell whose set holds one class gets it, any other gets
+        ``unknown_label``. Writes ``obsm[f"{key_added}_prediction_set"]`` (cells x classes,
+        boolean), ``obs[f"{key_added}_set_size"]`` and ``uns[key_added]["conformal"]``
+        (method, target error, calibration cells, per-class thresholds). What is guaranteed and
+        what is not: docs/label_transfer.md, "Labels with a stated error rate". Not with
+        ``confidence_threshold``.
     unknown_label
-        Label of the cells under the threshold.
+        Label of the cells under the threshold (or without a single-class set).
     majority_voting
         Also write ``obs[f"{key_added}_majority_voting"]``: every cell takes the most frequent
         label of its cluster of ``over_clustering`` (as in CellTypist), which smooths single-cell
@@ -183,6 +197,16 @@ def annotate(
     )
     random_state = check_random_state(random_state)
     strategy = check_optional_str("strategy", strategy)
+    error_rate = check_optional_number(
+        "error_rate", error_rate, min_value=0.0, max_value=1.0, min_inclusive=False,
+        max_inclusive=False,
+    )  # fmt: skip
+    if error_rate is not None and options.confidence_threshold is not None:
+        msg = (
+            "pass error_rate= (conformal prediction sets) or confidence_threshold= (a cut on the "
+            "top probability), not both."
+        )
+        raise ValueError(msg)
     if over_clustering is not None and not options.majority_voting:
         msg = "over_clustering= is used only with majority_voting=True; pass both, or neither."
         raise ValueError(msg)
@@ -193,7 +217,9 @@ def annotate(
             "min_prop."
         )
         raise ValueError(msg)
-    key_added = _check_key_added(adata, key_added, options, over_clustering)
+    key_added = _check_key_added(
+        adata, key_added, options, over_clustering, conformal=error_rate is not None
+    )
     clusters = resolve_over_clustering(adata, over_clustering) if options.majority_voting else None
 
     runner = resolve_runner(runner, checkpoint, device)
@@ -202,18 +228,36 @@ def annotate(
         if options.confidence_threshold is None
         else options.confidence_threshold
     )
-    check_unknown_label(runner.label_categories_, threshold, options.unknown_label)
+    if error_rate is not None:
+        threshold = None  # the sets decide; the runner's own threshold does not apply
+    calibration = None if error_rate is None else runner.conformal_calibration(strategy)
+    check_unknown_label(
+        runner.label_categories_,
+        error_rate if error_rate is not None else threshold,
+        options.unknown_label,
+    )
     _warn_if_normalised_differently(runner, adata, layer)
     predictions = runner.predict(
         adata, gene_key=gene_key, layer=layer, chunk_size=chunk_size, strategy=strategy
     )
-    labels, categories = label_cells(
-        predictions["probabilities"],
-        runner.label_categories_,
-        threshold,
-        options.unknown_label,
-        no_expression=predictions.get("no_expression"),
-    )
+    sets = record = None
+    if calibration is not None:
+        sets = calibration.prediction_sets(predictions["probabilities"], error_rate)
+        record = calibration.record(error_rate, runner.label_categories_)
+        labels, categories = set_labels(
+            sets,
+            runner.label_categories_,
+            options.unknown_label,
+            no_expression=predictions.get("no_expression"),
+        )
+    else:
+        labels, categories = label_cells(
+            predictions["probabilities"],
+            runner.label_categories_,
+            threshold,
+            options.unknown_label,
+            no_expression=predictions.get("no_expression"),
+        )
     skip_vote = _skip_vote(adata, options, over_clustering)
     vote = (
         _vote(
@@ -224,6 +268,7 @@ def annotate(
     )
     labelling = {
         "confidence_threshold": threshold,
+        "error_rate": error_rate,
         "unknown_label": options.unknown_label,
         "majority_voting": options.majority_voting,
         "over_clustering": over_clustering if isinstance(over_clustering, str) else None,
@@ -255,6 +300,15 @@ def annotate(
         predictions["probabilities"] if options.probabilities else None,
         vote,
         keep=[over_clustering] if isinstance(over_clustering, str) else [],
+        replace_stale=written_by_scdlkit(adata, key_added),
+    )
+    conformal_slots(
+        slots,
+        adata,
+        key_added,
+        sets,
+        runner.label_categories_,
+        record,
         replace_stale=written_by_scdlkit(adata, key_added),
     )
     if skip_vote is not None:
@@ -302,7 +356,12 @@ def _vote(
 
 
 def _check_key_added(
-    adata: AnnData, key_added: Any, options: LabellingOptions, over_clustering: Any
+    adata: AnnData,
+    key_added: Any,
+    options: LabellingOptions,
+    over_clustering: Any,
+    *,
+    conformal: bool = False,
 ) -> str:
     """``key_added`` checked against every slot this call writes and the clusters it reads."""
     key_added = check_key_name("key_added", key_added)
@@ -313,6 +372,9 @@ def _check_key_added(
             obs_columns.append(f"{key_added}_over_clustering")
     if options.probabilities:
         obsm_keys.append(f"{key_added}_probabilities")
+    if conformal:
+        obs_columns.append(f"{key_added}_set_size")
+        obsm_keys.append(f"{key_added}_prediction_set")
     inputs = [over_clustering] if isinstance(over_clustering, str) else []
     return check_key_added(
         adata, key_added, inputs=inputs, obs_columns=obs_columns, obsm_keys=obsm_keys

@@ -21,10 +21,12 @@ __all__ = [
     "LabellingOptions",
     "Vote",
     "check_labelling_options",
+    "conformal_slots",
     "check_unknown_label",
     "label_cells",
     "labelling_slots",
     "probability_columns",
+    "set_labels",
 ]
 
 UNKNOWN_LABEL = "Unknown"
@@ -156,3 +158,51 @@ def labelling_slots(
         order = sorted(set(vote.clusters), key=lambda c: (len(c), c))  # "2" before "10"
         slots.obs[cluster_key] = pd.Categorical(vote.clusters, categories=order)
     slots.uns[key]["majority_voting"] = {"clusters": vote.summary, **h5ad_safe(vote.how)}
+
+
+def set_labels(
+    sets: np.ndarray,
+    categories: Sequence[str],
+    unknown_label: str,
+    *,
+    no_expression: np.ndarray | None = None,
+) -> tuple[np.ndarray, list[str]]:
+    """The one class of each single-class prediction set; ``unknown_label`` for an empty set,
+    a set of several classes, or a cell without expression."""
+    categories = [str(c) for c in categories]
+    size = sets.sum(axis=1)
+    unsure = size != 1
+    if no_expression is not None:
+        unsure |= np.asarray(no_expression, dtype=bool)
+    labels = np.asarray(categories, dtype=object)[sets.argmax(axis=1)]
+    labels = np.where(unsure, unknown_label, labels).astype(object)
+    return labels, [*categories, unknown_label]
+
+
+def conformal_slots(
+    slots: Slots,
+    adata: AnnData,
+    key: str,
+    sets: np.ndarray | None,
+    categories: Sequence[str],
+    record: dict | None,
+    *,
+    replace_stale: bool = True,
+) -> None:
+    """``obsm[f"{key}_prediction_set"]`` (cells x classes, boolean), ``obs[f"{key}_set_size"]``
+    and ``uns[key]["conformal"]``; with ``sets=None`` the slots of an earlier call are removed."""
+    set_key, size_key = f"{key}_prediction_set", f"{key}_set_size"
+    if sets is None:
+        if replace_stale:
+            slots.drop_obsm.append(set_key)
+            slots.drop_obs.append(size_key)
+        return
+    slots.obsm[set_key] = pd.DataFrame(
+        np.asarray(sets, dtype=bool),
+        index=adata.obs_names.copy(),
+        columns=probability_columns([str(c) for c in categories]),
+    )
+    slots.obs[size_key] = np.asarray(sets.sum(axis=1), dtype=np.int64)
+    record = dict(record or {})
+    classes = pd.DataFrame(record.pop("classes", []))  # one row per class, as the vote's clusters
+    slots.uns[key]["conformal"] = {**h5ad_safe(record), "classes": classes}
