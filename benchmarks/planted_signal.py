@@ -44,9 +44,11 @@ def planted_signal_adata(
     n_classes: int = 6,
     n_markers: int = 6,
     n_background: int = 120,
+    marker_mean: float = 2.5,
     seed: int = 0,
 ) -> ad.AnnData:
-    """Cells whose class is written in a few marker genes (``obs["cell_type"]``)."""
+    """Cells whose class is written in a few marker genes (``obs["cell_type"]``); markers are
+    log1p of lognormal(``marker_mean``, 0.3), the background of lognormal(0, 0.8)."""
     rng = np.random.default_rng(seed)
     vocab = json.loads((Path(checkpoint) / "vocab.json").read_text())
     genes = sorted(g for g in vocab if not g.startswith("<"))
@@ -57,7 +59,7 @@ def planted_signal_adata(
     for i, c in enumerate(labels):
         background = rng.choice(n_genes, size=n_background, replace=False)
         x[i, background] = np.log1p(rng.lognormal(0.0, 0.8, size=n_background))
-        x[i, markers[c]] = np.log1p(rng.lognormal(2.5, 0.3, size=n_markers))
+        x[i, markers[c]] = np.log1p(rng.lognormal(marker_mean, 0.3, size=n_markers))
     obs = pd.DataFrame(
         {"cell_type": pd.Categorical([f"type{c}" for c in labels])},
         index=[f"cell{i}" for i in range(len(labels))],
