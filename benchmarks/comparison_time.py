@@ -20,6 +20,14 @@ from pathlib import Path
 import anndata as ad
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Test-cell columns of the conformal prediction sets, and their headers.
+CONFORMAL = {
+    "test_coverage": "coverage (target 0.90)",
+    "test_set_size": "mean set size",
+    "test_set_unknown_share": "unknown share",
+    "test_ece": "ECE",
+    "test_ece_scaled": "ECE scaled",
+}
 FIXTURE = ROOT / "tests" / "data" / "scgpt-tiny-pbmc-pretrained"
 
 
@@ -76,13 +84,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall time of the call: {seconds:.1f} s ({seconds / 60:.2f} min)")
     metrics = adata.uns["scgpt_annotation"]["strategy_metrics"]
     print()
-    print("| strategy | runtime s | val macro-F1 | test macro-F1 | test accuracy |")
-    print("|---|---:|---:|---:|---:|")
+    conformal = [c for c in CONFORMAL if c in metrics.columns]
+    header = ["strategy", "runtime s", "val macro-F1", "test macro-F1", "test accuracy"]
+    header += [CONFORMAL[c] for c in conformal]
+    print("| " + " | ".join(header) + " |")
+    print("|---|" + "---:|" * (len(header) - 1))
     for _, row in metrics.iterrows():
+        cells = [
+            f"`{row['strategy']}`",
+            f"{row['runtime_sec']:.1f}",
+            f"{row['validation_macro_f1']:.3f}",
+            f"{row['test_macro_f1']:.3f}",
+            f"{row['test_accuracy']:.3f}",
+            *[f"{row[c]:.3f}" for c in conformal],
+        ]
+        print("| " + " | ".join(cells) + " |")
+    if conformal:
+        split = adata.uns["scgpt_annotation"]["split"]
         print(
-            f"| `{row['strategy']}` | {row['runtime_sec']:.1f} | "
-            f"{row['validation_macro_f1']:.3f} | {row['test_macro_f1']:.3f} | "
-            f"{row['test_accuracy']:.3f} |"
+            f"\nprediction sets at error rate 0.1: {split['n_calibration']} calibration cells, "
+            f"{split['n_test']} test cells"
         )
     print(f"\nbest (validation): {adata.uns['scgpt_annotation']['best_strategy']}")
     return 0
