@@ -15,7 +15,8 @@ The guarantee is about coverage of the set, not about a singleton: a one-class s
 certified label, and a cell of a type the reference lacks is not guaranteed an empty or large set.
 
 Temperature scaling (Guo et al. 2017) rescales the log-probabilities by one number fitted on the
-same calibration cells (negative log-likelihood); it changes no cell's most probable class. The
+same calibration cells (negative log-likelihood; kept only if it does not raise their expected
+calibration error); it changes no cell's most probable class. The
 prediction sets use the unscaled probabilities, so that the threshold is computed from scores
 that did not depend on the calibration cells. Plain numpy: the scores and thresholds are saved
 in the runner's safetensors file and recomputed for any a at labelling time.
@@ -122,11 +123,16 @@ class ConformalCalibration:
         proba = np.asarray(proba, dtype=np.float64)
         labels = np.asarray(labels, dtype=np.int64)
         scores = 1.0 - proba[np.arange(len(labels)), labels]
+        temperature = fit_temperature(proba, labels) if len(labels) else 1.0
+        # the likelihood's optimum can still be less calibrated on these cells: then no scaling
+        scaled = scale_probabilities(proba, temperature)
+        if expected_calibration_error(scaled, labels) > expected_calibration_error(proba, labels):
+            temperature = 1.0
         return cls(
             scores=scores.astype(np.float64),
             labels=labels,
             n_classes=proba.shape[1],
-            temperature=fit_temperature(proba, labels) if len(labels) else 1.0,
+            temperature=temperature,
         )
 
     @property
