@@ -63,7 +63,13 @@ def reference_query(labels: np.ndarray, seed: int, query_size: float) -> tuple[n
 
 
 def scdlkit_query_labels(
-    reference, query, seed: int, refit: str, strategies: tuple[str, ...], n_repeats: int
+    reference,
+    query,
+    seed: int,
+    refit: str,
+    strategies: tuple[str, ...],
+    n_repeats: int,
+    calibration_size: float,
 ) -> tuple[np.ndarray, dict]:
     import scdlkit as sck
 
@@ -76,6 +82,7 @@ def scdlkit_query_labels(
             checkpoint=CHECKPOINT,
             strategies=strategies,
             n_repeats=n_repeats,
+            calibration_size=calibration_size,
             random_state=seed,
             refit=refit,
             precision="fp32",
@@ -97,7 +104,7 @@ def one_seed(matrix, genes, labels: pd.Categorical, seed: int, celltypist, args)
 
     codes = labels.codes.astype(np.int64)
     ref_cells, query_cells = reference_query(codes, seed, args.query_size)
-    how = (tuple(args.strategies), args.n_repeats)
+    how = (tuple(args.strategies), args.n_repeats, args.calibration_size)
     names = np.asarray(labels.astype(str))
     reference = _anndata(matrix[ref_cells], genes)
     reference.obs["label"] = pd.Categorical(names[ref_cells])
@@ -131,6 +138,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--celltypist", choices=("auto", "require", "off"), default="auto")
     parser.add_argument("--strategies", nargs="+", default=["frozen_probe", "head", "baseline"])
     parser.add_argument("--n-repeats", type=int, default=1, help="selection repeats")
+    parser.add_argument(
+        "--calibration-size",
+        type=float,
+        default=0.1,
+        help="cells held out to calibrate error rates (0: the refit sees every reference cell)",
+    )
     args = parser.parse_args(argv)
     celltypist, note = load_celltypist(args.celltypist)
     matrix, genes, labels = noisy_pbmc(args.noise_genes)
@@ -146,7 +159,8 @@ def main(argv: list[str] | None = None) -> str:
     lines = [
         f"machine: {machine()}",
         note,
-        f"scdlkit strategies: {', '.join(args.strategies)}; n_repeats={args.n_repeats}",
+        f"scdlkit strategies: {', '.join(args.strategies)}; n_repeats={args.n_repeats}; "
+        f"calibration_size={args.calibration_size}",
         frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"),
         "mean +- sd over seeds:",
         *[f"  {k}: {v}" for k, v in summary.items()],

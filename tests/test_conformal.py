@@ -151,6 +151,21 @@ def test_annotate_with_an_error_rate_writes_sets_through_h5ad_zarr_and_save_load
         assert back.uns[KEY]["conformal"]["error_rate"] == 0.1
 
 
+def test_an_error_rate_too_small_for_the_calibration_cells_gives_full_sets(
+    calibrated, _pbmc_raw, tmp_path
+):
+    query = _pbmc_raw[:30].copy()
+    # 70 calibration cells: rank ceil(71 * 0.999) = 71 > 70, no finite threshold at all
+    sck.tl.annotate(query, calibrated, error_rate=0.001)
+    assert query.obsm[f"{KEY}_prediction_set"].to_numpy().all()
+    assert (query.obs[KEY] == "Unknown").all()
+    assert np.isinf(query.uns[KEY]["conformal"]["classes"]["threshold"]).all()
+    query.write_h5ad(tmp_path / "q.h5ad")  # an infinite threshold is a number h5ad stores
+    assert np.isinf(
+        ad.read_h5ad(tmp_path / "q.h5ad").uns[KEY]["conformal"]["classes"]["threshold"]
+    ).all()
+
+
 def test_a_smaller_error_rate_gives_larger_sets(calibrated, _pbmc_raw):
     cal = calibrated.conformal_calibration()
     proba = calibrated.predict(_pbmc_raw[::4].copy())["probabilities"]
@@ -196,6 +211,13 @@ def test_donor_held_out_calibration_uses_whole_batches(_pbmc_raw, fixture_dir):
     assert set(donors[runner.split_.calibration_indices]) == {"b"}
     assert set(donors[runner.split_.train_indices]) == {"a"}
     assert runner.split_summary_["calibration_batches"] == ["b"]
+    # the refitted baseline never sees a cell of the calibration donor
+    assert runner.final_models_["baseline"] == {
+        "strategy": "baseline",
+        "fitted_on": "all labelled cells but those of the calibration batches",
+        "n_cells": int((donors != "b").sum()),
+        "refit": True,
+    }
     with pytest.raises(ValueError, match="also test or validation batches"):
         sck.AnnotationRunner(
             label_key="bulk_labels",

@@ -55,10 +55,12 @@ def test_refit_auto_fits_a_closed_form_winner_on_every_labelled_cell(pbmc_raw, p
     refitted = _baseline(pbmc_raw, pretrained, "auto")
     held = _baseline(pbmc_raw, pretrained, "never")
     labelled = int(pbmc_raw.obs["bulk_labels"].notna().sum())
+    calibration = refitted.split_.calibration_indices
+    assert len(calibration) == round(0.1 * labelled)
     assert refitted.final_models_["baseline"] == {
         "strategy": "baseline",
-        "fitted_on": "all labelled cells",
-        "n_cells": labelled,
+        "fitted_on": "all labelled cells but the calibration cells",
+        "n_cells": labelled - len(calibration),
         "refit": True,
     }
     assert held.final_models_["baseline"]["fitted_on"] == "training cells"
@@ -85,8 +87,8 @@ def test_refit_auto_leaves_trained_strategies_and_always_refits_them(kept_all, _
     steps = int(kept_all.results_["head"].extra["best_step"])
     assert record == {
         "strategy": "head",
-        "fitted_on": "all labelled cells",
-        "n_cells": _pbmc_raw.n_obs,
+        "fitted_on": "all labelled cells but the calibration cells",
+        "n_cells": _pbmc_raw.n_obs - len(kept_all.split_.calibration_indices),
         "refit": True,
         "steps": steps,
     }
@@ -123,6 +125,17 @@ def test_every_kept_strategy_predicts_the_same_after_loading(kept_all, _pbmc_raw
         seen[name] = before
     assert not np.allclose(seen["baseline"], seen["head"])  # three models, not one
     np.testing.assert_array_equal(back.predict(query)["probabilities"], seen[back.best_strategy_])
+
+
+def test_a_loaded_runner_saved_again_keeps_every_model(kept_all, _pbmc_raw, tmp_path):
+    back = sck.AnnotationRunner.load(kept_all.runner_dir_)
+    again = sck.AnnotationRunner.load(back.save(tmp_path / "again"))
+    query = _pbmc_raw[::9].copy()
+    for name in kept_all.kept_strategies_:
+        np.testing.assert_array_equal(
+            again.predict(query, strategy=name)["probabilities"],
+            kept_all.predict(query, strategy=name)["probabilities"],
+        )
 
 
 def test_annotate_with_a_kept_strategy_records_it_through_h5ad(kept_all, _pbmc_raw, tmp_path):
@@ -194,10 +207,10 @@ def test_no_held_out_cells_with_output_dir_completes_through_the_cli(
     assert (out / "run_complete.json").is_file()
     report = (out / "report.md").read_text()
     assert "No test cells (test_size=0)" in report
-    assert "refitted on all 700 labelled cells" in report
+    assert "refitted on 630 cells (all labelled cells but the calibration cells)" in report
     annotated = ad.read_h5ad(tmp_path / "annotated.h5ad")
-    assert set(annotated.obs[f"{KEY}_split"].astype(str)) == {"train"}
-    assert annotated.uns[KEY]["final_models"]["baseline"]["n_cells"] == 700
+    assert set(annotated.obs[f"{KEY}_split"].astype(str)) == {"train", "calibration"}
+    assert annotated.uns[KEY]["final_models"]["baseline"]["n_cells"] == 630
     code = main(
         [
             "annotate",

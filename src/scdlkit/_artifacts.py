@@ -211,7 +211,8 @@ def _final_model_section(runner: Any) -> list[str]:
     if record.get("refit"):
         steps = f", for {record['steps']} optimiser steps" if "steps" in record else ""
         how = (
-            f"refitted on all {record['n_cells']} labelled cells after selection{steps} "
+            f"refitted on {record['n_cells']} cells ({record['fitted_on']}) after "
+            f"selection{steps} "
             "(refit=); the metrics above are those of the model fitted on the training cells "
             "alone, evaluated on held-out cells, and the reference's labels come from it too"
         )

@@ -128,7 +128,11 @@ def repeat_splits(
     for r in range(n_repeats):
         fixed_test = splits[0].test_indices if splits else None
         split = split_scgpt_data(
-            prepared, random_state=random_state + r, fixed_test=fixed_test, **split_arguments
+            prepared,
+            random_state=random_state + r,
+            fixed_test=fixed_test,
+            reserved_batches=calibration_batches or (),
+            **split_arguments,
         )
         if len(split.val_indices) == 0 and n_strategies > 1:
             msg = (

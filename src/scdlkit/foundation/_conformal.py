@@ -180,7 +180,8 @@ class ConformalCalibration:
                 {
                     "label": str(name),
                     "n_calibration_cells": int(counts[c]),
-                    "threshold": None if math.isinf(thresholds[c]) else float(thresholds[c]),
+                    # inf: too few calibration cells for any threshold, every set holds the class
+                    "threshold": float(thresholds[c]),
                     "marginal_fallback": bool(fallback[c]),
                 }
                 for c, name in enumerate(categories)

@@ -429,6 +429,7 @@ def split_scgpt_data(
     test_batches: Sequence[str] | None = None,
     val_batches: Sequence[str] | None = None,
     fixed_test: np.ndarray | None = None,
+    reserved_batches: Sequence[str] = (),
 ) -> ScGPTSplitData:
     """Split the labelled cells into train, validation and test sets.
 
@@ -527,8 +528,12 @@ def split_scgpt_data(
                 f"{len(names)} ({', '.join(names)}). Use split_by='cells'."
             )
             raise ValueError(msg)
+        # batches reserved for another role (calibration) are never drawn for test or validation
+        drawable = [b for b in names if b not in set(reserved_batches)] or names
         if fixed_test is not None:
             chosen["test"] = sorted(set(batch_of[fixed_test]))
+        elif test_batches is None:
+            chosen["test"] = choose_held_out(drawable, None, test_size, rng, role="test")
         else:
             chosen["test"] = choose_held_out(names, test_batches, test_size, rng, role="test")
         rest = [b for b in names if b not in chosen["test"]]

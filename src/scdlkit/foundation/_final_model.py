@@ -60,9 +60,14 @@ def final_model(
     }
     if not refits(family, refit):
         return final, record
-    # every labelled cell but the calibration cells, which must stay unseen to calibrate on
+    # every labelled cell but the calibration cells, which must stay unseen to calibrate on,
+    # and with calibration batches every cell of theirs (the guarantee is about new batches)
     calibration = ctx.split.calibration_indices
-    labelled = np.setdiff1d(np.flatnonzero(ctx.prepared.labelled), calibration)
+    reserved = calibration
+    if ctx.split.calibration_batches:
+        in_batches = np.isin(ctx.prepared.batches, ctx.split.calibration_batches)
+        reserved = np.union1d(reserved, np.flatnonzero(in_batches))
+    labelled = np.setdiff1d(np.flatnonzero(ctx.prepared.labelled), reserved)
     everything = replace(
         ctx.split, train_indices=labelled, val_indices=train[:0], test_indices=train[:0]
     )
@@ -79,7 +84,11 @@ def final_model(
     if proba is not None:  # the refitted model's sets are calibrated on its own scores
         codes = ctx.prepared.label_codes[calibration]
         final.extra["conformal"] = ConformalCalibration.fit(proba, codes)
-    fitted_on = "all labelled cells but the calibration cells" if len(calibration) else None
+    fitted_on = None
+    if ctx.split.calibration_batches:
+        fitted_on = "all labelled cells but those of the calibration batches"
+    elif len(calibration):
+        fitted_on = "all labelled cells but the calibration cells"
     record.update(fitted_on=fitted_on or "all labelled cells", n_cells=len(labelled), refit=True)
     if steps is not None:
         record["steps"] = int(steps)

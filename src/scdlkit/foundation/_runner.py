@@ -191,9 +191,10 @@ class ScGPTAnnotationRunner:
     split_
         The :class:`~scdlkit.foundation.ScGPTSplitData` used.
     final_models_
-        ``{strategy: record}`` for every kept model: ``fitted_on`` (``"all labelled cells"`` or
-        ``"training cells"``), ``n_cells``, ``refit`` and, for a refitted trained strategy,
-        ``steps``.
+        ``{strategy: record}`` for every kept model: ``fitted_on`` (``"training cells"``, or
+        after a refit ``"all labelled cells"``, less ``"the calibration cells"`` or ``"those of
+        the calibration batches"`` when there are any), ``n_cells``, ``refit`` and, for a
+        refitted trained strategy, ``steps``.
 
     Examples
     --------

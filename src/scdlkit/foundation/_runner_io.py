@@ -281,8 +281,9 @@ def _save_kept(runner: Any, path: Path) -> dict[str, str] | None:
         return None
     pins = {}
     for name in others:
+        kept = runner.kept_result(name)  # first: a baseline runner finds its checkpoint here
         view = copy.copy(runner)
-        view._best, view.best_strategy_ = runner.kept_result(name), name
+        view._best, view.best_strategy_ = kept, name
         view._kept, view.kept_strategies_ = {name: view._best}, [name]
         view.final_models_ = {name: runner.final_models_.get(name)}
         save_runner(view, path / KEPT_FOLDER / name)
@@ -294,7 +295,7 @@ def load_kept(runner: Any, name: str) -> StrategyResult:
     """The kept model of strategy ``name`` of a saved runner, checked against the sha256 the
     runner's manifest pins for it."""
     pins = getattr(runner, "kept_pins_", None) or {}
-    kept = sorted({runner.best_strategy_, *pins})
+    kept = sorted({*getattr(runner, "kept_strategies_", [runner.best_strategy_]), *pins})
     if name not in pins:
         msg = (
             f"strategy {name!r} was not kept: this runner labels with {kept}. Fit with "
@@ -302,8 +303,11 @@ def load_kept(runner: Any, name: str) -> StrategyResult:
         )
         raise ValueError(msg)
     folder = Path(runner.runner_dir_) / KEPT_FOLDER / name
-    base = runner.checkpoint_.path if runner.checkpoint_ is not None else None
-    other = type(runner).load(folder, checkpoint=base, device=runner.device)
+    checkpoint, verify = getattr(runner, "load_options_", (None, True))
+    base = runner.checkpoint_.path if runner.checkpoint_ is not None else checkpoint
+    other = type(runner).load(
+        folder, checkpoint=base, device=runner.device, verify_checkpoint=verify
+    )
     if other.manifest_sha256_ != pins[name]:
         msg = (
             f"{folder / MANIFEST_NAME} is not the {name!r} model saved with the runner in "
@@ -678,6 +682,7 @@ def load_runner(cls: type, path: Path, *, checkpoint: Any, device: str, verify: 
         runner._best.extra["conformal"] = conformal
     runner._kept = {runner.best_strategy_: runner._best}
     runner.kept_pins_ = manifest.get("kept_strategies") or {}
+    runner.load_options_ = (checkpoint, verify)  # how kept models are loaded on first use
     runner.kept_strategies_ = [runner.best_strategy_, *runner.kept_pins_]
     runner.final_models_ = manifest.get("final_models") or {}
     runner._fitted = True

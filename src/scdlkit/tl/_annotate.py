@@ -243,6 +243,9 @@ def annotate(
     sets = record = None
     if calibration is not None:
         sets = calibration.prediction_sets(predictions["probabilities"], error_rate)
+        silent = predictions.get("no_expression")
+        if silent is not None:  # uniform probabilities say nothing: no set
+            sets[np.asarray(silent, dtype=bool)] = False
         record = calibration.record(error_rate, runner.label_categories_)
         labels, categories = set_labels(
             sets,
