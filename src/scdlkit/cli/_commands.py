@@ -43,6 +43,8 @@ TABLE_COLUMNS = (
     "validation_macro_f1",
     "test_macro_f1",
     "test_accuracy",
+    "test_coverage",
+    "test_set_size",
     "trainable_parameters",
     "runtime_sec",
 )
