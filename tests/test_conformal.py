@@ -279,3 +279,28 @@ def test_cli_annotate_with_an_error_rate(calibrated, _pbmc_raw, tmp_path):
     out = ad.read_h5ad(tmp_path / "out.h5ad")
     assert out.uns[KEY]["params"]["error_rate"] == 0.1
     assert f"{KEY}_prediction_set" in out.obsm
+
+
+def test_temperature_scaling_and_voting_with_an_error_rate(calibrated, _pbmc_raw):
+    query = _pbmc_raw[::2].copy()
+    plain = query.copy()
+    sck.tl.annotate(plain, calibrated)
+    sck.tl.annotate(
+        query,
+        calibrated,
+        temperature_scaling=True,
+        error_rate=0.1,
+        majority_voting=True,
+        over_clustering="louvain" if "louvain" in query.obs else None,
+    )
+    temperature = calibrated.conformal_calibration().temperature
+    assert query.uns[KEY]["params"]["temperature"] == pytest.approx(temperature)
+    scaled = query.obsm[f"{KEY}_probabilities"].to_numpy()
+    np.testing.assert_allclose(scaled.sum(axis=1), 1.0, atol=1e-5)
+    unscaled = plain.obsm[f"{KEY}_probabilities"].to_numpy()
+    np.testing.assert_array_equal(scaled.argmax(axis=1), unscaled.argmax(axis=1))
+    # the sets come from the unscaled probabilities, whatever the scaling
+    expected = calibrated.conformal_calibration().prediction_sets(unscaled, 0.1)
+    np.testing.assert_array_equal(query.obsm[f"{KEY}_prediction_set"].to_numpy(), expected)
+    # the vote counts the set-based labels ("Unknown" included) within each cluster
+    assert f"{KEY}_majority_voting" in query.obs

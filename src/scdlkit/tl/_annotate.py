@@ -61,6 +61,7 @@ def annotate(
     key_added: str = "scgpt_annotation",
     confidence_threshold: float | None = None,
     error_rate: float | None = None,
+    temperature_scaling: bool = False,
     unknown_label: str = UNKNOWN_LABEL,
     majority_voting: bool = False,
     over_clustering: str | Sequence[Any] | None = None,
@@ -118,6 +119,13 @@ def annotate(
         (method, target error, calibration cells, per-class thresholds). What is guaranteed and
         what is not: docs/label_transfer.md, "Labels with a stated error rate". Not with
         ``confidence_threshold``.
+    temperature_scaling
+        Rescale the probabilities (``obsm[f"{key_added}_probabilities"]``, the confidence and
+        what ``confidence_threshold`` cuts) by the temperature fitted on the runner's
+        calibration cells, so that a probability of 0.8 is right about 80% of the time on
+        cells like them; no label changes without a threshold. The prediction sets of
+        ``error_rate`` always use the unscaled probabilities. Recorded in
+        ``uns[key_added]["params"]["temperature"]``.
     unknown_label
         Label of the cells under the threshold (or without a single-class set).
     majority_voting
@@ -197,6 +205,7 @@ def annotate(
     )
     random_state = check_random_state(random_state)
     strategy = check_optional_str("strategy", strategy)
+    temperature_scaling = check_bool("temperature_scaling", temperature_scaling)
     error_rate = check_optional_number(
         "error_rate", error_rate, min_value=0.0, max_value=1.0, min_inclusive=False,
         max_inclusive=False,
@@ -230,7 +239,8 @@ def annotate(
     )
     if error_rate is not None:
         threshold = None  # the sets decide; the runner's own threshold does not apply
-    calibration = None if error_rate is None else runner.conformal_calibration(strategy)
+    wants_calibration = error_rate is not None or temperature_scaling
+    calibration = runner.conformal_calibration(strategy) if wants_calibration else None
     check_unknown_label(
         runner.label_categories_,
         error_rate if error_rate is not None else threshold,
@@ -241,8 +251,13 @@ def annotate(
         adata, gene_key=gene_key, layer=layer, chunk_size=chunk_size, strategy=strategy
     )
     sets = record = None
-    if calibration is not None:
-        sets = calibration.prediction_sets(predictions["probabilities"], error_rate)
+    unscaled = predictions["probabilities"]
+    temperature = None
+    if temperature_scaling:
+        temperature = float(calibration.temperature)
+        predictions["probabilities"] = _scaled(unscaled, temperature)
+    if error_rate is not None:
+        sets = calibration.prediction_sets(unscaled, error_rate)
         silent = predictions.get("no_expression")
         if silent is not None:  # uniform probabilities say nothing: no set
             sets[np.asarray(silent, dtype=bool)] = False
@@ -272,6 +287,7 @@ def annotate(
     labelling = {
         "confidence_threshold": threshold,
         "error_rate": error_rate,
+        "temperature": temperature,
         "unknown_label": options.unknown_label,
         "majority_voting": options.majority_voting,
         "over_clustering": over_clustering if isinstance(over_clustering, str) else None,
@@ -320,6 +336,14 @@ def annotate(
         adata = adata.copy()
     slots.write(adata)
     return adata if copy else None
+
+
+def _scaled(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature-scaled probabilities (the runner's calibration, applied when labelling)."""
+    # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
+    from scdlkit.foundation._conformal import scale_probabilities
+
+    return scale_probabilities(probabilities, temperature)
 
 
 def _skip_vote(adata: AnnData, options: LabellingOptions, over_clustering: Any) -> str | None:
