@@ -456,7 +456,7 @@ def test_adapt_writes_the_annotated_reference(round_trip, files):
     assert ref.n_obs == ad.read_h5ad(files["ref"]).n_obs
     assert isinstance(ref.obs[KEY].dtype, pd.CategoricalDtype)
     assert ref.obs[f"{KEY}_confidence"].between(0, 1).all()
-    assert set(ref.obs[f"{KEY}_split"]) == {"train", "val", "test"}
+    assert set(ref.obs[f"{KEY}_split"]) == {"train", "val", "calibration", "test"}
     assert ref.obsm[f"X_{KEY}"].shape[0] == ref.n_obs
     uns = ref.uns[KEY]
     assert uns["best_strategy"] in {"frozen_probe", "baseline"}

@@ -42,7 +42,7 @@ def test_all_strategies_write_every_slot(adapted):
     conf = adata.obs[f"{KEY}_confidence"]
     assert ((conf > 0) & (conf <= 1)).all()
     split = adata.obs[f"{KEY}_split"]
-    assert set(split.cat.categories) == {"train", "val", "test", "unlabelled"}
+    assert set(split.cat.categories) == {"train", "val", "calibration", "test", "unlabelled"}
     assert (split.iloc[:7] == "unlabelled").all()
     assert (split.iloc[7:] != "unlabelled").all()
     assert adata.obsm[f"X_{KEY}"].shape[0] == adata.n_obs
