@@ -10,7 +10,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["EncodedLabels", "encode_labels", "read_batch_column", "read_label_column"]
+__all__ = [
+    "UNKNOWN_LABEL",
+    "EncodedLabels",
+    "encode_labels",
+    "read_batch_column",
+    "read_label_column",
+]
+
+#: The label of cells the model does not label (under a threshold, without a one-class set, or
+#: without expression); one definition for the runner, the tools and the slots.
+UNKNOWN_LABEL = "Unknown"
 
 
 @dataclass(frozen=True)

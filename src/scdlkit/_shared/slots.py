@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from scdlkit._shared.labels import UNKNOWN_LABEL
 from scdlkit._shared.provenance import package_versions
 
 __all__ = [
@@ -31,7 +32,7 @@ __all__ = [
 
 SPLIT_CATEGORIES = ["train", "val", "calibration", "test", "unlabelled"]
 #: The label of cells a runner does not label (under its threshold, or with no expression).
-UNKNOWN = "Unknown"
+UNKNOWN = UNKNOWN_LABEL
 
 #: Characters h5ad or zarr cannot hold in a key: ``/`` separates groups in both, a backslash
 #: is read back as a separator by zarr, HDF5 strings cannot hold NUL.

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from scdlkit._artifacts import write_artifacts
+from scdlkit._shared.labels import UNKNOWN_LABEL
 from scdlkit._shared.persist import claim_run_folder, publish_files
 from scdlkit._shared.provenance import check_unique_genes
 from scdlkit._shared.strategies import DEFAULT_STRATEGIES
@@ -65,7 +66,6 @@ __all__ = ["ScGPTAnnotationRunner"]
 
 logger = logging.getLogger("scdlkit")
 
-UNKNOWN_LABEL = "Unknown"
 #: What a run writes into ``output_dir``; any of them there means the folder holds a run.
 _RUN_FILES = ("runner", "strategy_metrics.csv", "predictions.csv", "report.md")
 

@@ -11,6 +11,7 @@ import pandas as pd
 from anndata import AnnData
 
 from scdlkit._shared.arguments import check_bool, check_number, check_optional_number
+from scdlkit._shared.labels import UNKNOWN_LABEL
 from scdlkit._shared.slots import Slots, h5ad_safe
 from scdlkit.pl._probabilities import probability_columns
 from scdlkit.tl._checks import check_str
@@ -28,8 +29,6 @@ __all__ = [
     "probability_columns",
     "set_labels",
 ]
-
-UNKNOWN_LABEL = "Unknown"
 
 
 @dataclass
