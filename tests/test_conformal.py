@@ -304,3 +304,17 @@ def test_temperature_scaling_and_voting_with_an_error_rate(calibrated, _pbmc_raw
     np.testing.assert_array_equal(query.obsm[f"{KEY}_prediction_set"].to_numpy(), expected)
     # the vote counts the set-based labels ("Unknown" included) within each cluster
     assert f"{KEY}_majority_voting" in query.obs
+
+
+def test_a_saved_calibration_that_does_not_fit_the_classes_is_refused(calibrated, tmp_path):
+    import copy
+
+    broken = copy.copy(calibrated)
+    broken._best = copy.copy(calibrated._best)
+    calibration = copy.deepcopy(calibrated.conformal_calibration())
+    calibration.labels[0] = len(calibrated.label_categories_) + 3  # a class that does not exist
+    broken._best.extra = {**calibrated._best.extra, "conformal": calibration}
+    broken.kept_strategies_ = [calibrated.best_strategy_]
+    folder = broken.save(tmp_path / "broken")
+    with pytest.raises(ValueError, match=r"conformal calibration \(conformal\.\*\) does not hold"):
+        sck.AnnotationRunner.load(folder)

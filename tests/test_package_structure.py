@@ -84,6 +84,7 @@ ALLOWED_POSITIONAL: dict[str, tuple[str, ...]] = {
     "tl.train_baseline": (),
     "pl.annotation_markers": (),
     "pl.batch_metrics": (),
+    "pl.calibration": (),
     "pl.confusion_matrix": (),
     "pl.label_transfer": ("reference_key",),
     "pl.strategy_comparison": (),

@@ -195,6 +195,28 @@ class ConformalCalibration:
             "temperature": np.asarray([self.temperature], dtype=np.float64),
         }
 
+    @staticmethod
+    def state_problem(arrays: dict[str, np.ndarray], n_classes: int) -> str | None:
+        """What is wrong with saved ``arrays`` (from :meth:`state_arrays`), or ``None``."""
+        scores, labels = arrays.get("scores"), arrays.get("labels")
+        temperature = arrays.get("temperature")
+        if (
+            set(arrays) != {"scores", "labels", "temperature"}
+            or scores.ndim != 1
+            or labels.shape != scores.shape
+            or labels.dtype.kind not in "iu"
+            or temperature.shape != (1,)
+            or not np.isfinite(scores).all()
+            or not np.isfinite(temperature).all()
+            or float(temperature[0]) <= 0
+            or (len(labels) and (labels.min() < 0 or labels.max() >= n_classes))
+        ):
+            return (
+                f"does not hold one score and one class code (of {n_classes}) per calibration "
+                "cell and a positive temperature"
+            )
+        return None
+
     @classmethod
     def from_state(cls, arrays: dict[str, np.ndarray], n_classes: int) -> ConformalCalibration:
         return cls(

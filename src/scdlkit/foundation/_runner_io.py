@@ -344,24 +344,9 @@ def _rebuild_conformal(
     }
     if not arrays:
         return None
-    scores, labels = arrays.get("scores"), arrays.get("labels")
-    temperature = arrays.get("temperature")
-    if (
-        set(arrays) != {"scores", "labels", "temperature"}
-        or scores.ndim != 1
-        or labels.shape != scores.shape
-        or labels.dtype.kind not in "iu"
-        or temperature.shape != (1,)
-        or not np.isfinite(scores).all()
-        or not np.isfinite(temperature).all()
-        or float(temperature[0]) <= 0
-        or (len(labels) and (labels.min() < 0 or labels.max() >= n_classes))
-    ):
-        msg = (
-            f"{file}: the conformal calibration tensors ({CONFORMAL_PREFIX}*) do not hold one "
-            f"score and one class code (of {n_classes}) per calibration cell and a positive "
-            f"temperature; {_FIX}."
-        )
+    problem = ConformalCalibration.state_problem(arrays, n_classes)
+    if problem is not None:
+        msg = f"{file}: the conformal calibration ({CONFORMAL_PREFIX}*) {problem}; {_FIX}."
         raise ValueError(msg)
     return ConformalCalibration.from_state(arrays, n_classes)
 
