@@ -124,7 +124,8 @@ def test_annotate_with_an_error_rate_writes_sets_through_h5ad_zarr_and_save_load
     query = _pbmc_raw[::3].copy()
     sck.tl.annotate(query, calibrated.runner_dir_, error_rate=0.1)
     sets = query.obsm[f"{KEY}_prediction_set"]
-    assert isinstance(sets, pd.DataFrame) and sets.dtypes.eq(bool).all()
+    assert isinstance(sets, pd.DataFrame)
+    assert sets.dtypes.eq(bool).all()
     size = sets.to_numpy().sum(axis=1)
     np.testing.assert_array_equal(query.obs[f"{KEY}_set_size"], size)
     labels = query.obs[KEY].astype(str).to_numpy()
@@ -188,7 +189,7 @@ def test_error_rate_refusals_leave_the_anndata_unchanged(calibrated, _pbmc_raw, 
         calibration_size=0,
         **FAST,
     ).fit(_pbmc_raw)
-    with pytest.raises(ValueError, match="no conformal calibration.*calibration_size > 0"):
+    with pytest.raises(ValueError, match=r"no conformal calibration.*calibration_size > 0"):
         sck.tl.annotate(query, uncalibrated, error_rate=0.1)
     assert_equal(query, before)
 
