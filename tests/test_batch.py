@@ -153,5 +153,5 @@ def test_manifest_records_split(adapted_by_batch):
     manifest = json.loads((Path(adata.uns[KEY]["runner_dir"]) / "manifest.json").read_text())
     assert manifest["split"]["split_by"] == "batch"
     assert manifest["split"]["test_batches"] == ["d3"]
-    assert manifest["params"]["batch_key"] == "donor"
+    assert manifest["init_params"]["batch_key"] == "donor"
     assert len(manifest["batch_metrics"]) == 3

@@ -151,7 +151,7 @@ CASES = [
     (
         "legacy-params-no-label",
         "frozen_probe",
-        lambda m: (m.pop("init_params"), m["params"].pop("label_key")),
+        lambda m: (m.pop("init_params"), m["params"].pop("label_key", None)),
         "params",
     ),
 ]

@@ -104,6 +104,11 @@ ONE_CONCEPT_FILES = {
         "the runner's lifecycle, one class (fit, keep, predict, save, load); issue 26 moves "
         "its scGPT parts into the model folder",
     ),
+    "scdlkit/foundation/_runner_io.py": (
+        800,
+        "the runner's persistence, one concept: the manifest schema and its cross-checks, "
+        "save and load, the kept models",
+    ),
 }
 
 

@@ -199,6 +199,13 @@ _MODEL_CONFIG_SCHEMA = (
 _FAMILY_PREFIX = {"frozen_probe": "probe.", "baseline": "baseline."}
 
 
+def _resolved_params(runner: Any) -> dict[str, Any]:
+    """The entries of ``runner.params()`` that ``init_params`` does not already hold as they are
+    (the checkpoint's path, every strategy's resolved training settings, the precision used)."""
+    recorded = runner.init_params_
+    return {k: v for k, v in runner.params().items() if k not in recorded or recorded[k] != v}
+
+
 def _history_records(runner: Any) -> dict[str, list[dict[str, Any]]]:
     # scdlkit.training's package imports the Trainer (lightning_fabric): only when saving
     from scdlkit.training.metrics import json_safe
@@ -235,7 +242,8 @@ def save_runner(runner: Any, path: Path) -> Path:
             "files": ckpt.files_sha256 if pinned else {},  # everything that changes outputs
             "args": ckpt.args.to_dict() if ckpt is not None else {},
         },
-        "params": runner.params(),
+        # the constructor's arguments once; beside them only what params() resolves or adds
+        "params": _resolved_params(runner),
         "init_params": runner.init_params_,
         "matched_genes": list(getattr(runner, "matched_genes_", [])),
         "label_categories": list(runner.label_categories_),
