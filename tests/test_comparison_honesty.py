@@ -118,7 +118,7 @@ def test_every_strategy_is_fitted_on_the_same_cells(_pbmc_raw, checkpoint_dir, m
         return real_lr_fit(self, x, y, *args, **kwargs)
 
     def baseline_fit(self, matrix, genes, labels, *args, **kwargs):
-        fitted["baseline"] = matrix.shape[0]
+        fitted.setdefault("baseline", matrix.shape[0])  # the selection fit, not the refit
         return real_baseline_fit(self, matrix, genes, labels, *args, **kwargs)
 
     def trainer_fit(self, train, val=None):

@@ -74,6 +74,7 @@ def test_family_state_round_trip_predicts_identically(fitted, strategy, _pbmc_ra
         strategy, family.state(result.model), manifest, BaseWeights(runner.checkpoint_)
     )
     cells = _pbmc_raw[:50].copy()
+    runner._best.model = result.model  # the selection fit (the kept one may be refitted)
     expected = runner.predict(cells)
     runner._best.model = rebuilt
     got = runner.predict(cells)

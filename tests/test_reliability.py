@@ -455,9 +455,11 @@ def test_duplicate_gene_symbols_in_a_query_are_refused(small_ref, checkpoint_dir
         runner.predict(query, gene_key="symbol")
     query.var["symbol"] = [*query.var_names[:-2], "nan", "nan"]  # unmapped placeholders are fine
     runner.predict(query, gene_key="symbol")
-    runner.best_strategy_ = "baseline"  # which reads every gene: no placeholder twice either
-    with pytest.raises(ValueError, match="'nan'"):
-        runner.predict(query, gene_key="symbol")
+    baseline = ScGPTAnnotationRunner(
+        label_key="bulk_labels", checkpoint=checkpoint_dir, strategies=("baseline",), **FAST
+    ).fit(small_ref)
+    with pytest.raises(ValueError, match="'nan'"):  # it reads every gene: no placeholder twice
+        baseline.predict(query, gene_key="symbol")
 
 
 # ------------------------------------------------------------------ finding 8: command line
