@@ -308,7 +308,11 @@ def class_gene_scores(
     codes = np.asarray(codes, dtype=np.int64)
     gene_key = runner.gene_key if gene_key is None else gene_key
     layer = runner.layer if layer is None else layer
-    if runner.best_strategy_ == "baseline":
+    # the strategy table says what the kept model is; imported here as the other readers are
+    from scdlkit.foundation._fitting import strategy_family
+
+    family = strategy_family(runner.best_strategy_)
+    if not family.uses_checkpoint:  # the expression baseline: linear in its inputs
         return _linear_scores(runner, adata, codes, gene_key=gene_key, layer=layer)
     try:
         return _token_scores(
@@ -323,7 +327,7 @@ def class_gene_scores(
             progress=progress,
         )
     finally:
-        if runner.best_strategy_ not in {"frozen_probe", "head"}:
+        if family.moves_to_device:
             runner._best.model.to("cpu")  # as after predict: the adapted model waits on the CPU
 
 

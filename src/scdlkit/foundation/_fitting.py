@@ -204,12 +204,21 @@ class StrategyFamily:
     refit_by_default
         Refitted on every labelled cell after selection under ``refit="auto"`` (a closed-form
         fit that chose nothing on held-out cells; :mod:`scdlkit.foundation._final_model`).
+    state_prefix
+        Prefix of every tensor :meth:`state` saves (how a saved runner's weights are checked).
+    saves_model_config
+        :meth:`manifest_fields` writes a ``model_config`` that rebuilds an annotation model.
+    moves_to_device
+        Its model is moved to the device to predict (and back to the CPU after).
     """
 
     uses_features = False
     reads_features = False
     uses_checkpoint = True
     refit_by_default = False
+    state_prefix = "model."
+    saves_model_config = False
+    moves_to_device = False
 
     def fit(self, strategy: str, ctx: FitContext, settings: dict, config: Any) -> StrategyResult:
         raise NotImplementedError
@@ -375,6 +384,7 @@ class FrozenProbe(StrategyFamily):
     uses_features = True
     reads_features = True
     refit_by_default = True
+    state_prefix = "probe."
 
     def fit(self, strategy: str, ctx: FitContext, settings: dict, config: Any) -> StrategyResult:
         # scikit-learn is imported where used: most sessions never fit a probe
@@ -416,7 +426,7 @@ class FrozenProbe(StrategyFamily):
                 "scaler_mean": model.scaler.mean_,
                 "scaler_scale": model.scaler.scale_,
             },
-            "probe.",
+            self.state_prefix,
         )
 
     def from_state(
@@ -430,7 +440,7 @@ class FrozenProbe(StrategyFamily):
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
 
-        arrays = _unprefixed(tensors, "probe.")
+        arrays = _unprefixed(tensors, self.state_prefix)
         scaler = StandardScaler()
         scaler.mean_, scaler.scale_ = arrays["scaler_mean"], arrays["scaler_scale"]
         scaler.var_ = scaler.scale_**2
@@ -450,6 +460,7 @@ class ExpressionBaseline(StrategyFamily):
 
     uses_checkpoint = False
     refit_by_default = True
+    state_prefix = "baseline."
 
     def fit(self, strategy: str, ctx: FitContext, settings: dict, config: Any) -> StrategyResult:
         # scdlkit.baselines imports the Trainer (lightning_fabric): only when the baseline runs
@@ -482,7 +493,7 @@ class ExpressionBaseline(StrategyFamily):
         return proba, model.latent(matrix, genes)
 
     def state(self, model: Any) -> Tensors:
-        return _prefixed(model.state_arrays(), "baseline.")
+        return _prefixed(model.state_arrays(), self.state_prefix)
 
     def manifest_fields(self, model: Any) -> dict[str, Any]:
         return {"baseline_genes": list(model.genes_)}
@@ -497,7 +508,7 @@ class ExpressionBaseline(StrategyFamily):
         # scdlkit.baselines imports the Trainer (lightning_fabric): only for a baseline runner
         from scdlkit.baselines._expression import ExpressionLogisticBaseline
 
-        arrays = _unprefixed(tensors, "baseline.")
+        arrays = _unprefixed(tensors, self.state_prefix)
         return ExpressionLogisticBaseline.from_state(arrays, manifest["baseline_genes"])
 
 
@@ -532,9 +543,11 @@ class NeuralStrategy(StrategyFamily):
 
     #: every neural strategy standardises its classifier input on the frozen training features
     reads_features = True
+    saves_model_config = True
 
     def __init__(self, strategy: str) -> None:
         self.uses_features = strategy == "head"
+        self.moves_to_device = not self.uses_features  # the head predicts on cached features
 
     def fit(self, strategy: str, ctx: FitContext, settings: dict, config: Any) -> StrategyResult:
         # the Trainer brings lightning_fabric, slow to import: only when a strategy trains
@@ -641,7 +654,7 @@ class NeuralStrategy(StrategyFamily):
 
     def state(self, model: Any) -> Tensors:
         return {
-            f"model.{k}": v.detach().cpu().contiguous()
+            f"{self.state_prefix}{k}": v.detach().cpu().contiguous()
             for k, v in model.adaptation_state_dict().items()
         }
 
@@ -659,7 +672,11 @@ class NeuralStrategy(StrategyFamily):
             base.encoder_state(), base.checkpoint, **manifest["model_config"]
         )
         model.load_adaptation_state_dict(
-            {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+            {
+                k[len(self.state_prefix) :]: v
+                for k, v in tensors.items()
+                if k.startswith(self.state_prefix)
+            }
         )
         return model.eval()
 

@@ -43,7 +43,7 @@ from scdlkit._shared.provenance import (
     tensor_record,
     tensor_record_problem,
 )
-from scdlkit._shared.strategies import NEURAL_STRATEGIES, STRATEGIES
+from scdlkit._shared.strategies import STRATEGIES
 from scdlkit.foundation._checkpoint import (
     CHECKPOINT_FILES,
     OFFICIAL_CHECKPOINTS,
@@ -194,9 +194,6 @@ _MODEL_CONFIG_SCHEMA = (
         check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
     ),
 )
-#: Prefix of the tensors each non-neural family saves (neural ones: ``model.``, checked by the
-#: model itself); each also saves the classifier's ``classes`` under it.
-_FAMILY_PREFIX = {"frozen_probe": "probe.", "baseline": "baseline."}
 
 
 def _resolved_params(runner: Any) -> dict[str, Any]:
@@ -230,7 +227,7 @@ def save_runner(runner: Any, path: Path) -> Path:
     kept = _save_kept(runner, path)
     tensors = {**family.state(best.model), **_conformal_state(best)}
     ckpt: ScGPTCheckpoint | None = runner.checkpoint_
-    pinned = ckpt is not None and best.strategy != "baseline"
+    pinned = ckpt is not None and family.uses_checkpoint
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "kind": KIND,
@@ -375,7 +372,8 @@ def read_manifest(path: Path) -> tuple[dict[str, Any], str]:
             f"{listed}; {_FIX}."
         )
         raise ValueError(msg)
-    if best in NEURAL_STRATEGIES:
+    family = strategy_family(best)
+    if family.saves_model_config:
         if not isinstance(manifest.get("model_config"), dict):
             msg = f"{file}: field 'model_config' must be an object for strategy {best!r}; {_FIX}."
             raise ValueError(msg)
@@ -410,7 +408,7 @@ def read_manifest(path: Path) -> tuple[dict[str, Any], str]:
             f"'checkpoint.sha256'; {_FIX}."
         )
         raise ValueError(msg)
-    if best == "baseline" and not manifest.get("baseline_genes"):
+    if not family.uses_checkpoint and not manifest.get("baseline_genes"):
         msg = f"{file}: field 'baseline_genes' is missing for strategy 'baseline'; {_FIX}."
         raise ValueError(msg)
     return manifest, digest
@@ -431,16 +429,21 @@ def check_tensors(file: Path, manifest: Mapping[str, Any], tensors: Mapping[str,
     tensors = {k: v for k, v in tensors.items() if not k.startswith(CONFORMAL_PREFIX)}
     best = manifest["best_strategy"]
     n_classes = len(manifest["label_categories"])
-    prefix = _FAMILY_PREFIX.get(best, "model.")
+    family = strategy_family(best)
+    prefix = family.state_prefix
     stray = sorted(k for k in tensors if not k.startswith(prefix))
-    if stray or not tensors or (prefix != "model." and f"{prefix}classes" not in tensors):
+    if (
+        stray
+        or not tensors
+        or (not family.saves_model_config and f"{prefix}classes" not in tensors)
+    ):
         msg = (
             f"{file}: the weights hold {stray[:3] or sorted(tensors)[:3]}, not the tensors of a "
             f"{best!r} runner ({prefix}*): field 'best_strategy' does not match the weights; "
             f"{_FIX}."
         )
         raise ValueError(msg)
-    if prefix == "model.":
+    if family.saves_model_config:
         return  # the recorded shapes above; the model checks its own names when it is rebuilt
     classes = tensors[f"{prefix}classes"]
     if (
@@ -611,7 +614,7 @@ def _check_pins(
 def _resolve_base(
     manifest: dict[str, Any], checkpoint: Any, verify: bool, runner: Path
 ) -> ScGPTCheckpoint | None:
-    if manifest["best_strategy"] == "baseline":
+    if not strategy_family(manifest["best_strategy"]).uses_checkpoint:
         return None
     recorded = manifest["checkpoint"]
     ckpt = _find_base(recorded, checkpoint, runner)
