@@ -365,3 +365,29 @@ def test_refit_vs_celltypist_prints_the_refit_and_held_out_models_on_one_seed(ca
     assert "scdlkit training split macro-F1" in text
     assert "CellTypist macro-F1" not in text
     assert "cells" in text  # what the saved model was fitted on
+
+
+# ---------------------------------------------------------------------- conformal_coverage.py
+
+
+def test_conformal_coverage_prints_coverage_per_part_on_one_seed():
+    bench = _import("conformal_coverage")
+    text = bench.main(
+        [
+            "--seeds",
+            "0",
+            "--strategies",
+            "baseline",
+            "--n-cells",
+            "600",
+            "--parts",
+            "cells",
+            "donors",
+            "unseen",
+        ]
+    )
+    assert "machine:" in text
+    for part in ("cells:", "donors:", "unseen:"):
+        assert part in text
+    assert "coverage" in text
+    assert "empty-set share" in text
