@@ -45,9 +45,7 @@ def results_adata(runner: Any) -> AnnData:
 
 def _markdown_table(frame: pd.DataFrame) -> str:
     def fmt(value: Any) -> str:
-        if isinstance(value, float):
-            return "n/a" if not np.isfinite(value) else f"{value:.3f}"
-        return str(value)
+        return _number(value) if isinstance(value, float) else str(value)
 
     header = "| " + " | ".join(map(str, frame.columns)) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"

@@ -35,6 +35,7 @@ __all__ = [
     "ConformalCalibration",
     "expected_calibration_error",
     "fit_temperature",
+    "reliability_bins",
     "reliability_rows",
 ]
 
@@ -45,20 +46,34 @@ ECE_BINS = 15
 _EPS = 1e-12
 
 
+def reliability_bins(
+    proba: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS
+) -> list[dict[str, Any]]:
+    """Per non-empty equal-width bin of the top probability: its index, the mean top probability
+    (``confidence``), the share of its cells whose top class is right (``accuracy``), its cells."""
+    proba = np.asarray(proba, dtype=np.float64)
+    top = proba.max(axis=1)
+    right = proba.argmax(axis=1) == np.asarray(labels)
+    bins = np.minimum((top * n_bins).astype(np.int64), n_bins - 1)
+    return [
+        {
+            "bin": int(b),
+            "confidence": float(top[bins == b].mean()),
+            "accuracy": float(right[bins == b].mean()),
+            "n_cells": int((bins == b).sum()),
+        }
+        for b in np.unique(bins)
+    ]
+
+
 def expected_calibration_error(
     proba: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS
 ) -> float:
     """Top-label expected calibration error: the cell-weighted mean gap between confidence and
     accuracy over ``n_bins`` equal-width bins of the top probability."""
-    proba = np.asarray(proba, dtype=np.float64)
-    top = proba.max(axis=1)
-    right = proba.argmax(axis=1) == np.asarray(labels)
-    bins = np.minimum((top * n_bins).astype(np.int64), n_bins - 1)
-    gap = 0.0
-    for b in np.unique(bins):
-        mask = bins == b
-        gap += mask.sum() * abs(top[mask].mean() - right[mask].mean())
-    return float(gap / max(len(top), 1))
+    rows = reliability_bins(proba, labels, n_bins)
+    gap = sum(r["n_cells"] * abs(r["confidence"] - r["accuracy"]) for r in rows)
+    return float(gap / max(len(proba), 1))
 
 
 def scale_probabilities(proba: np.ndarray, temperature: float) -> np.ndarray:
@@ -255,22 +270,8 @@ def reliability_rows(
 ) -> list[dict[str, Any]]:
     """The reliability diagram's points of one strategy on held-out cells, before and after
     temperature scaling: per bin of the top probability, its mean, the accuracy and the cells."""
-    rows = []
-    for scaled, p in ((False, proba), (True, scale_probabilities(proba, temperature))):
-        p = np.asarray(p, dtype=np.float64)
-        top = p.max(axis=1)
-        right = p.argmax(axis=1) == np.asarray(labels)
-        bins = np.minimum((top * ECE_BINS).astype(np.int64), ECE_BINS - 1)
-        for b in np.unique(bins):
-            mask = bins == b
-            rows.append(
-                {
-                    "strategy": strategy,
-                    "scaled": scaled,
-                    "bin": int(b),
-                    "confidence": float(top[mask].mean()),
-                    "accuracy": float(right[mask].mean()),
-                    "n_cells": int(mask.sum()),
-                }
-            )
-    return rows
+    return [
+        {"strategy": strategy, "scaled": scaled, **row}
+        for scaled, p in ((False, proba), (True, scale_probabilities(proba, temperature)))
+        for row in reliability_bins(p, labels)
+    ]

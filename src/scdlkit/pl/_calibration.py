@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from scdlkit.pl._strategy_comparison import strategy_metrics_frame
 from scdlkit.pl._utils import (
     annotation_uns,
     as_frame,
@@ -100,9 +101,13 @@ def calibration(
             msg = f"strategies {unknown} have no calibration curve; choose among {present}"
             raise ValueError(msg)
         present = list(strategies)
-    ece = _ece_by_strategy(uns, "test_ece_scaled" if scaled else "test_ece")
-    best = uns.get("best_strategy")
-    best = None if best is None else str(best)
+    metrics, best = strategy_metrics_frame(adata, key)
+    column = "test_ece_scaled" if scaled else "test_ece"
+    ece = (
+        dict(zip(to_str_list(metrics["strategy"]), pd.to_numeric(metrics[column]), strict=True))
+        if column in metrics.columns
+        else {}
+    )
     fig, ax, created = get_axes(ax, figsize=(5.6, 4.6))
     colors = strategy_colors(present)
     ax.plot([0, 1], [0, 1], linestyle="--", color="#7f7f7f", linewidth=1, label="calibrated")
@@ -137,14 +142,3 @@ def calibration(
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return finish(fig, created=created, show=show, return_fig=return_fig, save=save)
-
-
-def _ece_by_strategy(uns: object, column: str) -> dict[str, float]:
-    metrics = uns.get("strategy_metrics") if hasattr(uns, "get") else None
-    if metrics is None:
-        return {}
-    frame = metrics if isinstance(metrics, pd.DataFrame) else pd.DataFrame(dict(metrics))
-    if column not in frame.columns:
-        return {}
-    names = to_str_list(frame["strategy"])
-    return dict(zip(names, pd.to_numeric(frame[column]).to_numpy(dtype=float), strict=True))
