@@ -17,7 +17,7 @@ import platform
 
 import numpy as np
 
-from scdlkit.foundation._tokenize import LENGTH_JITTER, length_grouped_batches
+from scdlkit.foundation._batching import LENGTH_JITTER, length_grouped_batches
 
 
 def same_batch_pairs(lengths: np.ndarray, batch_size: int, jitter: float, epoch: int) -> set:

@@ -43,7 +43,7 @@ from scdlkit._shared.hardware import native_bf16
 from scdlkit.foundation import load_scgpt_model, resolve_checkpoint, tokenize_adata
 from scdlkit.foundation._device import resolve_device, resolve_precision
 from scdlkit.foundation._embed import encode_cells, inference_batches, l2_normalise, padded_width
-from scdlkit.foundation._tokenize import collate_tokens
+from scdlkit.foundation.models.scgpt._tokenize import collate_tokens
 
 
 def _load_synthetic() -> Any:

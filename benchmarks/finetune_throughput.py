@@ -66,7 +66,7 @@ def realistic_batch(
 def build(strategy: str, size: dict, device: torch.device):
     from scdlkit.foundation import ScGPTModelArgs
     from scdlkit.foundation._annotation_model import ScGPTAnnotationModel
-    from scdlkit.foundation._model import ScGPTEncoder, set_attention_dropout
+    from scdlkit.foundation.models.scgpt._model import ScGPTEncoder, set_attention_dropout
 
     args = ScGPTModelArgs(**size)
     torch.manual_seed(0)

@@ -134,8 +134,9 @@ def training_row(
 ) -> dict[str, str]:
     """Training cells/s of ``strategy`` (forward, backward, AdamW step) in bf16 autocast."""
     from scdlkit.foundation._annotation_model import ScGPTAnnotationModel
-    from scdlkit.foundation._model import ScGPTEncoder
-    from scdlkit.foundation._tokenize import collate_tokens, length_grouped_batches
+    from scdlkit.foundation._batching import length_grouped_batches
+    from scdlkit.foundation.models.scgpt._model import ScGPTEncoder
+    from scdlkit.foundation.models.scgpt._tokenize import collate_tokens
 
     _reset_peak(device)
     encoder = ScGPTEncoder(args, n_tokens=n_tokens, pad_id=pad_id)

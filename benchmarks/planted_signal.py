@@ -81,7 +81,7 @@ def cls_attention_on_markers(encoder: Any, adata: ad.AnnData, checkpoint: Path) 
     import torch
 
     from scdlkit.foundation import resolve_checkpoint, tokenize_adata
-    from scdlkit.foundation._tokenize import collate_tokens
+    from scdlkit.foundation.models.scgpt._tokenize import collate_tokens
 
     tokens, match = tokenize_adata(adata, resolve_checkpoint(checkpoint))
     vocab_ids = np.asarray(match.vocab_ids)

@@ -32,7 +32,7 @@ def pytest_report_header(config: pytest.Config) -> str:
 @pytest.fixture(scope="session", autouse=True)
 def _cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
     """Runners saved without output_dir go to the scdlkit cache: a temporary one in tests."""
-    from scdlkit.foundation._checkpoint import CACHE_ENV_VAR
+    from scdlkit._shared.cache import CACHE_ENV_VAR
 
     if os.environ.get(CACHE_ENV_VAR):
         yield

@@ -14,11 +14,11 @@ from scdlkit.foundation._annotation_model import (
     build_annotation_model,
     load_scgpt_annotation_model,
 )
-from scdlkit.foundation._checkpoint import ScGPTModelArgs, resolve_checkpoint
-from scdlkit.foundation._genes import tokenize_adata
-from scdlkit.foundation._loading import load_state_dict_file
-from scdlkit.foundation._model import ScGPTEncoder
-from scdlkit.foundation._tokenize import collate_tokens
+from scdlkit.foundation.models.scgpt._checkpoint import ScGPTModelArgs, resolve_checkpoint
+from scdlkit.foundation.models.scgpt._genes import tokenize_adata
+from scdlkit.foundation.models.scgpt._loading import load_state_dict_file
+from scdlkit.foundation.models.scgpt._model import ScGPTEncoder
+from scdlkit.foundation.models.scgpt._tokenize import collate_tokens
 from scdlkit.foundation.peft import (
     AdapterConfig,
     IA3Config,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from scdlkit.foundation import load_scgpt_model
-from scdlkit.foundation._checkpoint import ScGPTModelArgs, resolve_checkpoint
+from scdlkit.foundation.models.scgpt._checkpoint import ScGPTModelArgs, resolve_checkpoint
 
 
 def _edit_args(folder, **changes):

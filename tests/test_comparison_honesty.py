@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scdlkit.foundation._tokenize import length_grouped_batches
+from scdlkit.foundation._batching import length_grouped_batches
 
 
 def _pairs(lengths, epoch):

@@ -7,7 +7,7 @@ import torch
 
 import scdlkit as sck
 from scdlkit.foundation import load_scgpt_model, resolve_checkpoint, tokenize_adata
-from scdlkit.foundation._tokenize import collate_tokens
+from scdlkit.foundation.models.scgpt._tokenize import collate_tokens
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -80,8 +80,8 @@ def no_work(monkeypatch):
     import scdlkit.foundation
     import scdlkit.foundation._adapt
     import scdlkit.foundation._attribution
-    import scdlkit.foundation._genes
     import scdlkit.foundation._stream
+    import scdlkit.foundation.models.scgpt._genes
 
     def refuse(*args, **kwargs):
         msg = "work started before the checks"
@@ -91,7 +91,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(ScGPTAnnotationRunner, "load", classmethod(refuse))
     monkeypatch.setattr(scdlkit.foundation._adapt, "adapt_scgpt_annotation", refuse)
     monkeypatch.setattr(scdlkit.foundation._attribution, "class_gene_scores", refuse)
-    monkeypatch.setattr(scdlkit.foundation._genes, "match_genes", refuse)
+    monkeypatch.setattr(scdlkit.foundation.models.scgpt._genes, "match_genes", refuse)
     monkeypatch.setattr(scdlkit.foundation._stream, "encode_adata", refuse)
     monkeypatch.setattr(scdlkit.foundation, "load_scgpt_model", refuse)
     monkeypatch.setattr(scdlkit.foundation, "inspect_annotation_data", refuse)

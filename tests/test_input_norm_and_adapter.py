@@ -23,10 +23,10 @@ from scdlkit.foundation._annotation_model import (
     build_annotation_model,
     load_scgpt_annotation_model,
 )
-from scdlkit.foundation._checkpoint import resolve_checkpoint
-from scdlkit.foundation._genes import tokenize_adata
-from scdlkit.foundation._loading import load_scgpt_model, load_state_dict_file
-from scdlkit.foundation._tokenize import collate_tokens
+from scdlkit.foundation.models.scgpt._checkpoint import resolve_checkpoint
+from scdlkit.foundation.models.scgpt._genes import tokenize_adata
+from scdlkit.foundation.models.scgpt._loading import load_scgpt_model, load_state_dict_file
+from scdlkit.foundation.models.scgpt._tokenize import collate_tokens
 from scdlkit.foundation.peft import (
     AdapterConfig,
     AdapterLayerNorm,
@@ -286,7 +286,7 @@ def test_runner_fits_a_non_frozen_input_norm_and_its_family_rebuilds_it():
     assert fields["model_config"]["input_norm"] == "batch"
     rebuilt = family.from_state("ia3", tensors, fields, BaseWeights(runner.checkpoint_))
     assert rebuilt.input_norm == "batch"
-    from scdlkit.foundation._tokenize import collate_tokens
+    from scdlkit.foundation.models.scgpt._tokenize import collate_tokens
 
     batch = collate_tokens(runner.prepared_.tokens, range(16))
     torch.testing.assert_close(_logits(rebuilt.eval(), batch), _logits(model.eval(), batch))

@@ -16,7 +16,12 @@ from scipy import sparse
 import scdlkit as sck
 from scdlkit._shared.hardware import NATIVE_BF16_ENV, native_bf16
 from scdlkit.foundation import ScGPTAnnotationRunner, resolve_checkpoint, tokenize_adata
-from scdlkit.foundation._tokenize import bin_values, cell_seed, collate_tokens, tokenize_matrix
+from scdlkit.foundation.models.scgpt._tokenize import (
+    bin_values,
+    cell_seed,
+    collate_tokens,
+    tokenize_matrix,
+)
 
 # the tolerances docs/outputs.md promises ("What a cell's result depends on")
 LATENT_ATOL = 1e-4  # fp32: the same cell in other company, order or chunks (measured 1e-6)

@@ -154,8 +154,8 @@ def test_attribution_does_not_depend_on_batch_or_chunk(fixture_runners):
 def test_integrated_gradients_add_up_to_the_contrast_difference(fixture_runners):
     """Completeness: a cell's attributions sum to contrast(input) - contrast(zero baseline)."""
     from scdlkit.foundation._attribution import integrated_gradients
-    from scdlkit.foundation._genes import tokenize_adata
-    from scdlkit.foundation._tokenize import collate_tokens
+    from scdlkit.foundation.models.scgpt._genes import tokenize_adata
+    from scdlkit.foundation.models.scgpt._tokenize import collate_tokens
 
     adata, runners = fixture_runners
     runner = runners["lora"]

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from scdlkit.foundation._checkpoint import ScGPTModelArgs, resolve_checkpoint
-from scdlkit.foundation._genes import tokenize_adata
-from scdlkit.foundation._loading import load_scgpt_model
-from scdlkit.foundation._model import ScGPTEncoder
-from scdlkit.foundation._tokenize import collate_tokens
+from scdlkit.foundation.models.scgpt._checkpoint import ScGPTModelArgs, resolve_checkpoint
+from scdlkit.foundation.models.scgpt._genes import tokenize_adata
+from scdlkit.foundation.models.scgpt._loading import load_scgpt_model
+from scdlkit.foundation.models.scgpt._model import ScGPTEncoder
+from scdlkit.foundation.models.scgpt._tokenize import collate_tokens
 from scdlkit.foundation.peft import (
     AdapterConfig,
     AdapterLinear,
@@ -257,7 +257,7 @@ def test_apply_peft_dispatch_and_type_checks(encoder):
         apply_peft(encoder, PEFTConfig())
     with pytest.raises(ValueError, match="apply_lora needs a LoRAConfig"):
         apply_lora(encoder, IA3Config())
-    with pytest.raises(TypeError, match="expected an ScGPTEncoder"):
+    with pytest.raises(TypeError, match="expected a foundation-model encoder"):
         apply_lora(nn.Linear(2, 2))
 
 

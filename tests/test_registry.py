@@ -19,7 +19,7 @@ from scdlkit.foundation._fitting import (
     register_strategy,
     strategy_family,
 )
-from scdlkit.foundation._model import ScGPTSelfAttention
+from scdlkit.foundation.models.scgpt._model import ScGPTSelfAttention
 
 FAST = {"epochs": 1, "attention_dropout": 0.0, "progress": False, "precision": "fp32"}
 

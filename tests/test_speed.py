@@ -21,7 +21,7 @@ from scdlkit.foundation._embed import (
     pad_batch,
     padded_width,
 )
-from scdlkit.foundation._tokenize import collate_tokens
+from scdlkit.foundation.models.scgpt._tokenize import collate_tokens
 
 
 @pytest.fixture

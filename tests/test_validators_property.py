@@ -41,12 +41,12 @@ from scdlkit.baselines._task_runner import (
 from scdlkit.foundation import LoRAConfig, ScGPTAnnotationRunner, adapt_scgpt_annotation
 from scdlkit.foundation import _runner as runner_module
 from scdlkit.foundation import _runner_args as runner_args
-from scdlkit.foundation._checkpoint import resolve_checkpoint
 from scdlkit.foundation._training_settings import (
     SETTING_CHECKS,
     TRAINING_KEYS,
     check_training_overrides,
 )
+from scdlkit.foundation.models.scgpt._checkpoint import resolve_checkpoint
 from scdlkit.training import Trainer
 from scdlkit.training import _checks as checks
 from scdlkit.training import _trainer as trainer_module

@@ -11,18 +11,12 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     )
     raise ImportError(msg) from err
 
+from scdlkit._shared.cache import default_cache_dir
 from scdlkit.foundation._adapt import adapt_scgpt_annotation
 from scdlkit.foundation._annotation_model import (
     ScGPTAnnotationModel,
     build_annotation_model,
     load_scgpt_annotation_model,
-)
-from scdlkit.foundation._checkpoint import (
-    OFFICIAL_CHECKPOINTS,
-    ScGPTCheckpoint,
-    ScGPTModelArgs,
-    default_cache_dir,
-    resolve_checkpoint,
 )
 from scdlkit.foundation._data import (
     ScGPTCellDataset,
@@ -31,13 +25,19 @@ from scdlkit.foundation._data import (
     prepare_scgpt_data,
     split_scgpt_data,
 )
-from scdlkit.foundation._genes import GeneMatch, match_genes, tokenize_adata
 from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
-from scdlkit.foundation._loading import CheckpointLoadReport, load_scgpt_model
-from scdlkit.foundation._model import ScGPTEncoder
 from scdlkit.foundation._runner import ScGPTAnnotationRunner
-from scdlkit.foundation._tokenize import ScGPTTokens
 from scdlkit.foundation._training_settings import STRATEGIES
+from scdlkit.foundation.models.scgpt._checkpoint import (
+    OFFICIAL_CHECKPOINTS,
+    ScGPTCheckpoint,
+    ScGPTModelArgs,
+    resolve_checkpoint,
+)
+from scdlkit.foundation.models.scgpt._genes import GeneMatch, match_genes, tokenize_adata
+from scdlkit.foundation.models.scgpt._loading import CheckpointLoadReport, load_scgpt_model
+from scdlkit.foundation.models.scgpt._model import ScGPTEncoder
+from scdlkit.foundation.models.scgpt._tokenize import ScGPTTokens
 from scdlkit.foundation.peft import (
     AdapterConfig,
     IA3Config,

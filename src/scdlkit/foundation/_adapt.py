@@ -9,9 +9,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from scdlkit._shared.cache import default_cache_dir
 from scdlkit._shared.strategies import DEFAULT_STRATEGIES
-from scdlkit.foundation._checkpoint import ScGPTCheckpoint, default_cache_dir
 from scdlkit.foundation._runner import ScGPTAnnotationRunner
+from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint
 
 __all__ = ["adapt_scgpt_annotation", "default_runner_dir"]
 

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from scdlkit._shared.strategies import TUNING_STRATEGIES
-from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._device import resolve_device
 from scdlkit.foundation._input_norm import (
     DEFAULT_INPUT_NORM,
@@ -37,8 +36,13 @@ from scdlkit.foundation._input_norm import (
     _check_input_norm,
     make_input_norm,
 )
-from scdlkit.foundation._loading import build_encoder, load_encoder_weights, load_scgpt_model
-from scdlkit.foundation._model import ScGPTEncoder
+from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint, resolve_checkpoint
+from scdlkit.foundation.models.scgpt._loading import (
+    build_encoder,
+    load_encoder_weights,
+    load_scgpt_model,
+)
+from scdlkit.foundation.models.scgpt._model import ScGPTEncoder
 from scdlkit.foundation.peft import (
     PEFTConfig,
     apply_peft,
@@ -302,7 +306,7 @@ class ScGPTAnnotationModel(nn.Module):
         ----------
         batch
             ``gene_ids``, ``values`` and optionally ``padding_mask`` (see
-            :func:`~scdlkit.foundation._tokenize.collate_tokens`).
+            :func:`~scdlkit.foundation.models.scgpt._tokenize.collate_tokens`).
 
         Returns
         -------
@@ -529,7 +533,7 @@ def build_annotation_model(
     ----------
     encoder_state
         The checkpoint's state dict (e.g. from
-        :func:`~scdlkit.foundation._loading.load_state_dict_file`, or an encoder's
+        :func:`~scdlkit.foundation.models.scgpt._loading.load_state_dict_file`, or an encoder's
         ``state_dict()``); every encoder key must be present, others are ignored.
     checkpoint
         The resolved checkpoint (architecture and vocabulary), or anything
@@ -551,7 +555,7 @@ def build_annotation_model(
 
     Examples
     --------
-    >>> from scdlkit.foundation._loading import load_state_dict_file
+    >>> from scdlkit.foundation.models.scgpt._loading import load_state_dict_file
     >>> ckpt = resolve_checkpoint("path/to/scGPT_human")  # doctest: +SKIP
     >>> state = load_state_dict_file(ckpt.weights_path)  # doctest: +SKIP
     >>> model = build_annotation_model(

@@ -83,7 +83,7 @@ def integrated_gradients(
         ``(batch, d_model)`` ``<cls>`` outputs -> ``(batch, n_classes)`` logits.
     batch
         ``gene_ids``, ``values``, ``padding_mask`` from
-        :func:`~scdlkit.foundation._tokenize.collate_tokens`.
+        :func:`~scdlkit.foundation.models.scgpt._tokenize.collate_tokens`.
     target
         ``(batch,)`` class code whose contrast (:func:`contrast`) is explained, per cell.
     n_steps
@@ -169,9 +169,9 @@ def _token_scores(
     from scdlkit._shared.validation import validate_values
     from scdlkit.foundation._data import MIN_GENE_OVERLAP
     from scdlkit.foundation._embed import inference_batches
-    from scdlkit.foundation._genes import tokenize_adata
     from scdlkit.foundation._stream import DEFAULT_CHUNK_SIZE
-    from scdlkit.foundation._tokenize import collate_tokens
+    from scdlkit.foundation.models.scgpt._genes import tokenize_adata
+    from scdlkit.foundation.models.scgpt._tokenize import collate_tokens
 
     ckpt = runner.checkpoint_
     n_classes = len(runner.label_categories_)

@@ -25,9 +25,10 @@ from scdlkit._shared.splits import (
     choose_held_out,
     stratified_split,
 )
-from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
-from scdlkit.foundation._genes import tokenize_adata
-from scdlkit.foundation._tokenize import ScGPTTokens, collate_tokens, length_grouped_batches
+from scdlkit.foundation._batching import length_grouped_batches
+from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint, resolve_checkpoint
+from scdlkit.foundation.models.scgpt._genes import tokenize_adata
+from scdlkit.foundation.models.scgpt._tokenize import ScGPTTokens, collate_tokens
 
 __all__ = [
     "ScGPTCellDataset",

@@ -9,7 +9,7 @@ import torch
 
 from scdlkit._shared.progress import tqdm
 from scdlkit.foundation._device import autocast_context
-from scdlkit.foundation._tokenize import ScGPTTokens, collate_tokens
+from scdlkit.foundation.models.scgpt._tokenize import ScGPTTokens, collate_tokens
 
 __all__ = ["encode_cells", "inference_batches", "l2_normalise", "pad_batch", "padded_width"]
 

@@ -39,10 +39,10 @@ from scdlkit.foundation._data import MIN_GENE_OVERLAP
 from scdlkit.foundation._device import resolve_precision
 from scdlkit.foundation._embed import l2_normalise
 from scdlkit.foundation._input_norm import DEFAULT_INPUT_NORM
-from scdlkit.foundation._loading import load_state_dict_file
-from scdlkit.foundation._model import set_attention_dropout, set_encoder_dropout
 from scdlkit.foundation._selection import evaluate_splits
 from scdlkit.foundation._training_settings import step_budget, warn_if_stretched
+from scdlkit.foundation.models.scgpt._loading import load_state_dict_file
+from scdlkit.foundation.models.scgpt._model import set_attention_dropout, set_encoder_dropout
 
 __all__ = [
     "BaseWeights",

@@ -15,9 +15,9 @@ from scdlkit._shared.validation import (
     iter_row_chunks,
     looks_like_ensembl,
 )
-from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._data import MIN_CELLS_TO_STRATIFY, MIN_GENE_OVERLAP
-from scdlkit.foundation._genes import match_genes
+from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint, resolve_checkpoint
+from scdlkit.foundation.models.scgpt._genes import match_genes
 
 __all__ = ["ScGPTAnnotationDataReport", "inspect_annotation_data"]
 

@@ -19,7 +19,6 @@ from scdlkit._shared.persist import claim_run_folder, publish_files
 from scdlkit._shared.provenance import check_unique_genes
 from scdlkit._shared.strategies import DEFAULT_STRATEGIES
 from scdlkit._shared.validation import gene_names
-from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._comparison import (
     calibration_curve,
     compare_strategies,
@@ -44,7 +43,6 @@ from scdlkit.foundation._fitting import (
     strategy_family,
 )
 from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
-from scdlkit.foundation._loading import build_encoder, load_encoder_weights, load_state_dict_file
 from scdlkit.foundation._normalisation import describe_normalisation
 from scdlkit.foundation._runner_args import (
     ANNOTATE_ARGUMENTS,
@@ -60,6 +58,12 @@ from scdlkit.foundation._runner_io import load_kept, load_runner, save_runner
 from scdlkit.foundation._selection import batch_metrics
 from scdlkit.foundation._stream import encode_adata
 from scdlkit.foundation._training_settings import resolve_training
+from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint, resolve_checkpoint
+from scdlkit.foundation.models.scgpt._loading import (
+    build_encoder,
+    load_encoder_weights,
+    load_state_dict_file,
+)
 from scdlkit.training._checks import check_adata, check_arguments, check_path
 
 __all__ = ["ScGPTAnnotationRunner"]

@@ -25,10 +25,10 @@ from scdlkit._shared.arguments import (
     check_optional_number,
 )
 from scdlkit._shared.strategies import STRATEGIES
-from scdlkit.foundation._checkpoint import ScGPTCheckpoint
 from scdlkit.foundation._device import PRECISIONS
 from scdlkit.foundation._final_model import KEEP_CHOICES, REFIT_CHOICES
 from scdlkit.foundation._training_settings import SETTING_CHECKS, check_training_overrides
+from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint
 from scdlkit.foundation.peft import PEFTConfig, resolve_strategy_config
 from scdlkit.training._checks import (
     FRACTION,

@@ -44,14 +44,14 @@ from scdlkit._shared.provenance import (
     tensor_record_problem,
 )
 from scdlkit._shared.strategies import STRATEGIES
-from scdlkit.foundation._checkpoint import (
+from scdlkit.foundation._conformal import ConformalCalibration
+from scdlkit.foundation._fitting import BaseWeights, StrategyResult, strategy_family
+from scdlkit.foundation.models.scgpt._checkpoint import (
     CHECKPOINT_FILES,
     OFFICIAL_CHECKPOINTS,
     ScGPTCheckpoint,
     resolve_checkpoint,
 )
-from scdlkit.foundation._conformal import ConformalCalibration
-from scdlkit.foundation._fitting import BaseWeights, StrategyResult, strategy_family
 
 __all__ = [
     "KIND",

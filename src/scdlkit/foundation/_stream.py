@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from scdlkit._shared.validation import validate_values
-from scdlkit.foundation._checkpoint import ScGPTCheckpoint
 from scdlkit.foundation._embed import encode_cells
-from scdlkit.foundation._genes import GeneMatch, tokenize_adata
-from scdlkit.foundation._tokenize import ScGPTTokens
+from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint
+from scdlkit.foundation.models.scgpt._genes import GeneMatch, tokenize_adata
+from scdlkit.foundation.models.scgpt._tokenize import ScGPTTokens
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "TOKENIZE_ROWS", "encode_adata", "process_group"]
 

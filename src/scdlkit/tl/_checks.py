@@ -61,7 +61,7 @@ def check_optional_path(name: str, value: Any) -> str | os.PathLike | None:
 def check_checkpoint(name: str, value: Any, *, optional: bool = False) -> Any:
     """A checkpoint name, folder or resolved :class:`~scdlkit.foundation.ScGPTCheckpoint`."""
     # scdlkit.foundation brings torch: imported when a tool runs, as the tools do
-    from scdlkit.foundation._checkpoint import ScGPTCheckpoint
+    from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint
 
     if isinstance(value, ScGPTCheckpoint) or (optional and value is None):
         return value

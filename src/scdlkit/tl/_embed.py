@@ -101,8 +101,8 @@ def embed(
     from scdlkit.foundation import load_scgpt_model, resolve_checkpoint
     from scdlkit.foundation._device import resolve_device, resolve_precision
     from scdlkit.foundation._embed import l2_normalise
-    from scdlkit.foundation._genes import check_gene_overlap, match_genes
     from scdlkit.foundation._stream import encode_adata
+    from scdlkit.foundation.models.scgpt._genes import check_gene_overlap, match_genes
 
     copy = check_bool("copy", copy)
     check_writable(adata, copy=copy)

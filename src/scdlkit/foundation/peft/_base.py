@@ -1,12 +1,13 @@
 """What every adaptation method shares: the config base class, validation, wrapper bases, freezing.
 
-Every method is an explicit wrapper module that *replaces* a sub-module of
-:class:`~scdlkit.foundation._model.ScGPTEncoderLayer` (``self_attn.Wqkv``, ``self_attn.out_proj``,
-``linear1``, ``linear2``) or fills the attention's ``prefix`` slot. Our layer calls every
-sub-module in ``train()`` and ``eval()`` alike (no fused fast path, SCGPT_NOTES.md section 6), so
-an adaptation is never silently skipped at inference. Wrappers keep the wrapped layer's ``weight``
-and ``bias`` under their original state-dict names, so the pretrained keys stay where the
-checkpoint has them and only the new parameters are added.
+Every method is an explicit wrapper module that *replaces* a sub-module of an encoder layer, or
+fills the attention's ``prefix`` slot. Which sub-module plays which role (query, key, value,
+attention output, feed-forward in and out, the post-attention norm) comes from the encoder's
+:class:`~scdlkit.foundation.models._contract.AdaptationTargets` table, so no method names a model's
+modules. Our layers call every sub-module in ``train()`` and ``eval()`` alike (no fused fast path,
+SCGPT_NOTES.md section 6), so an adaptation is never silently skipped at inference. Wrappers keep
+the wrapped layer's ``weight`` and ``bias`` under their original state-dict names, so the
+pretrained keys stay where the checkpoint has them and only the new parameters are added.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scdlkit.foundation._model import ScGPTEncoder, ScGPTEncoderLayer
+from scdlkit.foundation.models._contract import AdaptationTargets, FoundationEncoder
 
 __all__ = ["PEFTConfig", "freeze_except_peft", "peft_parameter_names"]
 
-#: Names of the query, key and value row blocks of the packed ``self_attn.Wqkv``.
+#: Names of the query, key and value row blocks of a packed projection (scGPT's ``Wqkv``).
 QKV = ("q", "k", "v")
 
 
@@ -234,11 +235,20 @@ class WrappedLinear(PEFTModule):
         return F.linear(x, self.weight, self.bias)
 
 
-def block_slices(out_features: int, names: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """Row ranges of ``names`` in a projection's output: q/k/v thirds of Wqkv, else all rows."""
-    if all(n in QKV for n in names):
-        d = out_features // 3
-        return {n: (QKV.index(n) * d, (QKV.index(n) + 1) * d) for n in names}
+def block_slices(
+    out_features: int, names: Sequence[str], packed: Sequence[str] | None = None
+) -> dict[str, tuple[int, int]]:
+    """Row ranges of ``names`` in a projection's output.
+
+    ``packed`` lists the equal row blocks the projection holds, in order (a packed ``Wqkv``:
+    ``("q", "k", "v")``); each name gets its block. An empty ``packed`` gives every name all
+    rows. ``None`` infers: q/k/v names are thirds of a packed projection.
+    """
+    if packed is None:
+        packed = QKV if all(n in QKV for n in names) else ()
+    if packed:
+        d = out_features // len(packed)
+        return {n: (packed.index(n) * d, (packed.index(n) + 1) * d) for n in names}
     return {n: (0, out_features) for n in names}
 
 
@@ -247,8 +257,11 @@ def block_slices(out_features: int, names: Sequence[str]) -> dict[str, tuple[int
 
 
 def check_encoder(encoder: Any) -> None:
-    if not isinstance(encoder, ScGPTEncoder):
-        msg = f"expected an ScGPTEncoder, got {type(encoder).__name__}."
+    if not isinstance(encoder, FoundationEncoder):
+        msg = (
+            f"expected a foundation-model encoder (e.g. load_scgpt_model's), got "
+            f"{type(encoder).__name__}."
+        )
         raise TypeError(msg)
 
 
@@ -263,10 +276,10 @@ def check_config(apply_name: str, config: Any, config_cls: type[PEFTConfig]) -> 
 
 
 def selected_layers(
-    encoder: ScGPTEncoder, layers: tuple[int, ...] | None, owner: str
-) -> list[ScGPTEncoderLayer]:
+    encoder: FoundationEncoder, layers: tuple[int, ...] | None, owner: str
+) -> list[nn.Module]:
     """The encoder layers named by a config's ``layers`` (all for ``None``), checked in range."""
-    stack = list(encoder.transformer_encoder.layers)
+    stack = list(encoder.get_submodule(encoder.adaptation_targets.layers))
     if layers is None:
         return stack
     bad = [i for i in layers if i >= len(stack)]
@@ -277,6 +290,30 @@ def selected_layers(
         )
         raise ValueError(msg)
     return [stack[i] for i in layers]
+
+
+def projection_groups(
+    targets: AdaptationTargets, roles: Sequence[str]
+) -> dict[str, tuple[list[str], tuple[str, ...]]]:
+    """``roles`` grouped by the linear that computes them: ``path -> (names, packed blocks)``.
+
+    A role's name is its block in a packed projection, else the role itself.
+    """
+    groups: dict[str, tuple[list[str], tuple[str, ...]]] = {}
+    for role in roles:
+        path, block = targets.projections[role]
+        names, _ = groups.setdefault(path, ([], targets.packed_blocks(path)))
+        names.append(block or role)
+    return groups
+
+
+def replace_module(layer: nn.Module, path: str, wrap: Any) -> nn.Module:
+    """Replace the sub-module at ``path`` of ``layer`` by ``wrap(old)``; returns the new one."""
+    parent_path, _, child = path.rpartition(".")
+    parent = layer.get_submodule(parent_path) if parent_path else layer
+    new = wrap(getattr(parent, child))
+    setattr(parent, child, new)
+    return new
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scdlkit._shared.strategies import PEFT_STRATEGIES
-from scdlkit.foundation._model import ScGPTEncoder
+from scdlkit.foundation.models._contract import FoundationEncoder
 from scdlkit.foundation.peft._base import PEFTConfig
 
 __all__ = [
@@ -39,7 +39,7 @@ class PEFTMethod:
 
     name: str
     config_cls: type[PEFTConfig]
-    apply: Callable[[ScGPTEncoder, Any], ScGPTEncoder]
+    apply: Callable[[FoundationEncoder, Any], FoundationEncoder]
 
 
 #: ``tuning_strategy`` -> :class:`PEFTMethod`, in the order of ``PEFT_STRATEGIES``.
@@ -50,7 +50,7 @@ def register_peft_method(
     *,
     name: str,
     config_cls: type[PEFTConfig],
-    apply: Callable[[ScGPTEncoder, Any], ScGPTEncoder],
+    apply: Callable[[FoundationEncoder, Any], FoundationEncoder],
 ) -> PEFTMethod:
     """Make an adaptation method known to :func:`apply_peft` and :func:`resolve_strategy_config`.
 
@@ -108,7 +108,7 @@ def register_peft_method(
     return method
 
 
-def apply_peft(encoder: ScGPTEncoder, config: PEFTConfig) -> ScGPTEncoder:
+def apply_peft(encoder: FoundationEncoder, config: PEFTConfig) -> FoundationEncoder:
     """Apply the method ``config`` describes (dispatch on its type) to ``encoder``, in place.
 
     Parameters

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scdlkit.foundation._model import ScGPTEncoder
+from scdlkit.foundation.models._contract import FoundationEncoder
 from scdlkit.foundation.peft._base import (
     PEFTConfig,
     PEFTModule,
@@ -20,6 +20,7 @@ from scdlkit.foundation.peft._base import (
     check_encoder,
     check_layers,
     check_positive_int,
+    replace_module,
     selected_layers,
 )
 from scdlkit.foundation.peft._registry import register_peft_method
@@ -204,13 +205,15 @@ class AdapterLayerNorm(PEFTModule):
         return n + self.adapter(n)
 
 
-def apply_adapter(encoder: ScGPTEncoder, config: AdapterConfig | None = None) -> ScGPTEncoder:
+def apply_adapter(
+    encoder: FoundationEncoder, config: AdapterConfig | None = None
+) -> FoundationEncoder:
     """Insert bottleneck adapters into ``encoder`` (wrapping ``out_proj``, ``linear2``, ``norm1``).
 
     Parameters
     ----------
     encoder
-        The scGPT encoder (pretrained weights loaded).
+        A foundation-model encoder (pretrained weights loaded).
     config
         :class:`AdapterConfig`; ``None`` uses its defaults (128-wide adapter after attention).
 
@@ -240,13 +243,18 @@ def apply_adapter(encoder: ScGPTEncoder, config: AdapterConfig | None = None) ->
         )
         raise ValueError(msg)
     args = (width, config.activation, config.dropout)
+    targets = encoder.adaptation_targets
     for layer in selected_layers(encoder, config.layers, "AdapterConfig"):
         if config.placement in ("attention", "both"):
-            layer.self_attn.out_proj = AdapterLinear(layer.self_attn.out_proj, *args)
+            path = targets.projections["out_proj"][0]
+            replace_module(layer, path, lambda base: AdapterLinear(base, *args))
         if config.placement in ("ffn", "both"):
-            layer.linear2 = AdapterLinear(layer.linear2, *args)
+            path = targets.projections["linear2"][0]
+            replace_module(layer, path, lambda base: AdapterLinear(base, *args))
         if config.placement == "post_norm":
-            layer.norm1 = AdapterLayerNorm(layer.norm1, *args)
+            replace_module(
+                layer, targets.attention_norm, lambda base: AdapterLayerNorm(base, *args)
+            )
     return encoder
 
 

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from scdlkit.foundation._model import ScGPTEncoder
+from scdlkit.foundation.models._contract import FoundationEncoder
 from scdlkit.foundation.peft._base import (
     QKV,
     PEFTConfig,
@@ -19,6 +19,8 @@ from scdlkit.foundation.peft._base import (
     check_encoder,
     check_layers,
     check_names,
+    projection_groups,
+    replace_module,
     selected_layers,
 )
 from scdlkit.foundation.peft._registry import register_peft_method
@@ -77,6 +79,8 @@ class IA3Linear(WrappedLinear):
         ``"q"``/``"k"``/``"v"`` output blocks of a packed ``Wqkv`` to rescale (may be empty).
     scale_input
         Rescale the input features (``ia3_scale.ff``).
+    packed
+        The row blocks ``base`` packs, in order; ``None`` treats q/k/v blocks as thirds.
 
     Examples
     --------
@@ -85,9 +89,16 @@ class IA3Linear(WrappedLinear):
     ['k', 'v']
     """
 
-    def __init__(self, base: nn.Linear, out_blocks: Sequence[str], scale_input: bool) -> None:
+    def __init__(
+        self,
+        base: nn.Linear,
+        out_blocks: Sequence[str],
+        scale_input: bool,
+        *,
+        packed: Sequence[str] | None = None,
+    ) -> None:
         super().__init__(base)
-        self.slices = block_slices(self.out_features, out_blocks) if out_blocks else {}
+        self.slices = block_slices(self.out_features, out_blocks, packed) if out_blocks else {}
         self.ia3_scale = nn.ParameterDict()
         for name, (start, stop) in self.slices.items():
             self.ia3_scale[name] = nn.Parameter(torch.ones(stop - start, **self.factory))
@@ -114,13 +125,13 @@ class IA3Linear(WrappedLinear):
         return out * torch.cat(parts)
 
 
-def apply_ia3(encoder: ScGPTEncoder, config: IA3Config | None = None) -> ScGPTEncoder:
+def apply_ia3(encoder: FoundationEncoder, config: IA3Config | None = None) -> FoundationEncoder:
     """Add IA3 rescaling vectors (initialised to one) to ``encoder``, in place.
 
     Parameters
     ----------
     encoder
-        The scGPT encoder (pretrained weights loaded).
+        A foundation-model encoder (pretrained weights loaded).
     config
         :class:`IA3Config`; ``None`` rescales keys, values and FFN activations of every layer.
 
@@ -135,12 +146,20 @@ def apply_ia3(encoder: ScGPTEncoder, config: IA3Config | None = None) -> ScGPTEn
     """
     check_encoder(encoder)
     config = check_config("apply_ia3", config, IA3Config)
-    qkv = [t for t in config.targets if t in QKV]
+    targets = encoder.adaptation_targets
+    groups = projection_groups(targets, [t for t in config.targets if t in QKV])
+    ffn_out = targets.projections["linear2"][0]
     for layer in selected_layers(encoder, config.layers, "IA3Config"):
-        if qkv:
-            layer.self_attn.Wqkv = IA3Linear(layer.self_attn.Wqkv, qkv, scale_input=False)
+        for path, (names, packed) in groups.items():
+            replace_module(
+                layer,
+                path,
+                lambda base, names=names, packed=packed: IA3Linear(
+                    base, names, scale_input=False, packed=packed
+                ),
+            )
         if "ff" in config.targets:
-            layer.linear2 = IA3Linear(layer.linear2, (), scale_input=True)
+            replace_module(layer, ffn_out, lambda base: IA3Linear(base, (), scale_input=True))
     return encoder
 
 

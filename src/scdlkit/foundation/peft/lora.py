@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scdlkit.foundation._model import ScGPTEncoder
+from scdlkit.foundation.models._contract import FoundationEncoder
 from scdlkit.foundation.peft._base import (
-    QKV,
     PEFTConfig,
     WrappedLinear,
     block_slices,
@@ -25,6 +24,8 @@ from scdlkit.foundation.peft._base import (
     check_layers,
     check_names,
     check_positive_int,
+    projection_groups,
+    replace_module,
     selected_layers,
 )
 from scdlkit.foundation.peft._registry import register_peft_method
@@ -126,6 +127,9 @@ class LoRALinear(WrappedLinear):
         ``"q"``/``"k"``/``"v"`` blocks of a packed projection, or one name covering all rows.
     rank, alpha, dropout
         See :class:`LoRAConfig`.
+    packed
+        The row blocks ``base`` packs, in order (see :func:`~._base.block_slices`); ``None``
+        treats q/k/v targets as thirds.
 
     Examples
     --------
@@ -135,12 +139,19 @@ class LoRALinear(WrappedLinear):
     """
 
     def __init__(
-        self, base: nn.Linear, targets: Sequence[str], rank: int, alpha: float, dropout: float
+        self,
+        base: nn.Linear,
+        targets: Sequence[str],
+        rank: int,
+        alpha: float,
+        dropout: float,
+        *,
+        packed: Sequence[str] | None = None,
     ) -> None:
         super().__init__(base)
         self.rank = rank
         self.scaling = alpha / rank
-        self.slices = block_slices(self.out_features, targets)
+        self.slices = block_slices(self.out_features, targets, packed)
         self.lora_dropout = nn.Dropout(dropout)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -189,13 +200,13 @@ class LoRALinear(WrappedLinear):
         return linear
 
 
-def apply_lora(encoder: ScGPTEncoder, config: LoRAConfig | None = None) -> ScGPTEncoder:
+def apply_lora(encoder: FoundationEncoder, config: LoRAConfig | None = None) -> FoundationEncoder:
     """Replace the targeted projections of ``encoder`` by :class:`LoRALinear` wrappers, in place.
 
     Parameters
     ----------
     encoder
-        The scGPT encoder (pretrained weights loaded).
+        A foundation-model encoder (pretrained weights loaded).
     config
         :class:`LoRAConfig`; ``None`` uses its defaults (rank 8 on q and v of every layer).
 
@@ -211,18 +222,16 @@ def apply_lora(encoder: ScGPTEncoder, config: LoRAConfig | None = None) -> ScGPT
     """
     check_encoder(encoder)
     config = check_config("apply_lora", config, LoRAConfig)
-    qkv = [t for t in config.target_modules if t in QKV]
-    others = [t for t in config.target_modules if t not in QKV]
+    groups = projection_groups(encoder.adaptation_targets, config.target_modules)
     for layer in selected_layers(encoder, config.layers, "LoRAConfig"):
-        attn = layer.self_attn
-        if qkv:
-            attn.Wqkv = LoRALinear(attn.Wqkv, qkv, config.rank, config.alpha, config.dropout)
-        for name in others:
-            parent = attn if name == "out_proj" else layer
-            wrapped = LoRALinear(
-                getattr(parent, name), [name], config.rank, config.alpha, config.dropout
+        for path, (names, packed) in groups.items():
+            replace_module(
+                layer,
+                path,
+                lambda base, names=names, packed=packed: LoRALinear(
+                    base, names, config.rank, config.alpha, config.dropout, packed=packed
+                ),
             )
-            setattr(parent, name, wrapped)
     return encoder
 
 
@@ -235,7 +244,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Parameters
     ----------
     model
-        An :class:`~scdlkit.foundation.ScGPTEncoder` or any module containing
+        An :class:`~scdlkit.foundation.FoundationEncoder` or any module containing
         :class:`LoRALinear` wrappers (e.g. an annotation model).
 
     Returns

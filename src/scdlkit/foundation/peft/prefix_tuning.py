@@ -8,8 +8,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from scdlkit.foundation._checkpoint import SPECIAL_TOKENS
-from scdlkit.foundation._model import ScGPTEncoder
+from scdlkit.foundation.models._contract import FoundationEncoder
 from scdlkit.foundation.peft._base import (
     PEFTConfig,
     PEFTModule,
@@ -123,41 +122,9 @@ class AttentionPrefix(PEFTModule):
         return self._heads(self.keys, batch), self._heads(self.values, batch)
 
 
-@torch.no_grad()
-def _vocab_prefix_states(
-    encoder: ScGPTEncoder, prefix_length: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, keys and values of ``prefix_length`` random genes run through the encoder."""
-    weight = encoder.encoder.embedding.weight
-    excluded = {encoder.pad_id}
-    checkpoint = getattr(encoder, "checkpoint", None)
-    if checkpoint is not None:
-        excluded |= {checkpoint.vocab[t] for t in SPECIAL_TOKENS if t in checkpoint.vocab}
-    candidates = torch.tensor(
-        [i for i in range(weight.shape[0]) if i not in excluded] or [encoder.pad_id]
-    )
-    pick = torch.randint(len(candidates), (prefix_length,))
-    gene_ids = candidates[pick].to(weight.device)[None, :]
-    n_bins = encoder.args.n_bins
-    values = torch.randint(1, max(n_bins, 2), (1, prefix_length)).to(weight.device, weight.dtype)
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        x = encoder.encoder(gene_ids) + encoder.value_encoder(values)
-        states = []
-        d = encoder.d_model
-        for layer in encoder.transformer_encoder.layers:
-            qkv = layer.self_attn.Wqkv(x)[0]
-            states.append((qkv[:, d : 2 * d].clone(), qkv[:, 2 * d :].clone()))
-            x = layer(x, None)
-    finally:
-        encoder.train(was_training)
-    return states
-
-
 def apply_prefix_tuning(
-    encoder: ScGPTEncoder, config: PrefixTuningConfig | None = None
-) -> ScGPTEncoder:
+    encoder: FoundationEncoder, config: PrefixTuningConfig | None = None
+) -> FoundationEncoder:
     """Fill the ``self_attn.prefix`` slot of the chosen layers with learned key/value prefixes.
 
     Parameters
@@ -182,17 +149,17 @@ def apply_prefix_tuning(
     config = check_config("apply_prefix_tuning", config, PrefixTuningConfig)
     layers = selected_layers(encoder, config.layers, "PrefixTuningConfig")
     for layer in layers:
-        if layer.self_attn.prefix is not None:
+        if layer.get_submodule(encoder.adaptation_targets.attention).prefix is not None:
             msg = "the encoder already has attention prefixes (one strategy per model)."
             raise ValueError(msg)
-    states = _vocab_prefix_states(encoder, config.prefix_length) if config.init == "vocab" else None
-    stack = list(encoder.transformer_encoder.layers)
-    weight = encoder.encoder.embedding.weight
+    states = encoder.prefix_states(config.prefix_length) if config.init == "vocab" else None
+    stack = list(encoder.get_submodule(encoder.adaptation_targets.layers))
+    factory = next(encoder.parameters())
     for layer in layers:
-        attn = layer.self_attn
+        attn = layer.get_submodule(encoder.adaptation_targets.attention)
         prefix = AttentionPrefix(
             config.prefix_length, encoder.d_model, attn.nhead, config.dropout
-        ).to(device=weight.device, dtype=weight.dtype)
+        ).to(device=factory.device, dtype=factory.dtype)
         if states is not None:
             keys, values = states[stack.index(layer)]
             with torch.no_grad():

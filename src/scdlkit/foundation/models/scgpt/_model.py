@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from scdlkit._shared.hardware import native_bf16
-from scdlkit.foundation._checkpoint import ScGPTModelArgs
+from scdlkit.foundation.models._contract import AdaptationTargets
+from scdlkit.foundation.models.scgpt._checkpoint import SPECIAL_TOKENS, ScGPTModelArgs
 
 __all__ = [
     "PackedLinear",
@@ -223,6 +224,23 @@ class TransformerStack(nn.Module):
         return x
 
 
+#: Where adaptation modules attach in :class:`ScGPTEncoderLayer`: q, k and v are thirds of the
+#: packed ``self_attn.Wqkv`` (flash-attn layout).
+SCGPT_TARGETS = AdaptationTargets(
+    layers="transformer_encoder.layers",
+    projections={
+        "q": ("self_attn.Wqkv", "q"),
+        "k": ("self_attn.Wqkv", "k"),
+        "v": ("self_attn.Wqkv", "v"),
+        "out_proj": ("self_attn.out_proj", None),
+        "linear1": ("linear1", None),
+        "linear2": ("linear2", None),
+    },
+    attention="self_attn",
+    attention_norm="norm1",
+)
+
+
 class ScGPTEncoder(nn.Module):
     """scGPT's gene/value embedding and transformer encoder; the pretraining heads are left out.
 
@@ -235,6 +253,8 @@ class ScGPTEncoder(nn.Module):
     pad_id
         Id of ``<pad>`` (its embedding row is the ``padding_idx``).
     """
+
+    adaptation_targets = SCGPT_TARGETS
 
     def __init__(self, args: ScGPTModelArgs, n_tokens: int, pad_id: int) -> None:
         super().__init__()
@@ -350,13 +370,58 @@ class ScGPTEncoder(nn.Module):
 
         Examples
         --------
-        >>> from scdlkit.foundation._tokenize import collate_tokens
+        >>> from scdlkit.foundation.models.scgpt._tokenize import collate_tokens
         >>> model = sck.foundation.load_scgpt_model("whole-human")  # doctest: +SKIP
         >>> batch = collate_tokens(prepared.tokens, range(8))  # doctest: +SKIP
         >>> with torch.no_grad():  # doctest: +SKIP
         ...     emb = model.cls_embedding(**batch)
         """
         return self.forward(gene_ids, values, padding_mask, first_only=True)[:, 0, :]
+
+    @torch.no_grad()
+    def prefix_states(self, prefix_length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, keys and values of ``prefix_length`` random genes run through the encoder.
+
+        The genes (never special tokens) and their expression bins are drawn with torch's global
+        generator; prefix tuning's ``init="vocab"`` starts from these.
+
+        Parameters
+        ----------
+        prefix_length
+            Number of random genes.
+
+        Returns
+        -------
+        list of (torch.Tensor, torch.Tensor)
+            Per layer, keys and values ``(prefix_length, d_model)`` (heads contiguous).
+        """
+        weight = self.encoder.embedding.weight
+        excluded = {self.pad_id}
+        if self.checkpoint is not None:
+            vocab = self.checkpoint.vocab
+            excluded |= {vocab[t] for t in SPECIAL_TOKENS if t in vocab}
+        candidates = torch.tensor(
+            [i for i in range(weight.shape[0]) if i not in excluded] or [self.pad_id]
+        )
+        pick = torch.randint(len(candidates), (prefix_length,))
+        gene_ids = candidates[pick].to(weight.device)[None, :]
+        n_bins = self.args.n_bins
+        values = torch.randint(1, max(n_bins, 2), (1, prefix_length)).to(
+            weight.device, weight.dtype
+        )
+        was_training = self.training
+        self.eval()
+        try:
+            x = self.encoder(gene_ids) + self.value_encoder(values)
+            states = []
+            d = self.d_model
+            for layer in self.transformer_encoder.layers:
+                qkv = layer.self_attn.Wqkv(x)[0]
+                states.append((qkv[:, d : 2 * d].clone(), qkv[:, 2 * d :].clone()))
+                x = layer(x, None)
+        finally:
+            self.train(was_training)
+        return states
 
 
 class PackedLinear(nn.Module):

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from scdlkit.foundation._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation._device import resolve_device
-from scdlkit.foundation._model import ScGPTEncoder
+from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint, resolve_checkpoint
+from scdlkit.foundation.models.scgpt._model import ScGPTEncoder
 
 __all__ = ["CheckpointLoadReport", "load_scgpt_model", "load_state_dict_file"]
 

@@ -14,6 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from scdlkit._shared.cache import CACHE_ENV_VAR, default_cache_dir
 from scdlkit._shared.persist import Field, check_fields, sha256_file
 
 __all__ = [
@@ -22,13 +23,11 @@ __all__ = [
     "OFFICIAL_CHECKPOINTS",
     "ScGPTCheckpoint",
     "ScGPTModelArgs",
-    "default_cache_dir",
     "resolve_checkpoint",
 ]
 
 CHECKPOINT_FILES = ("args.json", "vocab.json", "best_model.pt")
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
-CACHE_ENV_VAR = "SCDLKIT_CACHE_DIR"
 _DRIVE = "https://drive.google.com/drive/folders/"
 
 #: Official scGPT checkpoints (bowang-lab/scGPT README, "Pretrained scGPT Model Zoo").
@@ -42,26 +41,6 @@ OFFICIAL_CHECKPOINTS: dict[str, str] = {
     "kidney": _DRIVE + "1S-1AR65DF120kNFpEbWCvRHPhpkGK3kK",
     "pan-cancer": _DRIVE + "13QzLHilYUd0v3HTwa_9n4G4yEF-hdkqa",
 }
-
-
-def default_cache_dir() -> Path:
-    """Folder that holds official checkpoints: ``$SCDLKIT_CACHE_DIR`` or the platform cache dir.
-
-    The checkpoint named ``"whole-human"`` is looked up in ``<cache>/scgpt/whole-human/``.
-    """
-    env = os.environ.get(CACHE_ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if os.name == "nt":
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-    elif xdg:
-        base = Path(xdg)
-    elif os.uname().sysname == "Darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = Path.home() / ".cache"
-    return base / "scdlkit"
 
 
 _ARGS_FIX = "use the args.json released with these weights"

@@ -15,8 +15,8 @@ from scdlkit._shared.validation import (
     looks_like_ensembl,
     validate_values,
 )
-from scdlkit.foundation._checkpoint import ScGPTCheckpoint
-from scdlkit.foundation._tokenize import ScGPTTokens, tokenize_matrix
+from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint
+from scdlkit.foundation.models.scgpt._tokenize import ScGPTTokens, tokenize_matrix
 
 __all__ = ["GeneMatch", "match_genes", "tokenize_adata"]
 

@@ -1,0 +1,1 @@
+"""Foundation models behind one contract: one folder per model, one registry line each."""

@@ -1,0 +1,120 @@
+"""What a foundation model provides to the rest of scdlkit.
+
+A model is one folder under ``foundation/models/`` and one :class:`ModelCard` in the registry
+(:mod:`scdlkit.foundation.models`). Its encoder is a plain ``nn.Module`` with the attributes of
+:class:`FoundationEncoder`; its :class:`AdaptationTargets` table tells the adaptation methods
+(:mod:`scdlkit.foundation.peft`) where to attach, by role, so no method names a model's modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["AdaptationTargets", "FoundationEncoder", "ModelCard"]
+
+#: Roles a projection can play in a transformer layer. ``q``/``k``/``v``: the attention's query,
+#: key and value projections; ``out_proj``: the attention output; ``linear1``/``linear2``: the
+#: feed-forward input and output. (The names are scGPT's, kept because saved configs use them.)
+PROJECTION_ROLES = ("q", "k", "v", "out_proj", "linear1", "linear2")
+
+
+@dataclass(frozen=True)
+class AdaptationTargets:
+    """Where adaptation modules attach in one model's encoder (paths relative to a layer).
+
+    Attributes
+    ----------
+    layers
+        Path of the encoder's ``nn.ModuleList`` of transformer layers.
+    projections
+        Role (:data:`PROJECTION_ROLES`) -> ``(path of an nn.Linear, block)``. ``block`` is the
+        role's row block when one linear packs several roles (scGPT's ``Wqkv`` packs ``q``, ``k``
+        and ``v`` in thirds); ``None`` when the linear is the role's alone.
+    attention
+        Path of the self-attention module; it has a ``prefix`` slot (``None`` or a module that,
+        called with a batch size, returns key and value prefixes) and an ``nhead`` attribute.
+    attention_norm
+        Path of the LayerNorm applied to ``x + attention(x)`` (post-norm layers).
+    """
+
+    layers: str
+    projections: Mapping[str, tuple[str, str | None]]
+    attention: str
+    attention_norm: str
+
+    def __post_init__(self) -> None:
+        missing = [r for r in PROJECTION_ROLES if r not in self.projections]
+        if missing:
+            msg = f"AdaptationTargets.projections lacks the roles {missing}."
+            raise ValueError(msg)
+
+    def packed_blocks(self, path: str) -> tuple[str, ...]:
+        """The row blocks, in row order, that the linear at ``path`` packs (empty: unpacked)."""
+        return tuple(
+            block for block_path, block in self.projections.values() if block_path == path and block
+        )
+
+
+@runtime_checkable
+class FoundationEncoder(Protocol):
+    """The encoder side of the contract: what runner, strategies and ``tl`` may call.
+
+    ``cls_embedding(gene_ids, values, padding_mask)`` returns the ``(batch, d_model)`` vector a
+    classifier reads, from a batch built by the model's token store (``collate``).
+    ``prefix_states(prefix_length)`` returns, per layer, the keys and values
+    ``(prefix_length, d_model)`` of random vocabulary tokens run through the encoder (the
+    starting point of prefix tuning).
+    """
+
+    adaptation_targets: AdaptationTargets
+    pad_id: int
+
+    @property
+    def d_model(self) -> int: ...
+
+    def cls_embedding(
+        self,
+        gene_ids: torch.Tensor,
+        values: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+    def prefix_states(self, prefix_length: int) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """One registered foundation model.
+
+    Attributes
+    ----------
+    name
+        Registry key, e.g. ``"scgpt"``; what ``model=`` accepts.
+    title
+        Display name, e.g. ``"scGPT"``.
+    recognises
+        ``folder -> bool``: whether a checkpoint folder is in this model's layout.
+    load
+        ``(checkpoint, *, device, **options) -> encoder`` (a :class:`FoundationEncoder`).
+    tokenize
+        ``(adata, encoder, *, gene_key, layer, progress) -> (tokens, gene_match)``: the model's
+        token store (with ``n_cells``, ``lengths``, ``pad_id``, ``pad_value`` and
+        ``collate(cells)``) and which genes of the data it could read.
+    input_note
+        What the model expects as input, for error messages and the docs.
+    extras
+        Anything else the model publishes (its training recipe, licence, links).
+    """
+
+    name: str
+    title: str
+    recognises: Callable[[Path], bool]
+    load: Callable[..., Any]
+    tokenize: Callable[..., Any]
+    input_note: str = ""
+    extras: Mapping[str, Any] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""scGPT: checkpoint layout and loading, gene matching, value binning, the encoder."""
