@@ -271,7 +271,8 @@ def batch_rows(lengths: np.ndarray, batch_size: int) -> int:
 def plain_autocast() -> Iterator[None]:
     """bf16 as scdlkit ran it before its bf16 weight copy: autocast on the fp32 weights and
     batches padded to their longest cell only (batch sizes stay powers of two)."""
-    from scdlkit.foundation import _embed, _model
+    from scdlkit.foundation import _embed
+    from scdlkit.foundation.models.scgpt import _model
 
     saved = _model._bf16_inference, _embed.WIDTH_MULTIPLE
     _model._bf16_inference, _embed.WIDTH_MULTIPLE = (lambda *_: False), 1

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scdlkit.foundation import _model, load_scgpt_model, resolve_checkpoint, tokenize_adata
+from scdlkit.foundation import load_scgpt_model, resolve_checkpoint, tokenize_adata
 from scdlkit.foundation._embed import (
     MIN_BATCH_TOKENS,
     WIDTH_MULTIPLE,
@@ -21,6 +21,7 @@ from scdlkit.foundation._embed import (
     pad_batch,
     padded_width,
 )
+from scdlkit.foundation.models.scgpt import _model
 from scdlkit.foundation.models.scgpt._tokenize import collate_tokens
 
 

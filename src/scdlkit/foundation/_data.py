@@ -26,9 +26,8 @@ from scdlkit._shared.splits import (
     stratified_split,
 )
 from scdlkit.foundation._batching import length_grouped_batches
-from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint, resolve_checkpoint
-from scdlkit.foundation.models.scgpt._genes import tokenize_adata
-from scdlkit.foundation.models.scgpt._tokenize import ScGPTTokens, collate_tokens
+from scdlkit.foundation.models import model_card, resolve_model_checkpoint
+from scdlkit.foundation.models._contract import ModelCheckpoint, TokenStore
 
 __all__ = [
     "ScGPTCellDataset",
@@ -51,7 +50,7 @@ class ScGPTCellDataset(Dataset):
     :meth:`batches` groups cells of similar length so padding costs little.
     """
 
-    def __init__(self, tokens: ScGPTTokens, cells: np.ndarray, labels: np.ndarray) -> None:
+    def __init__(self, tokens: TokenStore, cells: np.ndarray, labels: np.ndarray) -> None:
         self.tokens = tokens
         self.cells = np.asarray(cells, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -78,7 +77,7 @@ class ScGPTCellDataset(Dataset):
             ``labels`` (int64, ``(n,)``, -1 for unlabelled cells).
         """
         positions = np.asarray(positions, dtype=np.int64)
-        batch = collate_tokens(self.tokens, self.cells[positions])
+        batch = self.tokens.collate(self.cells[positions])
         batch["labels"] = torch.from_numpy(self.labels[positions])
         return batch
 
@@ -114,7 +113,8 @@ class ScGPTPreparedData:
     Attributes
     ----------
     tokens
-        Compact tokens of every cell (:class:`~scdlkit.foundation.ScGPTTokens`).
+        Compact tokens of every cell: the model's token store, e.g.
+        :class:`~scdlkit.foundation.ScGPTTokens`.
     label_codes
         ``(n_cells,)`` int64, -1 for unlabelled cells (or all -1 without ``label_key``).
     label_categories
@@ -135,12 +135,12 @@ class ScGPTPreparedData:
         Batch (donor, study, ...) of each cell as strings, when ``batch_key`` was given.
     """
 
-    tokens: ScGPTTokens
+    tokens: TokenStore
     label_codes: np.ndarray
     label_categories: list[str]
     matched_genes: list[str]
     n_genes_input: int
-    checkpoint: ScGPTCheckpoint
+    checkpoint: ModelCheckpoint
     obs_names: np.ndarray
     settings: dict[str, Any] = field(default_factory=dict)
     batches: np.ndarray | None = None
@@ -198,7 +198,7 @@ class ScGPTPreparedData:
 def prepare_scgpt_data(
     adata: Any,
     *,
-    checkpoint: str | os.PathLike | ScGPTCheckpoint = "whole-human",
+    checkpoint: str | os.PathLike | ModelCheckpoint = "whole-human",
     label_key: str | None = None,
     gene_key: str | None = None,
     layer: str | None = None,
@@ -259,7 +259,7 @@ def prepare_scgpt_data(
     ... )  # doctest: +SKIP
     >>> splits = sck.foundation.split_scgpt_data(prepared, random_state=0)  # doctest: +SKIP
     """
-    ckpt = resolve_checkpoint(checkpoint)
+    ckpt = resolve_model_checkpoint(checkpoint)
     batches = read_batch_column(adata.obs, batch_key) if batch_key is not None else None
     if label_key is not None:
         labels: EncodedLabels = encode_labels(
@@ -267,7 +267,7 @@ def prepare_scgpt_data(
         )
     else:
         labels = EncodedLabels(np.full(adata.n_obs, -1, np.int64), list(label_categories or []))
-    tokens, match = tokenize_adata(
+    tokens, match = model_card(ckpt).tokenize(
         adata,
         ckpt,
         gene_key=gene_key,

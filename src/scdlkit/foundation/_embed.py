@@ -9,7 +9,7 @@ import torch
 
 from scdlkit._shared.progress import tqdm
 from scdlkit.foundation._device import autocast_context
-from scdlkit.foundation.models.scgpt._tokenize import ScGPTTokens, collate_tokens
+from scdlkit.foundation.models._contract import TokenStore
 
 __all__ = ["encode_cells", "inference_batches", "l2_normalise", "pad_batch", "padded_width"]
 
@@ -102,7 +102,7 @@ def _copy_to_host(result: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event 
 
 
 def encode_cells(
-    tokens: ScGPTTokens,
+    tokens: TokenStore,
     forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     *,
     device: torch.device,
@@ -134,7 +134,7 @@ def encode_cells(
     with torch.inference_mode(), autocast_context(device, precision):
         multiple = WIDTH_MULTIPLE  # read at call time, so benchmarks can compare settings
         for positions in inference_batches(tokens.lengths[cells], batch_size, multiple=multiple):
-            batch = collate_tokens(tokens, cells[positions])
+            batch = tokens.collate(cells[positions])
             width = padded_width(batch["gene_ids"].shape[1], multiple)
             batch = pad_batch(batch, width, pad_id=tokens.pad_id, pad_value=tokens.pad_value)
             batch = {

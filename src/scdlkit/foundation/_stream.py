@@ -19,7 +19,6 @@ results are gathered back in cell order on every process.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import functools
 import gc
 import sys
@@ -31,9 +30,8 @@ import torch
 
 from scdlkit._shared.validation import validate_values
 from scdlkit.foundation._embed import encode_cells
-from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint
-from scdlkit.foundation.models.scgpt._genes import GeneMatch, tokenize_adata
-from scdlkit.foundation.models.scgpt._tokenize import ScGPTTokens
+from scdlkit.foundation.models import model_card
+from scdlkit.foundation.models._contract import ModelCheckpoint
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "TOKENIZE_ROWS", "encode_adata", "process_group"]
 
@@ -60,20 +58,6 @@ def release_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-
-
-def _concat_tokens(parts: list[ScGPTTokens]) -> ScGPTTokens:
-    """Tokens of consecutive row ranges joined into one set, in order."""
-    if len(parts) == 1:
-        return parts[0]
-    starts = np.cumsum([0] + [int(p.indptr[-1]) for p in parts[:-1]])
-    indptr = np.concatenate([[0]] + [p.indptr[1:] + o for p, o in zip(parts, starts, strict=True)])
-    return dataclasses.replace(
-        parts[0],
-        indptr=indptr.astype(np.int64),
-        gene_ids=np.concatenate([p.gene_ids for p in parts]),
-        bins=np.concatenate([p.bins for p in parts]),
-    )
 
 
 def process_group() -> tuple[int, int]:
@@ -103,7 +87,7 @@ def _gather(local: np.ndarray, cells: np.ndarray, n_cells: int, world: int) -> n
 
 def encode_adata(
     adata: Any,
-    checkpoint: ScGPTCheckpoint,
+    checkpoint: ModelCheckpoint,
     forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     *,
     device: torch.device,
@@ -116,7 +100,7 @@ def encode_adata(
     min_gene_overlap: int | float = 1,
     progress: bool = False,
     desc: str = "embedding",
-) -> tuple[np.ndarray, GeneMatch]:
+) -> tuple[np.ndarray, Any]:
     """``forward`` applied to every cell of ``adata``, chunk by chunk, rows in cell order.
 
     Parameters
@@ -141,10 +125,11 @@ def encode_adata(
     if chunk_size < 1:
         msg = f"chunk_size={chunk_size} must be at least 1."
         raise ValueError(msg)
+    card = model_card(checkpoint)
     validate_values(adata, layer)  # one streaming pass, before any model work
     rank, world = process_group()
     out: np.ndarray | None = None
-    match: GeneMatch | None = None
+    match: Any = None
     # one in-memory chunk: tokenised at once, with its progress bar; otherwise in slices
     streaming = chunk_size < n_cells or getattr(adata, "isbacked", False)
     step = TOKENIZE_ROWS if streaming else max(chunk_size, 1)
@@ -152,7 +137,7 @@ def encode_adata(
         stop = min(start + chunk_size, n_cells)
         parts = []
         for first in range(start, max(stop, start + 1), step):
-            part, match = tokenize_adata(
+            part, match = card.tokenize(
                 adata,
                 checkpoint,
                 gene_key=gene_key,
@@ -164,7 +149,7 @@ def encode_adata(
                 progress=progress and rank == 0 and not streaming,
             )
             parts.append(part)
-        tokens = _concat_tokens(parts)
+        tokens = type(parts[0]).concat(parts)
         del parts
         cells = _shard(tokens.n_cells, rank, world)
         local = encode_cells(

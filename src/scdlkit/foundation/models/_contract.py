@@ -8,14 +8,15 @@ A model is one folder under ``foundation/models/`` and one :class:`ModelCard` in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
-__all__ = ["AdaptationTargets", "FoundationEncoder", "ModelCard"]
+__all__ = ["AdaptationTargets", "FoundationEncoder", "ModelCard", "ModelCheckpoint", "TokenStore"]
 
 #: Roles a projection can play in a transformer layer. ``q``/``k``/``v``: the attention's query,
 #: key and value projections; ``out_proj``: the attention output; ``linear1``/``linear2``: the
@@ -87,9 +88,53 @@ class FoundationEncoder(Protocol):
     def prefix_states(self, prefix_length: int) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
+@runtime_checkable
+class ModelCheckpoint(Protocol):
+    """A resolved checkpoint of some registered model."""
+
+    model_name: str
+    name: str
+    path: Path
+
+    @property
+    def weights_path(self) -> Path: ...
+
+    @property
+    def pad_id(self) -> int: ...
+
+
+@runtime_checkable
+class TokenStore(Protocol):
+    """Tokens of a set of cells, built once by a model's ``tokenize``; batches via ``collate``.
+
+    ``collate(cells)`` returns ``gene_ids`` (int64), ``values`` (float32; a model without
+    values fills them with ``pad_value``) and ``padding_mask`` (bool, True at pad), each
+    ``(len(cells), width)`` padded on the right to the longest cell.
+    """
+
+    pad_id: int
+    pad_value: float
+
+    @property
+    def n_cells(self) -> int: ...
+
+    @property
+    def lengths(self) -> np.ndarray: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def collate(self, cells: Sequence[int]) -> dict[str, torch.Tensor]: ...
+
+
 @dataclass(frozen=True)
 class ModelCard:
-    """One registered foundation model.
+    """One registered foundation model: the functions the rest of scdlkit calls for it.
+
+    A checkpoint object (what ``resolve`` returns) has ``name``, ``path``, ``weights_path`` and
+    ``model_name`` (this card's ``name``); token stores have ``n_cells``, ``lengths``, ``pad_id``,
+    ``pad_value``, ``nbytes`` and ``collate(cells)``; gene matches have ``names``, ``matched``,
+    ``unmatched``, ``n_matched`` and ``ratio``.
 
     Attributes
     ----------
@@ -99,22 +144,41 @@ class ModelCard:
         Display name, e.g. ``"scGPT"``.
     recognises
         ``folder -> bool``: whether a checkpoint folder is in this model's layout.
-    load
-        ``(checkpoint, *, device, **options) -> encoder`` (a :class:`FoundationEncoder`).
+    resolve
+        ``checkpoint -> checkpoint object``: a folder, a name or an already resolved checkpoint.
+    read_weights
+        ``checkpoint object -> state dict`` of the pretrained weights (as stored).
+    build
+        ``checkpoint object -> encoder`` with freshly initialised weights.
+    load_weights
+        ``(encoder, state) -> report`` loading the pretrained weights, every key accounted for.
+    match_genes
+        ``(adata, checkpoint object, gene_key) -> gene match``.
+    check_gene_overlap
+        ``(match, *, gene_key, min_gene_overlap) -> None``, raising ``ValueError`` when too few
+        genes of the data can be read, with what to do about it.
     tokenize
-        ``(adata, encoder, *, gene_key, layer, progress) -> (tokens, gene_match)``: the model's
-        token store (with ``n_cells``, ``lengths``, ``pad_id``, ``pad_value`` and
-        ``collate(cells)``) and which genes of the data it could read.
+        ``(adata, checkpoint object, *, gene_key, layer, min_gene_overlap, seed, progress) ->
+        (tokens, gene match)``.
+    set_dropout
+        ``(module, p) -> module``: every dropout of the encoder's layers set to ``p``.
+    set_attention_dropout
+        ``(module, p) -> module``: the attention-probability dropout set to ``p``.
     input_note
-        What the model expects as input, for error messages and the docs.
-    extras
-        Anything else the model publishes (its training recipe, licence, links).
+        What the model expects as input, for messages and the docs.
     """
 
     name: str
     title: str
     recognises: Callable[[Path], bool]
-    load: Callable[..., Any]
+    resolve: Callable[[Any], Any]
+    read_weights: Callable[[Any], dict[str, torch.Tensor]]
+    build: Callable[[Any], Any]
+    load_weights: Callable[[Any, dict[str, torch.Tensor]], Any]
+    match_genes: Callable[..., Any]
+    check_gene_overlap: Callable[..., None]
     tokenize: Callable[..., Any]
+    set_dropout: Callable[[Any, float], Any]
+    set_attention_dropout: Callable[[Any, float], Any]
     input_note: str = ""
     extras: Mapping[str, Any] = field(default_factory=dict)

@@ -169,6 +169,9 @@ class ScGPTCheckpoint:
     cheap; the weights are read by :func:`scdlkit.foundation.load_scgpt_model`.
     """
 
+    #: Registry name of the model (see :mod:`scdlkit.foundation.models`).
+    model_name = "scgpt"
+
     path: Path
     name: str
     args: ScGPTModelArgs

@@ -18,6 +18,7 @@ upstream's.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from collections.abc import Sequence
@@ -144,6 +145,26 @@ class ScGPTTokens:
     def nbytes(self) -> int:
         """Memory held by ``indptr``, ``gene_ids`` and ``bins``, in bytes."""
         return self.indptr.nbytes + self.gene_ids.nbytes + self.bins.nbytes
+
+    @classmethod
+    def concat(cls, parts: Sequence[ScGPTTokens]) -> ScGPTTokens:
+        """Tokens of consecutive row ranges joined into one set, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        starts = np.cumsum([0] + [int(p.indptr[-1]) for p in parts[:-1]])
+        indptr = np.concatenate(
+            [[0]] + [p.indptr[1:] + o for p, o in zip(parts, starts, strict=True)]
+        )
+        return dataclasses.replace(
+            parts[0],
+            indptr=indptr.astype(np.int64),
+            gene_ids=np.concatenate([p.gene_ids for p in parts]),
+            bins=np.concatenate([p.bins for p in parts]),
+        )
+
+    def collate(self, cells: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Padded model input for ``cells`` (see :func:`collate_tokens`)."""
+        return collate_tokens(self, cells)
 
     def cell(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Gene ids and bins of cell ``i``, subsampled (seeded) if longer than ``max_seq_len``.
