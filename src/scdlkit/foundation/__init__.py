@@ -18,6 +18,7 @@ from scdlkit.foundation._annotation_model import (
     build_annotation_model,
     load_scgpt_annotation_model,
 )
+from scdlkit.foundation._cell_embedding import CellEmbeddings, embed_cells
 from scdlkit.foundation._data import (
     ScGPTCellDataset,
     ScGPTPreparedData,
@@ -28,6 +29,13 @@ from scdlkit.foundation._data import (
 from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
 from scdlkit.foundation._runner import ScGPTAnnotationRunner
 from scdlkit.foundation._training_settings import STRATEGIES
+from scdlkit.foundation.models import (
+    MODELS,
+    is_model_checkpoint,
+    load_encoder,
+    model_card,
+    resolve_model_checkpoint,
+)
 from scdlkit.foundation.models.scgpt._checkpoint import (
     OFFICIAL_CHECKPOINTS,
     ScGPTCheckpoint,
@@ -49,6 +57,13 @@ from scdlkit.foundation.peft import (
 )
 
 __all__ = [
+    "CellEmbeddings",
+    "embed_cells",
+    "load_encoder",
+    "model_card",
+    "resolve_model_checkpoint",
+    "MODELS",
+    "is_model_checkpoint",
     "STRATEGIES",
     "AdapterConfig",
     "IA3Config",

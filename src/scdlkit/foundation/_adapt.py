@@ -12,7 +12,7 @@ from typing import Any
 from scdlkit._shared.cache import default_cache_dir
 from scdlkit._shared.strategies import DEFAULT_STRATEGIES
 from scdlkit.foundation._runner import ScGPTAnnotationRunner
-from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint
+from scdlkit.foundation.models._contract import ModelCheckpoint
 
 __all__ = ["adapt_scgpt_annotation", "default_runner_dir"]
 
@@ -21,7 +21,7 @@ def adapt_scgpt_annotation(
     adata: Any,
     *,
     label_key: str,
-    checkpoint: str | os.PathLike | ScGPTCheckpoint = "whole-human",
+    checkpoint: str | os.PathLike | ModelCheckpoint = "whole-human",
     strategies: Sequence[str] = DEFAULT_STRATEGIES,
     strategy_configs: Mapping[str, Any] | None = None,
     lora_config: Any = None,

@@ -36,13 +36,8 @@ from scdlkit.foundation._input_norm import (
     _check_input_norm,
     make_input_norm,
 )
-from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint, resolve_checkpoint
-from scdlkit.foundation.models.scgpt._loading import (
-    build_encoder,
-    load_encoder_weights,
-    load_scgpt_model,
-)
-from scdlkit.foundation.models.scgpt._model import ScGPTEncoder
+from scdlkit.foundation.models import load_encoder, model_card, resolve_model_checkpoint
+from scdlkit.foundation.models._contract import FoundationEncoder, ModelCheckpoint
 from scdlkit.foundation.peft import (
     PEFTConfig,
     apply_peft,
@@ -201,7 +196,8 @@ class ScGPTAnnotationModel(nn.Module):
         Dropout on the ``<cls>`` vector before the head; default
         :data:`DEFAULT_CLASSIFIER_DROPOUT` (0.1).
     n_layers_cls
-        Depth of the head; ``None`` takes ``encoder.args.n_layers_cls`` (3 upstream).
+        Depth of the head; ``None`` takes the encoder's ``head_layers`` (scGPT: its
+        ``n_layers_cls``, 3 upstream).
     input_norm
         Normalisation of the ``<cls>`` vector before dropout and head (:data:`INPUT_NORMS`):
         ``"frozen"`` (default) a fixed per-dimension standardisation that
@@ -230,7 +226,7 @@ class ScGPTAnnotationModel(nn.Module):
 
     def __init__(
         self,
-        encoder: ScGPTEncoder,
+        encoder: FoundationEncoder,
         num_classes: int,
         *,
         tuning_strategy: str = "head",
@@ -241,8 +237,8 @@ class ScGPTAnnotationModel(nn.Module):
         input_norm: str = DEFAULT_INPUT_NORM,
     ) -> None:
         super().__init__()
-        if not isinstance(encoder, ScGPTEncoder):
-            msg = f"encoder must be an ScGPTEncoder, got {type(encoder).__name__}."
+        if not isinstance(encoder, FoundationEncoder):
+            msg = f"encoder must be a foundation-model encoder, got {type(encoder).__name__}."
             raise TypeError(msg)
         self.tuning_strategy = _check_strategy(tuning_strategy)
         self.label_categories = _check_num_classes(num_classes, label_categories)
@@ -250,7 +246,7 @@ class ScGPTAnnotationModel(nn.Module):
         self.strategy_config = resolve_strategy_config(tuning_strategy, strategy_config)
         self.classifier_dropout = _check_dropout(classifier_dropout)
         self.input_norm = _check_input_norm(input_norm)
-        n_layers_cls = encoder.args.n_layers_cls if n_layers_cls is None else n_layers_cls
+        n_layers_cls = encoder.head_layers if n_layers_cls is None else n_layers_cls
         if isinstance(n_layers_cls, bool) or not isinstance(n_layers_cls, int) or n_layers_cls < 1:
             msg = f"n_layers_cls must be an integer >= 1, got {n_layers_cls!r}."
             raise ValueError(msg)
@@ -258,7 +254,7 @@ class ScGPTAnnotationModel(nn.Module):
 
         self.encoder = encoder
         # the head is drawn first, so one seed gives every strategy the same initial head
-        weight = encoder.encoder.embedding.weight
+        weight = next(encoder.parameters())
         self.dropout = nn.Dropout(self.classifier_dropout)
         self.feature_norm = make_input_norm(self.input_norm, encoder.d_model).to(
             device=weight.device
@@ -491,7 +487,7 @@ class ScGPTAnnotationModel(nn.Module):
         )
 
 
-def _assemble(encoder: ScGPTEncoder, seed: int, **kwargs: Any) -> ScGPTAnnotationModel:
+def _assemble(encoder: FoundationEncoder, seed: int, **kwargs: Any) -> ScGPTAnnotationModel:
     """Build the model with the new parameters drawn from ``seed``, leaving global RNG alone."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -514,7 +510,7 @@ def _precheck(
 
 def build_annotation_model(
     encoder_state: dict[str, torch.Tensor],
-    checkpoint: ScGPTCheckpoint | str | os.PathLike,
+    checkpoint: ModelCheckpoint | str | os.PathLike,
     *,
     num_classes: int,
     tuning_strategy: str = "head",
@@ -563,10 +559,11 @@ def build_annotation_model(
     ... )  # doctest: +SKIP
     """
     _precheck(tuning_strategy, strategy_config, num_classes, label_categories, input_norm)
-    ckpt = resolve_checkpoint(checkpoint)
+    ckpt = resolve_model_checkpoint(checkpoint)
+    card = model_card(ckpt)
     with torch.random.fork_rng(devices=[]):
-        encoder = build_encoder(ckpt)
-    encoder.load_report = load_encoder_weights(encoder, encoder_state)
+        encoder = card.build(ckpt)
+    encoder.load_report = card.load_weights(encoder, encoder_state)
     encoder.checkpoint = ckpt
     model = _assemble(
         encoder,
@@ -584,7 +581,7 @@ def build_annotation_model(
 def load_scgpt_annotation_model(
     num_classes: int,
     label_categories: Sequence[Any] | None = None,
-    checkpoint: str | os.PathLike | ScGPTCheckpoint = "whole-human",
+    checkpoint: str | os.PathLike | ModelCheckpoint = "whole-human",
     tuning_strategy: str = "head",
     strategy_config: PEFTConfig | dict[str, Any] | None = None,
     *,
@@ -643,7 +640,7 @@ def load_scgpt_annotation_model(
     >>> model.trainable_parameter_count()  # doctest: +SKIP
     """
     _precheck(tuning_strategy, strategy_config, num_classes, label_categories, input_norm)
-    encoder = load_scgpt_model(checkpoint, device="cpu")
+    encoder = load_encoder(checkpoint, device="cpu")
     model = _assemble(
         encoder,
         seed,

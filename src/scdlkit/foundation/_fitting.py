@@ -41,8 +41,7 @@ from scdlkit.foundation._embed import l2_normalise
 from scdlkit.foundation._input_norm import DEFAULT_INPUT_NORM
 from scdlkit.foundation._selection import evaluate_splits
 from scdlkit.foundation._training_settings import step_budget, warn_if_stretched
-from scdlkit.foundation.models.scgpt._loading import load_state_dict_file
-from scdlkit.foundation.models.scgpt._model import set_attention_dropout, set_encoder_dropout
+from scdlkit.foundation.models import model_card
 
 __all__ = [
     "BaseWeights",
@@ -186,7 +185,7 @@ class BaseWeights:
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
         if self._state is None:
-            self._state = load_state_dict_file(self.checkpoint.weights_path)
+            self._state = model_card(self.checkpoint).read_weights(self.checkpoint)
         return self._state
 
 
@@ -303,15 +302,14 @@ def query_cells_without_expression(
     gene among those the kept model reads.
 
     Values must be counts or log-normalised (finite, not negative) and enough genes must be shared
-    with what the model reads: the vocabulary for scGPT strategies, the fitted genes for the
-    expression baseline.
+    with what the model reads: the foundation model's vocabulary (its checkpoint's
+    ``readable_genes``), the fitted genes for the expression baseline.
     """
     validate_values(adata, layer)
     names = gene_names(adata, gene_key)
     if family.uses_checkpoint:
-        specials = {checkpoint.args.pad_token, "<cls>", "<eoc>"}
-        known: Any = {g for g in checkpoint.vocab if g not in specials}
-        what = "the scGPT vocabulary"
+        known: Any = checkpoint.readable_genes
+        what = f"the {model_card(checkpoint).title} vocabulary"
     else:
         known = set(model.genes_)
         what = f"the {len(known)} genes the baseline was fitted on"
@@ -580,9 +578,9 @@ class NeuralStrategy(StrategyFamily):
             budget.pop(name, None)
         encoder_dropout = budget.pop("encoder_dropout", None)
         if encoder_dropout is not None:
-            set_encoder_dropout(model.encoder, encoder_dropout)
+            model_card(ctx.checkpoint).set_dropout(model.encoder, encoder_dropout)
         if ctx.attention_dropout is not None:
-            set_attention_dropout(model, ctx.attention_dropout)
+            model_card(ctx.checkpoint).set_attention_dropout(model, ctx.attention_dropout)
         trainer = Trainer(
             model,
             batch_size=batch_size,

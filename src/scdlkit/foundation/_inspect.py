@@ -16,8 +16,8 @@ from scdlkit._shared.validation import (
     looks_like_ensembl,
 )
 from scdlkit.foundation._data import MIN_CELLS_TO_STRATIFY, MIN_GENE_OVERLAP
-from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint, resolve_checkpoint
-from scdlkit.foundation.models.scgpt._genes import match_genes
+from scdlkit.foundation.models import model_card, resolve_model_checkpoint
+from scdlkit.foundation.models._contract import ModelCheckpoint
 
 __all__ = ["ScGPTAnnotationDataReport", "inspect_annotation_data"]
 
@@ -125,7 +125,7 @@ def inspect_annotation_data(
     adata: Any,
     *,
     label_key: str | None,
-    checkpoint: str | os.PathLike | ScGPTCheckpoint = "whole-human",
+    checkpoint: str | os.PathLike | ModelCheckpoint = "whole-human",
     gene_key: str | None = None,
     layer: str | None = None,
     min_gene_overlap: int | float = MIN_GENE_OVERLAP,
@@ -178,11 +178,11 @@ def inspect_annotation_data(
     >>> report = sck.inspect_annotation_data(adata, label_key="cell_type")  # doctest: +SKIP
     >>> report.ok, report.n_genes_matched  # doctest: +SKIP
     """
-    ckpt = resolve_checkpoint(checkpoint)
+    ckpt = resolve_model_checkpoint(checkpoint)
     labels = read_label_column(adata.obs, label_key) if label_key is not None else None
     batches = read_batch_column(adata.obs, batch_key) if batch_key is not None else None
     value_kind = describe_values(adata, layer)  # raises KeyError for a missing layer
-    match = match_genes(adata, ckpt, gene_key)
+    match = model_card(ckpt).match_genes(adata, ckpt, gene_key)
     problems: list[str] = []
     warnings: list[str] = []
 

@@ -58,12 +58,8 @@ from scdlkit.foundation._runner_io import load_kept, load_runner, save_runner
 from scdlkit.foundation._selection import batch_metrics
 from scdlkit.foundation._stream import encode_adata
 from scdlkit.foundation._training_settings import resolve_training
-from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint, resolve_checkpoint
-from scdlkit.foundation.models.scgpt._loading import (
-    build_encoder,
-    load_encoder_weights,
-    load_state_dict_file,
-)
+from scdlkit.foundation.models import model_card, resolve_model_checkpoint
+from scdlkit.foundation.models._contract import ModelCheckpoint
 from scdlkit.training._checks import check_adata, check_arguments, check_path
 
 __all__ = ["ScGPTAnnotationRunner"]
@@ -213,7 +209,7 @@ class ScGPTAnnotationRunner:
         self,
         *,
         label_key: str,
-        checkpoint: str | os.PathLike | ScGPTCheckpoint = "whole-human",
+        checkpoint: str | os.PathLike | ModelCheckpoint = "whole-human",
         strategies: Sequence[str] = DEFAULT_STRATEGIES,
         strategy_configs: Mapping[str, Any] | None = None,
         lora_config: Any = None,
@@ -360,9 +356,8 @@ class ScGPTAnnotationRunner:
         """
         check_adata("adata", adata)
         check_validation_cells(self.strategies, self.val_size, self.split_by, self.val_batches)
-        names = gene_names(adata, self.gene_key)
-        vocab = resolve_checkpoint(self.checkpoint).vocab
-        check_unique_genes(names, vocab=vocab, gene_key=self.gene_key)
+        ckpt = resolve_model_checkpoint(self.checkpoint)
+        model_card(ckpt).check_gene_names(gene_names(adata, self.gene_key), ckpt, self.gene_key)
         if self.output_dir is None:
             return self._fit(adata)
         # before any work: the folder is writable, holds no other run, and is ours until done
@@ -372,7 +367,7 @@ class ScGPTAnnotationRunner:
     def _fit(self, adata: Any) -> ScGPTAnnotationRunner:
         families = {name: strategy_family(name) for name in self.strategies}
         self.runner_dir_ = self.manifest_sha256_ = None  # a refit is no earlier save's model
-        self.checkpoint_ = resolve_checkpoint(self.checkpoint)
+        self.checkpoint_ = resolve_model_checkpoint(self.checkpoint)
         self.prepared_ = prepare_scgpt_data(
             adata,
             checkpoint=self.checkpoint_,
@@ -419,7 +414,7 @@ class ScGPTAnnotationRunner:
         self._base_encoder = None
         encoder_state = None
         if any(f.uses_checkpoint for f in families.values()):
-            encoder_state = load_state_dict_file(self.checkpoint_.weights_path)
+            encoder_state = model_card(self.checkpoint_).read_weights(self.checkpoint_)
             self._base_encoder = self._build_base_encoder(encoder_state)
         features, feature_seconds = None, 0.0
         if any(f.reads_features for f in families.values()):
@@ -523,10 +518,11 @@ class ScGPTAnnotationRunner:
     # ----------------------------------------------------------------------------- encoders
 
     def _build_base_encoder(self, state: dict[str, torch.Tensor]) -> Any:
-        base = build_encoder(self.checkpoint_)
-        base.load_report = load_encoder_weights(base, state)
+        card = model_card(self.checkpoint_)
+        base = card.build(self.checkpoint_)
+        base.load_report = card.load_weights(base, state)
         base.checkpoint = self.checkpoint_
-        logger.info("scGPT checkpoint %s: %s", self.checkpoint_.name, base.load_report)
+        logger.info("%s checkpoint %s: %s", card.title, self.checkpoint_.name, base.load_report)
         return base.to(self._torch_device).eval()
 
     def _frozen_encoder(self) -> Any:
@@ -536,7 +532,9 @@ class ScGPTAnnotationRunner:
             self._base_encoder = (
                 held.to(self._torch_device).eval()
                 if held is not None
-                else self._build_base_encoder(load_state_dict_file(self.checkpoint_.weights_path))
+                else self._build_base_encoder(
+                    model_card(self.checkpoint_).read_weights(self.checkpoint_)
+                )
             )
         return self._base_encoder
 
@@ -649,10 +647,12 @@ class ScGPTAnnotationRunner:
         kept = self.kept_result(strategy)
         gene_key = self.gene_key if gene_key is None else gene_key
         layer = self.layer if layer is None else layer
-        # the expression baseline reads every gene; scGPT strategies only those in the vocabulary
-        uses_vocab = self.checkpoint_ is not None and strategy_family(kept.strategy).uses_checkpoint
-        vocab = self.checkpoint_.vocab if uses_vocab else None
-        check_unique_genes(gene_names(adata, gene_key), vocab=vocab, gene_key=gene_key)
+        # the expression baseline reads every gene; a foundation model those it can read
+        names = gene_names(adata, gene_key)
+        if self.checkpoint_ is not None and strategy_family(kept.strategy).uses_checkpoint:
+            model_card(self.checkpoint_).check_gene_names(names, self.checkpoint_, gene_key)
+        else:
+            check_unique_genes(names, gene_key=gene_key)
         silent = query_cells_without_expression(
             adata,
             gene_key,

@@ -28,7 +28,8 @@ from scdlkit._shared.strategies import STRATEGIES
 from scdlkit.foundation._device import PRECISIONS
 from scdlkit.foundation._final_model import KEEP_CHOICES, REFIT_CHOICES
 from scdlkit.foundation._training_settings import SETTING_CHECKS, check_training_overrides
-from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint
+from scdlkit.foundation.models import is_model_checkpoint
+from scdlkit.foundation.models._contract import ModelCheckpoint
 from scdlkit.foundation.peft import PEFTConfig, resolve_strategy_config
 from scdlkit.training._checks import (
     FRACTION,
@@ -62,9 +63,9 @@ __all__ = [
 SHORTCUTS = ("epochs", "lr", "early_stopping_patience", "class_weight")
 
 
-def check_checkpoint(name: str, value: Any) -> str | os.PathLike | ScGPTCheckpoint:
+def check_checkpoint(name: str, value: Any) -> str | os.PathLike | ModelCheckpoint:
     """An official checkpoint name, a folder, or a resolved checkpoint (found by ``fit``)."""
-    if isinstance(value, ScGPTCheckpoint):
+    if is_model_checkpoint(value):
         return value
     return check_path(name, value)
 
@@ -290,7 +291,7 @@ def recorded_arguments(checked: Mapping[str, Any]) -> dict[str, Any]:
     """
     recorded = dict(checked)
     checkpoint = recorded["checkpoint"]
-    if isinstance(checkpoint, ScGPTCheckpoint):
+    if is_model_checkpoint(checkpoint):
         checkpoint = checkpoint.path
     if isinstance(checkpoint, os.PathLike) or Path(checkpoint).is_dir():
         checkpoint = str(Path(checkpoint).resolve())

@@ -46,12 +46,8 @@ from scdlkit._shared.provenance import (
 from scdlkit._shared.strategies import STRATEGIES
 from scdlkit.foundation._conformal import ConformalCalibration
 from scdlkit.foundation._fitting import BaseWeights, StrategyResult, strategy_family
-from scdlkit.foundation.models.scgpt._checkpoint import (
-    CHECKPOINT_FILES,
-    OFFICIAL_CHECKPOINTS,
-    ScGPTCheckpoint,
-    resolve_checkpoint,
-)
+from scdlkit.foundation.models import MODELS, model_card, resolve_model_checkpoint
+from scdlkit.foundation.models._contract import ModelCheckpoint
 
 __all__ = [
     "KIND",
@@ -103,9 +99,10 @@ def _metric_records(value: list[Any]) -> str | None:
 
 
 def _pins(value: dict[str, Any]) -> str | None:
-    unknown = sorted(set(value) - set(CHECKPOINT_FILES))
+    known = sorted({name for card in MODELS.values() for name in card.files})
+    unknown = sorted(set(value) - set(known))
     if unknown:
-        return f"names {unknown}, not files of a checkpoint ({', '.join(CHECKPOINT_FILES)})"
+        return f"names {unknown}, not files of a checkpoint ({', '.join(known)})"
     bad = sorted(k for k, v in value.items() if not (isinstance(v, str) and _SHA256.fullmatch(v)))
     if bad:
         return f"must map each file to 64 lowercase hex digits (not for {bad})"
@@ -226,7 +223,7 @@ def save_runner(runner: Any, path: Path) -> Path:
     path = Path(path).resolve()
     kept = _save_kept(runner, path)
     tensors = {**family.state(best.model), **_conformal_state(best)}
-    ckpt: ScGPTCheckpoint | None = runner.checkpoint_
+    ckpt: ModelCheckpoint | None = runner.checkpoint_
     pinned = ckpt is not None and family.uses_checkpoint
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -237,7 +234,9 @@ def save_runner(runner: Any, path: Path) -> Path:
             "path": str(ckpt.path) if ckpt is not None else "",
             "sha256": ckpt.weights_sha256 if pinned else "",
             "files": ckpt.files_sha256 if pinned else {},  # everything that changes outputs
-            "args": ckpt.args.to_dict() if ckpt is not None else {},
+            "args": ckpt.config_dict() if ckpt is not None else {},
+            "model": ckpt.model_name if ckpt is not None else "",
+            "d_model": ckpt.d_model if ckpt is not None else None,
         },
         # the constructor's arguments once; beside them only what params() resolves or adds
         "params": _resolved_params(runner),
@@ -499,8 +498,10 @@ def _input_width(manifest: Mapping[str, Any], prefix: str) -> int | None:
     """How many inputs the family's classifier reads, as the manifest says (None: unknown)."""
     if prefix == "baseline.":
         return len(manifest.get("baseline_genes") or []) or None
-    embsize = manifest["checkpoint"]["args"].get("embsize", 512)  # ScGPTModelArgs' default
-    return embsize if isinstance(embsize, int) and not isinstance(embsize, bool) else None
+    recorded = manifest["checkpoint"]
+    # runners saved before the model registry: scGPT's embsize (512 when args.json omits it)
+    width = recorded.get("d_model") or recorded["args"].get("embsize", 512)
+    return width if isinstance(width, int) and not isinstance(width, bool) else None
 
 
 def _check_family_shapes(
@@ -551,39 +552,42 @@ def _shape_text(dims: tuple[Any, ...], sizes: Mapping[str, int]) -> str:
     )
 
 
-def _check_base_width(file: Path, tensors: Mapping[str, Any], ckpt: ScGPTCheckpoint | None) -> None:
+def _check_base_width(file: Path, tensors: Mapping[str, Any], ckpt: ModelCheckpoint | None) -> None:
     """A probe reads the base checkpoint's ``<cls>`` features: their width must fit it."""
     coef = tensors.get("probe.coef")
-    if ckpt is None or coef is None or coef.shape[1] == ckpt.args.embsize:
+    if ckpt is None or coef is None or coef.shape[1] == ckpt.d_model:
         return
     msg = (
         f"{file}: tensor 'probe.coef' reads {coef.shape[1]} features but the base checkpoint "
-        f"{ckpt.path} gives {ckpt.args.embsize} (embsize in its args.json): this runner was "
+        f"{ckpt.path} gives {ckpt.d_model} (its model width): this runner was "
         "trained on another checkpoint. Pass the original checkpoint= when loading."
     )
     raise ValueError(msg)
 
 
-def _find_base(recorded: Mapping[str, Any], checkpoint: Any, runner: Path) -> ScGPTCheckpoint:
+def _find_base(recorded: Mapping[str, Any], checkpoint: Any, runner: Path) -> ModelCheckpoint:
     """The base checkpoint: ``checkpoint=``, else the recorded folder, else an official name.
 
     A recorded folder that is gone is reported with its path and the ``checkpoint=`` fix, never
     looked up by its base name (which could be any folder of that name).
     """
+    # runners saved before the model registry name no model: they are scGPT's
+    model = recorded.get("model") or "scgpt"
     if checkpoint is not None:
-        return resolve_checkpoint(checkpoint)
+        return resolve_model_checkpoint(checkpoint, model=model)
     folder, name = recorded["path"], recorded["name"]
+    card = model_card(model)
     fix = (
-        f"This runner was trained on the scGPT checkpoint recorded in {runner / MANIFEST_NAME} "
-        f"at {folder!r} (name {name!r}). If it was moved, pass its folder (holding "
-        f"{', '.join(CHECKPOINT_FILES)}): AnnotationRunner.load({str(runner)!r}, "
+        f"This runner was trained on the {card.title} checkpoint recorded in "
+        f"{runner / MANIFEST_NAME} at {folder!r} (name {name!r}). If it was moved, pass its "
+        f"folder (holding {', '.join(card.files)}): AnnotationRunner.load({str(runner)!r}, "
         "checkpoint='<folder>'); its files are checked against the sha256 recorded for them."
     )
     try:
         if folder and Path(folder).is_dir():
-            return resolve_checkpoint(folder)
-        if name in OFFICIAL_CHECKPOINTS:
-            return resolve_checkpoint(name)
+            return resolve_model_checkpoint(folder, model=model)
+        if name in card.official_names:
+            return resolve_model_checkpoint(name, model=model)
     except FileNotFoundError as err:
         msg = f"{err} {fix}"
         raise FileNotFoundError(msg) from err
@@ -592,11 +596,11 @@ def _find_base(recorded: Mapping[str, Any], checkpoint: Any, runner: Path) -> Sc
 
 
 def _check_pins(
-    ckpt: ScGPTCheckpoint, recorded: Mapping[str, Any], runner: Path, checkpoint: Any
+    ckpt: ModelCheckpoint, recorded: Mapping[str, Any], runner: Path, checkpoint: Any
 ) -> None:
     """Every pinned file of ``ckpt`` has the recorded sha256 (only best_model.pt before pins)."""
     pins = recorded.get("files") or {"best_model.pt": recorded.get("sha256", "")}
-    for name in (n for n in CHECKPOINT_FILES if n in pins):  # the small files first
+    for name in (n for n in ckpt.files if n in pins):  # the small files first
         found = ckpt.file_sha256(name)
         if found == pins[name]:
             continue
@@ -613,7 +617,7 @@ def _check_pins(
 
 def _resolve_base(
     manifest: dict[str, Any], checkpoint: Any, verify: bool, runner: Path
-) -> ScGPTCheckpoint | None:
+) -> ModelCheckpoint | None:
     if not strategy_family(manifest["best_strategy"]).uses_checkpoint:
         return None
     recorded = manifest["checkpoint"]
@@ -692,7 +696,7 @@ def _rebuild(
     strategy: str,
     tensors: dict[str, Any],
     manifest: dict[str, Any],
-    ckpt: ScGPTCheckpoint | None,
+    ckpt: ModelCheckpoint | None,
     path: Path,
 ) -> Any:
     """The family's model from the saved state; a mismatch names the files and the fix."""

@@ -59,11 +59,11 @@ def check_optional_path(name: str, value: Any) -> str | os.PathLike | None:
 
 
 def check_checkpoint(name: str, value: Any, *, optional: bool = False) -> Any:
-    """A checkpoint name, folder or resolved :class:`~scdlkit.foundation.ScGPTCheckpoint`."""
+    """A checkpoint name, folder or resolved checkpoint (e.g. a ``ScGPTCheckpoint``)."""
     # scdlkit.foundation brings torch: imported when a tool runs, as the tools do
-    from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint
+    from scdlkit.foundation import is_model_checkpoint
 
-    if isinstance(value, ScGPTCheckpoint) or (optional and value is None):
+    if is_model_checkpoint(value) or (optional and value is None):
         return value
     if isinstance(value, str | os.PathLike):
         return check_optional_path(name, value)

@@ -98,11 +98,7 @@ def embed(
     >>> sc.pp.neighbors(adata, use_rep="X_scgpt")  # doctest: +SKIP
     """
     # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
-    from scdlkit.foundation import load_scgpt_model, resolve_checkpoint
-    from scdlkit.foundation._device import resolve_device, resolve_precision
-    from scdlkit.foundation._embed import l2_normalise
-    from scdlkit.foundation._stream import encode_adata
-    from scdlkit.foundation.models.scgpt._genes import check_gene_overlap, match_genes
+    from scdlkit.foundation import embed_cells
 
     copy = check_bool("copy", copy)
     check_writable(adata, copy=copy)
@@ -117,27 +113,21 @@ def embed(
     chunk_size = check_optional_int("chunk_size", chunk_size, min_value=1)
     progress = check_bool("progress", progress)
     key_added = check_key_name("key_added", key_added)
-    ckpt = resolve_checkpoint(checkpoint)
-    # gene identifiers are checked before the weights are read
-    check_gene_overlap(match_genes(adata, ckpt, gene_key), gene_key=gene_key)
-    torch_device = resolve_device(device)
-    precision_used = resolve_precision(precision, torch_device)
-    model = load_scgpt_model(ckpt, device=torch_device)
-    raw, match = encode_adata(
+    result = embed_cells(
         adata,
-        ckpt,
-        lambda b: model.cls_embedding(b["gene_ids"], b["values"], b["padding_mask"]),
-        device=torch_device,
+        checkpoint=checkpoint,
         gene_key=gene_key,
         layer=layer,
         batch_size=batch_size,
+        device=device,
         precision=precision,
-        seed=random_state,
+        random_state=random_state,
         chunk_size=chunk_size,
         progress=progress,
     )
+    ckpt = result.checkpoint
     slots = Slots(
-        obsm={f"X_{key_added}": l2_normalise(raw)},
+        obsm={f"X_{key_added}": result.embeddings},
         uns={
             key_added: {
                 "params": {
@@ -146,12 +136,12 @@ def embed(
                     "gene_key": gene_key or "",
                     "layer": layer or "",
                     "batch_size": batch_size,
-                    "device": str(torch_device),
+                    "device": result.device,
                     "precision": precision,
-                    "precision_used": precision_used,
+                    "precision_used": result.precision_used,
                     "random_state": random_state,
                 },
-                "n_genes_matched": match.n_matched,
+                "n_genes_matched": result.n_genes_matched,
                 "versions": package_versions(),
             }
         },

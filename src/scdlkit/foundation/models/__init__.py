@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from scdlkit.foundation.models._contract import AdaptationTargets, FoundationEncoder, ModelCard
 from scdlkit.foundation.models.scgpt._card import SCGPT_CARD
 
@@ -23,6 +25,7 @@ __all__ = [
     "FoundationEncoder",
     "ModelCard",
     "is_model_checkpoint",
+    "load_encoder",
     "model_card",
     "register_model",
     "resolve_model_checkpoint",
@@ -104,3 +107,26 @@ def resolve_model_checkpoint(checkpoint: Any, *, model: str | None = None) -> An
             if matches:
                 return matches[0].resolve(checkpoint)
     return MODELS[DEFAULT_MODEL].resolve(checkpoint)
+
+
+def load_encoder(
+    checkpoint: Any, *, device: str | torch.device = "cpu", model: str | None = None
+) -> Any:
+    """The pretrained encoder of ``checkpoint``, in eval mode on ``device``.
+
+    ``encoder.checkpoint`` is the resolved checkpoint and ``encoder.load_report`` what happened
+    to each key of its weights.
+
+    Parameters
+    ----------
+    checkpoint, model
+        As for :func:`resolve_model_checkpoint`.
+    device
+        A torch device (already resolved: no ``"auto"``).
+    """
+    ckpt = resolve_model_checkpoint(checkpoint, model=model)
+    card = model_card(ckpt)
+    encoder = card.build(ckpt)
+    encoder.load_report = card.load_weights(encoder, card.read_weights(ckpt))
+    encoder.checkpoint = ckpt
+    return encoder.to(device).eval()

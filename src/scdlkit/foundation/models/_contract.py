@@ -67,6 +67,7 @@ class FoundationEncoder(Protocol):
 
     ``cls_embedding(gene_ids, values, padding_mask)`` returns the ``(batch, d_model)`` vector a
     classifier reads, from a batch built by the model's token store (``collate``).
+    ``head_layers`` is the depth of the classification head the model's own recipe trains.
     ``prefix_states(prefix_length)`` returns, per layer, the keys and values
     ``(prefix_length, d_model)`` of random vocabulary tokens run through the encoder (the
     starting point of prefix tuning).
@@ -77,6 +78,9 @@ class FoundationEncoder(Protocol):
 
     @property
     def d_model(self) -> int: ...
+
+    @property
+    def head_layers(self) -> int: ...
 
     def cls_embedding(
         self,
@@ -95,6 +99,25 @@ class ModelCheckpoint(Protocol):
     model_name: str
     name: str
     path: Path
+
+    #: File names that change outputs, small first; ``files_sha256`` hashes exactly these.
+    files: tuple[str, ...]
+
+    @property
+    def readable_genes(self) -> frozenset[str]: ...
+
+    @property
+    def d_model(self) -> int: ...
+
+    @property
+    def weights_sha256(self) -> str: ...
+
+    @property
+    def files_sha256(self) -> dict[str, str]: ...
+
+    def file_sha256(self, name: str) -> str: ...
+
+    def config_dict(self) -> dict[str, Any]: ...
 
     @property
     def weights_path(self) -> Path: ...
@@ -154,6 +177,9 @@ class ModelCard:
         ``(encoder, state) -> report`` loading the pretrained weights, every key accounted for.
     match_genes
         ``(adata, checkpoint object, gene_key) -> gene match``.
+    check_gene_names
+        ``(names, checkpoint object, gene_key) -> None``: refuse gene names the model would
+        misread (scGPT: a name it can read, twice), before any work.
     check_gene_overlap
         ``(match, *, gene_key, min_gene_overlap) -> None``, raising ``ValueError`` when too few
         genes of the data can be read, with what to do about it.
@@ -164,6 +190,11 @@ class ModelCard:
         ``(module, p) -> module``: every dropout of the encoder's layers set to ``p``.
     set_attention_dropout
         ``(module, p) -> module``: the attention-probability dropout set to ``p``.
+    files
+        File names of a checkpoint folder that change outputs, small first (saved runners pin
+        their sha256).
+    official_names
+        Names ``resolve`` looks up in the local cache (e.g. scGPT's ``"whole-human"``).
     input_note
         What the model expects as input, for messages and the docs.
     """
@@ -176,9 +207,12 @@ class ModelCard:
     build: Callable[[Any], Any]
     load_weights: Callable[[Any, dict[str, torch.Tensor]], Any]
     match_genes: Callable[..., Any]
+    check_gene_names: Callable[..., None]
     check_gene_overlap: Callable[..., None]
     tokenize: Callable[..., Any]
     set_dropout: Callable[[Any, float], Any]
     set_attention_dropout: Callable[[Any, float], Any]
+    files: tuple[str, ...] = ()
+    official_names: tuple[str, ...] = ()
     input_note: str = ""
     extras: Mapping[str, Any] = field(default_factory=dict)

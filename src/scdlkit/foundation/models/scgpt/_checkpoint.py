@@ -195,6 +195,24 @@ class ScGPTCheckpoint:
         """``{token: id}``; the specials ``<pad>``, ``<cls>``, ``<eoc>`` appended if absent."""
         return self._vocab_read[0]
 
+    #: Files that change outputs, small first (what saved runners pin).
+    files = CHECKPOINT_FILES
+
+    @property
+    def d_model(self) -> int:
+        """Width of the encoder's hidden states (``args.embsize``)."""
+        return self.args.embsize
+
+    def config_dict(self) -> dict[str, Any]:
+        """The architecture as plain JSON values (``args.json``'s fields in use)."""
+        return self.args.to_dict()
+
+    @cached_property
+    def readable_genes(self) -> frozenset[str]:
+        """Gene names the model can read: the vocabulary without its special tokens."""
+        specials = {self.args.pad_token, *SPECIAL_TOKENS}
+        return frozenset(g for g in self.vocab if g not in specials)
+
     @property
     def pad_id(self) -> int:
         """Vocabulary id of the padding token (``args.pad_token``, normally ``<pad>``)."""

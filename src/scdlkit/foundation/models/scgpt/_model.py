@@ -278,6 +278,11 @@ class ScGPTEncoder(nn.Module):
         """Width of the hidden states and of the cell embedding (``args.embsize``)."""
         return self.args.embsize
 
+    @property
+    def head_layers(self) -> int:
+        """Depth of the classification head upstream fine-tunes with (``args.n_layers_cls``)."""
+        return self.args.n_layers_cls
+
     def forward(
         self,
         gene_ids: torch.Tensor,
