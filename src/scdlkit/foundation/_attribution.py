@@ -78,12 +78,11 @@ def integrated_gradients(
     Parameters
     ----------
     encoder
-        The :class:`~scdlkit.foundation.ScGPTEncoder` (any adaptation applied), in eval mode.
+        A foundation-model encoder (any adaptation applied), in eval mode.
     head
         ``(batch, d_model)`` ``<cls>`` outputs -> ``(batch, n_classes)`` logits.
     batch
-        ``gene_ids``, ``values``, ``padding_mask`` from
-        :func:`~scdlkit.foundation.models.scgpt._tokenize.collate_tokens`.
+        ``gene_ids``, ``values``, ``padding_mask`` from the model's token store (``collate``).
     target
         ``(batch,)`` class code whose contrast (:func:`contrast`) is explained, per cell.
     n_steps
@@ -94,23 +93,20 @@ def integrated_gradients(
     Returns
     -------
     torch.Tensor
-        ``(batch, length)`` float32 attribution per token; 0 at ``<cls>`` and padding. A cell's
+        ``(batch, length)`` float32 attribution per token; 0 at special tokens and padding. A cell's
         attributions add up to ``contrast(input) - contrast(baseline)`` (in the limit of steps).
     """
     gene_ids, values, padding = batch["gene_ids"], batch["values"], batch["padding_mask"]
     with torch.no_grad():
-        inputs = encoder.encoder(gene_ids) + encoder.value_encoder(
-            values.to(encoder.encoder.embedding.weight.dtype)
-        )
-        genes = ~padding
-        genes[:, 0] = False  # <cls> keeps its input on the whole path
+        inputs = encoder.input_embeddings(gene_ids, values)
+        # special tokens (<cls>, <eos>) keep their input on the whole path
+        genes = encoder.gene_positions(gene_ids, padding)
         delta = inputs * genes[..., None]
         baseline = inputs - delta
-    attn_mask = (~padding)[:, None, None, :] if padding.any() else None
     total = torch.zeros_like(inputs)
     for alpha in (torch.arange(n_steps, dtype=torch.float32) + 0.5) / n_steps:
         point = (baseline + float(alpha) * delta).detach().requires_grad_(True)
-        cls = encoder.transformer_encoder(point, attn_mask, first_only=True)[:, 0, :]
+        cls = encoder.cell_embedding_from_inputs(point, padding)
         logits = head(cls)
         mask = (
             torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
@@ -170,15 +166,14 @@ def _token_scores(
     from scdlkit.foundation._data import MIN_GENE_OVERLAP
     from scdlkit.foundation._embed import inference_batches
     from scdlkit.foundation._stream import DEFAULT_CHUNK_SIZE
-    from scdlkit.foundation.models.scgpt._genes import tokenize_adata
-    from scdlkit.foundation.models.scgpt._tokenize import collate_tokens
+    from scdlkit.foundation.models import model_card
 
     ckpt = runner.checkpoint_
     n_classes = len(runner.label_categories_)
     validate_values(adata, layer)  # one streaming pass, before any model work
     encoder, head, known = _neural_parts(runner)
     # (classes x vocabulary) sums: a few MB even for the 60k-token official vocabulary
-    totals = np.zeros((n_classes, encoder.encoder.embedding.num_embeddings), dtype=np.float64)
+    totals = np.zeros((n_classes, encoder.vocab_size), dtype=np.float64)
     names: dict[int, str] = {}
     n_cells = adata.n_obs
     if chunk_size is None:
@@ -190,7 +185,7 @@ def _token_scores(
         in_chunk = selected[(selected >= start) & (selected < stop)] - start
         if not len(in_chunk):
             continue
-        tokens, match = tokenize_adata(
+        tokens, match = model_card(ckpt).tokenize(
             adata,
             ckpt,
             gene_key=gene_key,
@@ -206,7 +201,7 @@ def _token_scores(
         lengths = tokens.lengths[in_chunk]
         for positions in inference_batches(lengths, batch_size):
             cells = in_chunk[positions]
-            batch = collate_tokens(tokens, cells)
+            batch = tokens.collate(cells)
             batch = {k: v.to(runner._torch_device) for k, v in batch.items()}
             target = torch.as_tensor(codes[start + cells], device=runner._torch_device)
             with torch.autocast(runner._torch_device.type, enabled=False):
@@ -215,8 +210,7 @@ def _token_scores(
                 )
             ids = batch["gene_ids"].cpu().numpy()
             attr = attr.detach().cpu().numpy().astype(np.float64)
-            keep = ~batch["padding_mask"].cpu().numpy()
-            keep[:, 0] = False
+            keep = encoder.gene_positions(batch["gene_ids"], batch["padding_mask"]).cpu().numpy()
             rows = np.broadcast_to(codes[start + cells][:, None], ids.shape)
             np.add.at(totals, (rows[keep], ids[keep]), attr[keep])
             bar.update(len(cells))

@@ -68,6 +68,9 @@ class FoundationEncoder(Protocol):
     ``cls_embedding(gene_ids, values, padding_mask)`` returns the ``(batch, d_model)`` vector a
     classifier reads, from a batch built by the model's token store (``collate``).
     ``head_layers`` is the depth of the classification head the model's own recipe trains.
+    Attributions vary ``input_embeddings(gene_ids, values)`` (one vector per token) at the
+    ``gene_positions`` and read ``cell_embedding_from_inputs(inputs, padding_mask)``, which
+    equals ``cls_embedding`` on unchanged inputs; ``vocab_size`` counts the token ids.
     ``prefix_states(prefix_length)`` returns, per layer, the keys and values
     ``(prefix_length, d_model)`` of random vocabulary tokens run through the encoder (the
     starting point of prefix tuning).
@@ -81,6 +84,19 @@ class FoundationEncoder(Protocol):
 
     @property
     def head_layers(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def input_embeddings(self, gene_ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor: ...
+
+    def cell_embedding_from_inputs(
+        self, inputs: torch.Tensor, padding_mask: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    def gene_positions(
+        self, gene_ids: torch.Tensor, padding_mask: torch.Tensor
+    ) -> torch.Tensor: ...
 
     def cls_embedding(
         self,

@@ -279,6 +279,30 @@ class ScGPTEncoder(nn.Module):
         return self.args.embsize
 
     @property
+    def vocab_size(self) -> int:
+        """Rows of the gene-embedding table (special tokens included)."""
+        return self.encoder.embedding.num_embeddings
+
+    def input_embeddings(self, gene_ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Each token's input, gene embedding plus value embedding (what attributions vary)."""
+        weight = self.encoder.embedding.weight
+        return self.encoder(gene_ids) + self.value_encoder(values.to(weight.dtype))
+
+    def cell_embedding_from_inputs(
+        self, inputs: torch.Tensor, padding_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`cls_embedding` computed from :meth:`input_embeddings` (fp32 path)."""
+        attn_mask = (~padding_mask)[:, None, None, :] if padding_mask.any() else None
+        return self.transformer_encoder(inputs, attn_mask, first_only=True)[:, 0, :]
+
+    @staticmethod
+    def gene_positions(gene_ids: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """``(batch, length)`` bool, True at gene tokens (not ``<cls>``, not padding)."""
+        genes = ~padding_mask
+        genes[:, 0] = False
+        return genes
+
+    @property
     def head_layers(self) -> int:
         """Depth of the classification head upstream fine-tunes with (``args.n_layers_cls``)."""
         return self.args.n_layers_cls
