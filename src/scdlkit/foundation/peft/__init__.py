@@ -1,7 +1,8 @@
-"""Parameter-efficient adaptation of the scGPT encoder, one file per method.
+"""Parameter-efficient adaptation of a foundation-model encoder, one file per method.
 
 Each method is a validated configuration, its layer module(s) and a function that changes an
-:class:`~scdlkit.foundation.ScGPTEncoder` in place (and returns it), registered under its
+encoder in place (and returns it), attaching where the encoder's
+:class:`~scdlkit.foundation.models.AdaptationTargets` table says, registered under its
 strategy name with :func:`register_peft_method` (as peft's ``tuners/<method>/``):
 
 - :mod:`~scdlkit.foundation.peft.lora`: LoRA (Hu et al. 2021), a low-rank update

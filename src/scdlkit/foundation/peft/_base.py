@@ -27,7 +27,7 @@ from scdlkit.foundation.models._contract import AdaptationTargets, FoundationEnc
 
 __all__ = ["PEFTConfig", "freeze_except_peft", "peft_parameter_names"]
 
-#: Names of the query, key and value row blocks of a packed projection (scGPT's ``Wqkv``).
+#: Names of the query, key and value row blocks of a packed projection.
 QKV = ("q", "k", "v")
 
 
@@ -240,9 +240,9 @@ def block_slices(
 ) -> dict[str, tuple[int, int]]:
     """Row ranges of ``names`` in a projection's output.
 
-    ``packed`` lists the equal row blocks the projection holds, in order (a packed ``Wqkv``:
-    ``("q", "k", "v")``); each name gets its block. An empty ``packed`` gives every name all
-    rows. ``None`` infers: q/k/v names are thirds of a packed projection.
+    ``packed`` lists the equal row blocks the projection holds, in order (a packed q/k/v projection:
+    ``("q", "k", "v")``); each name gets its block. An empty ``packed`` gives every name all rows.
+    ``None`` infers: q/k/v names are thirds of a packed projection.
     """
     if packed is None:
         packed = QKV if all(n in QKV for n in names) else ()
@@ -336,7 +336,7 @@ def peft_parameter_names(model: nn.Module) -> list[str]:
     --------
     >>> from scdlkit.foundation.peft import peft_parameter_names
     >>> peft_parameter_names(encoder)[:2]  # doctest: +SKIP
-    ['transformer_encoder.layers.0.self_attn.Wqkv.lora_A.q', ...]
+    ['transformer_encoder.layers.0.self_attn.<q, k, v projection>.lora_A.q', ...]
     """
     names = []
     for module_name, module in model.named_modules():

@@ -63,12 +63,12 @@ class AdapterConfig(PEFTConfig):
     activation
         ``"gelu"`` (default, scPEFT's adapter) or ``"relu"``.
     placement
-        ``"post_norm"`` (default, scPEFT's: on ``n = norm1(x + attn(x))``, per token,
-        ``n + adapter(n)``, wrapping ``norm1``; kept by ``benchmarks/tune_defaults.py``, where
-        ``"attention"`` was not ahead of it), ``"attention"`` (Houlsby's: on the attention
-        block's output before its residual and norm, wrapping ``self_attn.out_proj``), ``"ffn"``
-        (on the feed-forward output, wrapping ``linear2``) or ``"both"`` (Houlsby's two adapters
-        per layer, ``"attention"`` and ``"ffn"``).
+        ``"post_norm"`` (default, scPEFT's: on ``n = norm(x + attn(x))``, per token, ``n +
+        adapter(n)``, wrapping the post-attention norm; kept by ``benchmarks/tune_defaults.py``,
+        where ``"attention"`` was not ahead of it), ``"attention"`` (Houlsby's: on the attention
+        block's output before its residual and norm, wrapping the attention output projection),
+        ``"ffn"`` (on the feed-forward output, wrapping its output projection) or ``"both"``
+        (Houlsby's two adapters per layer, ``"attention"`` and ``"ffn"``).
     layers
         Encoder layer indices to adapt; ``None`` (default) adapts all.
 
@@ -131,9 +131,9 @@ class BottleneckAdapter(nn.Module):
 class AdapterLinear(WrappedLinear):
     """A projection followed by a residual bottleneck adapter: ``h + adapter(h)``, ``h = W x + b``.
 
-    Wrapping ``self_attn.out_proj`` puts the adapter on the attention block's output, wrapping
-    ``linear2`` on the feed-forward output, in both cases before the layer's residual and norm.
-    New parameters: ``adapter.down.*`` and ``adapter.up.*``.
+    Wrapping the attention output projection puts the adapter on the attention block's output,
+    wrapping the feed-forward output projection on the feed-forward output, in both cases before the
+    layer's residual and norm. New parameters: ``adapter.down.*`` and ``adapter.up.*``.
 
     Parameters
     ----------

@@ -40,8 +40,8 @@ class IA3Config(PEFTConfig):
     Parameters
     ----------
     targets
-        ``"k"`` and ``"v"`` rescale the key and value row blocks of ``self_attn.Wqkv``'s output;
-        ``"ff"`` rescales the feed-forward hidden activations (the input of ``linear2``). Default
+        ``"k"`` and ``"v"`` rescale the key and value projections' outputs; ``"ff"`` rescales the
+        feed-forward hidden activations (the input of the feed-forward output projection). Default
         all three, as in the IA3 paper.
     layers
         Encoder layer indices to adapt; ``None`` (default) adapts all.
@@ -67,8 +67,8 @@ class IA3Config(PEFTConfig):
 class IA3Linear(WrappedLinear):
     """A projection whose input and/or output row blocks are rescaled by learned vectors.
 
-    ``ia3_scale.k`` / ``ia3_scale.v`` multiply the key / value thirds of ``Wqkv``'s output;
-    ``ia3_scale.ff`` multiplies the input of ``linear2`` (the feed-forward hidden activations).
+    ``ia3_scale.k`` / ``ia3_scale.v`` multiply the key / value outputs (their row blocks in a packed
+    projection); ``ia3_scale.ff`` multiplies the input of the feed-forward output projection.
     All start at one.
 
     Parameters
@@ -76,7 +76,7 @@ class IA3Linear(WrappedLinear):
     base
         The plain ``nn.Linear`` to wrap; its weight and bias are kept (same objects, same names).
     out_blocks
-        ``"q"``/``"k"``/``"v"`` output blocks of a packed ``Wqkv`` to rescale (may be empty).
+        ``"q"``/``"k"``/``"v"`` output blocks to rescale (may be empty).
     scale_input
         Rescale the input features (``ia3_scale.ff``).
     packed

@@ -58,11 +58,12 @@ class LoRAConfig(PEFTConfig):
         paper's GPT-2 experiments; labelled single-cell sets are small, so some regularisation
         helps.
     target_modules
-        Which projections get an update: ``"q"``, ``"k"``, ``"v"`` (the query, key and value row
-        blocks of the packed ``self_attn.Wqkv``; only those output rows change), ``"out_proj"``
-        (attention output), ``"linear1"`` and ``"linear2"`` (feed-forward in and out). Default
-        ``("q", "k", "v")``; the LoRA paper and scPEFT adapt ``("q", "v")``, which learned less on
-        small data here (docs/strategies.md).
+        Which projections get an update, by role: ``"q"``, ``"k"``, ``"v"`` (the query, key and
+        value projections; in a packed projection only those output rows change), ``"out_proj"``
+        (attention output), ``"linear1"`` and ``"linear2"`` (feed-forward in and out); the model's
+        table (:class:`~scdlkit.foundation.models.AdaptationTargets`) says which module is which.
+        Default ``("q", "k", "v")``; the LoRA paper and scPEFT adapt ``("q", "v")``, which learned
+        less on small data here (docs/strategies.md).
     layers
         Encoder layer indices to adapt; ``None`` (default) adapts all (scPEFT adapts the first 6
         of 12).
@@ -114,9 +115,9 @@ ScGPTLoRAConfig = LoRAConfig
 class LoRALinear(WrappedLinear):
     """``W x + b`` plus ``scaling * B_t A_t dropout(x)`` on the output rows of each target ``t``.
 
-    For the packed ``Wqkv`` the targets are ``"q"``, ``"k"``, ``"v"`` and each update touches only
-    its third of the output rows; for another projection the single target covers all rows.
-    New parameters: ``lora_A.<t>`` (rank x d_in, Kaiming-uniform) and ``lora_B.<t>`` (rows x rank,
+    For a packed q/k/v projection the targets are ``"q"``, ``"k"``, ``"v"`` and each update touches
+    only its third of the output rows; for another projection the single target covers all rows. New
+    parameters: ``lora_A.<t>`` (rank x d_in, Kaiming-uniform) and ``lora_B.<t>`` (rows x rank,
     zeros).
 
     Parameters

@@ -76,10 +76,10 @@ class PrefixTuningConfig(PEFTConfig):
 
 
 class AttentionPrefix(PEFTModule):
-    """Learned key and value prefixes of one attention layer (the ``self_attn.prefix`` slot).
+    """Learned key and value prefixes of one attention layer (the attention's ``prefix`` slot).
 
-    ``keys`` and ``values`` are ``(prefix_length, d_model)``, laid out like the rows of
-    ``Wqkv``'s key/value blocks (heads contiguous). Called with a batch size, it returns them as
+    ``keys`` and ``values`` are ``(prefix_length, d_model)``, laid out like the key/value
+    projections' outputs (heads contiguous). Called with a batch size, it returns them as
     ``(batch, heads, prefix_length, head_dim)``.
 
     Parameters
@@ -125,7 +125,7 @@ class AttentionPrefix(PEFTModule):
 def apply_prefix_tuning(
     encoder: FoundationEncoder, config: PrefixTuningConfig | None = None
 ) -> FoundationEncoder:
-    """Fill the ``self_attn.prefix`` slot of the chosen layers with learned key/value prefixes.
+    """Fill the attention ``prefix`` slot of the chosen layers with learned key/value prefixes.
 
     Parameters
     ----------
@@ -137,7 +137,7 @@ def apply_prefix_tuning(
     Returns
     -------
     The same encoder. Unlike LoRA, adapters and IA3, prefixes change the outputs from the start
-    (every token can attend to them); removing them (``self_attn.prefix = None``) restores the
+    (every token can attend to them); removing them (setting the slot back to ``None``) restores the
     pretrained model exactly.
 
     Examples
