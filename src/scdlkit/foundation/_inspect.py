@@ -182,7 +182,8 @@ def inspect_annotation_data(
     labels = read_label_column(adata.obs, label_key) if label_key is not None else None
     batches = read_batch_column(adata.obs, batch_key) if batch_key is not None else None
     value_kind = describe_values(adata, layer)  # raises KeyError for a missing layer
-    match = model_card(ckpt).match_genes(adata, ckpt, gene_key)
+    card = model_card(ckpt)
+    match = card.match_genes(adata, ckpt, gene_key)
     problems: list[str] = []
     warnings: list[str] = []
 
@@ -191,10 +192,11 @@ def inspect_annotation_data(
         if isinstance(min_gene_overlap, float) and min_gene_overlap < 1
         else min_gene_overlap
     )
-    if gene_key is None and looks_like_ensembl(match.names):
+    if gene_key is None and looks_like_ensembl(match.names) and match.ratio < 0.5:
         problems.append(
-            "var_names look like Ensembl ids but the vocabulary holds gene symbols: pass gene_key= "
-            "naming the adata.var column with symbols (e.g. 'feature_name', 'gene_symbols')."
+            f"var_names look like Ensembl ids but the {card.title} vocabulary holds gene symbols: "
+            "pass gene_key= naming the adata.var column with symbols (e.g. 'feature_name', "
+            "'gene_symbols')."
         )
     elif match.n_matched < max(needed, 1):
         problems.append(
@@ -203,15 +205,21 @@ def inspect_annotation_data(
         )
     elif match.ratio < LOW_OVERLAP:
         warnings.append(
-            f"only {match.ratio:.0%} of the genes are in the vocabulary; scGPT ignores the rest. "
+            f"only {match.ratio:.0%} of the genes are in the vocabulary; {card.title} ignores the "
+            "rest. "
             "Check the gene identifiers (symbols expected) or gene_key."
         )
 
     if value_kind == "scaled_negative":
         fix = "`adata.raw.to_adata()`" if layer is None and adata.raw is not None else "raw counts"
         problems.append(
-            "values are negative (scaled data); scGPT needs raw counts or log-normalised values: "
+            f"values are negative (scaled data); {card.title} needs {card.input_note}: "
             f"use {fix} or pass layer= naming a counts layer."
+        )
+    elif value_kind not in (*card.value_kinds, "non_finite", "empty"):
+        problems.append(
+            f"values look {value_kind.replace('_', '-')}; {card.title} needs {card.input_note}: "
+            "pass layer= naming a raw-counts layer."
         )
     elif value_kind == "non_finite":
         problems.append(
@@ -226,17 +234,17 @@ def inspect_annotation_data(
         expressed = np.asarray(expressed_per_cell)
     else:
         expressed = _expressed_per_cell(adata, layer, match.vocab_ids >= 0)
-    max_len = ckpt.args.max_seq_len
-    over = int((expressed + 1 > max_len).sum())
+    max_len = ckpt.max_seq_len
+    over = int((expressed + ckpt.n_special_tokens > max_len).sum())
     if over:
         warnings.append(
-            f"{over} cells express more than {max_len - 1} matched genes; a seeded random subset "
-            "of their genes is used (as upstream does)."
+            f"{over} cells express more than {max_len - ckpt.n_special_tokens} matched genes; "
+            f"{card.truncation_note}."
         )
     if expressed.size and (expressed == 0).any():
         warnings.append(
-            f"{int((expressed == 0).sum())} cells express none of the matched genes; their "
-            "embedding is the <cls> token alone. Consider filtering them (sc.pp.filter_cells)."
+            f"{int((expressed == 0).sum())} cells express none of the matched genes; the model "
+            "sees no gene of theirs. Consider filtering them (sc.pp.filter_cells)."
         )
 
     categories: list[str] = []

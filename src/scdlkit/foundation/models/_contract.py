@@ -126,6 +126,12 @@ class ModelCheckpoint(Protocol):
     def d_model(self) -> int: ...
 
     @property
+    def max_seq_len(self) -> int: ...
+
+    @property
+    def n_special_tokens(self) -> int: ...
+
+    @property
     def weights_sha256(self) -> str: ...
 
     @property
@@ -156,6 +162,9 @@ class TokenStore(Protocol):
 
     @property
     def n_cells(self) -> int: ...
+
+    @property
+    def n_genes_per_cell(self) -> np.ndarray: ...
 
     @property
     def lengths(self) -> np.ndarray: ...
@@ -206,6 +215,10 @@ class ModelCard:
         ``(module, p) -> module``: every dropout of the encoder's layers set to ``p``.
     set_attention_dropout
         ``(module, p) -> module``: the attention-probability dropout set to ``p``.
+    value_kinds
+        The kinds of values the model reads (``"raw_counts"``, ``"log_normalised"``).
+    truncation_note
+        What happens to a cell expressing more genes than the input holds (for the preflight).
     files
         File names of a checkpoint folder that change outputs, small first (saved runners pin
         their sha256).
@@ -228,6 +241,8 @@ class ModelCard:
     tokenize: Callable[..., Any]
     set_dropout: Callable[[Any, float], Any]
     set_attention_dropout: Callable[[Any, float], Any]
+    value_kinds: tuple[str, ...] = ("raw_counts", "log_normalised")
+    truncation_note: str = "the model reads only part of their genes"
     files: tuple[str, ...] = ()
     official_names: tuple[str, ...] = ()
     input_note: str = ""

@@ -198,6 +198,14 @@ class ScGPTCheckpoint:
     #: Files that change outputs, small first (what saved runners pin).
     files = CHECKPOINT_FILES
 
+    #: Tokens besides genes in the model input (``<cls>``).
+    n_special_tokens = 1
+
+    @property
+    def max_seq_len(self) -> int:
+        """Most tokens of one cell's input, ``<cls>`` included (``args.max_seq_len``)."""
+        return self.args.max_seq_len
+
     @property
     def d_model(self) -> int:
         """Width of the encoder's hidden states (``args.embsize``)."""
