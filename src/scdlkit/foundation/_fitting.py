@@ -398,6 +398,10 @@ class FrozenProbe(StrategyFamily):
             random_state=ctx.random_state,
         )
         probe.fit(scaler.transform(ctx.features[train]), labels)
+        # lbfgs leaves coef_ in Fortran order and a loaded probe has it in C order: on CPUs whose
+        # BLAS picks kernels by layout (AVX-512) the two orders round differently, so predictions
+        # before and after save/load would differ in the 7th digit
+        probe.coef_ = np.ascontiguousarray(probe.coef_)
         model = ProbeModel(scaler, probe)
         metrics, probabilities = ctx.evaluate(
             lambda _, cells: model.predict_proba(ctx.features[cells], ctx.n_classes)
