@@ -39,8 +39,7 @@ def write_random_checkpoint(
     import torch
 
     # torch and scdlkit.foundation are imported when the demo runs, not for --help
-    from scdlkit.foundation import ScGPTModelArgs
-    from scdlkit.foundation.models.scgpt._model import ScGPTEncoder
+    from scdlkit.foundation import ScGPTEncoder, ScGPTModelArgs
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = {g: i for i, g in enumerate(dict.fromkeys(genes))}

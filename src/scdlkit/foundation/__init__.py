@@ -12,13 +12,20 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise ImportError(msg) from err
 
 from scdlkit._shared.cache import default_cache_dir
-from scdlkit.foundation._adapt import adapt_scgpt_annotation
+from scdlkit.foundation._adapt import adapt_scgpt_annotation, default_runner_dir
 from scdlkit.foundation._annotation_model import (
     ScGPTAnnotationModel,
     build_annotation_model,
     load_scgpt_annotation_model,
 )
+from scdlkit.foundation._attribution import (
+    attribution_method,
+    class_gene_scores,
+    expression_difference,
+    top_genes,
+)
 from scdlkit.foundation._cell_embedding import CellEmbeddings, embed_cells
+from scdlkit.foundation._conformal import scale_probabilities
 from scdlkit.foundation._data import (
     ScGPTCellDataset,
     ScGPTPreparedData,
@@ -27,6 +34,7 @@ from scdlkit.foundation._data import (
     split_scgpt_data,
 )
 from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
+from scdlkit.foundation._normalisation import describe_normalisation, normalisation_mismatch
 from scdlkit.foundation._runner import ScGPTAnnotationRunner
 from scdlkit.foundation._training_settings import STRATEGIES
 from scdlkit.foundation.models import (
@@ -57,6 +65,14 @@ from scdlkit.foundation.peft import (
 )
 
 __all__ = [
+    "attribution_method",
+    "class_gene_scores",
+    "default_runner_dir",
+    "describe_normalisation",
+    "expression_difference",
+    "normalisation_mismatch",
+    "scale_probabilities",
+    "top_genes",
     "CellEmbeddings",
     "embed_cells",
     "load_encoder",

@@ -39,7 +39,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from scdlkit.foundation._fitting import strategy_family
+
 __all__ = [
+    "attribution_method",
     "class_gene_scores",
     "contrast",
     "expression_difference",
@@ -119,36 +122,9 @@ def integrated_gradients(
     return ((delta * total).sum(-1) / n_steps).float()
 
 
-def _neural_parts(
-    runner: Any,
-) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
-    """Encoder, ``<cls>`` -> logits of the kept scGPT strategy, and the classes it knows."""
-    strategy = runner.best_strategy_
-    model = runner._best.model
-    n_classes = len(runner.label_categories_)
-    if strategy == "frozen_probe":
-        scaler, probe = model.scaler, model.probe
-        # logits of absent classes stay very low: those cells are never predicted as them
-        weight = torch.zeros(n_classes, len(scaler.mean_), dtype=torch.float32)
-        bias = torch.full((n_classes,), -1e4, dtype=torch.float32)
-        classes = torch.as_tensor(np.asarray(probe.classes_, dtype=np.int64))
-        scale = torch.as_tensor(scaler.scale_, dtype=torch.float32)
-        weight[classes] = torch.as_tensor(probe.coef_, dtype=torch.float32) / scale
-        bias[classes] = torch.as_tensor(probe.intercept_, dtype=torch.float32) - weight[
-            classes
-        ] @ torch.as_tensor(scaler.mean_, dtype=torch.float32)
-        weight, bias = weight.to(runner._torch_device), bias.to(runner._torch_device)
-        known = torch.zeros(n_classes, dtype=torch.bool)
-        known[classes] = True
-        encoder = runner._frozen_encoder().eval()
-        return encoder, lambda cls: cls.float() @ weight.T + bias, known.to(runner._torch_device)
-    model = model.to(runner._torch_device).eval()
-    known = torch.ones(n_classes, dtype=torch.bool, device=runner._torch_device)
-    return model.encoder, lambda cls: model.cls_decoder(model.feature_norm(cls)), known
-
-
 def _token_scores(
     runner: Any,
+    kept: Any,
     adata: Any,
     codes: np.ndarray,
     *,
@@ -171,7 +147,10 @@ def _token_scores(
     ckpt = runner.checkpoint_
     n_classes = len(runner.label_categories_)
     validate_values(adata, layer)  # one streaming pass, before any model work
-    encoder, head, known = _neural_parts(runner)
+    device = runner.torch_device
+    encoder, head, known = strategy_family(kept.strategy).attribution_parts(
+        kept.model, n_classes, device, runner.frozen_encoder
+    )
     # (classes x vocabulary) sums: a few MB even for the 60k-token official vocabulary
     totals = np.zeros((n_classes, encoder.vocab_size), dtype=np.float64)
     names: dict[int, str] = {}
@@ -202,9 +181,9 @@ def _token_scores(
         for positions in inference_batches(lengths, batch_size):
             cells = in_chunk[positions]
             batch = tokens.collate(cells)
-            batch = {k: v.to(runner._torch_device) for k, v in batch.items()}
-            target = torch.as_tensor(codes[start + cells], device=runner._torch_device)
-            with torch.autocast(runner._torch_device.type, enabled=False):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            target = torch.as_tensor(codes[start + cells], device=device)
+            with torch.autocast(device.type, enabled=False):
                 attr = integrated_gradients(
                     encoder, head, batch, target, n_steps=n_steps, classes=known
                 )
@@ -224,7 +203,13 @@ def _token_scores(
 
 
 def _linear_scores(
-    runner: Any, adata: Any, codes: np.ndarray, *, gene_key: str | None, layer: str | None
+    runner: Any,
+    kept: Any,
+    adata: Any,
+    codes: np.ndarray,
+    *,
+    gene_key: str | None,
+    layer: str | None,
 ) -> pd.DataFrame:
     """``coef * (class mean - overall mean)`` of the scaled genes of the expression baseline."""
     from scipy import sparse
@@ -233,7 +218,7 @@ def _linear_scores(
     from scdlkit._shared.validation import gene_names
     from scdlkit.baselines._expression import log_normalised_matrix
 
-    model = runner._best.model
+    model = kept.model
     n_classes = len(runner.label_categories_)
     matrix = _model_inputs(model, log_normalised_matrix(adata, layer), gene_names(adata, gene_key))
     selected = codes >= 0
@@ -260,6 +245,11 @@ def _model_inputs(model: Any, matrix: Any, genes: pd.Index) -> Any:
     return model._scaled(aligned)
 
 
+def attribution_method(strategy: str) -> str:
+    """How a strategy is explained: ``"integrated_gradients"`` or ``"linear_attribution"``."""
+    return strategy_family(strategy).attribution_method
+
+
 def class_gene_scores(
     runner: Any,
     adata: Any,
@@ -271,6 +261,7 @@ def class_gene_scores(
     batch_size: int | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    strategy: str | None = None,
 ) -> pd.DataFrame:
     """How much each gene drives each class, from the cells of ``adata`` predicted as it.
 
@@ -293,6 +284,8 @@ def class_gene_scores(
         Cells read and tokenised at a time (scGPT strategies).
     progress
         Show a progress bar.
+    strategy
+        The kept model to explain (``keep="all"`` runners); default the best.
 
     Returns
     -------
@@ -302,15 +295,14 @@ def class_gene_scores(
     codes = np.asarray(codes, dtype=np.int64)
     gene_key = runner.gene_key if gene_key is None else gene_key
     layer = runner.layer if layer is None else layer
-    # the strategy table says what the kept model is; imported here as the other readers are
-    from scdlkit.foundation._fitting import strategy_family
-
-    family = strategy_family(runner.best_strategy_)
-    if not family.uses_checkpoint:  # the expression baseline: linear in its inputs
-        return _linear_scores(runner, adata, codes, gene_key=gene_key, layer=layer)
+    kept = runner.kept_result(strategy)
+    family = strategy_family(kept.strategy)
+    if family.attribution_method == "linear_attribution":
+        return _linear_scores(runner, kept, adata, codes, gene_key=gene_key, layer=layer)
     try:
         return _token_scores(
             runner,
+            kept,
             adata,
             codes,
             gene_key=gene_key,
@@ -322,7 +314,7 @@ def class_gene_scores(
         )
     finally:
         if family.moves_to_device:
-            runner._best.model.to("cpu")  # as after predict: the adapted model waits on the CPU
+            kept.model.to("cpu")  # as after predict: the adapted model waits on the CPU
 
 
 def expression_difference(

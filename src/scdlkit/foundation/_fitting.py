@@ -251,6 +251,21 @@ class StrategyFamily:
         """The frozen base encoder held by ``model``, if it holds one."""
         return None
 
+    #: How :func:`~scdlkit.foundation._attribution.class_gene_scores` explains the model:
+    #: ``"integrated_gradients"`` through the encoder, or ``"linear_attribution"`` (exact for a
+    #: model linear in the expression it reads).
+    attribution_method = "integrated_gradients"
+
+    def attribution_parts(
+        self, model: Any, n_classes: int, device: torch.device, frozen_encoder: Any
+    ) -> tuple[Any, Any, torch.Tensor]:
+        """``(encoder, cell embedding -> logits, classes the model knows)`` for attributions.
+
+        ``frozen_encoder`` is a callable returning the pretrained encoder (built on first use).
+        """
+        msg = f"{type(self).__name__} is not explained through an encoder."
+        raise NotImplementedError(msg)
+
 
 def _prefixed(arrays: Mapping[str, Any], prefix: str) -> Tensors:
     return {f"{prefix}{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
@@ -453,12 +468,32 @@ class FrozenProbe(StrategyFamily):
         probe.n_features_in_ = probe.coef_.shape[1]
         return ProbeModel(scaler, probe)
 
+    # -------------------------------------------------------------------------- expression baseline
 
-# -------------------------------------------------------------------------- expression baseline
+    def attribution_parts(
+        self, model: ProbeModel, n_classes: int, device: torch.device, frozen_encoder: Any
+    ) -> tuple[Any, Any, torch.Tensor]:
+        scaler, probe = model.scaler, model.probe
+        # logits of absent classes stay very low: those cells are never predicted as them
+        weight = torch.zeros(n_classes, len(scaler.mean_), dtype=torch.float32)
+        bias = torch.full((n_classes,), -1e4, dtype=torch.float32)
+        classes = torch.as_tensor(np.asarray(probe.classes_, dtype=np.int64))
+        scale = torch.as_tensor(scaler.scale_, dtype=torch.float32)
+        weight[classes] = torch.as_tensor(probe.coef_, dtype=torch.float32) / scale
+        bias[classes] = torch.as_tensor(probe.intercept_, dtype=torch.float32) - weight[
+            classes
+        ] @ torch.as_tensor(scaler.mean_, dtype=torch.float32)
+        weight, bias = weight.to(device), bias.to(device)
+        known = torch.zeros(n_classes, dtype=torch.bool)
+        known[classes] = True
+        encoder = frozen_encoder().eval()
+        return encoder, lambda cls: cls.float() @ weight.T + bias, known.to(device)
 
 
 class ExpressionBaseline(StrategyFamily):
     """``baseline``: logistic regression on log-normalised expression; no scGPT."""
+
+    attribution_method = "linear_attribution"
 
     uses_checkpoint = False
     refit_by_default = True
@@ -684,6 +719,13 @@ class NeuralStrategy(StrategyFamily):
 
     def encoder_of(self, model: Any) -> Any:
         return model.encoder if self.uses_features else None
+
+    def attribution_parts(
+        self, model: Any, n_classes: int, device: torch.device, frozen_encoder: Any
+    ) -> tuple[Any, Any, torch.Tensor]:
+        model = model.to(device).eval()
+        known = torch.ones(n_classes, dtype=torch.bool, device=device)
+        return model.encoder, lambda cls: model.cls_decoder(model.feature_norm(cls)), known
 
 
 # ---------------------------------------------------------------------------------- registry

@@ -255,8 +255,11 @@ class ScGPTAnnotationRunner:
     # ----------------------------------------------------------------------------- helpers
 
     @property
-    def _torch_device(self) -> torch.device:
+    def torch_device(self) -> torch.device:
+        """The torch device ``device`` resolves to on this machine."""
         return resolve_device(self.device)
+
+    _torch_device = torch_device
 
     def _require_fitted(self, what: str) -> None:
         if not self._fitted:
@@ -525,7 +528,7 @@ class ScGPTAnnotationRunner:
         logger.info("%s checkpoint %s: %s", card.title, self.checkpoint_.name, base.load_report)
         return base.to(self._torch_device).eval()
 
-    def _frozen_encoder(self) -> Any:
+    def frozen_encoder(self) -> Any:
         """The pretrained encoder for ``<cls>`` features: the kept model's, or built once."""
         if self._base_encoder is None:
             held = strategy_family(self.best_strategy_).encoder_of(self._best.model)
@@ -550,7 +553,7 @@ class ScGPTAnnotationRunner:
         )
 
     def _encode_base(self, prepared: ScGPTPreparedData) -> np.ndarray:
-        encoder = self._frozen_encoder()
+        encoder = self.frozen_encoder()
         return self._encode_tokens(
             prepared.tokens,
             lambda b: encoder.cls_embedding(b["gene_ids"], b["values"], b["padding_mask"]),
@@ -576,7 +579,7 @@ class ScGPTAnnotationRunner:
         def cls_features() -> np.ndarray:
             if features is not None:
                 return features
-            encoder = self._frozen_encoder()
+            encoder = self.frozen_encoder()
             return encode(
                 lambda b: encoder.cls_embedding(b["gene_ids"], b["values"], b["padding_mask"]),
                 "<cls> features",

@@ -126,7 +126,7 @@ def adapt_annotation(
     >>> sck.pl.strategy_comparison(adata)  # doctest: +SKIP
     """
     # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
-    from scdlkit.foundation._adapt import adapt_scgpt_annotation, default_runner_dir
+    from scdlkit.foundation import adapt_scgpt_annotation, default_runner_dir
 
     copy = check_bool("copy", copy)
     check_writable(adata, copy=copy)

@@ -341,7 +341,7 @@ def annotate(
 def _scaled(probabilities: np.ndarray, temperature: float) -> np.ndarray:
     """Temperature-scaled probabilities (the runner's calibration, applied when labelling)."""
     # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
-    from scdlkit.foundation._conformal import scale_probabilities
+    from scdlkit.foundation import scale_probabilities
 
     return scale_probabilities(probabilities, temperature)
 
@@ -411,7 +411,7 @@ def _check_key_added(
 def _warn_if_normalised_differently(runner: Any, adata: AnnData, layer: str | None) -> None:
     """One warning naming both normalisations when the query's would change the labels."""
     # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
-    from scdlkit.foundation._normalisation import describe_normalisation, normalisation_mismatch
+    from scdlkit.foundation import describe_normalisation, normalisation_mismatch
 
     layer = runner.layer if layer is None else layer
     validate_values(adata, layer)  # scaled or non-finite values: refused, not warned about

@@ -117,7 +117,8 @@ def annotation_markers(
     >>> query.uns["scgpt_annotation_markers"].query("rank <= 3")  # doctest: +SKIP
     """
     # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
-    from scdlkit.foundation._attribution import (
+    from scdlkit.foundation import (
+        attribution_method,
         class_gene_scores,
         expression_difference,
         top_genes,
@@ -147,8 +148,9 @@ def annotation_markers(
             f"runner, key_added={key!r}) (or sck.tl.adapt_annotation)."
         )
         raise KeyError(msg)
+    record = None
     if runner is None:
-        runner = _annotation_record(adata, key)
+        runner = record = _annotation_record(adata, key)
     runner = resolve_runner(runner, checkpoint, device)
 
     categories = list(runner.label_categories_)
@@ -161,7 +163,10 @@ def annotation_markers(
             f"({', '.join(categories[:5])}, ...): was it annotated with this runner?"
         )
         raise ValueError(msg)
-    strategy = runner.best_strategy_
+    # the model that labelled the cells (annotate(strategy=) with a keep="all" runner)
+    strategy = str(record.get("strategy", runner.best_strategy_)) if record else None
+    strategy = strategy if strategy in runner.kept_strategies_ else runner.best_strategy_
+    linear = attribution_method(strategy) == "linear_attribution"
     difference = expression_difference(
         adata,
         codes,
@@ -169,7 +174,7 @@ def annotation_markers(
         gene_key=runner.gene_key if gene_key is None else gene_key,
         layer=runner.layer if layer is None else layer,
     )
-    if max_cells_per_label is not None and strategy != "baseline":
+    if max_cells_per_label is not None and not linear:
         codes = _subsample(codes, max_cells_per_label, random_state)
     scores = class_gene_scores(
         runner,
@@ -181,12 +186,13 @@ def annotation_markers(
         batch_size=batch_size,
         chunk_size=chunk_size,
         progress=getattr(runner, "progress", False),
+        strategy=strategy,
     )
     markers = top_genes(scores, n_genes, difference)
     params = {
         "strategy": strategy,
-        "method": "linear_attribution" if strategy == "baseline" else "integrated_gradients",
-        "target": "logit" if strategy == "baseline" else "logit minus mean of the other logits",
+        "method": attribution_method(strategy),
+        "target": "logit" if linear else "logit minus mean of the other logits",
         "direction": "up: positive score and higher mean log-expression in the label's cells",
         "n_genes": n_genes,
         "n_steps": n_steps,
