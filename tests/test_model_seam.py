@@ -97,6 +97,8 @@ class ToyEncoder(nn.Module):
         padding = gene_ids.eq(0) if padding_mask is None else padding_mask
         return self.cell_embedding_from_inputs(self.input_embeddings(gene_ids, values), padding)
 
+    cell_embedding = cls_embedding
+
     def gene_positions(self, gene_ids: torch.Tensor, padding_mask: torch.Tensor) -> Any:
         return ~padding_mask
 

@@ -81,7 +81,7 @@ def embed_cells(
     raw, match = encode_adata(
         adata,
         ckpt,
-        lambda b: encoder.cls_embedding(b["gene_ids"], b["values"], b["padding_mask"]),
+        lambda b: encoder.cell_embedding(b["gene_ids"], b["values"], b["padding_mask"]),
         device=torch_device,
         gene_key=gene_key,
         layer=layer,

@@ -360,7 +360,10 @@ class ScGPTAnnotationRunner:
         check_adata("adata", adata)
         check_validation_cells(self.strategies, self.val_size, self.split_by, self.val_batches)
         ckpt = resolve_model_checkpoint(self.checkpoint)
-        model_card(ckpt).check_gene_names(gene_names(adata, self.gene_key), ckpt, self.gene_key)
+        names = gene_names(adata, self.gene_key)
+        model_card(ckpt).check_gene_names(names, ckpt, self.gene_key)
+        if not all(strategy_family(name).uses_checkpoint for name in self.strategies):
+            check_unique_genes(names, gene_key=self.gene_key)  # the baseline reads every gene
         if self.output_dir is None:
             return self._fit(adata)
         # before any work: the folder is writable, holds no other run, and is ours until done

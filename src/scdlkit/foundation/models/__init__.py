@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from scdlkit.foundation.models._contract import AdaptationTargets, FoundationEncoder, ModelCard
+from scdlkit.foundation.models.geneformer._card import GENEFORMER_CARD
 from scdlkit.foundation.models.scgpt._card import SCGPT_CARD
 
 __all__ = [
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 #: Registered models by name, in display order.
-MODELS: dict[str, ModelCard] = {card.name: card for card in (SCGPT_CARD,)}
+MODELS: dict[str, ModelCard] = {card.name: card for card in (SCGPT_CARD, GENEFORMER_CARD)}
 
 #: The model an official checkpoint name (e.g. ``"whole-human"``) refers to.
 DEFAULT_MODEL = "scgpt"

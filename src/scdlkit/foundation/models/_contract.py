@@ -66,7 +66,9 @@ class FoundationEncoder(Protocol):
     """The encoder side of the contract: what runner, strategies and ``tl`` may call.
 
     ``cls_embedding(gene_ids, values, padding_mask)`` returns the ``(batch, d_model)`` vector a
-    classifier reads, from a batch built by the model's token store (``collate``).
+    classifier reads, from a batch built by the model's token store (``collate``);
+    ``cell_embedding`` the one the model's own embedding extraction gives (what ``tl.embed``
+    writes; for scGPT the same vector, for Geneformer upstream's default layer).
     ``head_layers`` is the depth of the classification head the model's own recipe trains.
     Attributions vary ``input_embeddings(gene_ids, values)`` (one vector per token) at the
     ``gene_positions`` and read ``cell_embedding_from_inputs(inputs, padding_mask)``, which
@@ -99,6 +101,13 @@ class FoundationEncoder(Protocol):
     ) -> torch.Tensor: ...
 
     def cls_embedding(
+        self,
+        gene_ids: torch.Tensor,
+        values: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+    def cell_embedding(
         self,
         gene_ids: torch.Tensor,
         values: torch.Tensor,

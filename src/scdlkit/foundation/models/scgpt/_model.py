@@ -278,6 +278,15 @@ class ScGPTEncoder(nn.Module):
         """Width of the hidden states and of the cell embedding (``args.embsize``)."""
         return self.args.embsize
 
+    def cell_embedding(
+        self,
+        gene_ids: torch.Tensor,
+        values: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The cell embedding upstream's ``embed_data`` extracts: :meth:`cls_embedding`."""
+        return self.cls_embedding(gene_ids, values, padding_mask)
+
     @property
     def vocab_size(self) -> int:
         """Rows of the gene-embedding table (special tokens included)."""
