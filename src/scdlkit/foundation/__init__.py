@@ -34,6 +34,7 @@ from scdlkit.foundation._data import (
     split_scgpt_data,
 )
 from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
+from scdlkit.foundation._model_comparison import ModelComparison, adapt_models
 from scdlkit.foundation._normalisation import describe_normalisation, normalisation_mismatch
 from scdlkit.foundation._runner import ScGPTAnnotationRunner
 from scdlkit.foundation._training_settings import STRATEGIES
@@ -65,6 +66,8 @@ from scdlkit.foundation.peft import (
 )
 
 __all__ = [
+    "ModelComparison",
+    "adapt_models",
     "attribution_method",
     "class_gene_scores",
     "default_runner_dir",

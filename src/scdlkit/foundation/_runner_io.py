@@ -46,7 +46,7 @@ from scdlkit._shared.provenance import (
 from scdlkit._shared.strategies import STRATEGIES
 from scdlkit.foundation._conformal import ConformalCalibration
 from scdlkit.foundation._fitting import BaseWeights, StrategyResult, strategy_family
-from scdlkit.foundation.models import MODELS, model_card, resolve_model_checkpoint
+from scdlkit.foundation.models import model_card, resolve_model_checkpoint
 from scdlkit.foundation.models._contract import ModelCheckpoint
 
 __all__ = [
@@ -99,10 +99,11 @@ def _metric_records(value: list[Any]) -> str | None:
 
 
 def _pins(value: dict[str, Any]) -> str | None:
-    known = sorted({name for card in MODELS.values() for name in card.files})
-    unknown = sorted(set(value) - set(known))
+    # which files a checkpoint has depends on its model (Geneformer's dictionaries are named by
+    # release): here only that each is a file name; loading checks each against the checkpoint
+    unknown = sorted(k for k in value if not k or Path(k).name != k or k in {".", ".."})
     if unknown:
-        return f"names {unknown}, not files of a checkpoint ({', '.join(known)})"
+        return f"names {unknown}, not file names of a checkpoint folder"
     bad = sorted(k for k, v in value.items() if not (isinstance(v, str) and _SHA256.fullmatch(v)))
     if bad:
         return f"must map each file to 64 lowercase hex digits (not for {bad})"
@@ -600,6 +601,15 @@ def _check_pins(
 ) -> None:
     """Every pinned file of ``ckpt`` has the recorded sha256 (only best_model.pt before pins)."""
     pins = recorded.get("files") or {"best_model.pt": recorded.get("sha256", "")}
+    missing = sorted(set(pins) - set(ckpt.files))
+    if missing:
+        msg = (
+            f"{runner / MANIFEST_NAME} pins {missing}, which the base checkpoint {ckpt.path} "
+            f"does not have (it has {', '.join(ckpt.files)}): it is not the checkpoint this "
+            f"runner was trained on. Pass the original folder, AnnotationRunner.load("
+            f"{str(runner)!r}, checkpoint='<folder>')."
+        )
+        raise ValueError(msg)
     for name in (n for n in ckpt.files if n in pins):  # the small files first
         found = ckpt.file_sha256(name)
         if found == pins[name]:

@@ -36,7 +36,11 @@ _SPLITS = {"test": "test", "validation": "validation", "val": "validation"}
 
 
 def strategy_metrics_frame(adata: AnnData, key: str) -> tuple[pd.DataFrame, str | None]:
-    """``uns[key]["strategy_metrics"]`` with a ``strategy`` column, and the best strategy."""
+    """``uns[key]["strategy_metrics"]`` with a ``strategy`` column, and the best strategy.
+
+    After a comparison of several models (a ``model`` column), ``strategy`` reads
+    ``"<model> · <strategy>"`` (the baseline stays ``"baseline"``), so every row has its name.
+    """
     uns = annotation_uns(adata, key, require=("strategy_metrics",))
     frame = as_frame(uns["strategy_metrics"], key, "strategy_metrics")
     if "strategy" not in frame.columns:
@@ -51,7 +55,20 @@ def strategy_metrics_frame(adata: AnnData, key: str) -> tuple[pd.DataFrame, str 
         msg = f"adata.uns[{key!r}]['strategy_metrics'] has no rows: no strategy was evaluated"
         raise ValueError(msg)
     best = uns.get("best_strategy")
-    return frame, (None if best is None else str(best))
+    best = None if best is None else str(best)
+    if "model" in frame.columns:  # several models compared: one row per (model, strategy)
+        frame = frame.copy()
+        frame["strategy"] = [
+            strategy if model == "expression" else f"{model} · {strategy}"
+            for model, strategy in zip(
+                to_str_list(frame["model"].to_numpy()),
+                to_str_list(frame["strategy"].to_numpy()),
+                strict=True,
+            )
+        ]
+        if best is not None and best != "baseline" and "model" in uns:
+            best = f"{uns['model']} · {best}"
+    return frame, best
 
 
 def strategy_comparison(

@@ -37,7 +37,7 @@ def adapt_annotation(
     adata: AnnData,
     label_key: str,
     *,
-    checkpoint: str | os.PathLike = "whole-human",
+    checkpoint: str | os.PathLike | Sequence[str | os.PathLike] = "whole-human",
     strategies: Sequence[str] = DEFAULT_STRATEGIES,
     strategy_configs: Mapping[str, Any] | None = None,
     lora_config: Any = None,
@@ -72,7 +72,12 @@ def adapt_annotation(
         ``adata.obs`` column with cell types; missing values mark unlabelled cells (left out of
         training and evaluation, still labelled).
     checkpoint
-        Official scGPT checkpoint name (found in the local cache) or a checkpoint folder.
+        Official scGPT checkpoint name (found in the local cache) or a checkpoint folder; its
+        layout says which model it is (scGPT, Geneformer). A list of checkpoints compares the
+        models: the strategies are fitted for each on the same splits (the baseline once),
+        ``uns[key_added]["strategy_metrics"]`` gets one row per (model, strategy) with a
+        ``model`` column, ``uns[key_added]["models"]`` records each model's runner, and the best
+        (model, strategy) on validation cells labels the cells (``uns[key_added]["model"]``).
     strategies
         Among ``"frozen_probe"``, ``"head"``, ``"full_finetune"``, ``"lora"``, ``"adapter"``,
         ``"prefix_tuning"``, ``"ia3"``, ``"baseline"``.
@@ -126,13 +131,17 @@ def adapt_annotation(
     >>> sck.pl.strategy_comparison(adata)  # doctest: +SKIP
     """
     # scdlkit.foundation brings torch: imported when the tool runs, so `import scdlkit` stays light
-    from scdlkit.foundation import adapt_scgpt_annotation, default_runner_dir
+    from scdlkit.foundation import adapt_models, adapt_scgpt_annotation, default_runner_dir
 
     copy = check_bool("copy", copy)
     check_writable(adata, copy=copy)
     check_has_cells(adata, "adapt_annotation")
     label_key = check_str("label_key", label_key)
-    checkpoint = check_checkpoint("checkpoint", checkpoint)
+    several = isinstance(checkpoint, list | tuple)
+    if several:
+        checkpoint = [check_checkpoint("checkpoint", c) for c in checkpoint]
+    else:
+        checkpoint = check_checkpoint("checkpoint", checkpoint)
     batch_size = check_int("batch_size", batch_size, min_value=1)
     val_size = check_number("val_size", val_size, min_value=0.0, max_value=1.0, max_inclusive=False)
     test_size = check_number(
@@ -144,35 +153,51 @@ def adapt_annotation(
     n_repeats = check_int("n_repeats", n_repeats, min_value=1)
     kwargs = _check_runner_kwargs(kwargs)
     key_added = check_key_added(adata, key_added, inputs=(label_key, kwargs.get("batch_key")))
-    runner = adapt_scgpt_annotation(
-        adata,
-        label_key=label_key,
-        checkpoint=checkpoint,
-        strategies=strategies,
-        strategy_configs=strategy_configs,
-        lora_config=lora_config,
-        batch_size=batch_size,
-        val_size=val_size,
-        test_size=test_size,
-        random_state=random_state,
-        device=device,
-        output_dir=output_dir,
-        n_repeats=n_repeats,
+    common = {
+        "label_key": label_key,
+        "strategies": strategies,
+        "strategy_configs": strategy_configs,
+        "lora_config": lora_config,
+        "batch_size": batch_size,
+        "val_size": val_size,
+        "test_size": test_size,
+        "random_state": random_state,
+        "device": device,
+        "output_dir": output_dir,
+        "n_repeats": n_repeats,
         **kwargs,
-    )
+    }
+    if several:
+        comparison = adapt_models(adata, checkpoints=checkpoint, **common)
+        runner = comparison.best_runner
+    else:
+        comparison = None
+        runner = adapt_scgpt_annotation(adata, checkpoint=checkpoint, **common)
     if runner.runner_dir_ is None:
         runner.save(default_runner_dir())
         logger.warning(
             "runner saved to %s (the scdlkit cache; pass output_dir= to choose the folder)",
             runner.runner_dir_,
         )
+    uns = fit_summary_uns(runner)
+    if comparison is not None:
+        uns["strategy_metrics"] = comparison.strategy_metrics.copy()
+        uns["model"] = comparison.best_model
+        uns["models"] = {
+            label: {
+                "checkpoint": str(r.checkpoint_.path),
+                "runner_dir": str(r.runner_dir_ or ""),
+                "best_strategy": r.best_strategy_,
+            }
+            for label, r in comparison.runners.items()
+        }
     slots = annotation_slots(
         adata,
         runner,
         runner.reference_predictions(),
         key_added=key_added,
         split=runner.split_.split_labels(),
-        uns=fit_summary_uns(runner),
+        uns=uns,
     )
     if copy:
         adata = adata.copy()

@@ -1,0 +1,140 @@
+"""Two foundation models compared in one call on pbmc68k: one row per (model, strategy), the same
+cells for every model, the best on validation cells labels the data, and the plot shows them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+from scipy import sparse
+
+import scdlkit as sck
+
+matplotlib.use("Agg")
+
+DATA = Path(__file__).parent / "data"
+SCGPT = DATA / "scgpt-tiny-pbmc-pretrained" / "checkpoint"
+GENEFORMER = DATA / "geneformer-tiny-v2" / "checkpoint"
+
+
+def pbmc_counts() -> ad.AnnData:
+    """pbmc68k_reduced's counts: its ``.raw`` is log1p of counts scaled to 10,000 per cell, and
+    ``obs["n_counts"]`` holds each cell's total, so ``expm1(x) * n_counts / 1e4`` gives them back
+    (within 0.03 of an integer before rounding). Geneformer reads counts, scGPT reads either."""
+    pbmc = sc.datasets.pbmc68k_reduced()
+    raw = pbmc.raw.to_adata()
+    scale = pbmc.obs["n_counts"].to_numpy()[:, None] / 1e4
+    counts = np.rint(np.expm1(raw.X.toarray()) * scale).astype(np.float32)
+    return ad.AnnData(
+        sparse.csr_matrix(counts),
+        obs=pbmc.obs[["bulk_labels", "n_counts"]].copy(),
+        var=pd.DataFrame(index=raw.var_names),
+    )
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory: pytest.TempPathFactory) -> tuple[ad.AnnData, Path]:
+    adata = pbmc_counts()
+    out = tmp_path_factory.mktemp("two-models")
+    sck.tl.adapt_annotation(
+        adata,
+        "bulk_labels",
+        checkpoint=[SCGPT, GENEFORMER],
+        strategies=("frozen_probe", "head", "baseline"),
+        device="cpu",
+        precision="fp32",
+        epochs=2,
+        output_dir=out,
+    )
+    return adata, out
+
+
+def test_one_row_per_model_and_strategy(compared: tuple[ad.AnnData, Path]) -> None:
+    adata, out = compared
+    uns = adata.uns["scgpt_annotation"]
+    metrics = pd.DataFrame(uns["strategy_metrics"])
+    rows = set(zip(metrics["model"], metrics["strategy"], strict=True))
+    assert rows == {
+        ("scgpt", "frozen_probe"),
+        ("scgpt", "head"),
+        ("expression", "baseline"),
+        ("geneformer", "frozen_probe"),
+        ("geneformer", "head"),
+    }
+    assert set(uns["models"]) == {"scgpt", "geneformer"}
+    best = metrics.loc[metrics["validation_macro_f1"].idxmax()]
+    assert uns["best_strategy"] == best["strategy"]
+    assert uns["model"] == ("scgpt" if best["model"] == "expression" else best["model"])
+    for label in ("scgpt", "geneformer"):
+        assert (out / label / "runner" / "manifest.json").is_file()
+    # the labels come from the kept model, whose runner tl.annotate reuses
+    assert adata.obs["scgpt_annotation"].notna().all()
+    query = adata[:50].copy()
+    sck.tl.annotate(query, uns["runner_dir"])
+    assert query.uns["scgpt_annotation"]["strategy"] == uns["best_strategy"]
+    known = {*adata.obs["bulk_labels"].astype(str), "Unknown"}
+    assert set(query.obs["scgpt_annotation"].astype(str)) <= known
+
+
+def test_every_model_saw_the_same_cells(compared: tuple[ad.AnnData, Path]) -> None:
+    adata, out = compared
+    splits = {
+        label: pd.read_csv(out / label / "predictions.csv").set_index("cell")["split"]
+        for label in ("scgpt", "geneformer")
+    }
+    pd.testing.assert_series_equal(splits["scgpt"], splits["geneformer"])
+    assert set(splits["scgpt"]) == {"train", "val", "test", "calibration"}
+    kept = adata.obs["scgpt_annotation_split"].astype(str)
+    assert (kept.to_numpy() == splits["scgpt"].loc[adata.obs_names].to_numpy()).all()
+
+
+def test_models_on_different_cells_are_refused() -> None:
+    from types import SimpleNamespace
+
+    from scdlkit.foundation._model_comparison import _same_splits
+
+    def runner(test: list[int]) -> SimpleNamespace:
+        cells = {"train": [0, 1], "val": [2], "test": test, "calibration": []}
+        split = SimpleNamespace(indices=lambda name: np.asarray(cells[name]))
+        return SimpleNamespace(split_=split)
+
+    _same_splits({"a": runner([3]), "b": runner([3])})
+    with pytest.raises(RuntimeError, match="test cells of 'b' differ"):
+        _same_splits({"a": runner([3]), "b": runner([4])})
+
+
+def test_the_comparison_plot_names_each_model(compared: tuple[ad.AnnData, Path], tmp_path):
+    adata, _ = compared
+    fig = sck.pl.strategy_comparison(adata, return_fig=True, show=False)
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert len(labels) == 5
+    assert {"scgpt · frozen_probe", "geneformer · head"} <= {
+        s.replace(" (best)", "") for s in labels
+    }
+    assert any(label.endswith("(best)") for label in labels)
+    fig.savefig(tmp_path / "comparison.png")
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+
+
+def test_the_comparison_round_trips(compared: tuple[ad.AnnData, Path], tmp_path) -> None:
+    adata, _ = compared
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    pd.testing.assert_frame_equal(
+        pd.DataFrame(back.uns["scgpt_annotation"]["strategy_metrics"]),
+        pd.DataFrame(adata.uns["scgpt_annotation"]["strategy_metrics"]),
+        check_dtype=False,
+    )
+    assert back.uns["scgpt_annotation"]["model"] == adata.uns["scgpt_annotation"]["model"]
+
+
+def test_one_checkpoint_is_not_a_comparison() -> None:
+    with pytest.raises(ValueError, match="two or more checkpoints"):
+        sck.foundation.adapt_models(
+            pbmc_counts(), checkpoints=[SCGPT], strategies=("head",), label_key="bulk_labels"
+        )
