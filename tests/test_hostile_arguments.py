@@ -51,8 +51,11 @@ def no_work(monkeypatch):
         msg = "model work started before the arguments were checked"
         raise AssertionError(msg)
 
-    for name in ("prepare_scgpt_data", "load_state_dict_file", "encode_cells", "encode_adata"):
+    from scdlkit.foundation.models.scgpt import _card as scgpt_card
+
+    for name in ("prepare_scgpt_data", "encode_cells", "encode_adata"):
         monkeypatch.setattr(runner_module, name, refuse)
+    monkeypatch.setattr(scgpt_card, "load_state_dict_file", refuse)  # the card reads weights
 
 
 @contextlib.contextmanager

@@ -124,8 +124,8 @@ def test_unknown_input_norm_is_refused_before_weights_are_read(state, ckpt, monk
     def never(*args, **kwargs):
         raise AssertionError("weights were read")
 
-    monkeypatch.setattr(_annotation_model, "load_scgpt_model", never)
-    monkeypatch.setattr(_annotation_model, "build_encoder", never)
+    monkeypatch.setattr(_annotation_model, "load_encoder", never)
+    monkeypatch.setattr(_annotation_model, "model_card", never)
     with pytest.raises(ValueError, match=r"input_norm='bogus' is not one of 'frozen'"):
         _build(state, ckpt, input_norm="bogus")
     with pytest.raises(ValueError, match=r"input_norm=None is not one of"):

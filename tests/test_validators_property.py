@@ -472,8 +472,11 @@ def _refuse(*args: Any, **kwargs: Any) -> None:
 @pytest.fixture
 def no_work(monkeypatch):
     """Every piece of expensive work of the runners fails the test."""
-    for name in ("prepare_scgpt_data", "load_state_dict_file", "encode_cells", "encode_adata"):
+    from scdlkit.foundation.models.scgpt import _card as scgpt_card
+
+    for name in ("prepare_scgpt_data", "encode_cells", "encode_adata"):
         monkeypatch.setattr(runner_module, name, _refuse)
+    monkeypatch.setattr(scgpt_card, "load_state_dict_file", _refuse)  # the card reads weights
     monkeypatch.setattr(runner_module, "load_runner", _refuse)
     monkeypatch.setattr(runner_module, "save_runner", _refuse)
     monkeypatch.setattr(trainer_module, "Fabric", _refuse)
