@@ -304,7 +304,7 @@ def test_backed_results_saved_with_write_in_r_plus_mode(fixture_adata, checkpoin
 def test_backed_view_or_copy_refused_before_loading_weights(
     fixture_adata, checkpoint_dir, tmp_path, monkeypatch, subset, copy, match
 ):
-    from scdlkit import foundation
+    from scdlkit.foundation import _cell_embedding
 
     path = tmp_path / "cells.h5ad"
     fixture_adata.write_h5ad(path)
@@ -314,7 +314,7 @@ def test_backed_view_or_copy_refused_before_loading_weights(
     def fail(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(foundation, "load_scgpt_model", fail)
+    monkeypatch.setattr(_cell_embedding, "load_encoder", fail)
     with pytest.raises(ValueError, match=match):
         sck.tl.embed(target, checkpoint=checkpoint_dir, progress=False, copy=copy)
     assert "X_scgpt" not in backed.obsm

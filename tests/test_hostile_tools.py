@@ -94,6 +94,9 @@ def no_work(monkeypatch):
     monkeypatch.setattr(scdlkit.foundation.models.scgpt._genes, "match_genes", refuse)
     monkeypatch.setattr(scdlkit.foundation._stream, "encode_adata", refuse)
     monkeypatch.setattr(scdlkit.foundation, "load_scgpt_model", refuse)
+    # what the tools call since the model registry: foundation's public functions
+    for name in ("adapt_scgpt_annotation", "adapt_models", "class_gene_scores", "embed_cells"):
+        monkeypatch.setattr(scdlkit.foundation, name, refuse)
     monkeypatch.setattr(scdlkit.foundation, "inspect_annotation_data", refuse)
     monkeypatch.setattr(scdlkit.baselines.TaskRunner, "fit", refuse)
 
@@ -165,7 +168,7 @@ def test_predictions_that_do_not_fit_the_adata_are_refused_before_any_slot(
 def test_adapt_annotation_writes_nothing_when_its_results_do_not_fit(
     small_ref, checkpoint_dir, tmp_path, monkeypatch
 ):
-    import scdlkit.foundation._adapt as adapt
+    import scdlkit.foundation as adapt  # tl imports the public name
 
     reference_predictions = ScGPTAnnotationRunner.reference_predictions
 
@@ -200,7 +203,7 @@ def test_train_baseline_writes_nothing_when_its_results_do_not_fit(small_ref, mo
 
 
 def test_annotation_markers_writes_nothing_when_the_ranking_fails(annotated, runner, monkeypatch):
-    import scdlkit.foundation._attribution as attribution
+    import scdlkit.foundation as attribution  # tl imports the public name
 
     def broken(*args, **kwargs):
         msg = "ranking failed"
