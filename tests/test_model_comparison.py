@@ -70,8 +70,11 @@ def test_one_row_per_model_and_strategy(compared: tuple[ad.AnnData, Path]) -> No
     best = metrics.loc[metrics["validation_macro_f1"].idxmax()]
     assert uns["best_strategy"] == best["strategy"]
     assert uns["model"] == ("scgpt" if best["model"] == "expression" else best["model"])
-    for label in ("scgpt", "geneformer"):
+    for label, title in (("scgpt", "scGPT"), ("geneformer", "Geneformer")):
         assert (out / label / "runner" / "manifest.json").is_file()
+        report = (out / label / "report.md").read_text()
+        assert report.startswith(f"# {title} cell-type annotation report")
+        assert f"Model: {title}, checkpoint" in report
     # the labels come from the kept model, whose runner tl.annotate reuses
     assert adata.obs["scgpt_annotation"].notna().all()
     query = adata[:50].copy()

@@ -130,20 +130,33 @@ def _batch_section(runner: Any) -> list[str]:
     ]
 
 
+def _model_title(checkpoint: Any) -> str:
+    """The foundation model's display name (``"scGPT"``, ``"Geneformer"``)."""
+    if checkpoint is None:
+        return "scGPT"  # a loaded baseline runner: the scGPT path it was fitted through
+    from scdlkit.foundation import model_card
+
+    return model_card(checkpoint).title
+
+
 def _report(runner: Any, adata: AnnData, per_class: pd.DataFrame | None, figures: list[str]) -> str:
     report = runner.report_
     metrics = runner.strategy_metrics_
     best = runner.best_strategy_
     best_row = metrics.set_index("strategy").loc[best]
+    ckpt = getattr(runner, "checkpoint_", None)
+    title = _model_title(ckpt)
     baseline_note = ""
     if "baseline" in set(metrics["strategy"]) and best != "baseline":
         base = metrics.set_index("strategy").loc["baseline", "test_macro_f1"]
         baseline_note = (
             f"\nThe plain baseline (logistic regression on expression) reached test macro-F1 "
-            f"{_number(base)}; the best scGPT strategy {_number(best_row['test_macro_f1'])}.\n"
+            f"{_number(base)}; the best {title} strategy {_number(best_row['test_macro_f1'])}.\n"
         )
     lines = [
-        "# scGPT cell-type annotation report",
+        f"# {title} cell-type annotation report",
+        "",
+        f"Model: {title}" + (f", checkpoint {ckpt.name} ({ckpt.path})" if ckpt is not None else ""),
         "",
         "## Data",
         "",
