@@ -209,7 +209,7 @@ class ScGPTAnnotationModel(nn.Module):
     Attributes
     ----------
     encoder
-        The (adapted) :class:`~scdlkit.foundation.ScGPTEncoder`.
+        The (adapted) foundation-model encoder (see :mod:`scdlkit.foundation.models`).
     feature_norm
         The classifier-input normalisation (see ``input_norm``).
     cls_decoder

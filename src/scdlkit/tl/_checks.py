@@ -59,7 +59,7 @@ def check_optional_path(name: str, value: Any) -> str | os.PathLike | None:
 
 
 def check_checkpoint(name: str, value: Any, *, optional: bool = False) -> Any:
-    """A checkpoint name, folder or resolved checkpoint (e.g. a ``ScGPTCheckpoint``)."""
+    """A checkpoint name, folder or resolved checkpoint of a registered model."""
     # scdlkit.foundation brings torch: imported when a tool runs, as the tools do
     from scdlkit.foundation import is_model_checkpoint
 

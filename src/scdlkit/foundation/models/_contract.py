@@ -34,7 +34,7 @@ class AdaptationTargets:
         Path of the encoder's ``nn.ModuleList`` of transformer layers.
     projections
         Role (:data:`PROJECTION_ROLES`) -> ``(path of an nn.Linear, block)``. ``block`` is the
-        role's row block when one linear packs several roles (scGPT's ``Wqkv`` packs ``q``, ``k``
+        role's row block when one linear packs several roles (scGPT packs ``q``, ``k``
         and ``v`` in thirds); ``None`` when the linear is the role's alone.
     attention
         Path of the self-attention module; it has a ``prefix`` slot (``None`` or a module that,
