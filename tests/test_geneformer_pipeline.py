@@ -141,7 +141,7 @@ def test_embed_equals_upstream_embedding_for_tie_free_cells(embedded: dict) -> N
     assert params["gene_key"] == "ensembl_id"
 
 
-def test_embed_chunked_and_backed_equal_in_memory(embedded: dict, tmp_path: Path) -> None:
+def test_embed_chunked_and_backed_equal_in_memory(embedded: dict) -> None:
     path, whole = embedded["path"], embedded["adata"].obsm["X_gf"]
     kwargs = {"checkpoint": path / "checkpoint", "gene_key": "ensembl_id", "key_added": "gf"}
     chunked = ad.read_h5ad(path / "data.h5ad")
@@ -150,8 +150,6 @@ def test_embed_chunked_and_backed_equal_in_memory(embedded: dict, tmp_path: Path
     backed = ad.read_h5ad(path / "data.h5ad", backed="r")
     try:
         sck.tl.embed(backed, **kwargs, **FP32)
-        np.testing.assert_allclose(backed.obsm["X_gf"], whole, rtol=1e-5, atol=1e-6)
-        sck.tl.embed(backed, chunk_size=7, **kwargs, **FP32)
         np.testing.assert_allclose(backed.obsm["X_gf"], whole, rtol=1e-5, atol=1e-6)
     finally:
         backed.file.close()
@@ -190,7 +188,8 @@ def test_log_normalised_input_is_refused_and_left_unchanged(tmp_path: Path) -> N
     assert_equal(adapt_input, before)
     # nothing of a run was written (the folder's lock file may stay: it is how saves lock)
     run = tmp_path / "run"
-    assert {p.name for p in run.iterdir()} <= {".scdlkit.lock"} if run.exists() else True
+    if run.exists():
+        assert {p.name for p in run.iterdir()} <= {".scdlkit.lock"}
 
 
 # -------------------------------------------------------------------- adapt / load / annotate
@@ -220,7 +219,7 @@ def adapted(tmp_path_factory: pytest.TempPathFactory) -> dict:
             gene_key="ensembl_id",
             output_dir=folder / "run",
             keep="all",
-            epochs=2,
+            epochs=1,
             random_state=0,
             **FP32,
         )
@@ -231,6 +230,8 @@ def adapted(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "query": query,
         "runner": fitted[0],
         "runner_dir": Path(reference.uns[KEY]["runner_dir"]),
+        # what the fitted runner predicts for the query, with each kept strategy
+        "predictions": {s: fitted[0].predict(query, strategy=s) for s in ALL_STRATEGIES},
     }
 
 
@@ -261,8 +262,9 @@ def test_loaded_runner_predicts_exactly_what_the_fitted_one_does(adapted: dict) 
     runner, query = adapted["runner"], adapted["query"]
     loaded = sck.AnnotationRunner.load(adapted["runner_dir"], device="cpu")
     assert loaded.best_strategy_ == runner.best_strategy_
+    assert sorted(loaded.kept_strategies_) == sorted(ALL_STRATEGIES)
     for strategy in ALL_STRATEGIES:
-        fitted = runner.predict(query, strategy=strategy)
+        fitted = adapted["predictions"][strategy]
         again = loaded.predict(query, strategy=strategy)
         assert fitted["probabilities"].shape == (query.n_obs, len(CLASSES))
         np.testing.assert_array_equal(
@@ -272,11 +274,11 @@ def test_loaded_runner_predicts_exactly_what_the_fitted_one_does(adapted: dict) 
 
 
 def test_annotate_with_every_kept_strategy_and_round_trip(adapted: dict, tmp_path: Path) -> None:
-    runner, runner_dir = adapted["runner"], adapted["runner_dir"]
+    runner_dir = adapted["runner_dir"]
     query = adapted["query"].copy()
     for strategy in ALL_STRATEGIES:
         labelled = sck.tl.annotate(query, runner_dir, strategy=strategy, device="cpu", copy=True)
-        expected = runner.predict(query, strategy=strategy)
+        expected = adapted["predictions"][strategy]
         assert labelled.uns[KEY]["strategy"] == strategy
         np.testing.assert_array_equal(
             labelled.obs[KEY].astype(str).to_numpy(), expected["labels"], err_msg=strategy
