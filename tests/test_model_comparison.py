@@ -141,3 +141,47 @@ def test_one_checkpoint_is_not_a_comparison() -> None:
         sck.foundation.adapt_models(
             pbmc_counts(), checkpoints=[SCGPT], strategies=("head",), label_key="bulk_labels"
         )
+
+
+def test_a_geneformer_v1_cell_without_genes_is_embedded_as_zero_and_labelled_unknown(tmp_path):
+    """V1 pools by averaging gene tokens; a cell with none must not become NaN (it would break
+    every strategy); it gets a zero embedding and, in the tools, the unknown label."""
+    folder = DATA / "geneformer-tiny-v1"
+    var = ad.read_h5ad(folder / "data.h5ad").var.drop_duplicates("ensembl_id").iloc[:150]
+    rng = np.random.default_rng(0)
+    labels = np.repeat(list("abc"), 30)
+    counts = rng.poisson(0.3, (90, 150)).astype(np.float32)
+    for k, label in enumerate("abc"):
+        counts[labels == label, k * 10 : k * 10 + 10] += rng.poisson(8.0, (30, 10))
+    counts[0] = 0
+    adata = ad.AnnData(
+        sparse.csr_matrix(counts),
+        obs=pd.DataFrame({"cell_type": labels}, index=[f"c{i}" for i in range(90)]),
+        var=var,
+    )
+    embedded = adata.copy()
+    sck.tl.embed(
+        embedded,
+        checkpoint=folder / "checkpoint",
+        gene_key="ensembl_id",
+        key_added="gf",
+        progress=False,
+        precision="fp32",
+    )
+    emb = embedded.obsm["X_gf"]
+    assert np.isfinite(emb).all()
+    np.testing.assert_array_equal(emb[0], 0.0)
+    sck.tl.adapt_annotation(
+        adata,
+        "cell_type",
+        checkpoint=folder / "checkpoint",
+        gene_key="ensembl_id",
+        strategies=("frozen_probe", "head"),
+        epochs=2,
+        device="cpu",
+        precision="fp32",
+        output_dir=tmp_path / "run",
+    )
+    assert np.isfinite(adata.obsm["X_scgpt_annotation"]).all()
+    assert np.isfinite(adata.obs["scgpt_annotation_confidence"]).all()
+    assert adata.obs["scgpt_annotation"].iloc[0] == "Unknown"

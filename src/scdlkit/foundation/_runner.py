@@ -461,8 +461,19 @@ class ScGPTAnnotationRunner:
             repeats.append(results)
             contexts.append(ctx)
         self._finish_fit(repeats)
-        # the reference's labels come from the selected fit: its test cells stay held out
-        self._reference_predictions = self._predict_prepared(self.prepared_)
+        # the reference's labels come from the selected fit: its test cells stay held out; a
+        # cell with no gene the model reads is unknown here as in predict (one cell, one label)
+        silent = query_cells_without_expression(
+            adata,
+            self.gene_key,
+            self.layer,
+            family=strategy_family(self.best_strategy_),
+            checkpoint=self.checkpoint_,
+            model=self._best.model,
+        )
+        self._reference_predictions = flag_without_expression(
+            self._predict_prepared(self.prepared_), silent, UNKNOWN_LABEL
+        )
         self._keep_final_models(repeats[0], contexts[0], families)
         self._expression = None  # the reference matrix is not kept beyond fit
         if self.output_dir is not None:

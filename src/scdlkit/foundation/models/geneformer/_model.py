@@ -537,7 +537,7 @@ class GeneformerEncoder(nn.Module):
         -------
         torch.Tensor
             ``(batch, hidden)``. In ``"cell"`` mode a cell without gene tokens has no mean: its
-            row is NaN (upstream drops such cells at tokenisation).
+            row is zero (upstream drops such cells at tokenisation).
 
         Raises
         ------
@@ -593,7 +593,9 @@ class GeneformerEncoder(nn.Module):
             lengths = (lengths - (2 if self.eos_id is not None else 1)).clamp(min=0)
         keep = torch.arange(hidden.shape[1], device=hidden.device) < lengths[:, None]
         total = hidden.masked_fill(~keep[:, :, None], 0.0).sum(dim=1)
-        return total / lengths[:, None].to(total.dtype)
+        # a cell without gene tokens has no mean: its embedding is zero, not 0/0 (upstream drops
+        # such cells; here they stay, and the tools label them unknown)
+        return total / lengths.clamp(min=1)[:, None].to(total.dtype)
 
     def cell_embedding(
         self,
