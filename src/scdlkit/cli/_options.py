@@ -92,12 +92,13 @@ def input_option(parser: argparse.ArgumentParser, what: str) -> None:
 
 def checkpoint_option(parser: argparse.ArgumentParser, *, default: str | None) -> None:
     if default is None:
-        text = "base scGPT checkpoint (default: the one recorded when the runner was saved)"
+        text = "base checkpoint (default: the one recorded when the runner was saved)"
     else:
         text = (
-            "scGPT checkpoint: a folder holding args.json, vocab.json and best_model.pt, or an "
-            "official name such as 'whole-human' looked up in $SCDLKIT_CACHE_DIR/scgpt/<name>/ "
-            f"(default: {default!r})"
+            "foundation-model checkpoint: an scGPT folder (args.json, vocab.json, best_model.pt), "
+            "a Geneformer folder (config.json, model.safetensors and its dictionaries), or an "
+            "official scGPT name such as 'whole-human' looked up in "
+            f"$SCDLKIT_CACHE_DIR/scgpt/<name>/ (default: {default!r})"
         )
     parser.add_argument("--checkpoint", default=default, metavar="C", help=text)
 

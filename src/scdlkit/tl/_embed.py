@@ -33,15 +33,20 @@ def embed(
     key_added: str = "scgpt",
     copy: bool = False,
 ) -> AnnData | None:
-    """Embed cells with a pretrained scGPT encoder (frozen, no training).
+    """Embed cells with a pretrained foundation model (scGPT or Geneformer; frozen, no training).
 
     Every argument is checked before any work, and the results are written only once all are
     computed, so a call that fails leaves ``adata`` exactly as it was.
 
-    The cell embedding is the encoder output at the ``<cls>`` position, L2-normalised per cell,
-    as in upstream's ``embed_data``. Genes are matched to the vocabulary by symbol; each cell's
-    expressed genes are binned by rank, so raw counts and log-normalised values give the same
-    result.
+    The checkpoint folder's layout says which model it is (see the Models page). The cell
+    embedding is the model's own, L2-normalised per cell:
+
+    - scGPT: the encoder output at the ``<cls>`` position, as in upstream's ``embed_data``.
+      Genes are matched to the vocabulary by symbol; each cell's expressed genes are binned by
+      rank, so raw counts and log-normalised values give the same result.
+    - Geneformer: upstream's ``EmbExtractor`` default (V2: ``<cls>`` of the second-to-last
+      layer; V1: the mean over the cell's genes there), from its rank-value tokens. It reads raw
+      integer counts only (log-normalised values are refused), Ensembl ids or symbols.
 
     Parameters
     ----------
@@ -52,10 +57,12 @@ def embed(
         ``adata.write_h5ad(new_path)``, or open with ``backed="r+"`` and call ``adata.write()``.
         A view of a backed AnnData cannot take results and is refused before any work.
     checkpoint
-        Official checkpoint name (found in the local cache) or a folder holding ``args.json``,
-        ``vocab.json`` and ``best_model.pt``.
+        Official scGPT checkpoint name (found in the local cache), or a checkpoint folder: an
+        scGPT one (``args.json``, ``vocab.json``, ``best_model.pt``) or a Geneformer one
+        (``config.json``, ``model.safetensors``, its dictionaries).
     gene_key
-        Column of ``adata.var`` with gene symbols; default ``adata.var_names``.
+        Column of ``adata.var`` with gene identifiers (symbols; Ensembl ids for Geneformer too);
+        default ``adata.var_names``.
     layer
         Layer holding the values; default ``adata.X``.
     batch_size
@@ -131,6 +138,7 @@ def embed(
         uns={
             key_added: {
                 "params": {
+                    "model": ckpt.model_name,
                     "checkpoint": str(ckpt.name),
                     "checkpoint_path": str(ckpt.path),
                     "gene_key": gene_key or "",
