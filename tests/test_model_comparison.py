@@ -185,3 +185,43 @@ def test_a_geneformer_v1_cell_without_genes_is_embedded_as_zero_and_labelled_unk
     assert np.isfinite(adata.obsm["X_scgpt_annotation"]).all()
     assert np.isfinite(adata.obs["scgpt_annotation_confidence"]).all()
     assert adata.obs["scgpt_annotation"].iloc[0] == "Unknown"
+
+
+def test_a_geneformer_runner_remembers_dictionaries_kept_elsewhere(tmp_path):
+    """Dictionaries passed with dictionaries= (outside the folders searched) are recorded in the
+    manifest, so the saved runner loads from its folder alone and predicts the same."""
+    import shutil
+
+    from scdlkit.foundation.models.geneformer import resolve_geneformer_checkpoint
+
+    source = DATA / "geneformer-tiny-v2"
+    shutil.copytree(source / "checkpoint", tmp_path / "models" / "ckpt")
+    shutil.copytree(source / "dictionaries", tmp_path / "elsewhere")
+    ckpt = resolve_geneformer_checkpoint(
+        tmp_path / "models" / "ckpt", dictionaries=tmp_path / "elsewhere"
+    )
+    var = ad.read_h5ad(source / "data.h5ad").var.drop_duplicates("ensembl_id").iloc[:150]
+    rng = np.random.default_rng(1)
+    labels = np.repeat(list("abc"), 30)
+    counts = rng.poisson(0.3, (90, 150)).astype(np.float32)
+    for k, label in enumerate("abc"):
+        counts[labels == label, k * 10 : k * 10 + 10] += rng.poisson(8.0, (30, 10))
+    adata = ad.AnnData(
+        sparse.csr_matrix(counts),
+        obs=pd.DataFrame({"cell_type": labels}, index=[f"c{i}" for i in range(90)]),
+        var=var,
+    )
+    runner = sck.AnnotationRunner(
+        label_key="cell_type",
+        checkpoint=ckpt,
+        gene_key="ensembl_id",
+        strategies=("frozen_probe",),
+        device="cpu",
+        precision="fp32",
+        progress=False,
+        output_dir=tmp_path / "run",
+    ).fit(adata)
+    back = sck.AnnotationRunner.load(tmp_path / "run" / "runner")
+    np.testing.assert_array_equal(
+        back.predict(adata)["probabilities"], runner.predict(adata)["probabilities"]
+    )

@@ -46,7 +46,7 @@ from scdlkit._shared.provenance import (
 from scdlkit._shared.strategies import STRATEGIES
 from scdlkit.foundation._conformal import ConformalCalibration
 from scdlkit.foundation._fitting import BaseWeights, StrategyResult, strategy_family
-from scdlkit.foundation.models import model_card, resolve_model_checkpoint
+from scdlkit.foundation.models import is_model_checkpoint, model_card, resolve_model_checkpoint
 from scdlkit.foundation.models._contract import ModelCheckpoint
 
 __all__ = [
@@ -238,6 +238,7 @@ def save_runner(runner: Any, path: Path) -> Path:
             "args": ckpt.config_dict() if ckpt is not None else {},
             "model": ckpt.model_name if ckpt is not None else "",
             "d_model": ckpt.d_model if ckpt is not None else None,
+            "options": ckpt.resolve_options() if ckpt is not None else {},
         },
         # the constructor's arguments once; beside them only what params() resolves or adds
         "params": _resolved_params(runner),
@@ -574,8 +575,11 @@ def _find_base(recorded: Mapping[str, Any], checkpoint: Any, runner: Path) -> Mo
     """
     # runners saved before the model registry name no model: they are scGPT's
     model = recorded.get("model") or "scgpt"
+    options = recorded.get("options") or {}
     if checkpoint is not None:
-        return resolve_model_checkpoint(checkpoint, model=model)
+        # a folder passed again still finds what the recorded options say (e.g. dictionaries)
+        given = None if is_model_checkpoint(checkpoint) else options
+        return resolve_model_checkpoint(checkpoint, model=model, options=given)
     folder, name = recorded["path"], recorded["name"]
     card = model_card(model)
     fix = (
@@ -586,7 +590,7 @@ def _find_base(recorded: Mapping[str, Any], checkpoint: Any, runner: Path) -> Mo
     )
     try:
         if folder and Path(folder).is_dir():
-            return resolve_model_checkpoint(folder, model=model)
+            return resolve_model_checkpoint(folder, model=model, options=options)
         if name in card.official_names:
             return resolve_model_checkpoint(name, model=model)
     except FileNotFoundError as err:

@@ -66,7 +66,9 @@ def is_model_checkpoint(value: Any) -> bool:
     return getattr(value, "model_name", None) in MODELS and not isinstance(value, str | Path)
 
 
-def resolve_model_checkpoint(checkpoint: Any, *, model: str | None = None) -> Any:
+def resolve_model_checkpoint(
+    checkpoint: Any, *, model: str | None = None, options: dict[str, Any] | None = None
+) -> Any:
     """Resolve ``checkpoint`` with the model its folder's layout (or ``model``) names.
 
     Parameters
@@ -76,6 +78,9 @@ def resolve_model_checkpoint(checkpoint: Any, *, model: str | None = None) -> An
         checkpoint object.
     model
         A registered model name; ``None`` reads it from the folder's layout.
+    options
+        Further arguments of the model's ``resolve`` (what a checkpoint's ``resolve_options()``
+        recorded, e.g. where Geneformer's dictionaries are); needs ``model``.
 
     Returns
     -------
@@ -94,7 +99,7 @@ def resolve_model_checkpoint(checkpoint: Any, *, model: str | None = None) -> An
             raise ValueError(msg)
         return checkpoint
     if model is not None:
-        return card.resolve(checkpoint)
+        return card.resolve(checkpoint, **(options or {}))
     if isinstance(checkpoint, str | os.PathLike):
         folder = Path(checkpoint).expanduser()
         if folder.is_dir():

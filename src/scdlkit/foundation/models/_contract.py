@@ -150,6 +150,8 @@ class ModelCheckpoint(Protocol):
 
     def config_dict(self) -> dict[str, Any]: ...
 
+    def resolve_options(self) -> dict[str, Any]: ...
+
     @property
     def weights_path(self) -> Path: ...
 
@@ -202,7 +204,8 @@ class ModelCard:
     recognises
         ``folder -> bool``: whether a checkpoint folder is in this model's layout.
     resolve
-        ``checkpoint -> checkpoint object``: a folder, a name or an already resolved checkpoint.
+        ``(checkpoint, **options) -> checkpoint object``: a folder, a name or an already resolved
+        checkpoint; ``options`` are what the checkpoint's ``resolve_options()`` recorded.
     read_weights
         ``checkpoint object -> state dict`` of the pretrained weights (as stored).
     build

@@ -272,6 +272,14 @@ class GeneformerCheckpoint:
         specials = {"<pad>", "<mask>", "<cls>", "<eos>"}
         return frozenset(g for g in self.dictionaries.token_ids if g not in specials)
 
+    def resolve_options(self) -> dict[str, Any]:
+        """What resolving this folder again needs besides the folder: the dictionary files
+        (they may live anywhere) and the version, as plain JSON values."""
+        return {
+            "dictionaries": {k: str(v) for k, v in sorted(self.dictionaries.files.items())},
+            "version": self.version,
+        }
+
     def config_dict(self) -> dict[str, Any]:
         """The architecture as plain JSON values, with the version."""
         return self.config.to_dict() | {"version": self.version}

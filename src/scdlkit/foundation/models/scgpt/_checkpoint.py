@@ -211,6 +211,10 @@ class ScGPTCheckpoint:
         """Width of the encoder's hidden states (``args.embsize``)."""
         return self.args.embsize
 
+    def resolve_options(self) -> dict[str, Any]:
+        """What resolving this folder again needs besides the folder: nothing."""
+        return {}
+
     def config_dict(self) -> dict[str, Any]:
         """The architecture as plain JSON values (``args.json``'s fields in use)."""
         return self.args.to_dict()
