@@ -268,7 +268,8 @@ def test_runner_fits_a_non_frozen_input_norm_and_its_family_rebuilds_it():
     and manifest fields of its strategy family."""
     import json
 
-    from scdlkit.foundation._fitting import BaseWeights, strategy_family
+    from scdlkit.foundation._fitting import BaseWeights
+    from scdlkit.foundation.strategies import strategy_family
 
     planted = _import("planted_signal")
     adata = planted.planted_signal_adata(n_cells=60)

@@ -101,8 +101,14 @@ MAX_LINES = 750
 ONE_CONCEPT_FILES = {
     "scdlkit/foundation/_runner.py": (
         850,
-        "the runner's lifecycle, one class (fit, keep, predict, save, load); issue 26 moves "
-        "its scGPT parts into the model folder",
+        "the runner's lifecycle, one class (fit, keep, predict, save, load); its model-specific "
+        "parts now go through the model card",
+    ),
+    "scdlkit/foundation/models/geneformer/_model.py": (
+        850,
+        "Geneformer's BERT encoder, one concept: embeddings, attention with its prefix slot, "
+        "layers, the encoder's pooling modes and the contract methods, as transformers' "
+        "modeling_bert keeps them in one file",
     ),
     "scdlkit/foundation/_runner_io.py": (
         800,

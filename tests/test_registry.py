@@ -11,15 +11,12 @@ import torch
 
 from scdlkit._shared.strategies import FEATURE_STRATEGIES, NEURAL_STRATEGIES, STRATEGIES
 from scdlkit.foundation import ScGPTAnnotationRunner
-from scdlkit.foundation._fitting import (
-    BaseWeights,
-    ExpressionBaseline,
-    FrozenProbe,
-    NeuralStrategy,
-    register_strategy,
-    strategy_family,
-)
+from scdlkit.foundation._fitting import BaseWeights
 from scdlkit.foundation.models.scgpt._model import ScGPTSelfAttention
+from scdlkit.foundation.strategies import register_strategy, strategy_family
+from scdlkit.foundation.strategies.expression_baseline import ExpressionBaseline
+from scdlkit.foundation.strategies.frozen_probe import FrozenProbe
+from scdlkit.foundation.strategies.neural import NeuralStrategy
 
 FAST = {"epochs": 1, "attention_dropout": 0.0, "progress": False, "precision": "fp32"}
 
@@ -103,7 +100,7 @@ def test_recorded_paths_are_absolute(checkpoint_dir, tmp_path, monkeypatch):
 
 
 def test_no_validation_cells_is_refused_before_any_training(_pbmc_raw, checkpoint_dir, monkeypatch):
-    from scdlkit.foundation import _fitting
+    from scdlkit.foundation.strategies import frozen_probe as _fitting
 
     def no_training(*args, **kwargs):
         msg = "a strategy was fitted"

@@ -18,7 +18,6 @@ from sklearn import metrics as skm
 from torch import nn
 
 import scdlkit as sck
-from scdlkit.foundation._fitting import FeatureDataset
 from scdlkit.foundation._training_settings import (
     EVAL_EVERY,
     MAX_STEPS,
@@ -28,6 +27,7 @@ from scdlkit.foundation._training_settings import (
     step_budget,
     warn_if_stretched,
 )
+from scdlkit.foundation.strategies.neural import FeatureDataset
 from scdlkit.training import Trainer
 from scdlkit.training.metrics import classification_metrics, monitor_metrics
 

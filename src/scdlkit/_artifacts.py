@@ -130,22 +130,13 @@ def _batch_section(runner: Any) -> list[str]:
     ]
 
 
-def _model_title(checkpoint: Any) -> str:
-    """The foundation model's display name (``"scGPT"``, ``"Geneformer"``)."""
-    if checkpoint is None:
-        return "scGPT"  # a loaded baseline runner: the scGPT path it was fitted through
-    from scdlkit.foundation import model_card
-
-    return model_card(checkpoint).title
-
-
 def _report(runner: Any, adata: AnnData, per_class: pd.DataFrame | None, figures: list[str]) -> str:
     report = runner.report_
     metrics = runner.strategy_metrics_
     best = runner.best_strategy_
     best_row = metrics.set_index("strategy").loc[best]
     ckpt = getattr(runner, "checkpoint_", None)
-    title = _model_title(ckpt)
+    title = runner.model_title
     baseline_note = ""
     if "baseline" in set(metrics["strategy"]) and best != "baseline":
         base = metrics.set_index("strategy").loc["baseline", "test_macro_f1"]

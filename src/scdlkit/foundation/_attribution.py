@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scdlkit.foundation._fitting import strategy_family
+from scdlkit.foundation.strategies import strategy_family
 
 __all__ = [
     "attribution_method",

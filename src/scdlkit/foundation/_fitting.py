@@ -1,11 +1,9 @@
-"""Strategy families: how a strategy fits, predicts, is saved and is rebuilt; one registry.
+"""What every strategy family shares: the fit context, the result, the family contract.
 
-Three families cover the eight strategies: frozen ``<cls>`` features with a logistic regression
-(``frozen_probe``), the expression baseline (``baseline``, no scGPT) and neural strategies trained
-through the :class:`~scdlkit.training.Trainer` (``head`` on frozen features; ``full_finetune`` and
-the PEFT methods through the encoder). The runner loops over :func:`strategy_family`; saving asks
-the family for its state, loading asks it to rebuild from that state. A new strategy is one
-:func:`register_strategy` call (and its name in :mod:`scdlkit._shared.strategies`).
+A family (:class:`StrategyFamily`) says how a strategy fits, predicts, is saved and is rebuilt;
+the families themselves and the one strategy table are in :mod:`scdlkit.foundation.strategies`.
+The runner loops over ``strategy_family(name)``; saving asks the family for its state, loading
+asks it to rebuild from that state.
 """
 
 from __future__ import annotations
@@ -19,11 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
 
-from scdlkit._shared.numeric import softmax
 from scdlkit._shared.splits import stratified_split
-from scdlkit._shared.strategies import NEURAL_STRATEGIES, STRATEGIES
 from scdlkit._shared.validation import (
     cells_without_expression,
     check_shared_genes,
@@ -31,16 +26,8 @@ from scdlkit._shared.validation import (
     get_matrix,
     validate_values,
 )
-from scdlkit.foundation._annotation_model import (
-    DEFAULT_CLASSIFIER_DROPOUT,
-    build_annotation_model,
-)
 from scdlkit.foundation._data import MIN_GENE_OVERLAP
-from scdlkit.foundation._device import resolve_precision
-from scdlkit.foundation._embed import l2_normalise
-from scdlkit.foundation._input_norm import DEFAULT_INPUT_NORM
 from scdlkit.foundation._selection import evaluate_splits
-from scdlkit.foundation._training_settings import step_budget, warn_if_stretched
 from scdlkit.foundation.models import model_card
 
 __all__ = [
@@ -50,10 +37,11 @@ __all__ = [
     "StrategyFamily",
     "StrategyResult",
     "flag_without_expression",
+    "full_proba",
     "label_predictions",
+    "prefixed_state",
     "query_cells_without_expression",
-    "register_strategy",
-    "strategy_family",
+    "unprefixed_state",
 ]
 
 Tensors = dict[str, torch.Tensor]
@@ -267,11 +255,11 @@ class StrategyFamily:
         raise NotImplementedError(msg)
 
 
-def _prefixed(arrays: Mapping[str, Any], prefix: str) -> Tensors:
+def prefixed_state(arrays: Mapping[str, Any], prefix: str) -> Tensors:
     return {f"{prefix}{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
 
-def _unprefixed(tensors: Tensors, prefix: str) -> dict[str, np.ndarray]:
+def unprefixed_state(tensors: Tensors, prefix: str) -> dict[str, np.ndarray]:
     return {k[len(prefix) :]: v.numpy() for k, v in tensors.items() if k.startswith(prefix)}
 
 
@@ -374,383 +362,3 @@ def expression_of(adata: Any, gene_key: str | None, layer: str | None) -> tuple[
     from scdlkit.baselines._expression import log_normalised_matrix
 
     return log_normalised_matrix(adata, layer), gene_names(adata, gene_key)
-
-
-# ------------------------------------------------------------------------------ frozen probe
-
-
-@dataclass
-class ProbeModel:
-    """Standardised frozen ``<cls>`` features into a multinomial logistic regression."""
-
-    scaler: Any
-    probe: Any
-
-    def predict_proba(self, features: np.ndarray, n_classes: int) -> np.ndarray:
-        proba = self.probe.predict_proba(self.scaler.transform(features))
-        return full_proba(proba, self.probe.classes_, n_classes)
-
-
-class FrozenProbe(StrategyFamily):
-    """``frozen_probe``: logistic regression on the frozen encoder's ``<cls>`` features."""
-
-    uses_features = True
-    reads_features = True
-    refit_by_default = True
-    state_prefix = "probe."
-
-    def fit(self, strategy: str, ctx: FitContext, settings: dict, config: Any) -> StrategyResult:
-        # scikit-learn is imported where used: most sessions never fit a probe
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.preprocessing import StandardScaler
-
-        train, labels = ctx.fit_cells()
-        scaler = StandardScaler().fit(ctx.features[train])
-        probe = LogisticRegression(
-            max_iter=2000,
-            C=1.0,
-            class_weight=settings.get("class_weight"),
-            random_state=ctx.random_state,
-        )
-        probe.fit(scaler.transform(ctx.features[train]), labels)
-        # lbfgs leaves coef_ in Fortran order and a loaded probe has it in C order: on CPUs whose
-        # BLAS picks kernels by layout (AVX-512) the two orders round differently, so predictions
-        # before and after save/load would differ in the 7th digit
-        probe.coef_ = np.ascontiguousarray(probe.coef_)
-        model = ProbeModel(scaler, probe)
-        metrics, probabilities = ctx.evaluate(
-            lambda _, cells: model.predict_proba(ctx.features[cells], ctx.n_classes)
-        )
-        return StrategyResult(
-            strategy=strategy,
-            metrics=metrics,
-            trainable_parameters=int(probe.coef_.size + probe.intercept_.size),
-            runtime_sec=0.0,
-            model=model,
-            extra=probabilities,
-        )
-
-    def predict(self, model: ProbeModel, inputs: PredictInputs) -> tuple[np.ndarray, np.ndarray]:
-        features = inputs.cls_features()
-        return model.predict_proba(features, inputs.n_classes), l2_normalise(features)
-
-    def state(self, model: ProbeModel) -> Tensors:
-        return _prefixed(
-            {
-                "coef": model.probe.coef_,
-                "intercept": model.probe.intercept_,
-                "classes": model.probe.classes_,
-                "scaler_mean": model.scaler.mean_,
-                "scaler_scale": model.scaler.scale_,
-            },
-            self.state_prefix,
-        )
-
-    def from_state(
-        self,
-        strategy: str,
-        tensors: Tensors,
-        manifest: Mapping[str, Any],
-        base: BaseWeights,
-    ) -> ProbeModel:
-        # scikit-learn is imported where used: most sessions never load a probe
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.preprocessing import StandardScaler
-
-        arrays = _unprefixed(tensors, self.state_prefix)
-        scaler = StandardScaler()
-        scaler.mean_, scaler.scale_ = arrays["scaler_mean"], arrays["scaler_scale"]
-        scaler.var_ = scaler.scale_**2
-        scaler.n_features_in_ = len(scaler.mean_)
-        probe = LogisticRegression()
-        probe.coef_, probe.intercept_ = arrays["coef"], arrays["intercept"]
-        probe.classes_ = arrays["classes"]
-        probe.n_features_in_ = probe.coef_.shape[1]
-        return ProbeModel(scaler, probe)
-
-    # -------------------------------------------------------------------------- expression baseline
-
-    def attribution_parts(
-        self, model: ProbeModel, n_classes: int, device: torch.device, frozen_encoder: Any
-    ) -> tuple[Any, Any, torch.Tensor]:
-        scaler, probe = model.scaler, model.probe
-        # logits of absent classes stay very low: those cells are never predicted as them
-        weight = torch.zeros(n_classes, len(scaler.mean_), dtype=torch.float32)
-        bias = torch.full((n_classes,), -1e4, dtype=torch.float32)
-        classes = torch.as_tensor(np.asarray(probe.classes_, dtype=np.int64))
-        scale = torch.as_tensor(scaler.scale_, dtype=torch.float32)
-        weight[classes] = torch.as_tensor(probe.coef_, dtype=torch.float32) / scale
-        bias[classes] = torch.as_tensor(probe.intercept_, dtype=torch.float32) - weight[
-            classes
-        ] @ torch.as_tensor(scaler.mean_, dtype=torch.float32)
-        weight, bias = weight.to(device), bias.to(device)
-        known = torch.zeros(n_classes, dtype=torch.bool)
-        known[classes] = True
-        encoder = frozen_encoder().eval()
-        return encoder, lambda cls: cls.float() @ weight.T + bias, known.to(device)
-
-
-class ExpressionBaseline(StrategyFamily):
-    """``baseline``: logistic regression on log-normalised expression; no scGPT."""
-
-    attribution_method = "linear_attribution"
-
-    uses_checkpoint = False
-    refit_by_default = True
-    state_prefix = "baseline."
-
-    def fit(self, strategy: str, ctx: FitContext, settings: dict, config: Any) -> StrategyResult:
-        # scdlkit.baselines imports the Trainer (lightning_fabric): only when the baseline runs
-        from scdlkit.baselines._expression import ExpressionLogisticBaseline
-
-        matrix, genes = ctx.expression()
-        train, labels = ctx.fit_cells()
-        model = ExpressionLogisticBaseline(
-            random_state=ctx.random_state, class_weight=settings.get("class_weight")
-        ).fit(matrix[train], genes, labels)
-        metrics, probabilities = ctx.evaluate(
-            lambda _, cells: full_proba(
-                model.predict_proba(matrix[cells], genes), model.classifier_.classes_, ctx.n_classes
-            )
-        )
-        return StrategyResult(
-            strategy=strategy,
-            metrics=metrics,
-            trainable_parameters=model.n_parameters,
-            runtime_sec=0.0,
-            model=model,
-            extra=probabilities,
-        )
-
-    def predict(self, model: Any, inputs: PredictInputs) -> tuple[np.ndarray, np.ndarray]:
-        matrix, genes = inputs.expression()
-        proba = full_proba(
-            model.predict_proba(matrix, genes), model.classifier_.classes_, inputs.n_classes
-        )
-        return proba, model.latent(matrix, genes)
-
-    def state(self, model: Any) -> Tensors:
-        return _prefixed(model.state_arrays(), self.state_prefix)
-
-    def manifest_fields(self, model: Any) -> dict[str, Any]:
-        return {"baseline_genes": list(model.genes_)}
-
-    def from_state(
-        self,
-        strategy: str,
-        tensors: Tensors,
-        manifest: Mapping[str, Any],
-        base: BaseWeights,
-    ) -> Any:
-        # scdlkit.baselines imports the Trainer (lightning_fabric): only for a baseline runner
-        from scdlkit.baselines._expression import ExpressionLogisticBaseline
-
-        arrays = _unprefixed(tensors, self.state_prefix)
-        return ExpressionLogisticBaseline.from_state(arrays, manifest["baseline_genes"])
-
-
-# ------------------------------------------------------------------------------------ neural
-
-
-class FeatureDataset(Dataset):
-    """Precomputed ``<cls>`` features and labels, for the frozen ``head`` strategy."""
-
-    def __init__(self, features: np.ndarray, labels: np.ndarray) -> None:
-        self.features = torch.as_tensor(features, dtype=torch.float32)
-        self.labels = np.asarray(labels, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"features": self.features[i], "labels": int(self.labels[i])}
-
-    def get_batch(self, indices: Any) -> dict[str, torch.Tensor]:
-        """The collated batch of ``indices`` in one indexing operation (the Trainer's protocol)."""
-        rows = np.asarray(indices, dtype=np.int64)
-        return {
-            "features": self.features[torch.from_numpy(rows)],
-            "labels": torch.from_numpy(self.labels[rows]),
-        }
-
-
-class NeuralStrategy(StrategyFamily):
-    """Classifier head (``head``, on frozen features) or an adapted encoder, trained by the
-    :class:`~scdlkit.training.Trainer`; the epoch with the lowest validation loss is kept."""
-
-    #: every neural strategy standardises its classifier input on the frozen training features
-    reads_features = True
-    saves_model_config = True
-
-    def __init__(self, strategy: str) -> None:
-        self.uses_features = strategy == "head"
-        self.moves_to_device = not self.uses_features  # the head predicts on cached features
-
-    def fit(self, strategy: str, ctx: FitContext, settings: dict, config: Any) -> StrategyResult:
-        # the Trainer brings lightning_fabric, slow to import: only when a strategy trains
-        from scdlkit.training import Trainer, TrainingDivergedError
-
-        model = build_annotation_model(
-            ctx.encoder_state,
-            ctx.checkpoint,
-            num_classes=ctx.n_classes,
-            tuning_strategy=strategy,
-            strategy_config=config,
-            label_categories=ctx.label_categories,
-            seed=ctx.random_state,
-            input_norm=settings.get("input_norm", DEFAULT_INPUT_NORM),
-            classifier_dropout=settings.get("classifier_dropout", DEFAULT_CLASSIFIER_DROPOUT),
-        )
-        batch_size = settings.get("batch_size", ctx.batch_size)  # a recipe's, or the runner's
-        fit_cells, stop_cells = ctx.early_stopping_split()
-        steps_per_epoch = -(-len(fit_cells) // batch_size)
-        warn_if_stretched(
-            strategy,
-            settings,
-            steps_per_epoch,
-            n_cells=len(fit_cells),
-            batch_size=batch_size,
-            once_per=ctx.prepared,  # the same for every repeat of one fit
-        )
-        budget = step_budget(settings, steps_per_epoch)
-        for name in ("input_norm", "classifier_dropout", "batch_size"):  # not the Trainer's
-            budget.pop(name, None)
-        encoder_dropout = budget.pop("encoder_dropout", None)
-        if encoder_dropout is not None:
-            model_card(ctx.checkpoint).set_dropout(model.encoder, encoder_dropout)
-        if ctx.attention_dropout is not None:
-            model_card(ctx.checkpoint).set_attention_dropout(model, ctx.attention_dropout)
-        trainer = Trainer(
-            model,
-            batch_size=batch_size,
-            accelerator=ctx.device.type,
-            devices=1,
-            precision=resolve_precision(ctx.precision, ctx.device),
-            seed=ctx.random_state,
-            # a head on cached features: operations too small to share between CPU threads
-            num_threads=1 if self.uses_features and ctx.device.type == "cpu" else None,
-            progress=ctx.progress,
-            **budget,
-        )
-        cells = {
-            "fit": fit_cells,
-            "stop": stop_cells,
-            "val": ctx.cells("val")[0],
-            "test": ctx.cells("test")[0],
-            "calibration": ctx.cells("calibration")[0],
-        }
-        codes = ctx.prepared.label_codes
-        # "frozen": the frozen <cls> outputs share a large common component; standardising the
-        # classifier input on them lets the classifier read the cell-to-cell differences.
-        # "batch": its running statistics start at the frozen encoder's; "layernorm": no-op
-        model.feature_norm.fit(torch.as_tensor(ctx.features[fit_cells]))
-        if self.uses_features:
-            datasets = {k: FeatureDataset(ctx.features[c], codes[c]) for k, c in cells.items()}
-        else:
-            datasets = {k: ctx.prepared.dataset(c) for k, c in cells.items()}
-        try:
-            trainer.fit(datasets["fit"], datasets["stop"] if len(stop_cells) else None)
-        except TrainingDivergedError as err:
-            msg = (
-                f"strategy {strategy!r}: {err} Set its rate with lr= (every neural strategy) or "
-                f"training={{{strategy!r}: {{'lr': ...}}}}; on the command line, --lr."
-            )
-            raise TrainingDivergedError(msg) from None
-        model = model.to("cpu").eval()
-        metrics, probabilities = ctx.evaluate(
-            lambda split, _: trainer.predict(datasets[split])["probabilities"]
-        )
-        return StrategyResult(
-            strategy=strategy,
-            metrics=metrics,
-            trainable_parameters=model.trainable_parameter_count(),
-            runtime_sec=0.0,
-            history=trainer.history_,
-            config=None if model.strategy_config is None else model.strategy_config.to_dict(),
-            training={**settings, "trainer": budget},
-            model=model,
-            extra={**probabilities, "best_step": trainer.best_step_},
-        )
-
-    def predict(self, model: Any, inputs: PredictInputs) -> tuple[np.ndarray, np.ndarray]:
-        n_classes = inputs.n_classes
-        if self.uses_features:
-            features = inputs.cls_features()
-            with torch.inference_mode():
-                logits = model({"features": torch.as_tensor(features)})["logits"].numpy()
-            return softmax(logits), l2_normalise(features)
-        model = model.to(inputs.device).eval()
-
-        def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            out = model(batch)
-            return torch.cat([out["logits"].float(), out["latent"].float()], dim=1)
-
-        joined = inputs.encode(forward, "predicting")
-        model.to("cpu")
-        return softmax(joined[:, :n_classes]), l2_normalise(joined[:, n_classes:])
-
-    def state(self, model: Any) -> Tensors:
-        return {
-            f"{self.state_prefix}{k}": v.detach().cpu().contiguous()
-            for k, v in model.adaptation_state_dict().items()
-        }
-
-    def manifest_fields(self, model: Any) -> dict[str, Any]:
-        return {"model_config": model.config_dict()}
-
-    def from_state(
-        self,
-        strategy: str,
-        tensors: Tensors,
-        manifest: Mapping[str, Any],
-        base: BaseWeights,
-    ) -> Any:
-        model = build_annotation_model(
-            base.encoder_state(), base.checkpoint, **manifest["model_config"]
-        )
-        model.load_adaptation_state_dict(
-            {
-                k[len(self.state_prefix) :]: v
-                for k, v in tensors.items()
-                if k.startswith(self.state_prefix)
-            }
-        )
-        return model.eval()
-
-    def encoder_of(self, model: Any) -> Any:
-        return model.encoder if self.uses_features else None
-
-    def attribution_parts(
-        self, model: Any, n_classes: int, device: torch.device, frozen_encoder: Any
-    ) -> tuple[Any, Any, torch.Tensor]:
-        model = model.to(device).eval()
-        known = torch.ones(n_classes, dtype=torch.bool, device=device)
-        return model.encoder, lambda cls: model.cls_decoder(model.feature_norm(cls)), known
-
-
-# ---------------------------------------------------------------------------------- registry
-
-_FAMILIES: dict[str, StrategyFamily] = {}
-
-
-def register_strategy(name: str, family: StrategyFamily) -> None:
-    """Make ``family`` the one that fits, predicts and saves strategy ``name``."""
-    if name not in STRATEGIES:
-        msg = f"{name!r} is not a strategy name of scdlkit._shared.strategies.STRATEGIES."
-        raise ValueError(msg)
-    _FAMILIES[name] = family
-
-
-def strategy_family(name: str) -> StrategyFamily:
-    """The family registered for strategy ``name``."""
-    try:
-        return _FAMILIES[name]
-    except KeyError:
-        msg = f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}."
-        raise ValueError(msg) from None
-
-
-register_strategy("frozen_probe", FrozenProbe())
-register_strategy("baseline", ExpressionBaseline())
-for _name in NEURAL_STRATEGIES:
-    register_strategy(_name, NeuralStrategy(_name))

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 
 from scdlkit._shared.splits import SPLIT_NAMES
-from scdlkit.foundation._fitting import strategy_family
 from scdlkit.foundation._runner import ScGPTAnnotationRunner
 from scdlkit.foundation._selection import rank_key
 from scdlkit.foundation.models import model_card, resolve_model_checkpoint
+from scdlkit.foundation.strategies import strategy_family
 
 __all__ = ["ModelComparison", "adapt_models"]
 

@@ -40,7 +40,6 @@ from scdlkit.foundation._fitting import (
     label_predictions,
     query_cells_without_expression,
     read_once,
-    strategy_family,
 )
 from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
 from scdlkit.foundation._normalisation import describe_normalisation
@@ -60,6 +59,7 @@ from scdlkit.foundation._stream import encode_adata
 from scdlkit.foundation._training_settings import resolve_training
 from scdlkit.foundation.models import model_card, resolve_model_checkpoint
 from scdlkit.foundation.models._contract import ModelCheckpoint
+from scdlkit.foundation.strategies import strategy_family
 from scdlkit.training._checks import check_adata, check_arguments, check_path
 
 __all__ = ["ScGPTAnnotationRunner"]
@@ -255,11 +255,17 @@ class ScGPTAnnotationRunner:
     # ----------------------------------------------------------------------------- helpers
 
     @property
+    def model_title(self) -> str:
+        """Display name of the foundation model (``"scGPT"``, ``"Geneformer"``); a runner
+        loaded without its checkpoint (a kept baseline) says ``"scGPT"``, its API's name."""
+        ckpt = getattr(self, "checkpoint_", None)
+        return "scGPT" if ckpt is None else model_card(ckpt).title
+
+    @property
     def torch_device(self) -> torch.device:
         """The torch device ``device`` resolves to on this machine."""
         return resolve_device(self.device)
 
-    _torch_device = torch_device
 
     def _require_fitted(self, what: str) -> None:
         if not self._fitted:
@@ -286,7 +292,7 @@ class ScGPTAnnotationRunner:
             "gene_key": self.gene_key or "",
             "layer": self.layer or "",
             "training": {s: self.training_settings(s) for s in self.strategies},
-            "precision_used": resolve_precision(self.precision, self._torch_device),
+            "precision_used": resolve_precision(self.precision, self.torch_device),
         }
 
     def training_settings(self, strategy: str) -> dict[str, Any]:
@@ -439,7 +445,7 @@ class ScGPTAnnotationRunner:
                 encoder_state=encoder_state,
                 features=features,
                 expression=self._expression,
-                device=self._torch_device,
+                device=self.torch_device,
                 precision=self.precision,
                 batch_size=self.batch_size,
                 random_state=self.random_state + r,
@@ -540,14 +546,14 @@ class ScGPTAnnotationRunner:
         base.load_report = card.load_weights(base, state)
         base.checkpoint = self.checkpoint_
         logger.info("%s checkpoint %s: %s", card.title, self.checkpoint_.name, base.load_report)
-        return base.to(self._torch_device).eval()
+        return base.to(self.torch_device).eval()
 
     def frozen_encoder(self) -> Any:
         """The pretrained encoder for ``<cls>`` features: the kept model's, or built once."""
         if self._base_encoder is None:
             held = strategy_family(self.best_strategy_).encoder_of(self._best.model)
             self._base_encoder = (
-                held.to(self._torch_device).eval()
+                held.to(self.torch_device).eval()
                 if held is not None
                 else self._build_base_encoder(
                     model_card(self.checkpoint_).read_weights(self.checkpoint_)
@@ -559,7 +565,7 @@ class ScGPTAnnotationRunner:
         return encode_cells(
             tokens,
             forward,
-            device=self._torch_device,
+            device=self.torch_device,
             batch_size=self.batch_size,
             precision=self.precision,
             progress=self.progress,
@@ -603,7 +609,7 @@ class ScGPTAnnotationRunner:
             encode=encode,
             cls_features=cls_features,
             expression=expression,
-            device=self._torch_device,
+            device=self.torch_device,
             n_classes=len(self.label_categories_),
         )
         kept = self.kept_result(strategy)
@@ -684,7 +690,7 @@ class ScGPTAnnotationRunner:
                 adata,
                 self.checkpoint_,
                 forward,
-                device=self._torch_device,
+                device=self.torch_device,
                 gene_key=gene_key,
                 layer=layer,
                 batch_size=self.batch_size,

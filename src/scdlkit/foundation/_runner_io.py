@@ -45,9 +45,10 @@ from scdlkit._shared.provenance import (
 )
 from scdlkit._shared.strategies import STRATEGIES
 from scdlkit.foundation._conformal import ConformalCalibration
-from scdlkit.foundation._fitting import BaseWeights, StrategyResult, strategy_family
+from scdlkit.foundation._fitting import BaseWeights, StrategyResult
 from scdlkit.foundation.models import is_model_checkpoint, model_card, resolve_model_checkpoint
 from scdlkit.foundation.models._contract import ModelCheckpoint
+from scdlkit.foundation.strategies import strategy_family
 
 __all__ = [
     "KIND",
