@@ -159,6 +159,11 @@ def test_chunks_backed_and_row_order_do_not_change_tokens(
     shuffled, _ = tokenize_geneformer(adata[order], ckpt, gene_key="ensembl_id")
     for new, old in enumerate(order):
         assert shuffled.cell(new).tolist() == whole.cell(int(old)).tolist()
+    # ties are ordered by token id, so the order of the genes changes nothing either (DESIGN 7)
+    genes = np.random.default_rng(1).permutation(adata.n_vars)
+    regenes, _ = tokenize_geneformer(adata[:, genes].copy(), ckpt, gene_key="ensembl_id")
+    np.testing.assert_array_equal(regenes.indptr, whole.indptr)
+    np.testing.assert_array_equal(regenes.gene_ids, whole.gene_ids)
 
 
 def test_n_counts_defaults_to_the_row_total(fixture: dict, adata: ad.AnnData) -> None:

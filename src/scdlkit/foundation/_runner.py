@@ -266,7 +266,6 @@ class ScGPTAnnotationRunner:
         """The torch device ``device`` resolves to on this machine."""
         return resolve_device(self.device)
 
-
     def _require_fitted(self, what: str) -> None:
         if not self._fitted:
             msg = f"{what} needs a fitted runner: call fit(adata) first (or AnnotationRunner.load)."

@@ -304,29 +304,22 @@ def rank_value_encode(
     expressed : numpy.ndarray
         Non-zero token columns per cell, before truncation (int64).
     """
-    # token columns in token-id order: after sort_indices every row lists its genes by token id,
-    # so a stable sort by value orders equal values by token id (upstream's unstable argsort
-    # leaves them undefined) and a cell's tokens do not depend on the AnnData's gene order
-    by_token = np.argsort(column_tokens, kind="stable")
-    plan, column_tokens, column_medians = (
-        plan[:, by_token],
-        column_tokens[by_token],
-        column_medians[by_token],
-    )
     reduced = sparse.csr_matrix(block.astype(np.float64) @ plan)
     reduced.eliminate_zeros()
-    reduced.sort_indices()
     n_rows = reduced.shape[0]
     per_row = np.diff(reduced.indptr)
     rows = np.repeat(np.arange(n_rows), per_row)
     # upstream's arithmetic, in its order: x / n_counts * target_sum / median
     values = reduced.data / n_counts[rows] * TARGET_SUM / column_medians[reduced.indices]
-    # one small sort per cell, as upstream: much faster than one sort over the block's entries
+    # one small sort per cell, as upstream (numpy's fast unstable sort)...
     order = np.empty(len(values), dtype=np.int64)
     starts = reduced.indptr
     for r in range(n_rows):
         lo, hi = starts[r], starts[r + 1]
-        order[lo:hi] = lo + np.argsort(-values[lo:hi], kind="stable")
+        order[lo:hi] = lo + np.argsort(-values[lo:hi])
+    # ...then equal values ordered by token id (upstream leaves their order undefined), so a
+    # cell's tokens do not depend on the order of the AnnData's genes
+    order = _ties_by_token(order, values, rows, column_tokens[reduced.indices])
     ranked = column_tokens[reduced.indices[order]]
     rank = np.arange(len(order)) - np.repeat(reduced.indptr[:-1], per_row)
     keep = rank < limit
@@ -340,6 +333,28 @@ def rank_value_encode(
         tokens[offsets + counts - 1] = eos_id
     tokens[(offsets + specials // 2)[rows[keep]] + rank[keep]] = ranked[keep]
     return counts.astype(np.int64), tokens, per_row.astype(np.int64)
+
+
+def _ties_by_token(
+    order: np.ndarray, values: np.ndarray, rows: np.ndarray, tokens: np.ndarray
+) -> np.ndarray:
+    """``order`` (each row's entries by descending value) with runs of equal values in one row
+    reordered by ascending token id."""
+    ranked = values[order]
+    tie = (ranked[1:] == ranked[:-1]) & (rows[1:] == rows[:-1])  # rows: order keeps row blocks
+    if not tie.any():
+        return order
+    in_run = np.zeros(len(order), dtype=bool)
+    in_run[1:] |= tie
+    in_run[:-1] |= tie
+    starts = np.ones(len(order), dtype=bool)
+    starts[1:] = ~tie
+    run = np.cumsum(starts)  # one id per run of equal values (and per untied entry)
+    positions = np.flatnonzero(in_run)
+    reordered = positions[np.lexsort((tokens[order[positions]], run[positions]))]
+    order = order.copy()
+    order[positions] = order[reordered]
+    return order
 
 
 def _plan_matrix(match: GeneformerGeneMatch) -> sparse.csr_matrix:
