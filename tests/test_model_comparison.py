@@ -225,3 +225,30 @@ def test_a_geneformer_runner_remembers_dictionaries_kept_elsewhere(tmp_path):
     np.testing.assert_array_equal(
         back.predict(adata)["probabilities"], runner.predict(adata)["probabilities"]
     )
+
+
+def test_a_runner_saved_before_the_model_registry_loads_as_scgpt(tmp_path):
+    """Manifests written before the registry have no checkpoint.model, d_model or options: they
+    are scGPT's, and load and predict as before."""
+    import json
+
+    adata = pbmc_counts()[::3].copy()
+    runner = sck.AnnotationRunner(
+        label_key="bulk_labels",
+        checkpoint=SCGPT,
+        strategies=("frozen_probe",),
+        device="cpu",
+        precision="fp32",
+        progress=False,
+        output_dir=tmp_path / "run",
+    ).fit(adata)
+    folder = tmp_path / "run" / "runner"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for field in ("model", "d_model", "options"):
+        del manifest["checkpoint"][field]
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    back = sck.AnnotationRunner.load(folder)
+    assert back.checkpoint_.model_name == "scgpt"
+    np.testing.assert_array_equal(
+        back.predict(adata)["probabilities"], runner.predict(adata)["probabilities"]
+    )
