@@ -252,3 +252,17 @@ def test_a_runner_saved_before_the_model_registry_loads_as_scgpt(tmp_path):
     np.testing.assert_array_equal(
         back.predict(adata)["probabilities"], runner.predict(adata)["probabilities"]
     )
+
+
+def test_upstream_recipe_is_refused_for_a_model_without_one(tmp_path):
+    """training="upstream" reproduces scGPT's and scPEFT's recipes: with Geneformer it would train
+    with another model's recipe under that name, so it is refused before any work."""
+    adata = ad.read_h5ad(DATA / "geneformer-tiny-v2" / "data.h5ad")
+    with pytest.raises(ValueError, match="Geneformer's own fine-tuning recipe is not wired"):
+        sck.AnnotationRunner(
+            label_key="cell_type",
+            checkpoint=GENEFORMER,
+            gene_key="ensembl_id",
+            strategies=("lora",),
+            training="upstream",
+        ).fit(adata)

@@ -48,6 +48,7 @@ from scdlkit.foundation._runner_args import (
     LOAD_ARGUMENTS,
     PREDICT_ARGUMENTS,
     SHORTCUTS,
+    check_recipe_for_model,
     check_rows,
     check_runner_arguments,
     check_validation_cells,
@@ -364,8 +365,8 @@ class ScGPTAnnotationRunner:
         """
         check_adata("adata", adata)
         check_validation_cells(self.strategies, self.val_size, self.split_by, self.val_batches)
-        ckpt = resolve_model_checkpoint(self.checkpoint)
-        names = gene_names(adata, self.gene_key)
+        ckpt, names = resolve_model_checkpoint(self.checkpoint), gene_names(adata, self.gene_key)
+        check_recipe_for_model(self.training, model_card(ckpt))
         model_card(ckpt).check_gene_names(names, ckpt, self.gene_key)
         if not all(strategy_family(name).uses_checkpoint for name in self.strategies):
             check_unique_genes(names, gene_key=self.gene_key)  # the baseline reads every gene

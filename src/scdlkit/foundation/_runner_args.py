@@ -316,3 +316,14 @@ def check_rows(predictions: Mapping[str, Any], n_obs: int) -> None:
                 "predict(adata) of this AnnData, or predictions=None."
             )
             raise ValueError(msg)
+
+
+def check_recipe_for_model(training: Any, card: Any) -> None:
+    """``training="upstream"`` only for a model whose published recipes it reproduces."""
+    if (training or {}).get("recipe") == "upstream" and not card.upstream_recipe:
+        msg = (
+            f"training='upstream' names scGPT's and scPEFT's published recipes; {card.title}'s "
+            "own fine-tuning recipe is not wired into scdlkit yet. Use the default recipe "
+            "(training=None) or give its settings explicitly (lr, weight_decay, ...)."
+        )
+        raise ValueError(msg)

@@ -227,6 +227,10 @@ class ModelCard:
         ``(module, p) -> module``: every dropout of the encoder's layers set to ``p``.
     set_attention_dropout
         ``(module, p) -> module``: the attention-probability dropout set to ``p``.
+    upstream_recipe
+        Whether ``training="upstream"`` reproduces this model's published fine-tuning recipes
+        (scGPT: yes; otherwise the runner refuses that recipe rather than train with another
+        model's under its name).
     value_kinds
         The kinds of values the model reads (``"raw_counts"``, ``"log_normalised"``).
     truncation_note
@@ -253,6 +257,7 @@ class ModelCard:
     tokenize: Callable[..., Any]
     set_dropout: Callable[[Any, float], Any]
     set_attention_dropout: Callable[[Any, float], Any]
+    upstream_recipe: bool = False
     value_kinds: tuple[str, ...] = ("raw_counts", "log_normalised")
     truncation_note: str = "the model reads only part of their genes"
     files: tuple[str, ...] = ()

@@ -45,6 +45,7 @@ SCGPT_CARD = ModelCard(
     tokenize=tokenize_adata,
     set_dropout=set_encoder_dropout,
     set_attention_dropout=set_attention_dropout,
+    upstream_recipe=True,
     truncation_note="a seeded random subset of their genes is used (as upstream does)",
     files=CHECKPOINT_FILES,
     official_names=tuple(OFFICIAL_CHECKPOINTS),
