@@ -180,6 +180,9 @@ class ToyCheckpoint:
     def config_dict(self) -> dict[str, Any]:
         return {"d_model": self.d_model}
 
+    def resolve_options(self) -> dict[str, Any]:
+        return {}
+
 
 def _build(ckpt: ToyCheckpoint) -> ToyEncoder:
     encoder = ToyEncoder(len(ckpt.vocab) + 1, ckpt.d_model)
@@ -217,7 +220,7 @@ TOY_CARD = ModelCard(
     name="toy",
     title="Toy",
     recognises=lambda folder: (folder / "toy.json").is_file(),
-    resolve=lambda c: c if isinstance(c, ToyCheckpoint) else ToyCheckpoint(Path(c).resolve()),
+    resolve=lambda c, **_: c if isinstance(c, ToyCheckpoint) else ToyCheckpoint(Path(c).resolve()),
     read_weights=lambda ckpt: torch.load(ckpt.weights_path, weights_only=True),
     build=_build,
     load_weights=_load_weights,

@@ -311,8 +311,10 @@ def query_cells_without_expression(
     validate_values(adata, layer)
     names = gene_names(adata, gene_key)
     if family.uses_checkpoint:
-        known: Any = checkpoint.readable_genes
-        what = f"the {model_card(checkpoint).title} vocabulary"
+        # the model's own matching (Geneformer maps symbols to Ensembl ids, say)
+        card = model_card(checkpoint)
+        known: Any = set(map(str, card.match_genes(adata, checkpoint, gene_key).matched))
+        what = f"the {card.title} vocabulary"
     else:
         known = set(model.genes_)
         what = f"the {len(known)} genes the baseline was fitted on"
