@@ -707,6 +707,11 @@ class ScGPTAnnotationRunner:
         )
         return flag_without_expression(predictions, silent, UNKNOWN_LABEL)
 
+    def restore_fitted(self, best: StrategyResult) -> None:
+        """Take ``best`` as the kept model of a runner read from disk (no features cached)."""
+        self._features, self._base_encoder = None, None
+        self._best, self._kept, self._fitted = best, {best.strategy: best}, True
+
     def kept_result(self, strategy: str | None = None) -> StrategyResult:
         """The kept model of ``strategy`` (default: the best), read from the saved runner's
         ``strategies/`` folder on first use."""

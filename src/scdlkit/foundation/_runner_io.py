@@ -220,7 +220,7 @@ def save_runner(runner: Any, path: Path) -> Path:
     # scdlkit.training's package imports the Trainer (lightning_fabric): only when saving
     from scdlkit.training.metrics import json_safe
 
-    best: StrategyResult = runner._best
+    best: StrategyResult = runner.kept_result()
     family = strategy_family(best.strategy)
     path = Path(path).resolve()
     kept = _save_kept(runner, path)
@@ -680,10 +680,8 @@ def load_runner(cls: type, path: Path, *, checkpoint: Any, device: str, verify: 
     runner.normalisation_ = manifest.get("normalisation")
     batch_records = manifest.get("batch_metrics")
     runner.batch_metrics_ = None if batch_records is None else pd.DataFrame(batch_records)
-    runner._features = None
-    runner._base_encoder = None
     family = strategy_family(runner.best_strategy_)
-    runner._best = StrategyResult(
+    best = StrategyResult(
         strategy=runner.best_strategy_,
         metrics={},
         trainable_parameters=0,
@@ -694,13 +692,12 @@ def load_runner(cls: type, path: Path, *, checkpoint: Any, device: str, verify: 
     )
     conformal = _rebuild_conformal(weights, tensors, len(runner.label_categories_))
     if conformal is not None:
-        runner._best.extra["conformal"] = conformal
-    runner._kept = {runner.best_strategy_: runner._best}
+        best.extra["conformal"] = conformal
+    runner.restore_fitted(best)
     runner.kept_pins_ = manifest.get("kept_strategies") or {}
     runner.load_options_ = (checkpoint, verify)  # how kept models are loaded on first use
     runner.kept_strategies_ = [runner.best_strategy_, *runner.kept_pins_]
     runner.final_models_ = manifest.get("final_models") or {}
-    runner._fitted = True
     runner.runner_dir_ = path.resolve()
     runner.manifest_sha256_ = digest
     return runner
