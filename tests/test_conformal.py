@@ -315,6 +315,7 @@ def test_a_saved_calibration_that_does_not_fit_the_classes_is_refused(calibrated
     calibration = copy.deepcopy(calibrated.conformal_calibration())
     calibration.labels[0] = len(calibrated.label_categories_) + 3  # a class that does not exist
     broken._best.extra = {**calibrated._best.extra, "conformal": calibration}
+    broken._kept = {calibrated.best_strategy_: broken._best}  # what save reads (kept_result)
     broken.kept_strategies_ = [calibrated.best_strategy_]
     folder = broken.save(tmp_path / "broken")
     with pytest.raises(ValueError, match=r"conformal calibration \(conformal\.\*\) does not hold"):
