@@ -266,3 +266,74 @@ def test_upstream_recipe_is_refused_for_a_model_without_one(tmp_path):
             strategies=("lora",),
             training="upstream",
         ).fit(adata)
+
+
+def test_a_moved_geneformer_checkpoint_loads_from_its_new_folder(tmp_path):
+    """The recorded dictionary paths are stale once the checkpoint moves: the new folder is
+    searched instead (the sha256 pins still prove it is the same checkpoint), for the best and
+    for every other kept model."""
+    import shutil
+
+    source = DATA / "geneformer-tiny-v2"
+    shutil.copytree(source / "checkpoint", tmp_path / "a" / "ckpt")
+    shutil.copytree(source / "dictionaries", tmp_path / "a" / "dictionaries")
+    var = ad.read_h5ad(source / "data.h5ad").var.drop_duplicates("ensembl_id").iloc[:150]
+    rng = np.random.default_rng(2)
+    labels = np.repeat(list("abc"), 30)
+    counts = rng.poisson(0.3, (90, 150)).astype(np.float32)
+    for k, label in enumerate("abc"):
+        counts[labels == label, k * 10 : k * 10 + 10] += rng.poisson(8.0, (30, 10))
+    adata = ad.AnnData(
+        sparse.csr_matrix(counts),
+        obs=pd.DataFrame({"cell_type": labels}, index=[f"c{i}" for i in range(90)]),
+        var=var,
+    )
+    runner = sck.AnnotationRunner(
+        label_key="cell_type",
+        checkpoint=tmp_path / "a" / "ckpt",
+        gene_key="ensembl_id",
+        strategies=("frozen_probe", "head"),
+        epochs=2,
+        keep="all",
+        device="cpu",
+        precision="fp32",
+        progress=False,
+        output_dir=tmp_path / "run",
+    ).fit(adata)
+    (tmp_path / "a").rename(tmp_path / "b")
+    back = sck.AnnotationRunner.load(
+        tmp_path / "run" / "runner", checkpoint=tmp_path / "b" / "ckpt"
+    )
+    for strategy in ("frozen_probe", "head"):
+        np.testing.assert_allclose(
+            back.predict(adata, strategy=strategy)["probabilities"],
+            runner.predict(adata, strategy=strategy)["probabilities"],
+            rtol=0,
+            atol=1e-6,
+        )
+
+
+def test_a_query_sharing_few_genes_with_the_model_is_refused(tmp_path):
+    """The number of shared genes needed is capped by what the model could read (its vocabulary),
+    not by what the query happens to share."""
+    adata = pbmc_counts()[::4].copy()
+    runner = sck.AnnotationRunner(
+        label_key="bulk_labels",
+        checkpoint=SCGPT,
+        strategies=("frozen_probe",),
+        device="cpu",
+        precision="fp32",
+        progress=False,
+    ).fit(adata)
+    few = adata[:, :5].copy()
+    with pytest.raises(ValueError, match="need at least 100"):
+        runner.predict(few)
+
+
+def test_two_checkpoints_of_one_model_get_numbered_labels():
+    from scdlkit.foundation._model_comparison import _labels
+
+    v1 = DATA / "geneformer-tiny-v1" / "checkpoint"
+    assert _labels([SCGPT, v1, GENEFORMER]) == ["scgpt", "geneformer_1", "geneformer_2"]
+    with pytest.raises(ValueError, match="name one checkpoint twice"):
+        _labels([GENEFORMER, GENEFORMER])

@@ -116,6 +116,7 @@ class ToyTokens:
     values: np.ndarray
     pad_id: int = 0
     pad_value: float = 0.0
+    max_seq_len: int = 1000
 
     n_cells = property(lambda self: len(self.indptr) - 1)
     n_genes_per_cell = property(lambda self: np.diff(self.indptr))

@@ -162,6 +162,7 @@ def check_shared_genes(
     gene_key: str | None,
     what: str,
     min_shared: int = MIN_SHARED_GENES,
+    capacity: int | None = None,
 ) -> np.ndarray:
     """Positions of ``names`` that are in ``known``; refuse a query sharing too few genes.
 
@@ -179,10 +180,13 @@ def check_shared_genes(
     what
         What ``known`` is, for the message (e.g. "the baseline's fitted genes").
     min_shared
-        Genes needed, capped at ``len(known)``.
+        Genes needed, capped at ``capacity``.
+    capacity
+        How many genes the model could read at most (default ``len(known)``): when ``known``
+        holds only the query's own matches, the cap must come from the model.
     """
     present = np.fromiter((n in known for n in names), dtype=bool, count=len(names))
-    needed = min(min_shared, len(known))
+    needed = min(min_shared, len(known) if capacity is None else capacity)
     shared = int(present.sum())
     if shared == 0 or shared < needed:
         where = f"adata.var[{gene_key!r}]" if gene_key else "adata.var_names"

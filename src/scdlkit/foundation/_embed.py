@@ -135,7 +135,11 @@ def encode_cells(
         multiple = WIDTH_MULTIPLE  # read at call time, so benchmarks can compare settings
         for positions in inference_batches(tokens.lengths[cells], batch_size, multiple=multiple):
             batch = tokens.collate(cells[positions])
-            width = padded_width(batch["gene_ids"].shape[1], multiple)
+            # never past the model's input length (its position table may not be a multiple)
+            width = min(
+                padded_width(batch["gene_ids"].shape[1], multiple),
+                max(tokens.max_seq_len, batch["gene_ids"].shape[1]),
+            )
             batch = pad_batch(batch, width, pad_id=tokens.pad_id, pad_value=tokens.pad_value)
             batch = {
                 k: (v.pin_memory() if pin else v).to(device, non_blocking=True)

@@ -310,16 +310,18 @@ def query_cells_without_expression(
     """
     validate_values(adata, layer)
     names = gene_names(adata, gene_key)
+    capacity = None
     if family.uses_checkpoint:
         # the model's own matching (Geneformer maps symbols to Ensembl ids, say)
         card = model_card(checkpoint)
         known: Any = set(map(str, card.match_genes(adata, checkpoint, gene_key).matched))
         what = f"the {card.title} vocabulary"
+        capacity = len(checkpoint.readable_genes)  # what the model could read, not the query
     else:
         known = set(model.genes_)
         what = f"the {len(known)} genes the baseline was fitted on"
     columns = check_shared_genes(
-        names, known, gene_key=gene_key, what=what, min_shared=MIN_GENE_OVERLAP
+        names, known, gene_key=gene_key, what=what, min_shared=MIN_GENE_OVERLAP, capacity=capacity
     )
     return cells_without_expression(get_matrix(adata, layer), columns)
 

@@ -194,8 +194,9 @@ def inspect_annotation_data(
     )
     if gene_key is None and looks_like_ensembl(match.names) and match.ratio < 0.5:
         problems.append(
-            f"var_names look like Ensembl ids but the {card.title} vocabulary holds gene symbols: "
-            "pass gene_key= naming the adata.var column with symbols (e.g. 'feature_name', "
+            f"var_names look like Ensembl ids but few of them are in the {card.title} "
+            "vocabulary: check the species and id version, or pass gene_key= naming the adata.var "
+            "column with the identifiers the model reads (e.g. symbols: 'feature_name', "
             "'gene_symbols')."
         )
     elif match.n_matched < max(needed, 1):

@@ -20,7 +20,7 @@ import pandas as pd
 from scdlkit._shared.splits import SPLIT_NAMES
 from scdlkit.foundation._runner import ScGPTAnnotationRunner
 from scdlkit.foundation._selection import rank_key
-from scdlkit.foundation.models import model_card, resolve_model_checkpoint
+from scdlkit.foundation.models import resolve_model_checkpoint
 from scdlkit.foundation.strategies import strategy_family
 
 __all__ = ["ModelComparison", "adapt_models"]
@@ -34,8 +34,8 @@ class ModelComparison:
     ----------
     runners
         ``{model label: fitted runner}``, in the order the checkpoints were given. A label is
-        the model's registry name, with the checkpoint folder's name added when one model
-        appears twice.
+        the model's registry name, numbered (``geneformer_1``, ``geneformer_2``) when one model
+        appears more than once; ``uns[key]["models"]`` records each label's checkpoint.
     strategy_metrics
         One row per (model, strategy): each runner's ``strategy_metrics_`` with a ``model``
         column first (``"expression"`` for the baseline, which reads no model).
@@ -54,15 +54,18 @@ class ModelComparison:
 
 
 def _labels(checkpoints: Sequence[Any]) -> list[str]:
+    """The model's name, numbered when a model appears more than once (``geneformer_2``); safe as
+    a folder name on every platform."""
     models = [resolve_model_checkpoint(c) for c in checkpoints]
-    names = [c.model_name for c in models]
-    labels = [
-        name if names.count(name) == 1 else f"{name}:{ckpt.name}"
-        for name, ckpt in zip(names, models, strict=True)
-    ]
-    if len(set(labels)) != len(labels):
+    paths = [m.path for m in models]
+    if len(set(paths)) != len(paths):
         msg = f"checkpoints {[str(c) for c in checkpoints]} name one checkpoint twice."
         raise ValueError(msg)
+    names = [m.model_name for m in models]
+    labels, seen = [], {}
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        labels.append(name if names.count(name) == 1 else f"{name}_{seen[name]}")
     return labels
 
 
@@ -134,10 +137,3 @@ def adapt_models(
     }
     best = min(best_rows, key=lambda label: rank_key(best_rows[label].to_dict()))
     return ModelComparison(runners, pd.concat(frames, ignore_index=True), best)
-
-
-def model_title(label: str) -> str:
-    """Display name of a model label (``"geneformer:V2"`` -> ``"Geneformer (V2)"``)."""
-    name, _, folder = label.partition(":")
-    title = model_card(name).title if name != "expression" else "expression"
-    return f"{title} ({folder})" if folder else title

@@ -311,7 +311,8 @@ def load_kept(runner: Any, name: str) -> StrategyResult:
         raise ValueError(msg)
     folder = Path(runner.runner_dir_) / KEPT_FOLDER / name
     checkpoint, verify = getattr(runner, "load_options_", (None, True))
-    base = runner.checkpoint_.path if runner.checkpoint_ is not None else checkpoint
+    # the resolved checkpoint itself: a folder alone may not say where its parts are (Geneformer)
+    base = runner.checkpoint_ if runner.checkpoint_ is not None else checkpoint
     other = type(runner).load(
         folder, checkpoint=base, device=runner.device, verify_checkpoint=verify
     )
@@ -323,7 +324,7 @@ def load_kept(runner: Any, name: str) -> StrategyResult:
         raise ValueError(msg)
     if runner.checkpoint_ is None:  # a baseline runner: the kept model found and checked it
         runner.checkpoint_ = other.checkpoint_
-    return other._best
+    return other.kept_result()
 
 
 #: Prefix of the conformal calibration's tensors (scores, labels, temperature) in the weights.
@@ -576,7 +577,7 @@ def _find_base(recorded: Mapping[str, Any], checkpoint: Any, runner: Path) -> Mo
     """
     # runners saved before the model registry name no model: they are scGPT's
     model = recorded.get("model") or "scgpt"
-    options = recorded.get("options") or {}
+    options = _usable_options(recorded.get("options"))
     if checkpoint is not None:
         # a folder passed again still finds what the recorded options say (e.g. dictionaries)
         given = None if is_model_checkpoint(checkpoint) else options
@@ -586,7 +587,8 @@ def _find_base(recorded: Mapping[str, Any], checkpoint: Any, runner: Path) -> Mo
     fix = (
         f"This runner was trained on the {card.title} checkpoint recorded in "
         f"{runner / MANIFEST_NAME} at {folder!r} (name {name!r}). If it was moved, pass its "
-        f"folder (holding {', '.join(card.files)}): AnnotationRunner.load({str(runner)!r}, "
+        f"folder (holding {', '.join(card.files or sorted(recorded.get('files') or {}))}): "
+        f"AnnotationRunner.load({str(runner)!r}, "
         "checkpoint='<folder>'); its files are checked against the sha256 recorded for them."
     )
     try:
@@ -599,6 +601,17 @@ def _find_base(recorded: Mapping[str, Any], checkpoint: Any, runner: Path) -> Mo
         raise FileNotFoundError(msg) from err
     msg = f"the base checkpoint folder {folder!r} no longer exists. {fix}"
     raise FileNotFoundError(msg)
+
+
+def _usable_options(options: Any) -> dict[str, Any]:
+    """Recorded resolve options whose files still exist; else none, so the model searches its
+    folder again (the sha256 pins still prove it is the same checkpoint)."""
+    if not isinstance(options, dict):
+        return {}
+    paths = options.get("dictionaries")
+    if isinstance(paths, dict) and not all(Path(str(p)).is_file() for p in paths.values()):
+        return {k: v for k, v in options.items() if k != "dictionaries"}
+    return options
 
 
 def _check_pins(

@@ -170,6 +170,8 @@ class TokenStore(Protocol):
 
     pad_id: int
     pad_value: float
+    #: Most tokens one cell's input may hold (batches are never padded past it).
+    max_seq_len: int
 
     @property
     def n_cells(self) -> int: ...
@@ -236,8 +238,8 @@ class ModelCard:
     truncation_note
         What happens to a cell expressing more genes than the input holds (for the preflight).
     files
-        File names of a checkpoint folder that change outputs, small first (saved runners pin
-        their sha256).
+        The file names a checkpoint of this model always has, for messages (a resolved
+        checkpoint's own ``files`` are what saved runners pin by sha256).
     official_names
         Names ``resolve`` looks up in the local cache (e.g. scGPT's ``"whole-human"``).
     input_note

@@ -52,8 +52,8 @@ def _tokenize(
     """The contract's tokenize: Geneformer's tokens are deterministic (``seed`` is unused) and
     its counts are always checked (the check is part of reading them)."""
     del seed, check_values
-    if rows is not None:
-        adata = adata[rows]
+    if rows is not None and range(*rows.indices(adata.n_obs)) != range(adata.n_obs):
+        adata = adata[rows]  # a view; the whole AnnData is read as it is (no copy)
     return tokenize_geneformer(
         adata,
         checkpoint,
