@@ -13,8 +13,6 @@ validation decides, test cells are reported.
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,9 @@ import scanpy as sc
 from scipy import sparse
 
 import scdlkit as sck
+
+sys.path.insert(0, str(Path(__file__).parent))
+from baseline_vs_celltypist import machine
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 CHECKPOINTS = {
@@ -45,23 +46,6 @@ def pbmc_counts() -> ad.AnnData:
         obs=pbmc.obs[["bulk_labels", "n_counts"]].copy(),
         var=pd.DataFrame(index=raw.var_names),
     )
-
-
-def machine() -> str:
-    flags = subprocess.run(
-        "grep -o 'avx512_bf16\\|amx_bf16' /proc/cpuinfo | sort -u",
-        shell=True,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.split()
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    model = next(
-        (line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line),
-        platform.processor(),
-    )
-    bf16 = "native bf16 (" + ", ".join(flags) + ")" if flags else "no native bf16"
-    return f"{model}, {bf16}, python {sys.version.split()[0]}"
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -106,7 +90,8 @@ def main(argv: list[str] | None = None) -> str:
         kept=("kept", "sum"),
     )
     lines = [
-        f"pbmc68k_reduced (700 cells, 10 bulk_labels), seeds {args.seeds}; {machine()}",
+        f"pbmc68k_reduced (700 cells, 10 bulk_labels), seeds {args.seeds}; machine: {machine()}; "
+        "fp32",
         "",
         "| model | strategy | validation macro-F1 | test macro-F1 | kept (of seeds) |",
         "|---|---|---|---|---|",

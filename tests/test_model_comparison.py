@@ -3,6 +3,7 @@ cells for every model, the best on validation cells labels the data, and the plo
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import anndata as ad
@@ -10,7 +11,6 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
-import scanpy as sc
 from scipy import sparse
 
 import scdlkit as sck
@@ -23,17 +23,29 @@ GENEFORMER = DATA / "geneformer-tiny-v2" / "checkpoint"
 
 
 def pbmc_counts() -> ad.AnnData:
-    """pbmc68k_reduced's counts: its ``.raw`` is log1p of counts scaled to 10,000 per cell, and
-    ``obs["n_counts"]`` holds each cell's total, so ``expm1(x) * n_counts / 1e4`` gives them back
-    (within 0.03 of an integer before rounding). Geneformer reads counts, scGPT reads either."""
-    pbmc = sc.datasets.pbmc68k_reduced()
-    raw = pbmc.raw.to_adata()
-    scale = pbmc.obs["n_counts"].to_numpy()[:, None] / 1e4
-    counts = np.rint(np.expm1(raw.X.toarray()) * scale).astype(np.float32)
+    """pbmc68k_reduced's counts, as ``benchmarks/two_models_pbmc.py`` recovers them."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "two_models_pbmc.py"
+    spec = importlib.util.spec_from_file_location("scdlkit_benchmarks_two_models_pbmc", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.pbmc_counts()
+
+
+def geneformer_cells(fixture: Path, *, seed: int, empty_first: bool = False) -> ad.AnnData:
+    """90 cells of raw counts over 150 of a Geneformer fixture's genes (duplicated ids dropped),
+    3 types each marked by 10 genes; ``empty_first`` leaves the first cell without counts."""
+    var = ad.read_h5ad(fixture / "data.h5ad").var.drop_duplicates("ensembl_id").iloc[:150]
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(list("abc"), 30)
+    counts = rng.poisson(0.3, (90, 150)).astype(np.float32)
+    for k, label in enumerate("abc"):
+        counts[labels == label, k * 10 : k * 10 + 10] += rng.poisson(8.0, (30, 10))
+    if empty_first:
+        counts[0] = 0
     return ad.AnnData(
         sparse.csr_matrix(counts),
-        obs=pbmc.obs[["bulk_labels", "n_counts"]].copy(),
-        var=pd.DataFrame(index=raw.var_names),
+        obs=pd.DataFrame({"cell_type": labels}, index=[f"c{i}" for i in range(90)]),
+        var=var,
     )
 
 
@@ -147,18 +159,7 @@ def test_a_geneformer_v1_cell_without_genes_is_embedded_as_zero_and_labelled_unk
     """V1 pools by averaging gene tokens; a cell with none must not become NaN (it would break
     every strategy); it gets a zero embedding and, in the tools, the unknown label."""
     folder = DATA / "geneformer-tiny-v1"
-    var = ad.read_h5ad(folder / "data.h5ad").var.drop_duplicates("ensembl_id").iloc[:150]
-    rng = np.random.default_rng(0)
-    labels = np.repeat(list("abc"), 30)
-    counts = rng.poisson(0.3, (90, 150)).astype(np.float32)
-    for k, label in enumerate("abc"):
-        counts[labels == label, k * 10 : k * 10 + 10] += rng.poisson(8.0, (30, 10))
-    counts[0] = 0
-    adata = ad.AnnData(
-        sparse.csr_matrix(counts),
-        obs=pd.DataFrame({"cell_type": labels}, index=[f"c{i}" for i in range(90)]),
-        var=var,
-    )
+    adata = geneformer_cells(folder, seed=0, empty_first=True)
     embedded = adata.copy()
     sck.tl.embed(
         embedded,
@@ -200,17 +201,7 @@ def test_a_geneformer_runner_remembers_dictionaries_kept_elsewhere(tmp_path):
     ckpt = resolve_geneformer_checkpoint(
         tmp_path / "models" / "ckpt", dictionaries=tmp_path / "elsewhere"
     )
-    var = ad.read_h5ad(source / "data.h5ad").var.drop_duplicates("ensembl_id").iloc[:150]
-    rng = np.random.default_rng(1)
-    labels = np.repeat(list("abc"), 30)
-    counts = rng.poisson(0.3, (90, 150)).astype(np.float32)
-    for k, label in enumerate("abc"):
-        counts[labels == label, k * 10 : k * 10 + 10] += rng.poisson(8.0, (30, 10))
-    adata = ad.AnnData(
-        sparse.csr_matrix(counts),
-        obs=pd.DataFrame({"cell_type": labels}, index=[f"c{i}" for i in range(90)]),
-        var=var,
-    )
+    adata = geneformer_cells(source, seed=1)
     runner = sck.AnnotationRunner(
         label_key="cell_type",
         checkpoint=ckpt,
@@ -277,17 +268,7 @@ def test_a_moved_geneformer_checkpoint_loads_from_its_new_folder(tmp_path):
     source = DATA / "geneformer-tiny-v2"
     shutil.copytree(source / "checkpoint", tmp_path / "a" / "ckpt")
     shutil.copytree(source / "dictionaries", tmp_path / "a" / "dictionaries")
-    var = ad.read_h5ad(source / "data.h5ad").var.drop_duplicates("ensembl_id").iloc[:150]
-    rng = np.random.default_rng(2)
-    labels = np.repeat(list("abc"), 30)
-    counts = rng.poisson(0.3, (90, 150)).astype(np.float32)
-    for k, label in enumerate("abc"):
-        counts[labels == label, k * 10 : k * 10 + 10] += rng.poisson(8.0, (30, 10))
-    adata = ad.AnnData(
-        sparse.csr_matrix(counts),
-        obs=pd.DataFrame({"cell_type": labels}, index=[f"c{i}" for i in range(90)]),
-        var=var,
-    )
+    adata = geneformer_cells(source, seed=2)
     runner = sck.AnnotationRunner(
         label_key="cell_type",
         checkpoint=tmp_path / "a" / "ckpt",

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from scdlkit._shared.validation import gene_names
+from scdlkit.foundation.models._gene_match import MatchCounts
 from scdlkit.foundation.models.geneformer._dictionaries import (
     SPECIAL_TOKENS,
     GeneformerDictionaries,
@@ -44,7 +45,7 @@ _VERSIONED = re.compile(r"^ENS[A-Z]*G[A-Z]?\d{5,}\.\d+$")
 
 
 @dataclass(frozen=True)
-class GeneformerGeneMatch:
+class GeneformerGeneMatch(MatchCounts):
     """Which of the AnnData's genes reach a Geneformer token, and how columns become tokens.
 
     Attributes
@@ -72,26 +73,6 @@ class GeneformerGeneMatch:
     collapsed: bool
     single_columns: np.ndarray = field(repr=False)
     summed_groups: tuple[np.ndarray, ...] = field(repr=False)
-
-    @property
-    def n_matched(self) -> int:
-        """Number of ``var`` entries that reach a token."""
-        return int((self.token_ids >= 0).sum())
-
-    @property
-    def ratio(self) -> float:
-        """Fraction of the AnnData's genes that reach a token (0 when there are no genes)."""
-        return self.n_matched / max(len(self.names), 1)
-
-    @property
-    def matched(self) -> list[str]:
-        """Identifiers that reach a token, in ``var`` order."""
-        return list(self.names[self.token_ids >= 0])
-
-    @property
-    def unmatched(self) -> list[str]:
-        """Identifiers that reach no token, in ``var`` order."""
-        return list(self.names[self.token_ids < 0])
 
     @property
     def vocab_ids(self) -> np.ndarray:

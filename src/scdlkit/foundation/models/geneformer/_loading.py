@@ -12,12 +12,12 @@ import logging
 import os
 import pickle
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from scdlkit._shared.hardware import resolve_device
+from scdlkit.foundation.models._load_report import CheckpointLoadReport
 from scdlkit.foundation.models.geneformer._checkpoint import (
     GeneformerCheckpoint,
     resolve_geneformer_checkpoint,
@@ -45,31 +45,8 @@ _RENAMES = (
 )
 
 
-@dataclass
-class GeneformerLoadReport:
-    """What happened to each key of a Geneformer weights file.
-
-    Attributes
-    ----------
-    used
-        Keys loaded into the encoder (names in the file).
-    ignored
-        Keys present in the file that the encoder does not use (``cls.predictions.*``,
-        ``bert.embeddings.position_ids``, ``bert.pooler.*``, a classifier).
-    renamed
-        ``{key in file: key in model}`` for keys under another name (``LayerNorm.gamma``).
-    """
-
-    used: list[str] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-    renamed: dict[str, str] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        return (
-            f"{len(self.used)} keys used, {len(self.ignored)} ignored"
-            + (f" ({', '.join(sorted(self.ignored))})" if self.ignored else "")
-            + (f", {len(self.renamed)} keys renamed" if self.renamed else "")
-        )
+#: Geneformer's name for the load report (the same class as scGPT's).
+GeneformerLoadReport = CheckpointLoadReport
 
 
 def read_geneformer_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -166,31 +166,43 @@ class GeneformerSelfAttention(nn.Module):
         return out.transpose(1, 2).reshape(batch, q.shape[2], hidden)
 
 
-class GeneformerSelfOutput(nn.Module):
-    """Output projection, dropout, residual and LayerNorm of the attention block (post-norm)."""
+class GeneformerResidualOutput(nn.Module):
+    """A block's output projection, dropout, residual and LayerNorm (post-norm).
 
-    def __init__(self, config: GeneformerConfig) -> None:
+    BERT's ``attention.output`` and ``output`` are this block, projecting from the hidden size
+    and from the intermediate size; their state-dict names are the same (``dense``, ``LayerNorm``).
+
+    Parameters
+    ----------
+    in_features
+        Width of what the block projects (hidden size, or intermediate size).
+    config
+        The architecture (hidden size, LayerNorm eps, dropout).
+    """
+
+    def __init__(self, in_features: int, config: GeneformerConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``LayerNorm(residual + dropout(dense(context)))``.
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``LayerNorm(residual + dropout(dense(x)))``.
 
         Parameters
         ----------
-        context
-            Attention context ``(batch, length, hidden)``.
+        x
+            ``(batch, length, in_features)``: the attention context or the feed-forward
+            activations.
         residual
-            The block's input, same shape.
+            The block's input ``(batch, length, hidden)``.
 
         Returns
         -------
         torch.Tensor
-            The attention block's output.
+            The block's output.
         """
-        return self.LayerNorm(self.dropout(self.dense(context)) + residual)
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
 
 
 class GeneformerAttention(nn.Module):
@@ -201,7 +213,7 @@ class GeneformerAttention(nn.Module):
         self.self = GeneformerSelfAttention(
             config.hidden_size, config.num_attention_heads, config.attention_probs_dropout_prob
         )
-        self.output = GeneformerSelfOutput(config)
+        self.output = GeneformerResidualOutput(config.hidden_size, config)
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None, *, first_only: bool = False
@@ -250,33 +262,6 @@ class GeneformerIntermediate(nn.Module):
         return self.act(self.dense(x))
 
 
-class GeneformerOutput(nn.Module):
-    """The feed-forward output projection, dropout, residual and LayerNorm."""
-
-    def __init__(self, config: GeneformerConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``LayerNorm(residual + dropout(dense(hidden)))``.
-
-        Parameters
-        ----------
-        hidden
-            ``(batch, length, intermediate)`` activations.
-        residual
-            The feed-forward block's input ``(batch, length, hidden)``.
-
-        Returns
-        -------
-        torch.Tensor
-            The layer's output.
-        """
-        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
-
-
 class GeneformerLayer(nn.Module):
     """One post-norm BERT layer: attention block, then feed-forward block."""
 
@@ -284,7 +269,7 @@ class GeneformerLayer(nn.Module):
         super().__init__()
         self.attention = GeneformerAttention(config)
         self.intermediate = GeneformerIntermediate(config)
-        self.output = GeneformerOutput(config)
+        self.output = GeneformerResidualOutput(config.intermediate_size, config)
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None, *, first_only: bool = False
@@ -815,7 +800,7 @@ def set_geneformer_dropout(module: nn.Module, p: float) -> nn.Module:
         ``module`` itself.
     """
     p = _check_probability(p, "dropout")
-    owners = (GeneformerEmbeddings, GeneformerSelfOutput, GeneformerOutput)
+    owners = (GeneformerEmbeddings, GeneformerResidualOutput)
     for sub in module.modules():
         if isinstance(sub, owners):
             # direct children only: adaptation modules nested below keep their own dropout

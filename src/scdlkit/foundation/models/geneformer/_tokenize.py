@@ -28,7 +28,6 @@ Where this differs from upstream, on purpose:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -42,6 +41,7 @@ from scipy import sparse
 
 from scdlkit._shared.progress import tqdm
 from scdlkit._shared.validation import get_matrix
+from scdlkit.foundation.models._tokens import concat_stores
 from scdlkit.foundation.models.geneformer._checkpoint import (
     CONFIG_FILE,
     GeneformerCheckpoint,
@@ -156,18 +156,7 @@ class GeneformerTokens:
     @classmethod
     def concat(cls, parts: Sequence[GeneformerTokens]) -> GeneformerTokens:
         """Tokens of consecutive row ranges joined into one set, in order."""
-        if len(parts) == 1:
-            return parts[0]
-        starts = np.cumsum([0] + [int(p.indptr[-1]) for p in parts[:-1]])
-        indptr = np.concatenate(
-            [[0]] + [p.indptr[1:] + o for p, o in zip(parts, starts, strict=True)]
-        )
-        return dataclasses.replace(
-            parts[0],
-            indptr=indptr.astype(np.int64),
-            gene_ids=np.concatenate([p.gene_ids for p in parts]),
-            n_expressed=np.concatenate([p.n_expressed for p in parts]),
-        )
+        return concat_stores(parts, per_token=("gene_ids",), per_cell=("n_expressed",))
 
     def collate(self, cells: Sequence[int]) -> dict[str, torch.Tensor]:
         """Padded model input for ``cells``, right-padded to the batch's longest cell.

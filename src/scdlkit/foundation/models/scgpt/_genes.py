@@ -15,6 +15,7 @@ from scdlkit._shared.validation import (
     looks_like_ensembl,
     validate_values,
 )
+from scdlkit.foundation.models._gene_match import MatchCounts
 from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint
 from scdlkit.foundation.models.scgpt._tokenize import ScGPTTokens, tokenize_matrix
 
@@ -24,7 +25,7 @@ logger = logging.getLogger("scdlkit")
 
 
 @dataclass(frozen=True)
-class GeneMatch:
+class GeneMatch(MatchCounts):
     """Which of the AnnData's genes the vocabulary knows.
 
     Attributes
@@ -37,26 +38,6 @@ class GeneMatch:
 
     names: pd.Index
     vocab_ids: np.ndarray
-
-    @property
-    def n_matched(self) -> int:
-        """Number of genes found in the vocabulary."""
-        return int((self.vocab_ids >= 0).sum())
-
-    @property
-    def ratio(self) -> float:
-        """Fraction of the AnnData's genes found in the vocabulary (0 when there are no genes)."""
-        return self.n_matched / max(len(self.names), 1)
-
-    @property
-    def matched(self) -> list[str]:
-        """Gene symbols found in the vocabulary, in ``var`` order."""
-        return list(self.names[self.vocab_ids >= 0])
-
-    @property
-    def unmatched(self) -> list[str]:
-        """Gene symbols the vocabulary lacks, in ``var`` order."""
-        return list(self.names[self.vocab_ids < 0])
 
 
 def match_genes(adata: Any, checkpoint: ScGPTCheckpoint, gene_key: str | None) -> GeneMatch:

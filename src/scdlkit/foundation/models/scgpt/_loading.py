@@ -11,12 +11,12 @@ import logging
 import os
 import pickle
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from scdlkit.foundation._device import resolve_device
+from scdlkit.foundation.models._load_report import CheckpointLoadReport
 from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation.models.scgpt._model import ScGPTEncoder
 
@@ -30,33 +30,6 @@ _KEY_RENAMES = (
     (re.compile(r"(self_attn)\.in_proj_weight$"), r"\1.Wqkv.weight"),
     (re.compile(r"(self_attn)\.in_proj_bias$"), r"\1.Wqkv.bias"),
 )
-
-
-@dataclass
-class CheckpointLoadReport:
-    """What happened to each key of a checkpoint file.
-
-    Attributes
-    ----------
-    used
-        Keys loaded into the encoder (after renaming).
-    ignored
-        Keys present in the file that the encoder does not use (pretraining heads such as
-        ``decoder.*``, ``mvc_decoder.*``, ``flag_encoder.weight``, or a fine-tuned ``cls_decoder``).
-    renamed
-        ``{key in file: key in model}`` for attention keys in another layout.
-    """
-
-    used: list[str] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-    renamed: dict[str, str] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        return (
-            f"{len(self.used)} keys used, {len(self.ignored)} ignored"
-            + (f" ({', '.join(sorted(self.ignored))})" if self.ignored else "")
-            + (f", {len(self.renamed)} attention keys renamed" if self.renamed else "")
-        )
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -18,7 +18,6 @@ upstream's.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ import torch
 
 from scdlkit._shared.progress import tqdm
 from scdlkit._shared.validation import iter_row_chunks
+from scdlkit.foundation.models._tokens import concat_stores
 
 __all__ = [
     "ScGPTTokens",
@@ -149,18 +149,7 @@ class ScGPTTokens:
     @classmethod
     def concat(cls, parts: Sequence[ScGPTTokens]) -> ScGPTTokens:
         """Tokens of consecutive row ranges joined into one set, in order."""
-        if len(parts) == 1:
-            return parts[0]
-        starts = np.cumsum([0] + [int(p.indptr[-1]) for p in parts[:-1]])
-        indptr = np.concatenate(
-            [[0]] + [p.indptr[1:] + o for p, o in zip(parts, starts, strict=True)]
-        )
-        return dataclasses.replace(
-            parts[0],
-            indptr=indptr.astype(np.int64),
-            gene_ids=np.concatenate([p.gene_ids for p in parts]),
-            bins=np.concatenate([p.bins for p in parts]),
-        )
+        return concat_stores(parts, per_token=("gene_ids", "bins"))
 
     def collate(self, cells: Sequence[int]) -> dict[str, torch.Tensor]:
         """Padded model input for ``cells`` (see :func:`collate_tokens`)."""
