@@ -314,7 +314,10 @@ def test_a_query_sharing_few_genes_with_the_model_is_refused(tmp_path):
 def test_two_checkpoints_of_one_model_get_numbered_labels():
     from scdlkit.foundation._model_comparison import _labels
 
-    v1 = DATA / "geneformer-tiny-v1" / "checkpoint"
-    assert _labels([SCGPT, v1, GENEFORMER]) == ["scgpt", "geneformer_1", "geneformer_2"]
+    scgpt, v1, v2 = (
+        sck.foundation.resolve_model_checkpoint(c)
+        for c in (SCGPT, DATA / "geneformer-tiny-v1" / "checkpoint", GENEFORMER)
+    )
+    assert _labels([scgpt, v1, v2]) == ["scgpt", "geneformer_1", "geneformer_2"]
     with pytest.raises(ValueError, match="name one checkpoint twice"):
-        _labels([GENEFORMER, GENEFORMER])
+        _labels([v2, v2])

@@ -53,13 +53,12 @@ class ModelComparison:
         return self.runners[self.best_model]
 
 
-def _labels(checkpoints: Sequence[Any]) -> list[str]:
+def _labels(models: Sequence[Any]) -> list[str]:
     """The model's name, numbered when a model appears more than once (``geneformer_2``); safe as
-    a folder name on every platform."""
-    models = [resolve_model_checkpoint(c) for c in checkpoints]
+    a folder name on every platform. ``models`` are resolved checkpoints."""
     paths = [m.path for m in models]
     if len(set(paths)) != len(paths):
-        msg = f"checkpoints {[str(c) for c in checkpoints]} name one checkpoint twice."
+        msg = f"checkpoints {[str(p) for p in paths]} name one checkpoint twice."
         raise ValueError(msg)
     names = [m.model_name for m in models]
     labels, seen = [], {}
@@ -111,9 +110,10 @@ def adapt_models(
     if isinstance(checkpoints, str | os.PathLike) or len(checkpoints) < 2:
         msg = "adapt_models compares two or more checkpoints; pass a list of them."
         raise ValueError(msg)
-    labels = _labels(checkpoints)
+    models = [resolve_model_checkpoint(c) for c in checkpoints]  # once: runners reuse them
+    labels = _labels(models)
     runners: dict[str, ScGPTAnnotationRunner] = {}
-    for i, (label, checkpoint) in enumerate(zip(labels, checkpoints, strict=True)):
+    for i, (label, checkpoint) in enumerate(zip(labels, models, strict=True)):
         chosen = [s for s in strategies if i == 0 or strategy_family(s).uses_checkpoint]
         if not chosen:
             continue

@@ -371,15 +371,15 @@ class ScGPTAnnotationRunner:
         if not all(strategy_family(name).uses_checkpoint for name in self.strategies):
             check_unique_genes(names, gene_key=self.gene_key)  # the baseline reads every gene
         if self.output_dir is None:
-            return self._fit(adata)
+            return self._fit(adata, ckpt)
         # before any work: the folder is writable, holds no other run, and is ours until done
         with claim_run_folder(self.output_dir, overwrite=self.overwrite, run_files=_RUN_FILES):
-            return self._fit(adata)
+            return self._fit(adata, ckpt)
 
-    def _fit(self, adata: Any) -> ScGPTAnnotationRunner:
+    def _fit(self, adata: Any, ckpt: ModelCheckpoint) -> ScGPTAnnotationRunner:
         families = {name: strategy_family(name) for name in self.strategies}
         self.runner_dir_ = self.manifest_sha256_ = None  # a refit is no earlier save's model
-        self.checkpoint_ = resolve_model_checkpoint(self.checkpoint)
+        self.checkpoint_ = ckpt  # resolved once, in fit
         self.prepared_ = prepare_scgpt_data(
             adata,
             checkpoint=self.checkpoint_,
@@ -469,13 +469,18 @@ class ScGPTAnnotationRunner:
         self._finish_fit(repeats)
         # the reference's labels come from the selected fit: its test cells stay held out; a
         # cell with no gene the model reads is unknown here as in predict (one cell, one label)
-        silent = query_cells_without_expression(
-            adata,
-            self.gene_key,
-            self.layer,
-            family=strategy_family(self.best_strategy_),
-            checkpoint=self.checkpoint_,
-            model=self._best.model,
+        family = strategy_family(self.best_strategy_)
+        silent = (  # the tokens already count each cell's readable genes: no second pass
+            self.prepared_.tokens.n_genes_per_cell == 0
+            if family.uses_checkpoint
+            else query_cells_without_expression(
+                adata,
+                self.gene_key,
+                self.layer,
+                family=family,
+                checkpoint=None,
+                model=self._best.model,
+            )
         )
         self._reference_predictions = flag_without_expression(
             self._predict_prepared(self.prepared_), silent, UNKNOWN_LABEL
