@@ -153,6 +153,26 @@ def test_embed_chunked_and_backed_equal_in_memory(embedded: dict) -> None:
         backed.file.close()
 
 
+def test_embed_in_bf16_stays_close_to_fp32(embedded: dict) -> None:
+    """The bf16 path on any CPU (autocast runs without native units, only slower): what
+    precision="auto" picks on CPUs with AMX or AVX512-BF16."""
+    path, whole = embedded["path"], embedded["adata"].obsm["X_gf"]
+    bf16 = ad.read_h5ad(path / "data.h5ad")
+    sck.tl.embed(
+        bf16,
+        checkpoint=path / "checkpoint",
+        gene_key="ensembl_id",
+        key_added="gf",
+        precision="bf16",
+        progress=False,
+    )
+    assert bf16.uns["gf"]["params"]["precision_used"] == "bf16"
+    emb = bf16.obsm["X_gf"]
+    assert emb.dtype == np.float32
+    assert np.isfinite(emb).all()
+    assert (emb * whole).sum(axis=1).min() > 0.99  # unit rows: cosine to the fp32 embedding
+
+
 # ------------------------------------------------------------------------ raw counts needed
 
 
