@@ -577,7 +577,8 @@ def _find_base(recorded: Mapping[str, Any], checkpoint: Any, runner: Path) -> Mo
     """
     # runners saved before the model registry name no model: they are scGPT's
     model = recorded.get("model") or "scgpt"
-    options = _usable_options(recorded.get("options"))
+    options = recorded.get("options")
+    options = model_card(model).usable_options(options) if isinstance(options, dict) else {}
     if checkpoint is not None:
         # a folder passed again still finds what the recorded options say (e.g. dictionaries)
         given = None if is_model_checkpoint(checkpoint) else options
@@ -601,17 +602,6 @@ def _find_base(recorded: Mapping[str, Any], checkpoint: Any, runner: Path) -> Mo
         raise FileNotFoundError(msg) from err
     msg = f"the base checkpoint folder {folder!r} no longer exists. {fix}"
     raise FileNotFoundError(msg)
-
-
-def _usable_options(options: Any) -> dict[str, Any]:
-    """Recorded resolve options whose files still exist; else none, so the model searches its
-    folder again (the sha256 pins still prove it is the same checkpoint)."""
-    if not isinstance(options, dict):
-        return {}
-    paths = options.get("dictionaries")
-    if isinstance(paths, dict) and not all(Path(str(p)).is_file() for p in paths.values()):
-        return {k: v for k, v in options.items() if k != "dictionaries"}
-    return options
 
 
 def _check_pins(

@@ -229,6 +229,10 @@ class ModelCard:
         ``(module, p) -> module``: every dropout of the encoder's layers set to ``p``.
     set_attention_dropout
         ``(module, p) -> module``: the attention-probability dropout set to ``p``.
+    usable_options
+        ``options -> options``: what a checkpoint's recorded ``resolve_options()`` still says
+        (e.g. drops paths that no longer exist, so the folder is searched again; the sha256
+        pins still prove it is the same checkpoint).
     upstream_recipe
         Whether ``training="upstream"`` reproduces this model's published fine-tuning recipes
         (scGPT: yes; otherwise the runner refuses that recipe rather than train with another
@@ -259,6 +263,7 @@ class ModelCard:
     tokenize: Callable[..., Any]
     set_dropout: Callable[[Any, float], Any]
     set_attention_dropout: Callable[[Any, float], Any]
+    usable_options: Callable[[dict[str, Any]], dict[str, Any]] = dict
     upstream_recipe: bool = False
     value_kinds: tuple[str, ...] = ("raw_counts", "log_normalised")
     truncation_note: str = "the model reads only part of their genes"

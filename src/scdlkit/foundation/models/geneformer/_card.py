@@ -68,6 +68,15 @@ def _match(adata: Any, checkpoint: Any, gene_key: str | None) -> GeneformerGeneM
     return match_geneformer_genes(adata, checkpoint.dictionaries, gene_key)
 
 
+def _usable_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Recorded dictionary paths only while every file is still there; else the folder and its
+    neighbours are searched again (the sha256 pins still prove they are the same files)."""
+    paths = options.get("dictionaries")
+    if isinstance(paths, dict) and not all(Path(str(p)).is_file() for p in paths.values()):
+        return {k: v for k, v in options.items() if k != "dictionaries"}
+    return dict(options)
+
+
 def _check_gene_names(names: Any, checkpoint: Any, gene_key: str | None) -> None:
     """Nothing to refuse: upstream sums ids that map to one gene, or reads an exact duplicate
     twice (see the tokeniser), and scdlkit reproduces that."""
@@ -83,6 +92,7 @@ GENEFORMER_CARD = ModelCard(
     load_weights=load_geneformer_weights,
     match_genes=_match,
     check_gene_names=_check_gene_names,
+    usable_options=_usable_options,
     check_gene_overlap=check_geneformer_overlap,
     tokenize=_tokenize,
     set_dropout=set_geneformer_dropout,
