@@ -31,6 +31,21 @@ def test_every_strategy_name_has_one_family():
     assert [n for n, f in families.items() if not f.uses_checkpoint] == ["baseline"]
 
 
+def test_one_table_line_registers_a_strategy():
+    """Each line of STRATEGY_KINDS is the whole registration: the family comes from the file the
+    kind names, and a "peft" line's method from ``foundation/peft/<name>.py``."""
+    from scdlkit._shared.strategies import PEFT_STRATEGIES, STRATEGY_KINDS
+    from scdlkit.foundation.peft import PEFT_METHODS
+
+    assert tuple(STRATEGY_KINDS) == STRATEGIES
+    for name, kind in STRATEGY_KINDS.items():
+        file = "neural" if kind == "peft" else kind
+        assert type(strategy_family(name)).__module__ == f"scdlkit.foundation.strategies.{file}"
+    assert PEFT_STRATEGIES == tuple(n for n, k in STRATEGY_KINDS.items() if k == "peft")
+    for name in PEFT_STRATEGIES:
+        assert PEFT_METHODS[name].apply.__module__ == f"scdlkit.foundation.peft.{name}"
+
+
 def test_registry_refuses_unknown_names():
     with pytest.raises(ValueError, match="unknown strategy 'tuned'"):
         strategy_family("tuned")

@@ -1,7 +1,13 @@
-"""The strategy names, in one place (torch-free: the CLI and the plots import it).
+"""The strategy table, in one place (torch-free: the CLI and the plots import it).
 
-Each name's fitting lives in one family object of ``scdlkit.foundation``; here are only the names,
-their order (also the plots' colour order) and the groups they fall into.
+Each line names a strategy and the kind of thing that fits it, which is where its code lives:
+
+- ``"peft"``: the neural family with the adaptation method of
+  ``scdlkit/foundation/peft/<name>.py`` (imported by name; the file registers the method);
+- any other kind: the strategy family of ``scdlkit/foundation/strategies/<kind>.py``.
+
+A new PEFT method or a new family is therefore one file plus one line here. The order is the
+display order (and the plots' colour order); the groups below follow from the table.
 """
 
 from __future__ import annotations
@@ -12,28 +18,33 @@ __all__ = [
     "NEURAL_STRATEGIES",
     "PEFT_STRATEGIES",
     "STRATEGIES",
+    "STRATEGY_KINDS",
     "TUNING_STRATEGIES",
 ]
 
+#: Every strategy, in display order -> what fits it (see the module docstring).
+STRATEGY_KINDS: dict[str, str] = {
+    "frozen_probe": "frozen_probe",
+    "head": "neural",
+    "full_finetune": "neural",
+    "lora": "peft",
+    "adapter": "peft",
+    "prefix_tuning": "peft",
+    "ia3": "peft",
+    "baseline": "expression_baseline",
+}
 #: Every strategy, in display order.
-STRATEGIES = (
-    "frozen_probe",
-    "head",
-    "full_finetune",
-    "lora",
-    "adapter",
-    "prefix_tuning",
-    "ia3",
-    "baseline",
-)
+STRATEGIES = tuple(STRATEGY_KINDS)
 #: What ``adapt_annotation`` compares when ``strategies`` is not given: the cheap scGPT
 #: strategies, always beside the plain baseline.
 DEFAULT_STRATEGIES = ("frozen_probe", "head", "baseline")
+#: Parameter-efficient methods that wrap encoder modules.
+PEFT_STRATEGIES = tuple(name for name, kind in STRATEGY_KINDS.items() if kind == "peft")
 #: Strategies trained by gradient descent through the Trainer.
-NEURAL_STRATEGIES = ("head", "full_finetune", "lora", "adapter", "prefix_tuning", "ia3")
+NEURAL_STRATEGIES = tuple(
+    name for name, kind in STRATEGY_KINDS.items() if kind in ("neural", "peft")
+)
 #: Strategies that tune the scGPT annotation model (its ``tuning_strategy`` values).
 TUNING_STRATEGIES = NEURAL_STRATEGIES
-#: Parameter-efficient methods that wrap encoder modules.
-PEFT_STRATEGIES = ("lora", "adapter", "prefix_tuning", "ia3")
 #: Strategies that read ``<cls>`` features of the frozen pretrained encoder.
 FEATURE_STRATEGIES = ("frozen_probe", "head")

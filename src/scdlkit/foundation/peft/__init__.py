@@ -16,8 +16,14 @@ strategy name with :func:`register_peft_method` (as peft's ``tuners/<method>/``)
 
 What they share (the config base, validation, the wrapper base that keeps pretrained weights
 under their state-dict names, freezing) is in ``_base``; the registry in ``_registry``. Importing
-this package imports every method file, which fills :data:`PEFT_METHODS`.
+this package imports the file of every ``"peft"`` line of
+:data:`scdlkit._shared.strategies.STRATEGY_KINDS` (``<name>.py``), which fills
+:data:`PEFT_METHODS`: a new method is its file plus that one line.
 """
+
+from importlib import import_module
+
+from scdlkit._shared.strategies import PEFT_STRATEGIES
 
 from scdlkit.foundation.peft._base import PEFTConfig, freeze_except_peft, peft_parameter_names
 from scdlkit.foundation.peft._registry import (
@@ -47,6 +53,9 @@ from scdlkit.foundation.peft.prefix_tuning import (
     PrefixTuningConfig,
     apply_prefix_tuning,
 )
+
+for _name in PEFT_STRATEGIES:  # the re-exported methods above are imported already
+    import_module(f"{__name__}.{_name}")
 
 __all__ = [
     "PEFT_METHODS",

@@ -3,25 +3,31 @@
 One family object per file (:mod:`.frozen_probe`, :mod:`.expression_baseline`, :mod:`.neural`),
 built on the contract in :mod:`scdlkit.foundation._fitting`. Everything outside reads a strategy
 through :func:`strategy_family` and the family's flags, never by its name. A new family is one
-file here plus its line in :data:`STRATEGY_TABLE` (and its name in
-:mod:`scdlkit._shared.strategies`).
+file here (with a ``family_for(strategy)`` function) plus its line in
+:data:`scdlkit._shared.strategies.STRATEGY_KINDS`, the one place a strategy is registered.
 """
 
 from __future__ import annotations
 
-from scdlkit._shared.strategies import NEURAL_STRATEGIES, STRATEGIES
+from importlib import import_module
+
+from scdlkit._shared.strategies import STRATEGIES, STRATEGY_KINDS
 from scdlkit.foundation._fitting import StrategyFamily
-from scdlkit.foundation.strategies.expression_baseline import ExpressionBaseline
-from scdlkit.foundation.strategies.frozen_probe import FrozenProbe
-from scdlkit.foundation.strategies.neural import NeuralStrategy
 
 __all__ = ["STRATEGY_TABLE", "register_strategy", "strategy_family"]
 
-#: Strategy name -> its family, in display order.
+#: A PEFT strategy is fitted by the neural family (its method is in ``foundation/peft/``).
+_FAMILY_FILE = {"peft": "neural"}
+
+
+def _family(name: str, kind: str) -> StrategyFamily:
+    module = import_module(f"{__name__}.{_FAMILY_FILE.get(kind, kind)}")
+    return module.family_for(name)
+
+
+#: Strategy name -> its family, in display order (built from ``STRATEGY_KINDS``).
 STRATEGY_TABLE: dict[str, StrategyFamily] = {
-    "frozen_probe": FrozenProbe(),
-    **{name: NeuralStrategy(name) for name in NEURAL_STRATEGIES},
-    "baseline": ExpressionBaseline(),
+    name: _family(name, kind) for name, kind in STRATEGY_KINDS.items()
 }
 
 

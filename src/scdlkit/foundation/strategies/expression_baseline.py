@@ -19,7 +19,7 @@ from scdlkit.foundation._fitting import (
     unprefixed_state,
 )
 
-__all__ = ["ExpressionBaseline"]
+__all__ = ["family_for", "ExpressionBaseline"]
 
 
 class ExpressionBaseline(StrategyFamily):
@@ -79,3 +79,9 @@ class ExpressionBaseline(StrategyFamily):
 
         arrays = unprefixed_state(tensors, self.state_prefix)
         return ExpressionLogisticBaseline.from_state(arrays, manifest["baseline_genes"])
+
+
+def family_for(strategy: str) -> ExpressionBaseline:
+    """The family object of ``strategy`` (its line in ``scdlkit._shared.strategies``)."""
+    del strategy  # one object serves the family
+    return ExpressionBaseline()

@@ -22,7 +22,7 @@ from scdlkit.foundation._fitting import (
     unprefixed_state,
 )
 
-__all__ = ["FrozenProbe", "ProbeModel"]
+__all__ = ["family_for", "FrozenProbe", "ProbeModel"]
 
 
 @dataclass
@@ -134,3 +134,9 @@ class FrozenProbe(StrategyFamily):
         known[classes] = True
         encoder = frozen_encoder().eval()
         return encoder, lambda cls: cls.float() @ weight.T + bias, known.to(device)
+
+
+def family_for(strategy: str) -> FrozenProbe:
+    """The family object of ``strategy`` (its line in ``scdlkit._shared.strategies``)."""
+    del strategy  # one object serves the family
+    return FrozenProbe()

@@ -29,7 +29,7 @@ from scdlkit.foundation._input_norm import DEFAULT_INPUT_NORM
 from scdlkit.foundation._training_settings import step_budget, warn_if_stretched
 from scdlkit.foundation.models import model_card
 
-__all__ = ["FeatureDataset", "NeuralStrategy"]
+__all__ = ["family_for", "FeatureDataset", "NeuralStrategy"]
 
 
 class FeatureDataset(Dataset):
@@ -206,3 +206,8 @@ class NeuralStrategy(StrategyFamily):
         model = model.to(device).eval()
         known = torch.ones(n_classes, dtype=torch.bool, device=device)
         return model.encoder, lambda cls: model.cls_decoder(model.feature_norm(cls)), known
+
+
+def family_for(strategy: str) -> NeuralStrategy:
+    """The family object of ``strategy`` (its line in ``scdlkit._shared.strategies``)."""
+    return NeuralStrategy(strategy)
