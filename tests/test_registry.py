@@ -41,7 +41,7 @@ def test_one_table_line_registers_a_strategy():
     for name, kind in STRATEGY_KINDS.items():
         file = "neural" if kind == "peft" else kind
         assert type(strategy_family(name)).__module__ == f"scdlkit.foundation.strategies.{file}"
-    assert PEFT_STRATEGIES == tuple(n for n, k in STRATEGY_KINDS.items() if k == "peft")
+    assert tuple(n for n, k in STRATEGY_KINDS.items() if k == "peft") == PEFT_STRATEGIES
     for name in PEFT_STRATEGIES:
         assert PEFT_METHODS[name].apply.__module__ == f"scdlkit.foundation.peft.{name}"
 

@@ -24,7 +24,6 @@ this package imports the file of every ``"peft"`` line of
 from importlib import import_module
 
 from scdlkit._shared.strategies import PEFT_STRATEGIES
-
 from scdlkit.foundation.peft._base import PEFTConfig, freeze_except_peft, peft_parameter_names
 from scdlkit.foundation.peft._registry import (
     PEFT_METHODS,
