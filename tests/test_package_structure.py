@@ -40,10 +40,10 @@ LAYER_RULES: dict[str, set[str]] = {
     "training": {"_shared", "training"},
     # TaskRunner and the expression baseline: no foundation.
     "baselines": {"_shared", "training", "baselines"},
-    # scGPT. May use the expression baseline as a strategy. Never tl, pl or cli.
-    # `_artifacts` is allowed because the runner writes its report and figures when given
-    # `output_dir`.
-    "foundation": {"_shared", "training", "baselines", "foundation", "_artifacts"},
+    # Foundation models. May use the expression baseline as a strategy. Never tl, pl, cli or
+    # the report and figures (`_artifacts`): a run folder's files come from writers the package
+    # root registers in `_shared.run_files`.
+    "foundation": {"_shared", "training", "baselines", "foundation"},
     # Plots read only AnnData slots (and files they reference).
     "pl": {"_shared", "pl"},
     # Report and figures of a run: never tl.

@@ -266,7 +266,7 @@ def test_artifacts_are_moved_in_together_with_a_completion_marker(
 def test_a_run_killed_while_writing_artifacts_leaves_no_marker_and_no_partial_files(
     small_ref, checkpoint_dir, tmp_path, monkeypatch
 ):
-    import scdlkit.foundation._runner as runner_module
+    from scdlkit._shared import run_files
 
     out = tmp_path / "od"
     _adapt(small_ref.copy(), checkpoint_dir, out)
@@ -277,7 +277,11 @@ def test_a_run_killed_while_writing_artifacts_leaves_no_marker_and_no_partial_fi
         msg = "killed"
         raise OSError(msg)
 
-    monkeypatch.setattr(runner_module, "write_artifacts", half_then_crash)
+    monkeypatch.setitem(
+        run_files._WRITERS,
+        "artifacts",
+        run_files.RunWriter(write=half_then_crash, files=("report.md",)),
+    )
     with pytest.raises(OSError, match="killed"):
         _adapt(small_ref.copy(), checkpoint_dir, out, overwrite=True)
     assert not (out / RUN_MARKER).exists()  # the folder no longer claims a complete run

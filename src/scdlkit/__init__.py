@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from scdlkit._shared.run_files import register_run_writer
 from scdlkit._version import __version__
 
 _SUBMODULES = ("tl", "pl", "foundation", "training", "baselines")
@@ -22,6 +23,22 @@ _ALIASES = {
 }
 
 __all__ = ["__version__", *_SUBMODULES, *_ALIASES]
+
+
+def _write_run_artifacts(runner: Any, folder: Any) -> None:
+    # the report and plots import matplotlib and pl: only when a run writes its folder
+    from scdlkit._artifacts import write_artifacts
+
+    write_artifacts(runner, folder)
+
+
+# The model layer draws nothing itself: a runner fitted with output_dir calls the writers
+# registered here (scdlkit._shared.run_files), and this package root runs before any sub-package.
+register_run_writer(
+    "artifacts",
+    _write_run_artifacts,
+    files=("strategy_metrics.csv", "predictions.csv", "report.md"),
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scdlkit._artifacts import write_artifacts
 from scdlkit._shared.labels import UNKNOWN_LABEL
 from scdlkit._shared.persist import claim_run_folder, publish_files
 from scdlkit._shared.provenance import check_unique_genes
+from scdlkit._shared.run_files import run_file_names, write_run_files
 from scdlkit._shared.strategies import DEFAULT_STRATEGIES
 from scdlkit._shared.validation import gene_names
 from scdlkit.foundation._comparison import (
@@ -66,9 +66,6 @@ from scdlkit.training._checks import check_adata, check_arguments, check_path
 __all__ = ["ScGPTAnnotationRunner"]
 
 logger = logging.getLogger("scdlkit")
-
-#: What a run writes into ``output_dir``; any of them there means the folder holds a run.
-_RUN_FILES = ("runner", "strategy_metrics.csv", "predictions.csv", "report.md")
 
 
 class ScGPTAnnotationRunner:
@@ -373,7 +370,8 @@ class ScGPTAnnotationRunner:
         if self.output_dir is None:
             return self._fit(adata, ckpt)
         # before any work: the folder is writable, holds no other run, and is ours until done
-        with claim_run_folder(self.output_dir, overwrite=self.overwrite, run_files=_RUN_FILES):
+        run_files = ("runner", *run_file_names())  # any of them there: the folder holds a run
+        with claim_run_folder(self.output_dir, overwrite=self.overwrite, run_files=run_files):
             return self._fit(adata, ckpt)
 
     def _fit(self, adata: Any, ckpt: ModelCheckpoint) -> ScGPTAnnotationRunner:
@@ -491,7 +489,7 @@ class ScGPTAnnotationRunner:
             self.save(self.output_dir / "runner")
             publish_files(
                 self.output_dir,
-                lambda staging: write_artifacts(self, staging),
+                lambda staging: write_run_files(self, staging),
                 marker={"runner_manifest_sha256": self.manifest_sha256_},
             )
         return self
