@@ -197,8 +197,10 @@ def _match(adata: Any, ckpt: ToyCheckpoint, gene_key: str | None) -> ToyMatch:
     return ToyMatch(names, np.array([ids.get(n, -1) for n in names]))
 
 
-def _tokenize(adata: Any, ckpt: ToyCheckpoint, *, gene_key=None, layer=None, rows=None, **_):
-    match = _match(adata, ckpt, gene_key)
+def _tokenize(
+    adata: Any, ckpt: ToyCheckpoint, *, gene_key=None, layer=None, rows=None, match=None, **_
+):
+    match = _match(adata, ckpt, gene_key) if match is None else match
     matrix = adata.layers[layer] if layer else adata.X
     matrix = sparse.csr_matrix(matrix[rows if rows is not None else slice(None)])
     matrix = matrix[:, np.flatnonzero(match.vocab_ids >= 0)]

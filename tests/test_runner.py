@@ -410,3 +410,41 @@ def test_sharded_prediction_over_two_processes(saved_lora, small_ref, tmp_path):
         # fp32: the same up to rounding (each process batches a different share of the cells)
         np.testing.assert_allclose(got, single["probabilities"], rtol=1e-4, atol=1e-5)
         np.testing.assert_array_equal(got.argmax(1), single["probabilities"].argmax(1))
+
+
+def test_fit_runs_the_preflight_first_and_tokenises_with_its_gene_match(
+    small_ref, checkpoint_dir, monkeypatch
+):
+    """The genes are matched once, before tokenising, and the tokeniser is handed that match;
+    the report's expressed-gene counts are the tokens' own."""
+    import dataclasses
+
+    from scdlkit.foundation.models import MODELS
+
+    card = MODELS["scgpt"]
+    calls = []
+
+    def match_genes(*args, **kwargs):
+        calls.append("match")
+        return card.match_genes(*args, **kwargs)
+
+    def tokenize(*args, match=None, **kwargs):
+        calls.append(("tokenize", match is not None))
+        return card.tokenize(*args, match=match, **kwargs)
+
+    monkeypatch.setitem(
+        MODELS, "scgpt", dataclasses.replace(card, match_genes=match_genes, tokenize=tokenize)
+    )
+    runner = ScGPTAnnotationRunner(
+        label_key="bulk_labels", checkpoint=checkpoint_dir, strategies=("frozen_probe",), **FAST
+    ).fit(small_ref)
+    assert calls == ["match", ("tokenize", True)]
+    counts = runner.prepared_.tokens.n_genes_per_cell
+    assert runner.report_.expressed_genes_max == int(counts.max())
+    assert runner.report_.expressed_genes_median == float(np.median(counts))
+    assert runner.report_.n_genes_matched == len(runner.matched_genes_)
+    monkeypatch.undo()
+    alone = sck.inspect_annotation_data(
+        small_ref, label_key="bulk_labels", checkpoint=checkpoint_dir
+    )
+    assert runner.report_.to_dict() == alone.to_dict()  # the same report, one read fewer

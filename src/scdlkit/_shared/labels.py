@@ -15,6 +15,7 @@ __all__ = [
     "EncodedLabels",
     "encode_labels",
     "read_batch_column",
+    "require_classes",
     "read_label_column",
 ]
 
@@ -88,19 +89,24 @@ def encode_labels(
             categories = [str(c) for c in values.cat.categories if str(c) in present]
         else:
             categories = sorted(present)
-        if len(categories) < min_classes:
-            msg = (
-                f"the label column has {len(categories)} labelled class(es) "
-                f"({', '.join(categories) or 'none'}); at least {min_classes} are needed to "
-                "train a classifier. Check label_key, or label more cells."
-            )
-            raise ValueError(msg)
+        require_classes(categories, min_classes)
     lookup: dict[Any, int] = {c: i for i, c in enumerate(categories)}
     codes = np.array(
         [-1 if m else lookup.get(str(v), -1) for v, m in zip(as_str, missing, strict=True)],
         dtype=np.int64,
     )
     return EncodedLabels(codes=codes, categories=list(categories))
+
+
+def require_classes(categories: list[str], min_classes: int = 2) -> None:
+    """Refuse a label column with fewer than ``min_classes`` labelled classes."""
+    if len(categories) < min_classes:
+        msg = (
+            f"the label column has {len(categories)} labelled class(es) "
+            f"({', '.join(categories) or 'none'}); at least {min_classes} are needed to "
+            "train a classifier. Check label_key, or label more cells."
+        )
+        raise ValueError(msg)
 
 
 def read_batch_column(obs: pd.DataFrame, batch_key: str) -> np.ndarray:

@@ -7,7 +7,7 @@ import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from scdlkit._shared.labels import (
     encode_labels,
     read_batch_column,
     read_label_column,
+    require_classes,
 )
 from scdlkit._shared.splits import (
     MIN_CELLS_TO_STRATIFY,
@@ -29,10 +30,14 @@ from scdlkit.foundation._batching import length_grouped_batches
 from scdlkit.foundation.models import model_card, resolve_model_checkpoint
 from scdlkit.foundation.models._contract import ModelCheckpoint, TokenStore
 
+if TYPE_CHECKING:  # _inspect imports this module's constants
+    from scdlkit.foundation._inspect import Preflight
+
 __all__ = [
     "ScGPTCellDataset",
     "ScGPTPreparedData",
     "ScGPTSplitData",
+    "prepare_preflighted",
     "prepare_scgpt_data",
     "split_scgpt_data",
 ]
@@ -267,23 +272,12 @@ def prepare_scgpt_data(
         )
     else:
         labels = EncodedLabels(np.full(adata.n_obs, -1, np.int64), list(label_categories or []))
-    tokens, match = model_card(ckpt).tokenize(
+    return _tokenised(
         adata,
         ckpt,
-        gene_key=gene_key,
-        layer=layer,
-        min_gene_overlap=min_gene_overlap,
-        seed=random_state,
-        progress=progress,
-    )
-    return ScGPTPreparedData(
-        tokens=tokens,
-        label_codes=labels.codes,
-        label_categories=labels.categories,
-        matched_genes=match.matched,
-        n_genes_input=len(match.names),
-        checkpoint=ckpt,
-        obs_names=np.asarray(adata.obs_names),
+        labels=labels,
+        batches=batches,
+        match=None,
         settings={
             "label_key": label_key or "",
             "batch_key": batch_key or "",
@@ -293,6 +287,68 @@ def prepare_scgpt_data(
             "min_gene_overlap": min_gene_overlap,
             "random_state": random_state,
         },
+        progress=progress,
+    )
+
+
+def prepare_preflighted(
+    adata: Any, preflight: Preflight, *, batch_size: int, random_state: int, progress: bool
+) -> ScGPTPreparedData:
+    """:func:`prepare_scgpt_data` for an AnnData the preflight has read: its gene match,
+    encoded labels and batches are used as they are, so only tokenising reads the data again."""
+    if preflight.labels is not None:
+        require_classes(preflight.labels.categories)
+        labels = preflight.labels
+    else:
+        labels = EncodedLabels(np.full(preflight.n_cells, -1, np.int64), [])
+    return _tokenised(
+        adata,
+        preflight.checkpoint,
+        labels=labels,
+        batches=preflight.batches,
+        match=preflight.match,
+        settings={
+            "label_key": preflight.label_key or "",
+            "batch_key": preflight.batch_key or "",
+            "gene_key": preflight.gene_key or "",
+            "layer": preflight.layer or "",
+            "batch_size": batch_size,
+            "min_gene_overlap": preflight.min_gene_overlap,
+            "random_state": random_state,
+        },
+        progress=progress,
+    )
+
+
+def _tokenised(
+    adata: Any,
+    ckpt: ModelCheckpoint,
+    *,
+    labels: EncodedLabels,
+    batches: np.ndarray | None,
+    match: Any,
+    settings: dict[str, Any],
+    progress: bool,
+) -> ScGPTPreparedData:
+    tokens, match = model_card(ckpt).tokenize(
+        adata,
+        ckpt,
+        gene_key=settings["gene_key"] or None,
+        layer=settings["layer"] or None,
+        min_gene_overlap=settings["min_gene_overlap"],
+        seed=settings["random_state"],
+        progress=progress,
+        match=match,
+    )
+    return ScGPTPreparedData(
+        tokens=tokens,
+        label_codes=labels.codes,
+        label_categories=labels.categories,
+        matched_genes=match.matched,
+        n_genes_input=len(match.names),
+        checkpoint=ckpt,
+        obs_names=np.asarray(adata.obs_names),
+        settings=settings,
         batches=batches,
     )
 

@@ -8,7 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from scdlkit._shared.labels import encode_labels, read_batch_column, read_label_column
+from scdlkit._shared.labels import (
+    EncodedLabels,
+    encode_labels,
+    read_batch_column,
+    read_label_column,
+)
 from scdlkit._shared.validation import (
     describe_values,
     get_matrix,
@@ -19,7 +24,13 @@ from scdlkit.foundation._data import MIN_CELLS_TO_STRATIFY, MIN_GENE_OVERLAP
 from scdlkit.foundation.models import model_card, resolve_model_checkpoint
 from scdlkit.foundation.models._contract import ModelCheckpoint
 
-__all__ = ["ScGPTAnnotationDataReport", "inspect_annotation_data"]
+__all__ = [
+    "Preflight",
+    "ScGPTAnnotationDataReport",
+    "inspect_annotation_data",
+    "preflight_data",
+    "preflight_report",
+]
 
 UNMATCHED_SAMPLE = 20
 LOW_OVERLAP = 0.5
@@ -178,15 +189,108 @@ def inspect_annotation_data(
     >>> report = sck.inspect_annotation_data(adata, label_key="cell_type")  # doctest: +SKIP
     >>> report.ok, report.n_genes_matched  # doctest: +SKIP
     """
+    pre = preflight_data(
+        adata,
+        label_key=label_key,
+        checkpoint=checkpoint,
+        gene_key=gene_key,
+        layer=layer,
+        min_gene_overlap=min_gene_overlap,
+        batch_key=batch_key,
+    )
+    if expressed_per_cell is None and pre.value_kind not in {"non_finite", "empty"}:
+        expressed_per_cell = _expressed_per_cell(adata, layer, pre.match.vocab_ids >= 0)
+    return preflight_report(pre, expressed_per_cell)
+
+
+@dataclass
+class Preflight:
+    """What the preflight read of an AnnData, kept so that preparing it reads nothing twice.
+
+    Attributes
+    ----------
+    checkpoint
+        The resolved checkpoint.
+    match
+        The model's gene match of the AnnData.
+    labels
+        The encoded label column (every class, however few), or ``None`` without ``label_key``.
+    batches
+        The batch column as strings, or ``None`` without ``batch_key``.
+    value_kind
+        What the values look like (``describe_values``).
+    n_cells
+        Cells in the AnnData.
+    has_raw
+        Whether the AnnData has ``.raw`` (where scaled data's own values often are).
+    label_key, gene_key, layer, batch_key, min_gene_overlap
+        What was asked.
+    """
+
+    checkpoint: ModelCheckpoint
+    match: Any
+    labels: EncodedLabels | None
+    batches: np.ndarray | None
+    value_kind: str
+    n_cells: int
+    has_raw: bool
+    label_key: str | None
+    gene_key: str | None
+    layer: str | None
+    batch_key: str | None
+    min_gene_overlap: int | float
+
+
+def preflight_data(
+    adata: Any,
+    *,
+    label_key: str | None,
+    checkpoint: str | os.PathLike | ModelCheckpoint,
+    gene_key: str | None = None,
+    layer: str | None = None,
+    min_gene_overlap: int | float = MIN_GENE_OVERLAP,
+    batch_key: str | None = None,
+) -> Preflight:
+    """Read what the preflight checks: labels, batches, the kind of values and the gene match.
+
+    Only the value check passes over the matrix; the rest reads ``obs``, ``var`` and the
+    checkpoint's gene files. Raises ``KeyError`` for a missing ``label_key``, ``batch_key``,
+    ``gene_key`` or ``layer``, and ``ValueError`` for cells without a batch.
+    """
     ckpt = resolve_model_checkpoint(checkpoint)
-    labels = read_label_column(adata.obs, label_key) if label_key is not None else None
+    labels = (
+        encode_labels(read_label_column(adata.obs, label_key), min_classes=0)
+        if label_key is not None
+        else None
+    )
     batches = read_batch_column(adata.obs, batch_key) if batch_key is not None else None
     value_kind = describe_values(adata, layer)  # raises KeyError for a missing layer
-    card = model_card(ckpt)
-    match = card.match_genes(adata, ckpt, gene_key)
+    return Preflight(
+        checkpoint=ckpt,
+        match=model_card(ckpt).match_genes(adata, ckpt, gene_key),
+        labels=labels,
+        batches=batches,
+        value_kind=value_kind,
+        n_cells=int(adata.n_obs),
+        has_raw=adata.raw is not None,
+        label_key=label_key,
+        gene_key=gene_key,
+        layer=layer,
+        batch_key=batch_key,
+        min_gene_overlap=min_gene_overlap,
+    )
+
+
+def preflight_report(
+    pre: Preflight, expressed_per_cell: np.ndarray | None
+) -> ScGPTAnnotationDataReport:
+    """The report of a :class:`Preflight`, given the matched genes each cell expresses (the
+    tokens count them; ``None`` when the values are unreadable)."""
+    ckpt, match, card = pre.checkpoint, pre.match, model_card(pre.checkpoint)
+    gene_key, layer, label_key, value_kind = pre.gene_key, pre.layer, pre.label_key, pre.value_kind
+    min_gene_overlap = pre.min_gene_overlap
     problems: list[str] = []
     warnings: list[str] = []
-
     needed = (
         min_gene_overlap * match.names.size
         if isinstance(min_gene_overlap, float) and min_gene_overlap < 1
@@ -212,7 +316,7 @@ def inspect_annotation_data(
         )
 
     if value_kind == "scaled_negative":
-        fix = "`adata.raw.to_adata()`" if layer is None and adata.raw is not None else "raw counts"
+        fix = "`adata.raw.to_adata()`" if layer is None and pre.has_raw else "raw counts"
         problems.append(
             f"values are negative (scaled data); {card.title} needs {card.input_note}: "
             f"use {fix} or pass layer= naming a counts layer."
@@ -229,12 +333,10 @@ def inspect_annotation_data(
     elif value_kind == "empty":
         problems.append("the expression matrix has no non-zero values.")
 
-    if value_kind in {"non_finite", "empty"}:
-        expressed = np.zeros(adata.n_obs, np.int64)
-    elif expressed_per_cell is not None:
-        expressed = np.asarray(expressed_per_cell)
+    if value_kind in {"non_finite", "empty"} or expressed_per_cell is None:
+        expressed = np.zeros(pre.n_cells, np.int64)
     else:
-        expressed = _expressed_per_cell(adata, layer, match.vocab_ids >= 0)
+        expressed = np.asarray(expressed_per_cell)
     max_len = ckpt.max_seq_len
     over = int((expressed + ckpt.n_special_tokens > max_len).sum())
     if over:
@@ -252,40 +354,33 @@ def inspect_annotation_data(
     counts: list[int] = []
     n_unlabelled = 0
     stratifiable = False
-    if labels is not None:
-        try:
-            encoded = encode_labels(labels, min_classes=0)
-        except ValueError as err:  # pragma: no cover - min_classes=0 never raises
-            problems.append(str(err))
-        else:
-            categories = encoded.categories
-            counts = list(encoded.counts().values())
-            n_unlabelled = int((~encoded.labelled).sum())
-            if len(categories) < 2:
-                problems.append(
-                    f"{label_key!r} has {len(categories)} labelled class(es); at least 2 are "
-                    "needed. Check label_key or label more cells."
-                )
-            small = [
-                c for c, n in zip(categories, counts, strict=True) if n < MIN_CELLS_TO_STRATIFY
-            ]
-            stratifiable = len(categories) >= 2 and not small
-            if small:
-                warnings.append(
-                    f"classes with fewer than {MIN_CELLS_TO_STRATIFY} cells cannot be stratified "
-                    f"into train/val/test and will be used for training only: {', '.join(small)}."
-                )
-            if n_unlabelled:
-                warnings.append(
-                    f"{n_unlabelled} cells have no label; they are left out of training and "
-                    "evaluation and still get predictions."
-                )
+    if pre.labels is not None:
+        categories = pre.labels.categories
+        counts = list(pre.labels.counts().values())
+        n_unlabelled = int((~pre.labels.labelled).sum())
+        if len(categories) < 2:
+            problems.append(
+                f"{label_key!r} has {len(categories)} labelled class(es); at least 2 are "
+                "needed. Check label_key or label more cells."
+            )
+        small = [c for c, n in zip(categories, counts, strict=True) if n < MIN_CELLS_TO_STRATIFY]
+        stratifiable = len(categories) >= 2 and not small
+        if small:
+            warnings.append(
+                f"classes with fewer than {MIN_CELLS_TO_STRATIFY} cells cannot be stratified "
+                f"into train/val/test and will be used for training only: {', '.join(small)}."
+            )
+        if n_unlabelled:
+            warnings.append(
+                f"{n_unlabelled} cells have no label; they are left out of training and "
+                "evaluation and still get predictions."
+            )
     batch_fields = (
-        _batch_summary(batches, labels, categories, warnings) if batches is not None else {}
+        _batch_summary(pre.batches, pre.labels, warnings) if pre.batches is not None else {}
     )
     return ScGPTAnnotationDataReport(
         checkpoint=ckpt.name,
-        n_cells=int(adata.n_obs),
+        n_cells=pre.n_cells,
         n_genes_input=int(match.names.size),
         n_genes_matched=match.n_matched,
         gene_match_ratio=float(match.ratio),
@@ -303,7 +398,7 @@ def inspect_annotation_data(
         label_counts=counts,
         n_unlabelled=n_unlabelled,
         stratified_split_possible=stratifiable,
-        batch_key=batch_key or "",
+        batch_key=pre.batch_key or "",
         **batch_fields,
         problems=problems,
         warnings=warnings,
@@ -311,7 +406,7 @@ def inspect_annotation_data(
 
 
 def _batch_summary(
-    batches: np.ndarray, labels: Any, categories: list[str], warnings: list[str]
+    batches: np.ndarray, encoded: EncodedLabels | None, warnings: list[str]
 ) -> dict[str, Any]:
     names = sorted(set(batches))
     out: dict[str, Any] = {
@@ -320,9 +415,9 @@ def _batch_summary(
         "batch_class_counts": [0] * len(names),
         "classes_in_one_batch": [],
     }
-    if labels is None or not categories:
+    if encoded is None or not encoded.categories:
         return out
-    encoded = encode_labels(labels, categories=categories, min_classes=0)
+    categories = encoded.categories
     present = {b: set(encoded.codes[(batches == b) & encoded.labelled].tolist()) for b in names}
     out["batch_class_counts"] = [len(present[b]) for b in names]
     lonely = [c for code, c in enumerate(categories) if sum(code in present[b] for b in names) == 1]

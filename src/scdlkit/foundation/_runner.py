@@ -26,7 +26,7 @@ from scdlkit.foundation._comparison import (
     repeat_splits,
     split_summary,
 )
-from scdlkit.foundation._data import MIN_GENE_OVERLAP, ScGPTPreparedData, prepare_scgpt_data
+from scdlkit.foundation._data import MIN_GENE_OVERLAP, ScGPTPreparedData, prepare_preflighted
 from scdlkit.foundation._device import resolve_device, resolve_precision
 from scdlkit.foundation._embed import encode_cells
 from scdlkit.foundation._final_model import kept_models
@@ -41,7 +41,12 @@ from scdlkit.foundation._fitting import (
     query_cells_without_expression,
     read_once,
 )
-from scdlkit.foundation._inspect import ScGPTAnnotationDataReport, inspect_annotation_data
+from scdlkit.foundation._inspect import (
+    ScGPTAnnotationDataReport,
+    inspect_annotation_data,
+    preflight_data,
+    preflight_report,
+)
 from scdlkit.foundation._normalisation import describe_normalisation
 from scdlkit.foundation._runner_args import (
     ANNOTATE_ARGUMENTS,
@@ -314,18 +319,13 @@ class ScGPTAnnotationRunner:
 
     # ---------------------------------------------------------------------------- lifecycle
 
-    def inspect(
-        self, adata: Any, *, expressed_per_cell: np.ndarray | None = None
-    ) -> ScGPTAnnotationDataReport:
+    def inspect(self, adata: Any) -> ScGPTAnnotationDataReport:
         """Preflight the data (no weights read); also stored as ``report_``.
 
         Parameters
         ----------
         adata
             The reference AnnData.
-        expressed_per_cell
-            Matched genes per cell when already known (``fit`` passes its tokens' counts, so the
-            data is not read again).
 
         Returns
         -------
@@ -344,7 +344,6 @@ class ScGPTAnnotationRunner:
             gene_key=self.gene_key,
             layer=self.layer,
             batch_key=self.batch_key,
-            expressed_per_cell=expressed_per_cell,
         )
         return self.report_
 
@@ -378,18 +377,24 @@ class ScGPTAnnotationRunner:
         families = {name: strategy_family(name) for name in self.strategies}
         self.runner_dir_ = self.manifest_sha256_ = None  # a refit is no earlier save's model
         self.checkpoint_ = ckpt  # resolved once, in fit
-        self.prepared_ = prepare_scgpt_data(
+        # the preflight first; tokenising reuses its gene match, labels and batches, and the
+        # tokens count each cell's matched genes for its report (no second pass over the data)
+        preflight = preflight_data(
             adata,
-            checkpoint=self.checkpoint_,
             label_key=self.label_key,
+            checkpoint=self.checkpoint_,
             gene_key=self.gene_key,
             layer=self.layer,
-            batch_size=self.batch_size,
             batch_key=self.batch_key,
+        )
+        self.prepared_ = prepare_preflighted(
+            adata,
+            preflight,
+            batch_size=self.batch_size,
             random_state=self.random_state,
             progress=self.progress,
         )
-        self.inspect(adata, expressed_per_cell=self.prepared_.tokens.n_genes_per_cell)
+        self.report_ = preflight_report(preflight, self.prepared_.tokens.n_genes_per_cell)
         self.label_categories_ = list(self.prepared_.label_categories)
         self.matched_genes_ = list(self.prepared_.matched_genes)
         self.normalisation_ = describe_normalisation(adata, self.layer)  # annotate compares

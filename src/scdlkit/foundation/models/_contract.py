@@ -223,8 +223,10 @@ class ModelCard:
         ``(match, *, gene_key, min_gene_overlap) -> None``, raising ``ValueError`` when too few
         genes of the data can be read, with what to do about it.
     tokenize
-        ``(adata, checkpoint object, *, gene_key, layer, min_gene_overlap, seed, progress) ->
-        (tokens, gene match)``.
+        ``(adata, checkpoint object, *, gene_key, layer, min_gene_overlap, seed, rows,
+        check_values, progress, match) -> (tokens, gene match)``; ``match`` is this model's gene
+        match of the same AnnData when already made (the preflight's, or an earlier slice's),
+        so the genes are not matched again.
     set_dropout
         ``(module, p) -> module``: every dropout of the encoder's layers set to ``p``.
     set_attention_dropout

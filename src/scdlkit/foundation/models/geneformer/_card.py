@@ -48,6 +48,7 @@ def _tokenize(
     rows: slice | None = None,
     check_values: bool = True,
     progress: bool = False,
+    match: GeneformerGeneMatch | None = None,
 ) -> tuple[GeneformerTokens, GeneformerGeneMatch]:
     """The contract's tokenize: Geneformer's tokens are deterministic (``seed`` is unused) and
     its counts are always checked (the check is part of reading them)."""
@@ -61,6 +62,7 @@ def _tokenize(
         layer=layer,
         min_gene_overlap=min_gene_overlap,
         progress=progress,
+        match=match,
     )
 
 

@@ -405,6 +405,7 @@ def tokenize_geneformer(
     min_gene_overlap: int | float = 1,
     chunk_size: int = CHUNK_CELLS,
     progress: bool = False,
+    match: GeneformerGeneMatch | None = None,
 ) -> tuple[GeneformerTokens, GeneformerGeneMatch]:
     """Tokenise every cell of ``adata`` as upstream's ``TranscriptomeTokenizer`` does.
 
@@ -434,6 +435,9 @@ def tokenize_geneformer(
         Cells read at a time.
     progress
         Show a progress bar.
+    match
+        The gene match of this AnnData when already made (by the preflight, or for an earlier
+        slice of rows); ``None`` matches the genes here.
 
     Returns
     -------
@@ -462,7 +466,8 @@ def tokenize_geneformer(
     if chunk_size < 1:
         msg = f"chunk_size={chunk_size} must be at least 1."
         raise ValueError(msg)
-    match = match_geneformer_genes(adata, dicts, gene_key, id_type=id_type)
+    if match is None:
+        match = match_geneformer_genes(adata, dicts, gene_key, id_type=id_type)
     check_geneformer_overlap(match, gene_key=gene_key, min_gene_overlap=min_gene_overlap)
     matrix = get_matrix(adata, layer)
     given_counts = _n_counts(adata)

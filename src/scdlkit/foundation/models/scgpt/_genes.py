@@ -110,6 +110,7 @@ def tokenize_adata(
     rows: slice | None = None,
     check_values: bool = True,
     progress: bool = False,
+    match: GeneMatch | None = None,
 ) -> tuple[ScGPTTokens, GeneMatch]:
     """Validate values and genes, then tokenise every cell once.
 
@@ -141,6 +142,9 @@ def tokenize_adata(
         Check for negative or non-finite values first.
     progress
         Show a progress bar while tokenising.
+    match
+        The gene match of this AnnData when already made (by the preflight, or for an earlier
+        slice of rows); ``None`` matches the genes here.
 
     Returns
     -------
@@ -163,7 +167,8 @@ def tokenize_adata(
     >>> tokens, match = sck.foundation.tokenize_adata(adata, ckpt)  # doctest: +SKIP
     >>> tokens.n_cells, match.n_matched  # doctest: +SKIP
     """
-    match = match_genes(adata, checkpoint, gene_key)
+    if match is None:
+        match = match_genes(adata, checkpoint, gene_key)
     check_gene_overlap(match, gene_key=gene_key, min_gene_overlap=min_gene_overlap)
     if check_values:
         validate_values(adata, layer)
