@@ -53,7 +53,7 @@ def no_work(monkeypatch):
 
     from scdlkit.foundation.models.scgpt import _card as scgpt_card
 
-    for name in ("prepare_scgpt_data", "encode_cells", "encode_adata"):
+    for name in ("prepare_preflighted", "encode_cells", "encode_adata"):
         monkeypatch.setattr(runner_module, name, refuse)
     monkeypatch.setattr(scgpt_card, "load_state_dict_file", refuse)  # the card reads weights
 

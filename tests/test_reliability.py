@@ -48,7 +48,7 @@ def no_work(monkeypatch):
         msg = "model work started before the checks"
         raise AssertionError(msg)
 
-    monkeypatch.setattr(runner_module, "prepare_scgpt_data", refuse)
+    monkeypatch.setattr(runner_module, "prepare_preflighted", refuse)
 
 
 def _adapt(adata, checkpoint_dir, output_dir, strategy="frozen_probe", **kwargs):
@@ -231,14 +231,14 @@ def test_output_dir_holding_a_run_is_refused_unless_overwrite(
     _adapt(small_ref.copy(), checkpoint_dir, out)
     import scdlkit.foundation._runner as runner_module
 
-    real = runner_module.prepare_scgpt_data
-    monkeypatch.setattr(runner_module, "prepare_scgpt_data", None)  # work would be a TypeError
+    real = runner_module.prepare_preflighted
+    monkeypatch.setattr(runner_module, "prepare_preflighted", None)  # work would be a TypeError
     adata = small_ref.copy()
     with pytest.raises(RunExistsError, match=r"overwrite=True") as info:
         _adapt(adata, checkpoint_dir, out)
     assert isinstance(info.value, ValueError)  # the command line exits 2 on it
     assert KEY not in adata.obs
-    monkeypatch.setattr(runner_module, "prepare_scgpt_data", real)
+    monkeypatch.setattr(runner_module, "prepare_preflighted", real)
     new = _adapt(small_ref.copy(), checkpoint_dir, out, "baseline", overwrite=True)
     marker = json.loads((out / RUN_MARKER).read_text())
     assert marker["runner_manifest_sha256"] == new.uns[KEY]["runner_manifest_sha256"]

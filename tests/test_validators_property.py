@@ -474,7 +474,7 @@ def no_work(monkeypatch):
     """Every piece of expensive work of the runners fails the test."""
     from scdlkit.foundation.models.scgpt import _card as scgpt_card
 
-    for name in ("prepare_scgpt_data", "encode_cells", "encode_adata"):
+    for name in ("prepare_preflighted", "encode_cells", "encode_adata"):
         monkeypatch.setattr(runner_module, name, _refuse)
     monkeypatch.setattr(scgpt_card, "load_state_dict_file", _refuse)  # the card reads weights
     monkeypatch.setattr(runner_module, "load_runner", _refuse)
