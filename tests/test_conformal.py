@@ -197,17 +197,18 @@ def test_error_rate_refusals_leave_the_anndata_unchanged(calibrated, _pbmc_raw, 
 def test_donor_held_out_calibration_uses_whole_batches(_pbmc_raw, fixture_dir):
     adata = _pbmc_raw.copy()
     adata.obs["donor"] = np.array(["a", "b", "c", "d"])[np.arange(adata.n_obs) % 4]
-    runner = sck.AnnotationRunner(
-        label_key="bulk_labels",
-        strategies=("baseline",),
-        checkpoint=fixture_dir.parent / "scgpt-tiny-pbmc-pretrained" / "checkpoint",
-        batch_key="donor",
-        split_by="batch",
-        test_batches=["d"],
-        val_batches=["c"],
-        calibration_batches=["b"],
-        **FAST,
-    ).fit(adata)
+    with pytest.warns(UserWarning, match=r"calibrated on one batch \('b'\).*not for a new batch"):
+        runner = sck.AnnotationRunner(
+            label_key="bulk_labels",
+            strategies=("baseline",),
+            checkpoint=fixture_dir.parent / "scgpt-tiny-pbmc-pretrained" / "checkpoint",
+            batch_key="donor",
+            split_by="batch",
+            test_batches=["d"],
+            val_batches=["c"],
+            calibration_batches=["b"],
+            **FAST,
+        ).fit(adata)
     donors = adata.obs["donor"].to_numpy()
     assert set(donors[runner.split_.calibration_indices]) == {"b"}
     assert set(donors[runner.split_.train_indices]) == {"a"}

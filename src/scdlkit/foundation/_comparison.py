@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -148,6 +149,15 @@ def repeat_splits(
                 batches=calibration_batches,
                 random_state=random_state + r,
             )
+        )
+    if calibration_batches is not None and len(calibration_batches) == 1:
+        warnings.warn(
+            f"the prediction sets are calibrated on one batch ({calibration_batches[0]!r}): "
+            "their error rate holds for new cells like that batch's, not for a new batch "
+            "(docs/label_transfer.md measures a new donor's coverage). Name several "
+            "calibration_batches when it must hold for new donors.",
+            UserWarning,
+            stacklevel=4,
         )
     return splits
 
