@@ -197,7 +197,9 @@ def test_error_rate_refusals_leave_the_anndata_unchanged(calibrated, _pbmc_raw, 
 def test_donor_held_out_calibration_uses_whole_batches(_pbmc_raw, fixture_dir):
     adata = _pbmc_raw.copy()
     adata.obs["donor"] = np.array(["a", "b", "c", "d"])[np.arange(adata.n_obs) % 4]
-    with pytest.warns(UserWarning, match=r"calibrated on one batch \('b'\).*not for a new batch"):
+    with pytest.warns(
+        UserWarning, match=r"calibrated on one batch \('b'\).*not for a new batch"
+    ) as caught:
         runner = sck.AnnotationRunner(
             label_key="bulk_labels",
             strategies=("baseline",),
@@ -209,6 +211,7 @@ def test_donor_held_out_calibration_uses_whole_batches(_pbmc_raw, fixture_dir):
             calibration_batches=["b"],
             **FAST,
         ).fit(adata)
+    assert {w.filename for w in caught if "one batch" in str(w.message)} == {__file__}
     donors = adata.obs["donor"].to_numpy()
     assert set(donors[runner.split_.calibration_indices]) == {"b"}
     assert set(donors[runner.split_.train_indices]) == {"a"}

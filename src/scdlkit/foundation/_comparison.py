@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from scdlkit._shared.splits import stratified_split
+from scdlkit._shared.user_warnings import warn_user
 from scdlkit.foundation._conformal import (
     ConformalCalibration,
     conformal_metrics,
@@ -150,14 +150,12 @@ def repeat_splits(
                 random_state=random_state + r,
             )
         )
-    if calibration_batches is not None and len(calibration_batches) == 1:
-        warnings.warn(
+    if calibration_batches is not None and len(set(calibration_batches)) == 1:
+        warn_user(
             f"the prediction sets are calibrated on one batch ({calibration_batches[0]!r}): "
             "their error rate holds for new cells like that batch's, not for a new batch "
             "(docs/label_transfer.md measures a new donor's coverage). Name several "
-            "calibration_batches when it must hold for new donors.",
-            UserWarning,
-            stacklevel=4,
+            "calibration_batches when it must hold for new donors."
         )
     return splits
 
@@ -169,7 +167,9 @@ def carve_calibration(
 
     Calibration cells neither train a strategy nor choose one: the conformal prediction sets
     (:mod:`scdlkit.foundation._conformal`) are calibrated on them. ``batches``: every training
-    cell of those batches (the guarantee is then about new batches); else a stratified ``size``
+    cell of those batches (the sets then hold for cells like those batches', and for a new batch
+    only as far as the calibration batches represent the spread between batches: name several);
+    else a stratified ``size``
     share of the labelled cells, drawn from the training cells.
     """
     train = split.train_indices

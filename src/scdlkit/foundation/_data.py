@@ -275,6 +275,8 @@ def prepare_scgpt_data(
     return _tokenised(
         adata,
         ckpt,
+        gene_key=gene_key,
+        layer=layer,
         labels=labels,
         batches=batches,
         match=None,
@@ -304,6 +306,8 @@ def prepare_preflighted(
     return _tokenised(
         adata,
         preflight.checkpoint,
+        gene_key=preflight.gene_key,
+        layer=preflight.layer,
         labels=labels,
         batches=preflight.batches,
         match=preflight.match,
@@ -324,21 +328,24 @@ def _tokenised(
     adata: Any,
     ckpt: ModelCheckpoint,
     *,
+    gene_key: str | None,
+    layer: str | None,
     labels: EncodedLabels,
     batches: np.ndarray | None,
     match: Any,
     settings: dict[str, Any],
     progress: bool,
 ) -> ScGPTPreparedData:
+    known = {} if match is None else {"match": match}  # the preflight's gene match, if any
     tokens, match = model_card(ckpt).tokenize(
         adata,
         ckpt,
-        gene_key=settings["gene_key"] or None,
-        layer=settings["layer"] or None,
+        gene_key=gene_key,
+        layer=layer,
         min_gene_overlap=settings["min_gene_overlap"],
         seed=settings["random_state"],
         progress=progress,
-        match=match,
+        **known,
     )
     return ScGPTPreparedData(
         tokens=tokens,

@@ -285,7 +285,7 @@ def preflight_report(
     pre: Preflight, expressed_per_cell: np.ndarray | None
 ) -> ScGPTAnnotationDataReport:
     """The report of a :class:`Preflight`, given the matched genes each cell expresses (the
-    tokens count them; ``None`` when the values are unreadable)."""
+    tokens count them; ``None`` only when the values are unreadable: NaN, infinite or empty)."""
     ckpt, match, card = pre.checkpoint, pre.match, model_card(pre.checkpoint)
     gene_key, layer, label_key, value_kind = pre.gene_key, pre.layer, pre.label_key, pre.value_kind
     min_gene_overlap = pre.min_gene_overlap
@@ -333,8 +333,11 @@ def preflight_report(
     elif value_kind == "empty":
         problems.append("the expression matrix has no non-zero values.")
 
-    if value_kind in {"non_finite", "empty"} or expressed_per_cell is None:
+    if value_kind in {"non_finite", "empty"}:
         expressed = np.zeros(pre.n_cells, np.int64)
+    elif expressed_per_cell is None:
+        msg = "preflight_report needs each cell's matched-gene count for readable values."
+        raise ValueError(msg)
     else:
         expressed = np.asarray(expressed_per_cell)
     max_len = ckpt.max_seq_len

@@ -162,9 +162,10 @@ class ScGPTAnnotationRunner:
         on them (``sck.tl.annotate(..., error_rate=)``; coverage and set size in
         ``strategy_metrics_``). ``0`` calibrates nothing.
     calibration_batches
-        Calibrate on every training cell of these batches instead (``batch_key=`` needed), so
-        that the coverage guarantee is about new batches (donors) rather than new cells of the
-        training batches; not test or validation batches.
+        Calibrate on every training cell of these batches instead (``batch_key=`` needed): the
+        sets then hold for cells of batches (donors) the model never trained on, as far as
+        these batches represent the spread between batches (name several; one batch gives a
+        warning); not test or validation batches.
     refit
         After selection, fit the kept model again on every labelled cell (CellTypist's practice):
         ``"auto"`` for the closed-form strategies (``frozen_probe``, ``baseline``), ``"always"``
