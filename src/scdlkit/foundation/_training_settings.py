@@ -58,8 +58,8 @@ __all__ = [
 
 
 #: Optimiser steps an encoder-trained strategy takes at least (epochs are stretched to reach it):
-#: a cost choice, the eight-strategy comparison of 700 cells in 7 minutes on 2 CPU cores (15 at
-#: 2,000). Every tuned rate was chosen at this budget (benchmarks/tune_defaults.py; docs/tuning.md).
+#: a cost choice, the eight-strategy comparison of 700 cells in 7 minutes on 2 AMD cores without
+#: native bf16 (15 at 2,000; 1.4-2.4 minutes on 2 Xeon cores with AMX). Every tuned rate was chosen at this budget (benchmarks/tune_defaults.py; docs/tuning.md).
 #: 2,000 steps (about the scGPT tutorial's budget) cost 6.7x as much per strategy on small data
 MIN_STEPS = 300
 #: Optimiser steps an encoder-trained strategy takes at most: a cost cap, not measured at
@@ -101,9 +101,9 @@ _PEFT = {
     "epochs": 10,
     "min_steps": MIN_STEPS,
     "max_steps": MAX_STEPS,
-    # docs/tuning.md: tuned on the planted data for lora (ahead of the LoRA paper's 5e-4),
-    # adapter and prefix_tuning (ahead of scPEFT's 5e-5); the IA3 paper's rate for ia3 (not
-    # tuned)
+    # docs/tuning.md: tuned on validation cells of the planted data and pbmc, 5 seeds each:
+    # ahead of the LoRA paper's 5e-4 (lora) and scPEFT's 5e-5 (adapter, prefix_tuning) on
+    # both; the IA3 paper's rate for ia3, kept on pbmc (1e-3 not ahead)
     "lr": 3e-3,
     "lr_decay": 0.9,
     "early_stopping_patience": 3,
