@@ -59,7 +59,8 @@ __all__ = [
 
 #: Optimiser steps an encoder-trained strategy takes at least (epochs are stretched to reach it):
 #: a cost choice, the eight-strategy comparison of 700 cells in 7 minutes on 2 AMD cores without
-#: native bf16 (15 at 2,000; 1.4-2.4 minutes on 2 Xeon cores with AMX). Every tuned rate was chosen at this budget (benchmarks/tune_defaults.py; docs/tuning.md).
+#: native bf16 (15 at 2,000; 1.4-2.4 minutes on 2 Xeon cores with AMX). Every tuned rate was
+#: chosen at this budget (benchmarks/tune_defaults.py; docs/tuning.md).
 #: 2,000 steps (about the scGPT tutorial's budget) cost 6.7x as much per strategy on small data
 MIN_STEPS = 300
 #: Optimiser steps an encoder-trained strategy takes at most: a cost cap, not measured at
