@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import inspect
 import io
+import re
 import subprocess
 import sys
 import tokenize
@@ -583,6 +584,34 @@ def test_strategy_names_spelled_out_in_one_file():
     assert not offenders, (
         f"strategy names spelled out outside {STRATEGY_NAMES_HOME.relative_to(SRC)}"
         " (import them from there):\n" + "\n".join(offenders)
+    )
+
+
+#: scGPT's internals (issue 26): named only in its model folder, in the public aliases that
+#: scdlkit.foundation re-exports for code written against the first releases, in the registry's
+#: one line, and in the demo, which builds its tiny checkpoint with those public aliases.
+SCGPT_INTERNALS = re.compile(
+    r"\b(Wqkv|value_encoder|ScGPTEncoder|ScGPTCheckpoint|ScGPTModelArgs|ScGPTTokens|bin_values|"
+    r"collate_tokens|models\.scgpt)\b"
+)
+SCGPT_HOME = PACKAGE / "foundation" / "models" / "scgpt"
+SCGPT_NAMED_BY = {
+    PACKAGE / "foundation" / "__init__.py",  # the public aliases
+    PACKAGE / "foundation" / "models" / "__init__.py",  # the registry line
+    PACKAGE / "demo.py",  # builds the demo checkpoint through the public aliases
+}
+
+
+def test_scgpt_internals_are_named_only_in_its_folder():
+    offenders = [
+        f"{path.relative_to(SRC)}:{number}: {line.strip()}"
+        for path in _source_files()
+        if SCGPT_HOME not in path.parents and path not in SCGPT_NAMED_BY
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if SCGPT_INTERNALS.search(line)
+    ]
+    assert not offenders, "scGPT's internals named outside its model folder:\n" + "\n".join(
+        offenders
     )
 
 

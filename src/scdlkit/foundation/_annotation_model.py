@@ -301,8 +301,8 @@ class ScGPTAnnotationModel(nn.Module):
         Parameters
         ----------
         batch
-            ``gene_ids``, ``values`` and optionally ``padding_mask`` (see
-            :func:`~scdlkit.foundation.models.scgpt._tokenize.collate_tokens`).
+            ``gene_ids``, ``values`` and optionally ``padding_mask``, as the model's token store
+            collates them (``TokenStore.collate`` in :mod:`scdlkit.foundation.models`).
 
         Returns
         -------
@@ -528,8 +528,7 @@ def build_annotation_model(
     Parameters
     ----------
     encoder_state
-        The checkpoint's state dict (e.g. from
-        :func:`~scdlkit.foundation.models.scgpt._loading.load_state_dict_file`, or an encoder's
+        The checkpoint's state dict (its model card's ``read_weights``, or an encoder's
         ``state_dict()``); every encoder key must be present, others are ignored.
     checkpoint
         The resolved checkpoint (architecture and vocabulary), or anything
@@ -551,9 +550,9 @@ def build_annotation_model(
 
     Examples
     --------
-    >>> from scdlkit.foundation.models.scgpt._loading import load_state_dict_file
+    >>> from scdlkit.foundation import model_card
     >>> ckpt = resolve_checkpoint("path/to/scGPT_human")  # doctest: +SKIP
-    >>> state = load_state_dict_file(ckpt.weights_path)  # doctest: +SKIP
+    >>> state = model_card(ckpt).read_weights(ckpt)  # doctest: +SKIP
     >>> model = build_annotation_model(
     ...     state, ckpt, num_classes=8, tuning_strategy="lora"
     ... )  # doctest: +SKIP

@@ -118,8 +118,8 @@ class ScGPTPreparedData:
     Attributes
     ----------
     tokens
-        Compact tokens of every cell: the model's token store, e.g.
-        :class:`~scdlkit.foundation.ScGPTTokens`.
+        Compact tokens of every cell: the model's token store (the ``TokenStore`` contract of
+        :mod:`scdlkit.foundation.models`).
     label_codes
         ``(n_cells,)`` int64, -1 for unlabelled cells (or all -1 without ``label_key``).
     label_categories

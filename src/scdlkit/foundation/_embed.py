@@ -78,7 +78,7 @@ def inference_batches(
 def pad_batch(
     batch: dict[str, torch.Tensor], width: int, *, pad_id: int, pad_value: float
 ) -> dict[str, torch.Tensor]:
-    """Model input of :func:`collate_tokens` padded on the right to ``width`` positions."""
+    """A token store's collated batch padded on the right to ``width`` positions."""
     extra = width - batch["gene_ids"].shape[1]
     if extra <= 0:
         return batch
