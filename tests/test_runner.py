@@ -448,3 +448,18 @@ def test_fit_runs_the_preflight_first_and_tokenises_with_its_gene_match(
         small_ref, label_key="bulk_labels", checkpoint=checkpoint_dir
     )
     assert runner.report_.to_dict() == alone.to_dict()  # the same report, one read fewer
+
+
+def test_a_runner_saved_before_the_model_registry_loads_as_scgpt(saved_lora, small_ref, tmp_path):
+    """Manifests written before the model seam name no model, d_model or resolve options."""
+    runner, src = saved_lora
+    path = _copy_runner(src, tmp_path / "old")
+    manifest = json.loads((path / "manifest.json").read_text())
+    for key in ("model", "d_model", "options"):
+        manifest["checkpoint"].pop(key)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    loaded = ScGPTAnnotationRunner.load(path)
+    assert loaded.checkpoint_.model_name == "scgpt"
+    np.testing.assert_array_equal(
+        loaded.predict(small_ref)["probabilities"], runner.predict(small_ref)["probabilities"]
+    )
