@@ -10,7 +10,9 @@ published value only if it is ahead of it by more than one pooled sd
 (``sqrt((sd_best**2 + sd_published**2) / 2)``); otherwise the published value is kept and the
 next setting is tuned from there. Test metrics are printed beside, and never read by the choice.
 
-Two data settings, each tuned on its own; a value becomes the default only where both chose it:
+Two data settings, each tuned on its own; a new value becomes the default where one chose it and
+the other does not have it behind the published value by more than one pooled sd
+(:func:`default_of`):
 
 - ``planted``: issue 19's planted-signal cells (600 cells, 6 classes each written in 6 marker
   genes, ``benchmarks/planted_signal.py``) with the tiny random fixture
@@ -361,6 +363,7 @@ def tune_strategy(
                 "source": setting.source,
                 "chosen": show(chosen),
                 "reason": reason,
+                "scores": {show(v): list(s) for v, s in zip(setting.values, scores, strict=True)},
             }
         )
         print(f"  -> {data.name} {strategy} {setting.name}: {show(chosen)} ({reason})", flush=True)
@@ -401,19 +404,46 @@ def candidate_row(
     return row
 
 
-def combine(choices: list[dict], data_names: Sequence[str]) -> pd.DataFrame:
-    """One row per (strategy, setting): each data setting's choice and the default.
+def not_behind(scores: Mapping[str, Sequence[float]], value: str, published: str) -> bool:
+    """Whether ``value``'s mean validation score is at most one pooled sd below the published
+    value's (with too few seeds for an sd: not below it at all)."""
+    gap = float(np.mean(scores[published]) - np.mean(scores[value]))
+    spread = pooled_sd(scores[value], scores[published])
+    return gap <= (0.0 if math.isnan(spread) else spread)
 
-    A value other than the published one becomes the default only where every data setting
-    chose it.
+
+def default_of(
+    chosen: Mapping[str, str], scores: Mapping[str, Mapping], published: str, data_names
+) -> str:
+    """The default of one setting from each data setting's choice: a value other than the
+    published one where one data setting chose it (ahead by more than a pooled sd) and no other
+    has it behind the published value by more than a pooled sd; else the published value.
+
+    The two data settings ask different things (can a strategy learn where to look; does it
+    keep what a pretrained encoder knows), so a value clearly better at one and no worse at the
+    other is taken. Every data setting must have run; two different new values keep the
+    published one.
     """
+    if any(d not in chosen for d in data_names):
+        return published
+    new = {chosen[d] for d in data_names} - {published}
+    if len(new) != 1:
+        return published
+    value = new.pop()
+    others = [d for d in data_names if chosen[d] != value]
+    return value if all(not_behind(scores[d], value, published) for d in others) else published
+
+
+def combine(choices: list[dict], data_names: Sequence[str]) -> pd.DataFrame:
+    """One row per (strategy, setting): each data setting's choice and the default
+    (:func:`default_of`)."""
     frame = pd.DataFrame(choices)
     out = []
     for (strategy, setting), group in frame.groupby(["strategy", "setting"], sort=False):
         chosen = dict(zip(group["data"], group["chosen"], strict=True))
+        scores = dict(zip(group["data"], group["scores"], strict=True))
         published = group["published"].iloc[0]
-        picks = {chosen.get(d) for d in data_names}
-        default = picks.pop() if len(picks) == 1 and None not in picks else published
+        default = default_of(chosen, scores, published, data_names)
         out.append(
             {
                 "strategy": strategy,
@@ -477,7 +507,8 @@ def report(rows: list[dict], decisions: pd.DataFrame, header: list[str]) -> str:
             "### Chosen",
             "",
             "The best validation mean replaces the published value only if ahead by more than "
-            "one pooled sd; a default changes only where every data setting chose the same value.",
+            "one pooled sd; a new value becomes the default where one data setting chose it and "
+            "no other has it behind the published value by more than one pooled sd.",
             "",
             markdown(decisions),
             "",

@@ -480,6 +480,23 @@ def test_tuning_rule_keeps_the_published_value_unless_clearly_beaten():
     assert math.isclose(tune.pooled_sd([0.0, 2.0], [0.0, 0.0]), 1.0)
 
 
+def test_tuning_default_takes_a_value_clearly_ahead_on_one_data_and_not_behind_on_the_other():
+    tune = _import("tune_defaults")
+    planted = {"a": [0.5, 0.52, 0.48], "b": [0.9, 0.92, 0.88]}  # b clearly ahead
+    level = {"a": [0.56, 0.60, 0.52], "b": [0.57, 0.61, 0.53]}  # b not behind
+    behind = {"a": [0.60, 0.62, 0.58], "b": [0.40, 0.42, 0.38]}  # b clearly behind
+    data = ["planted", "pbmc"]
+    chosen = {"planted": "b", "pbmc": "a"}
+    assert tune.default_of(chosen, {"planted": planted, "pbmc": level}, "a", data) == "b"
+    assert tune.default_of(chosen, {"planted": planted, "pbmc": behind}, "a", data) == "a"
+    assert tune.default_of({"planted": "b"}, {"planted": planted}, "a", data) == "a"  # not run
+    both = {"planted": "b", "pbmc": "b"}
+    assert tune.default_of(both, {"planted": planted, "pbmc": planted}, "a", data) == "b"
+    split = {"planted": "b", "pbmc": "c"}  # two different new values: published kept
+    scores = {"planted": {**planted, "c": [0.1] * 3}, "pbmc": {**planted, "c": [0.95] * 3}}
+    assert tune.default_of(split, scores, "a", data) == "a"
+
+
 def test_tuning_search_starts_from_published_values():
     tune = _import("tune_defaults")
     assert set(tune.SEARCH) == {"full_finetune", "lora", "adapter", "prefix_tuning", "ia3"}
