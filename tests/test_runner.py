@@ -452,7 +452,7 @@ def test_fit_runs_the_preflight_first_and_tokenises_with_its_gene_match(
 
 def test_a_runner_saved_before_the_model_registry_loads_as_scgpt(saved_lora, small_ref, tmp_path):
     """Manifests written before the model seam name no model, d_model or resolve options."""
-    runner, src = saved_lora
+    _, src = saved_lora
     path = _copy_runner(src, tmp_path / "old")
     manifest = json.loads((path / "manifest.json").read_text())
     for key in ("model", "d_model", "options"):
@@ -460,6 +460,7 @@ def test_a_runner_saved_before_the_model_registry_loads_as_scgpt(saved_lora, sma
     (path / "manifest.json").write_text(json.dumps(manifest))
     loaded = ScGPTAnnotationRunner.load(path)
     assert loaded.checkpoint_.model_name == "scgpt"
+    as_saved = ScGPTAnnotationRunner.load(src)  # the same files with the model named
     np.testing.assert_array_equal(
-        loaded.predict(small_ref)["probabilities"], runner.predict(small_ref)["probabilities"]
+        loaded.predict(small_ref)["probabilities"], as_saved.predict(small_ref)["probabilities"]
     )
