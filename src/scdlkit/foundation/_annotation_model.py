@@ -62,11 +62,10 @@ __all__ = [
     "make_input_norm",
 ]
 
-#: Strategies that build an :class:`ScGPTAnnotationModel`.
-
 #: Dropout on the ``<cls>`` vector before the head. 0.1, the usual rate before a transformer
-#: classification head (BERT); upstream scGPT has none at this position (0.0 reproduces it), the
-#: encoder's own dropout (0.2 in the official checkpoints) stays active while it trains.
+#: classification head (BERT); upstream scGPT has none at this position (0.0 reproduces it). The
+#: encoder's own dropout is a training setting (``encoder_dropout``: 0 by default, the
+#: checkpoint's 0.2 under ``training="upstream"``).
 DEFAULT_CLASSIFIER_DROPOUT = 0.1
 
 _NOT_HERE = {
