@@ -5,7 +5,8 @@ For each trainable strategy: training cells/s (forward, backward, AdamW step; le
 batches of cells with realistic expressed-gene counts), trainable parameters, and the bytes a saved
 runner holds for it (``adaptation_state_dict`` as safetensors: only what the base checkpoint lacks).
 
-Run: ``python benchmarks/finetune_throughput.py [--device cuda] [--steps 3] [--quick]``.
+Run: ``python benchmarks/finetune_throughput.py [--device cuda] [--steps 3] [--quick]
+[--precision fp32|bf16] [--strategies full_finetune lora]``.
 """
 
 from __future__ import annotations
@@ -84,11 +85,10 @@ def saved_bytes(model) -> int:
     return len(save(state))
 
 
-def train_rate(model, batches, device: torch.device, steps: int) -> float:
+def train_rate(model, batches, device: torch.device, steps: int, *, use_bf16: bool) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=1e-4)
     model.train()
-    use_bf16 = device.type == "cuda"
     times = []
     for step in range(steps + 1):  # the first step warms up kernels and allocations
         batch = {k: v.to(device) for k, v in batches[step % len(batches)].items()}
@@ -115,8 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="cells per step")
     parser.add_argument("--max-len", type=int, default=1200, help="tokens per cell at most")
     parser.add_argument("--quick", action="store_true", help="tiny model (smoke run)")
+    parser.add_argument(
+        "--precision",
+        choices=("default", "fp32", "bf16"),
+        default="default",
+        help="bf16 autocast or fp32; default: bf16 on CUDA, fp32 on a CPU",
+    )
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    use_bf16 = args.precision == "bf16" or (args.precision == "default" and device.type == "cuda")
     size = QUICK if args.quick else WHOLE_HUMAN
     batch_size = args.batch_size or (32 if device.type == "cuda" else 4)
     rng = np.random.default_rng(0)
@@ -130,13 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"model: {size['nlayers']} layers, d={size['embsize']}, vocab {VOCAB:,}, 10 classes; "
         f"batch {batch_size} cells, ~{mean_len:.0f} tokens/cell (max {args.max_len}); "
-        f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; median of {args.steps} steps"
+        f"{'bf16 autocast' if use_bf16 else 'fp32'}; median of {args.steps} steps"
     )
     print("| strategy | train cells/s | trainable parameters | saved adaptation |")
     print("|---|---|---|---|")
-    for strategy in STRATEGIES:
+    for strategy in args.strategies:
         model = build(strategy, size, device)
-        rate = train_rate(model, batches, device, args.steps)
+        rate = train_rate(model, batches, device, args.steps, use_bf16=use_bf16)
         size_mb = saved_bytes(model) / 2**20
         print(
             f"| {strategy} | {rate:.2f} | {model.trainable_parameter_count():,} | "
