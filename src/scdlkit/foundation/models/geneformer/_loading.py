@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from scdlkit._shared.hardware import resolve_device
 from scdlkit.foundation.models._load_report import CheckpointLoadReport
+from scdlkit.foundation.models._weights import check_state_dict, torch_load_tensors
 from scdlkit.foundation.models.geneformer._checkpoint import (
     GeneformerCheckpoint,
     resolve_geneformer_checkpoint,
@@ -81,26 +81,7 @@ def read_geneformer_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 "corrupted. Copy the checkpoint again."
             )
             raise ValueError(msg) from err
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        msg = (
-            f"{path} holds pickled objects other than tensors and was not loaded: scdlkit reads "
-            "weights with torch.load(weights_only=True) so a file you were handed cannot run code."
-        )
-        raise ValueError(msg) from err
-    except (RuntimeError, EOFError) as err:
-        msg = (
-            f"{path} is not a readable PyTorch weights file ({err}); it is probably truncated "
-            "or corrupted. Copy the checkpoint again."
-        )
-        raise ValueError(msg) from err
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        msg = f"{path} is not a state dict (a mapping of parameter names to tensors)."
-        raise ValueError(msg)
-    return state
+    return check_state_dict(torch_load_tensors(path), path)
 
 
 def _model_key(key: str, *, prefixed: bool) -> str | None:

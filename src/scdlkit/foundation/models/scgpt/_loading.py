@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from scdlkit.foundation._device import resolve_device
 from scdlkit.foundation.models._load_report import CheckpointLoadReport
+from scdlkit.foundation.models._weights import check_state_dict, torch_load_tensors
 from scdlkit.foundation.models.scgpt._checkpoint import ScGPTCheckpoint, resolve_checkpoint
 from scdlkit.foundation.models.scgpt._model import ScGPTEncoder
 
@@ -35,35 +35,14 @@ _KEY_RENAMES = (
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a state dict of tensors with ``weights_only=True``; refuse anything else."""
     path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        msg = (
-            f"{path} holds pickled objects other than tensors and was not loaded: scdlkit reads "
-            "weights with torch.load(weights_only=True) so a file you were handed cannot run code."
-        )
-        raise ValueError(msg) from err
-    except (RuntimeError, EOFError) as err:  # an empty, truncated or corrupted file
-        reason = str(err).split(". ")[0].strip().rstrip(".") or "it ends unexpectedly"
-        if path.stat().st_size == 0:
-            reason = "it is empty"
-        msg = (
-            f"{path} is not a readable PyTorch weights file ({reason}): it is probably "
-            "truncated or corrupted. Download or copy the checkpoint again."
-        )
-        raise ValueError(msg) from err
+    obj = torch_load_tensors(path)
     if (
         isinstance(obj, dict)
         and "model_state_dict" in obj
         and isinstance(obj["model_state_dict"], dict)
     ):
         obj = obj["model_state_dict"]
-    if not isinstance(obj, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
-        msg = f"{path} is not a state dict (a mapping of parameter names to tensors)."
-        raise ValueError(msg)
-    return obj
+    return check_state_dict(obj, path)
 
 
 def _normalise_keys(
