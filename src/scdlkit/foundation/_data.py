@@ -275,20 +275,16 @@ def prepare_scgpt_data(
     return _tokenised(
         adata,
         ckpt,
-        gene_key=gene_key,
-        layer=layer,
         labels=labels,
         batches=batches,
         match=None,
-        settings={
-            "label_key": label_key or "",
-            "batch_key": batch_key or "",
-            "gene_key": gene_key or "",
-            "layer": layer or "",
-            "batch_size": batch_size,
-            "min_gene_overlap": min_gene_overlap,
-            "random_state": random_state,
-        },
+        label_key=label_key,
+        batch_key=batch_key,
+        gene_key=gene_key,
+        layer=layer,
+        batch_size=batch_size,
+        min_gene_overlap=min_gene_overlap,
+        random_state=random_state,
         progress=progress,
     )
 
@@ -306,20 +302,16 @@ def prepare_preflighted(
     return _tokenised(
         adata,
         preflight.checkpoint,
-        gene_key=preflight.gene_key,
-        layer=preflight.layer,
         labels=labels,
         batches=preflight.batches,
         match=preflight.match,
-        settings={
-            "label_key": preflight.label_key or "",
-            "batch_key": preflight.batch_key or "",
-            "gene_key": preflight.gene_key or "",
-            "layer": preflight.layer or "",
-            "batch_size": batch_size,
-            "min_gene_overlap": preflight.min_gene_overlap,
-            "random_state": random_state,
-        },
+        label_key=preflight.label_key,
+        batch_key=preflight.batch_key,
+        gene_key=preflight.gene_key,
+        layer=preflight.layer,
+        batch_size=batch_size,
+        min_gene_overlap=preflight.min_gene_overlap,
+        random_state=random_state,
         progress=progress,
     )
 
@@ -328,24 +320,27 @@ def _tokenised(
     adata: Any,
     ckpt: ModelCheckpoint,
     *,
-    gene_key: str | None,
-    layer: str | None,
     labels: EncodedLabels,
     batches: np.ndarray | None,
     match: Any,
-    settings: dict[str, Any],
+    label_key: str | None,
+    batch_key: str | None,
+    gene_key: str | None,
+    layer: str | None,
+    batch_size: int,
+    min_gene_overlap: int | float,
+    random_state: int,
     progress: bool,
 ) -> ScGPTPreparedData:
-    known = {} if match is None else {"match": match}  # the preflight's gene match, if any
     tokens, match = model_card(ckpt).tokenize(
         adata,
         ckpt,
         gene_key=gene_key,
         layer=layer,
-        min_gene_overlap=settings["min_gene_overlap"],
-        seed=settings["random_state"],
+        min_gene_overlap=min_gene_overlap,
+        seed=random_state,
         progress=progress,
-        **known,
+        match=match,  # the preflight's gene match, if one was made
     )
     return ScGPTPreparedData(
         tokens=tokens,
@@ -355,7 +350,15 @@ def _tokenised(
         n_genes_input=len(match.names),
         checkpoint=ckpt,
         obs_names=np.asarray(adata.obs_names),
-        settings=settings,
+        settings={
+            "label_key": label_key or "",
+            "batch_key": batch_key or "",
+            "gene_key": gene_key or "",
+            "layer": layer or "",
+            "batch_size": batch_size,
+            "min_gene_overlap": min_gene_overlap,
+            "random_state": random_state,
+        },
         batches=batches,
     )
 

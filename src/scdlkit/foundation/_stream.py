@@ -147,7 +147,7 @@ def encode_adata(
                 rows=slice(first, min(first + step, stop)),
                 check_values=False,
                 progress=progress and rank == 0 and not streaming,
-                **({} if match is None else {"match": match}),  # genes matched once
+                match=match,  # genes matched once, for the first slice
             )
             parts.append(part)
         tokens = type(parts[0]).concat(parts)
