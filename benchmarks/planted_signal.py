@@ -267,7 +267,13 @@ def table(rows: list[dict]) -> pd.DataFrame:
 
 
 def repeated_comparison(
-    data: str, strategies: list[str], n_repeats: int, training: Mapping[str, Any] | None
+    data: str,
+    strategies: list[str],
+    n_repeats: int,
+    training: Mapping[str, Any] | None,
+    *,
+    strategy_configs: dict | None = None,
+    input_norm: str | None = None,
 ) -> str:
     """One runner with every strategy on ``n_repeats`` splits, as a user runs the comparison: a
     markdown table of validation and test macro-F1 (mean ± sd over repeats), the corrected t
@@ -279,16 +285,18 @@ def repeated_comparison(
     else:
         adata, key, checkpoint = pbmc_adata(), "bulk_labels", PRETRAINED / "checkpoint"
     start = time.perf_counter()
-    runner = ScGPTAnnotationRunner(
-        label_key=key,
-        checkpoint=checkpoint,
-        strategies=tuple(strategies),
-        training=training,
-        n_repeats=n_repeats,
-        precision="fp32",
-        progress=False,
-        random_state=0,
-    ).fit(adata)
+    with classifier_input_norm(training, input_norm) as resolved:
+        runner = ScGPTAnnotationRunner(
+            label_key=key,
+            checkpoint=checkpoint,
+            strategies=tuple(strategies),
+            strategy_configs=strategy_configs,
+            training=resolved,
+            n_repeats=n_repeats,
+            precision="fp32",
+            progress=False,
+            random_state=0,
+        ).fit(adata)
     seconds = time.perf_counter() - start
     m = runner.strategy_metrics_
     lines = [
@@ -352,7 +360,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.n_repeats > 1:
         for name in ("planted", "pbmc") if args.data == "both" else (args.data,):
             print(f"\n{name}:")
-            print(repeated_comparison(name, args.strategies, args.n_repeats, args.training))
+            table_text = repeated_comparison(
+                name,
+                args.strategies,
+                args.n_repeats,
+                args.training,
+                strategy_configs=args.strategy_configs,
+                input_norm=args.input_norm,
+            )
+            print(table_text)
         return
     if args.data in {"planted", "both"}:
         adata = planted_signal_adata()
