@@ -308,13 +308,14 @@ def test_small_data_gets_enough_optimiser_steps():
     from scdlkit.foundation._training_settings import resolve_training, stretch_to_min_steps
 
     settings = resolve_training("lora", None, {})
-    assert settings["min_steps"] == 300
+    assert settings["min_steps"] == 2000
     budget = stretch_to_min_steps(settings, steps_per_epoch=6)
-    assert budget["epochs"] == 50  # 50 x 6 >= 300 steps
+    assert budget["epochs"] == 334  # 334 x 6 >= 2,000 steps
     assert "min_steps" not in budget
-    # the schedule over the run is the recipe's: 10 epochs of 0.9 decay, patience 3 of 10 epochs
-    assert budget["lr_decay"] ** 50 == pytest.approx(0.9**10)
-    assert budget["early_stopping_patience"] == 15  # 3 x 5
+    # the rate decays over the run as over the recipe's 10 epochs; the patience waits at most
+    # 100 steps (17 epochs of 6), not 3 of the stretched run's 10 "recipe epochs" (101 epochs)
+    assert budget["lr_decay"] ** 334 == pytest.approx(0.9**10)
+    assert budget["early_stopping_patience"] == 17
     # large data: the epochs already give the steps, nothing changes
     assert stretch_to_min_steps(settings, steps_per_epoch=250)["epochs"] == 10
     # an explicit epochs means exactly that many epochs

@@ -20,9 +20,11 @@ from torch import nn
 import scdlkit as sck
 from scdlkit.foundation._training_settings import (
     EVAL_EVERY,
+    MAX_PATIENCE_STEPS,
     MAX_STEPS,
     MIN_STEPS,
     STRETCH_WARNING_EPOCHS,
+    check_training_overrides,
     resolve_training,
     step_budget,
     warn_if_stretched,
@@ -89,7 +91,8 @@ def _history(trainer: Trainer) -> pd.DataFrame:
 
 def test_defaults_give_a_floor_a_cap_and_an_evaluation_period():
     lora = resolve_training("lora", None, {})
-    assert (lora["min_steps"], lora["max_steps"], lora["eval_every"]) == (300, 20_000, 2000)
+    assert (lora["min_steps"], lora["max_steps"], lora["eval_every"]) == (2000, 20_000, 2000)
+    assert lora["max_patience_steps"] == MAX_PATIENCE_STEPS == 100
     assert resolve_training("full_finetune", None, {})["max_steps"] == MAX_STEPS
     head = resolve_training("head", None, {})
     assert head["min_steps"] == 0
@@ -104,11 +107,40 @@ def test_every_dataset_size_trains_between_the_floor_and_the_cap(steps_per_epoch
     steps = planned if budget["max_steps"] is None else budget["max_steps"]
     assert MIN_STEPS <= steps <= MAX_STEPS
     assert steps <= planned < steps + steps_per_epoch  # the last epoch is the one the cap ends
-    # the schedule over the run stays the recipe's: 0.9 per recipe epoch, 3 of 10 epochs patience
+    # the rate decays over the run as over the recipe's 10 epochs (0.9 per recipe epoch); the
+    # patience waits 3 of 10 recipe epochs, but at most MAX_PATIENCE_STEPS steps, and never
+    # fewer than the recipe's 3 evaluations
     period = EVAL_EVERY if steps_per_epoch > EVAL_EVERY else steps_per_epoch
     evaluations = math.ceil(steps / period)
     assert budget["lr_decay"] ** evaluations == pytest.approx(0.9**10)
-    assert budget["early_stopping_patience"] == math.ceil(3 * evaluations / 10)
+    share = math.ceil(3 * evaluations / 10)
+    capped = max(3, math.ceil(MAX_PATIENCE_STEPS / period))
+    assert budget["early_stopping_patience"] == min(share, capped)
+    assert budget["early_stopping_patience"] >= 3
+
+
+def test_the_patience_waits_at_most_max_patience_steps():
+    settings = resolve_training("lora", None, {})
+    # 700 cells (6 steps per epoch): up to 334 epochs, and a stop after 17 epochs (102 steps)
+    # without improvement, not after 101 (3 of the stretched run's 10 "recipe epochs")
+    budget = step_budget(settings, steps_per_epoch=6)
+    assert budget["epochs"] == 334
+    assert budget["early_stopping_patience"] == 17
+    assert "max_patience_steps" not in budget  # the runner's setting, not the Trainer's
+    # without the cap the patience keeps the same share of the stretched run
+    uncapped = resolve_training("lora", {"max_patience_steps": None}, {})
+    assert step_budget(uncapped, steps_per_epoch=6)["early_stopping_patience"] == 101
+    # a cap shorter than the recipe's patience keeps the recipe's 3 evaluations
+    short = resolve_training("lora", {"max_patience_steps": 1}, {})
+    assert step_budget(short, steps_per_epoch=6)["early_stopping_patience"] == 3
+    # where the floor does not stretch, the cap changes nothing (10 epochs of 930 steps)
+    assert step_budget(settings, steps_per_epoch=930)["early_stopping_patience"] == 3
+    # full fine-tuning has the same cap; the recipes from papers have none
+    assert resolve_training("full_finetune", None, {})["max_patience_steps"] == 100
+    upstream = resolve_training("lora", {"recipe": "upstream"}, {})
+    assert upstream.get("max_patience_steps") is None
+    with pytest.raises(ValueError, match="max_patience_steps"):
+        check_training_overrides("training", {"max_patience_steps": 0})
 
 
 def test_the_cap_ends_a_whole_human_sized_run():
@@ -121,7 +153,8 @@ def test_the_cap_ends_a_whole_human_sized_run():
     assert budget["early_stopping_patience"] == 3
     # below the cap and above the floor the recipe runs as it is: 10 epochs of 930 steps
     settings = resolve_training("lora", None, {})
-    expected = {k: v for k, v in settings.items() if k != "min_steps"} | {"max_steps": None}
+    runner_only = {"min_steps", "max_patience_steps"}
+    expected = {k: v for k, v in settings.items() if k not in runner_only} | {"max_steps": None}
     assert step_budget(settings, 930) == expected
 
 
@@ -189,7 +222,13 @@ def test_a_stretched_floor_warns_once_per_fit_and_strategy():
     assert len(messages) == 3  # lora once, adapter once, lora again for another fit
     assert "strategy 'lora'" in messages[0]
     assert "strategy 'adapter'" in messages[1]
-    for number in ("min_steps=2000", "from 10 to 334 epochs", "6 optimiser steps", "357 cells"):
+    for number in (
+        "min_steps=2000",
+        "from 10 to up to 334 epochs",
+        "6 optimiser steps",
+        "357 cells",
+        "after 100 steps without improvement",
+    ):
         assert number in messages[0]
     assert STRETCH_WARNING_EPOCHS == 50
 
@@ -215,7 +254,7 @@ def test_the_runner_warns_once_over_repeats(pbmc_raw):
     stretched = [str(w.message) for w in caught if "stretches training" in str(w.message)]
     assert len(stretched) == 1
     assert "strategy 'lora'" in stretched[0]
-    assert "from 1 to 51 epochs" in stretched[0]
+    assert "from 1 to up to 51 epochs" in stretched[0]
     history = runner.history_["lora"]
     assert history["step"].tolist() == history["epoch"].tolist() == list(range(1, 52))
 

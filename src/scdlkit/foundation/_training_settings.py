@@ -11,13 +11,15 @@ an inner split of the training cells and stops after ``early_stopping_patience``
 improvement. ``training="upstream"`` (:data:`UPSTREAM_TRAINING`) trains with the published
 recipes instead.
 
-Budgets hold at any dataset size (:func:`step_budget`): an encoder-trained strategy takes at
-least ``min_steps`` and at most ``max_steps`` optimiser steps. On a small dataset (few batches per
-epoch) its epochs are stretched to reach the floor; on a large one the run ends at the cap, and
-the validation data is evaluated every ``eval_every`` steps instead of once per (long) epoch. The
-learning-rate decay and the patience count evaluation periods and are rescaled to them, so the
-schedule over the run stays the recipe's. An explicit ``epochs`` (without ``min_steps`` or
-``max_steps``) means exactly that many epochs.
+Budgets hold at any dataset size (:func:`step_budget`): an encoder-trained strategy may take up
+to ``min_steps`` optimiser steps on small data and at most ``max_steps`` on large data. On a small
+dataset (few batches per epoch) its epochs are stretched to reach the floor, and early stopping
+waits at most ``max_patience_steps`` steps without improvement, so a run that has stopped learning
+ends early; on a large one the run ends at the cap, and the validation data is evaluated every
+``eval_every`` steps instead of once per (long) epoch. The learning-rate decay and the patience
+count evaluation periods and are rescaled to them, so the schedule over the run stays the
+recipe's. An explicit ``epochs`` (without ``min_steps`` or ``max_steps``) means exactly that many
+epochs.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from scdlkit.training._checks import FRACTION, TRAINING_SETTINGS, Check, optiona
 __all__ = [
     "DEFAULT_TRAINING",
     "EVAL_EVERY",
+    "MAX_PATIENCE_STEPS",
     "MAX_STEPS",
     "MIN_STEPS",
     "RECIPES",
@@ -57,12 +60,19 @@ __all__ = [
 ]
 
 
-#: Optimiser steps an encoder-trained strategy takes at least (epochs are stretched to reach it):
-#: a cost choice, the eight-strategy comparison of 700 cells in 7 minutes on 2 AMD cores without
-#: native bf16 (15 at 2,000; 1.4-2.4 minutes on 2 Xeon cores with AMX). Every tuned rate was
-#: chosen at this budget (benchmarks/tune_defaults.py; docs/tuning.md).
-#: 2,000 steps (about the scGPT tutorial's budget) cost 6.7x as much per strategy on small data
-MIN_STEPS = 300
+#: Optimiser steps an encoder-trained strategy may take on small data (its epochs are stretched
+#: to reach them; early stopping ends the run sooner): about the scGPT annotation tutorial's
+#: budget (10 epochs of 7,060 cells at batch 32). With :data:`MAX_PATIENCE_STEPS` it was chosen
+#: against the earlier 300 on validation cells over 5 seeds (docs/tuning.md, "step budget"):
+#: ahead for lora on the planted data, level on pbmc68k, at 1.0-1.2x the time there. The rates
+#: were tuned at the 300-step budget (benchmarks/tune_defaults.py)
+MIN_STEPS = 2000
+#: Early stopping waits at most this many optimiser steps without improvement on the inner split
+#: (never fewer than the recipe's ``early_stopping_patience`` evaluations): a cost choice, about
+#: the wait the 300-step budget had on 700 cells (15-18 epochs of 5-7 steps). 200 bought nothing
+#: on either data set; the uncapped wait (3 of the stretched run's 10 "recipe epochs", 600 steps
+#: at 2,000) costs 4.7-9x per fit on small data (docs/tuning.md)
+MAX_PATIENCE_STEPS = 100
 #: Optimiser steps an encoder-trained strategy takes at most: a cost cap, not measured at
 #: whole-human size (10x the floor; 1.28M cells seen at batch 64). It binds above ~215,000 cells,
 #: where 10 epochs would take more steps (1M cells: 93,000; docs/performance.md has the table)
@@ -96,6 +106,7 @@ _ENCODER = {
     # 0, a cost choice (not tuned): a CPU has no fused attention kernel with dropout, so each
     # attention call takes a path several times slower (docs/strategies.md)
     "encoder_dropout": 0.0,
+    "max_patience_steps": MAX_PATIENCE_STEPS,
 }
 _PEFT = {
     **_ENCODER,
@@ -197,6 +208,7 @@ TRAINING_KEYS = frozenset().union(*DEFAULT_TRAINING.values(), *UPSTREAM_TRAINING
 SETTING_CHECKS: dict[str, Check] = {
     **TRAINING_SETTINGS,
     "min_steps": partial(check_int, min_value=0),
+    "max_patience_steps": optional(partial(check_int, min_value=1)),
     "encoder_dropout": optional(FRACTION),
     "input_norm": partial(check_choice, choices=INPUT_NORMS),
     "classifier_dropout": FRACTION,
@@ -253,7 +265,8 @@ def step_budget(settings: Mapping[str, Any], steps_per_epoch: int) -> dict[str, 
     ``min_steps`` (whole epochs: stretched) and cut to ``max_steps`` (the Trainer's own
     ``max_steps``). Evaluation periods are epochs, or ``eval_every`` steps when an epoch holds
     more; the per-period lr decay and the patience (in periods) are rescaled so that the run
-    decays the rate as much as the recipe's epochs do and waits the same share of the run.
+    decays the rate as much as the recipe's epochs do and waits the same share of the run, but
+    never longer than ``max_patience_steps`` steps (nor fewer periods than the recipe's).
 
     Parameters
     ----------
@@ -265,21 +278,22 @@ def step_budget(settings: Mapping[str, Any], steps_per_epoch: int) -> dict[str, 
     Returns
     -------
     dict
-        The settings without ``min_steps``; ``epochs``, ``max_steps``, ``lr_decay`` and
-        ``early_stopping_patience`` as the Trainer takes them.
+        The settings without ``min_steps`` and ``max_patience_steps``; ``epochs``,
+        ``max_steps``, ``lr_decay`` and ``early_stopping_patience`` as the Trainer takes them.
 
     Examples
     --------
     >>> settings = resolve_training("lora", None, {})
     >>> budget = step_budget(settings, steps_per_epoch=6)  # 357 cells at batch 64
     >>> budget["epochs"], budget["early_stopping_patience"], round(budget["lr_decay"], 4)
-    (50, 15, 0.9791)
+    (334, 17, 0.9969)
     >>> budget = step_budget(settings, steps_per_epoch=9297)  # 1M cells
     >>> budget["epochs"], budget["max_steps"], budget["early_stopping_patience"]
     (3, 20000, 3)
     """
     out = dict(settings)
     min_steps = int(out.pop("min_steps", 0) or 0)
+    max_patience_steps = out.pop("max_patience_steps", None)
     cap = out.get("max_steps")
     every = out.get("eval_every")
     per_epoch = max(int(steps_per_epoch), 1)
@@ -297,8 +311,12 @@ def step_budget(settings: Mapping[str, Any], steps_per_epoch: int) -> dict[str, 
         return out
     if out.get("lr_decay") is not None:
         out["lr_decay"] = float(out["lr_decay"]) ** (1 / factor)
-    if out.get("early_stopping_patience") is not None:
-        out["early_stopping_patience"] = math.ceil(out["early_stopping_patience"] * factor)
+    patience = out.get("early_stopping_patience")
+    if patience is not None:
+        rescaled = math.ceil(patience * factor)
+        if max_patience_steps is not None:
+            rescaled = min(rescaled, max(patience, math.ceil(max_patience_steps / period)))
+        out["early_stopping_patience"] = rescaled
     return out
 
 
@@ -319,7 +337,7 @@ def warn_if_stretched(
     batch_size: int,
     once_per: Any,
 ) -> None:
-    """A UserWarning when the ``min_steps`` floor stretches ``strategy`` past
+    """A UserWarning when the ``min_steps`` floor may stretch ``strategy`` past
     :data:`STRETCH_WARNING_EPOCHS` epochs; once per strategy while ``once_per`` lives."""
     epochs = step_budget(settings, steps_per_epoch)["epochs"]
     if epochs <= max(STRETCH_WARNING_EPOCHS, int(settings["epochs"])):
@@ -331,10 +349,17 @@ def warn_if_stretched(
     if strategy in _WARNED[key]:
         return
     _WARNED[key].add(strategy)
+    wait = settings.get("max_patience_steps")
+    stop = (
+        f"unless early stopping ends it sooner (after {wait} steps without improvement)"
+        if wait is not None and settings.get("early_stopping_patience") is not None
+        else "(no early-stopping cap on the wait)"
+    )
     msg = (
         f"strategy {strategy!r}: min_steps={settings['min_steps']} stretches training from "
-        f"{settings['epochs']} to {epochs} epochs ({steps_per_epoch} optimiser steps per epoch: "
-        f"{n_cells} cells at batch_size={batch_size}), so every cell is seen {epochs} times. "
+        f"{settings['epochs']} to up to {epochs} epochs ({steps_per_epoch} optimiser steps per "
+        f"epoch: {n_cells} cells at batch_size={batch_size}), so every cell may be seen {epochs} "
+        f"times, {stop}. "
         f"For a shorter run lower the floor, training={{{strategy!r}: {{'min_steps': "
         f"{max(settings['min_steps'] // 4, 1)}}}}}, or "
         "give epochs= (exactly that many epochs)."
