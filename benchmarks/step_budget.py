@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         f"strategy {args.strategy}, default settings: epochs={settings['epochs']}, "
         f"min_steps={settings['min_steps']}, max_steps={settings['max_steps']}, "
         f"eval_every={settings['eval_every']}, lr_decay={settings['lr_decay']}, "
-        f"early_stopping_patience={settings['early_stopping_patience']}; "
+        f"early_stopping_patience={settings['early_stopping_patience']}, "
+        f"max_patience_steps={settings.get('max_patience_steps')}; "
         f"batch_size={args.batch_size}, val_size=test_size=0.15, {N_CLASSES} balanced classes"
     )
     budgets = [plan(args.strategy, n, batch_size=args.batch_size) for n in args.cells]

@@ -29,7 +29,8 @@ Usage::
     python benchmarks/tune_defaults.py --quick --out /tmp/tuning.md   # smoke run, about a minute
 
 The full search fits 28 distinct candidates per data setting at 5 seeds and the default
-budget (2,000 optimiser steps each): hours on a GPU, days on two CPU cores. ``--min-steps``
+budget (up to 2,000 optimiser steps each, early stopping after at most 100 without improvement):
+hours on a GPU, days on two CPU cores. ``--min-steps``
 shortens the budget (the table says so). The classifier-input normalisation reaches the runner
 as ``training={"input_norm": ...}``.
 """
@@ -612,7 +613,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         f"Machine: {machine()}; precision {args.precision}; {platform.python_version()}.",
         f"Seeds: {seeds} splits per candidate (split and model seeds 0-{seeds - 1}, one outer "
         "test set); budget: "
-        + (json.dumps(budget) if budget else "the runner's default (at least 2,000 steps)")
+        + (json.dumps(budget) if budget else "the runner's default (up to 2,000 steps)")
         + ".",
         "Data: "
         + "; ".join(f"`{d}`: {DATA[d].description}" for d in data_names)
