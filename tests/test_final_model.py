@@ -223,3 +223,35 @@ def test_no_held_out_cells_with_output_dir_completes_through_the_cli(
         ]
     )
     assert code == 0
+
+
+def test_a_refitted_encoder_strategy_trains_exactly_the_steps_of_its_kept_weights(
+    _pbmc_raw, pretrained, monkeypatch
+):
+    # one batch per epoch: the recipe's 10 epochs are 10 steps, far fewer than the kept step
+    from scdlkit.training import Trainer
+
+    fitted = []
+    original = Trainer.fit
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        fitted.append(int(self.history_["step"].max()))
+        return out
+
+    monkeypatch.setattr(Trainer, "fit", spy)
+    rows = np.sort(np.random.default_rng(0).choice(_pbmc_raw.n_obs, 90, replace=False))
+    runner = sck.AnnotationRunner(
+        label_key="bulk_labels",
+        checkpoint=pretrained,
+        strategies=("lora",),
+        refit="always",
+        random_state=0,
+        batch_size=128,
+        training={"lora": {"min_steps": 40, "early_stopping_patience": None}},
+        **FAST,
+    ).fit(_pbmc_raw[rows, :150].copy())
+    steps = int(runner.results_["lora"].extra["best_step"])
+    assert steps > 10  # more than the recipe's 10 one-step epochs
+    assert runner.final_models_["lora"]["steps"] == steps
+    assert fitted == [40, steps]  # the selection fit, then the refit

@@ -73,8 +73,9 @@ def final_model(
     )
     refit_ctx = replace(ctx, split=everything, early_stopping_fraction=0.0)
     steps = result.extra.get("best_step")
-    if steps is not None:  # a trained strategy: the steps its kept weights had, no stopping
-        settings = {**settings, "min_steps": 0, "max_steps": max(int(steps), 1)}
+    if steps is not None:  # a trained strategy: exactly the steps its kept weights had, no stopping
+        steps = max(int(steps), 1)
+        settings = {**settings, "min_steps": steps, "max_steps": steps}
         settings["early_stopping_patience"] = None
     refitted = family.fit(name, refit_ctx, settings, config)
     final.model = refitted.model
