@@ -133,8 +133,14 @@ def test_the_patience_waits_at_most_max_patience_steps():
     # a cap shorter than the recipe's patience keeps the recipe's 3 evaluations
     short = resolve_training("lora", {"max_patience_steps": 1}, {})
     assert step_budget(short, steps_per_epoch=6)["early_stopping_patience"] == 3
-    # where the floor does not stretch, the cap changes nothing (10 epochs of 930 steps)
+    # where the floor does not stretch, the cap changes nothing (10 epochs of 930 steps), nor
+    # on large data whose explicit epochs give many evaluation periods (50 epochs of 9,297
+    # steps, evaluated every 2,000: 233 periods, the recipe's share of them)
     assert step_budget(settings, steps_per_epoch=930)["early_stopping_patience"] == 3
+    long = resolve_training("lora", None, {"epochs": 50})
+    assert step_budget(long, steps_per_epoch=9297)["early_stopping_patience"] == math.ceil(
+        3 * 233 / 50
+    )
     # full fine-tuning has the same cap; the recipes from papers have none
     assert resolve_training("full_finetune", None, {})["max_patience_steps"] == 100
     upstream = resolve_training("lora", {"recipe": "upstream"}, {})
@@ -227,7 +233,7 @@ def test_a_stretched_floor_warns_once_per_fit_and_strategy():
         "from 10 to up to 334 epochs",
         "6 optimiser steps",
         "357 cells",
-        "after 100 steps without improvement",
+        "after about 100 steps without improvement",
     ):
         assert number in messages[0]
     assert STRETCH_WARNING_EPOCHS == 50

@@ -119,7 +119,8 @@ class ScGPTAnnotationRunner:
         Overrides of the training settings: setting names (apply to all strategies) and/or
         strategy names mapping to dicts, e.g. ``{"lora": {"epochs": 20}}``. Settings: epochs,
         min_steps, max_steps (optimiser steps at least and at most; an explicit ``epochs`` alone
-        lifts both), eval_every (long epochs are evaluated every this many steps), lr, head_lr,
+        lifts both), max_patience_steps (the most steps early stopping waits in a run the floor
+        stretched), eval_every (long epochs are evaluated every this many steps), lr, head_lr,
         weight_decay, warmup, lr_decay, grad_clip, early_stopping_patience, monitor,
         class_weight, optimizer, adam_eps, encoder_dropout (encoder-trained strategies);
         ``frozen_probe`` and ``baseline`` take class_weight only. Defaults:

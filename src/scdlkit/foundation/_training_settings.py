@@ -14,8 +14,9 @@ recipes instead.
 Budgets hold at any dataset size (:func:`step_budget`): an encoder-trained strategy may take up
 to ``min_steps`` optimiser steps on small data and at most ``max_steps`` on large data. On a small
 dataset (few batches per epoch) its epochs are stretched to reach the floor, and early stopping
-waits at most ``max_patience_steps`` steps without improvement, so a run that has stopped learning
-ends early; on a large one the run ends at the cap, and the validation data is evaluated every
+then waits at most about ``max_patience_steps`` steps without improvement (rounded up to whole
+epochs, never fewer than the recipe's patience), so a run that has stopped learning ends early.
+On a large dataset the run ends at the cap, and the validation data is evaluated every
 ``eval_every`` steps instead of once per (long) epoch. The learning-rate decay and the patience
 count evaluation periods and are rescaled to them, so the schedule over the run stays the
 recipe's. An explicit ``epochs`` (without ``min_steps`` or ``max_steps``) means exactly that many
@@ -67,11 +68,12 @@ __all__ = [
 #: ahead for lora on the planted data, level on pbmc68k, at 1.0-1.2x the time there. The rates
 #: were tuned at the 300-step budget (benchmarks/tune_defaults.py)
 MIN_STEPS = 2000
-#: Early stopping waits at most this many optimiser steps without improvement on the inner split
-#: (never fewer than the recipe's ``early_stopping_patience`` evaluations): a cost choice, about
-#: the wait the 300-step budget had on 700 cells (15-18 epochs of 5-7 steps). 200 bought nothing
-#: on either data set; the uncapped wait (3 of the stretched run's 10 "recipe epochs", 600 steps
-#: at 2,000) costs 4.7-9x per fit on small data (docs/tuning.md)
+#: When the floor stretches a run, early stopping waits at most about this many optimiser steps
+#: without improvement on the inner split (rounded up to whole epochs, never fewer than the
+#: recipe's ``early_stopping_patience``): a cost choice, about the wait the 300-step budget had
+#: on 600-700 cells (13-18 epochs of 5-7 steps). 200 bought nothing on the planted data; the
+#: uncapped wait (3 of the stretched run's 10 "recipe epochs", 600 steps at 2,000) costs
+#: 1.8-3.7x the capped one per fit on small data (4.7-9x the 300-step floor; docs/tuning.md)
 MAX_PATIENCE_STEPS = 100
 #: Optimiser steps an encoder-trained strategy takes at most: a cost cap, not measured at
 #: whole-human size (10x the floor; 1.28M cells seen at batch 64). It binds above ~215,000 cells,
@@ -265,8 +267,9 @@ def step_budget(settings: Mapping[str, Any], steps_per_epoch: int) -> dict[str, 
     ``min_steps`` (whole epochs: stretched) and cut to ``max_steps`` (the Trainer's own
     ``max_steps``). Evaluation periods are epochs, or ``eval_every`` steps when an epoch holds
     more; the per-period lr decay and the patience (in periods) are rescaled so that the run
-    decays the rate as much as the recipe's epochs do and waits the same share of the run, but
-    never longer than ``max_patience_steps`` steps (nor fewer periods than the recipe's).
+    decays the rate as much as the recipe's epochs do and waits the same share of the run. When
+    the floor stretched the run, the wait is at most ``max_patience_steps`` steps, rounded up to
+    whole periods, and never fewer periods than the recipe's patience.
 
     Parameters
     ----------
@@ -299,6 +302,7 @@ def step_budget(settings: Mapping[str, Any], steps_per_epoch: int) -> dict[str, 
     per_epoch = max(int(steps_per_epoch), 1)
     recipe = int(out["epochs"])
     steps = max(recipe * per_epoch, min_steps)
+    stretched = steps > recipe * per_epoch
     epochs = -(-steps // per_epoch)  # the floor stretches to whole epochs
     if cap is not None and epochs * per_epoch > cap:
         out["max_steps"], steps = int(cap), int(cap)
@@ -314,7 +318,7 @@ def step_budget(settings: Mapping[str, Any], steps_per_epoch: int) -> dict[str, 
     patience = out.get("early_stopping_patience")
     if patience is not None:
         rescaled = math.ceil(patience * factor)
-        if max_patience_steps is not None:
+        if stretched and max_patience_steps is not None:  # periods of about that many steps
             rescaled = min(rescaled, max(patience, math.ceil(max_patience_steps / period)))
         out["early_stopping_patience"] = rescaled
     return out
@@ -350,11 +354,14 @@ def warn_if_stretched(
         return
     _WARNED[key].add(strategy)
     wait = settings.get("max_patience_steps")
-    stop = (
-        f"unless early stopping ends it sooner (after {wait} steps without improvement)"
-        if wait is not None and settings.get("early_stopping_patience") is not None
-        else "(no early-stopping cap on the wait)"
-    )
+    if settings.get("early_stopping_patience") is None:
+        stop = "with no early stopping"
+    elif wait is None:
+        stop = "unless early stopping ends it sooner"
+    else:
+        stop = (
+            f"unless early stopping ends it sooner (after about {wait} steps without improvement)"
+        )
     msg = (
         f"strategy {strategy!r}: min_steps={settings['min_steps']} stretches training from "
         f"{settings['epochs']} to up to {epochs} epochs ({steps_per_epoch} optimiser steps per "
