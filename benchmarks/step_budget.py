@@ -2,8 +2,9 @@
 
 For one strategy under its default settings (``lora`` by default: every encoder-trained strategy
 has the same budget), the runner's own functions give the numbers: the outer split
-(:func:`~scdlkit._shared.splits.stratified_split`, ``val_size=test_size=0.15``), the inner
-early-stopping split of the training cells, the resolved settings
+(:func:`~scdlkit._shared.splits.stratified_split`, ``val_size=test_size=0.15``), the calibration
+cells carved from its training cells (``calibration_size=0.1``), the inner early-stopping split of
+the training cells left, the resolved settings
 (:func:`~scdlkit.foundation._training_settings.resolve_training`), the Trainer's budget
 (:func:`~scdlkit.foundation._training_settings.step_budget`) and its evaluation periods
 (:class:`~scdlkit.training._schedule.Periods`). Nothing is trained: the table is the plan, the
@@ -48,8 +49,12 @@ class Budget:
     bound: str
 
 
-def split_sizes(cells: int, *, val_size: float, test_size: float, seed: int) -> tuple[int, int]:
-    """Cells fitted on and cells early stopping reads, as the runner splits ``cells``."""
+def split_sizes(
+    cells: int, *, val_size: float, test_size: float, seed: int, calibration_size: float = 0.1
+) -> tuple[int, int]:
+    """Cells fitted on and cells early stopping reads, as the runner splits ``cells``: the outer
+    split, the calibration cells carved from its training cells (``calibration_size`` of the
+    labelled cells, stratified), then the inner early-stopping split of what is left."""
     from scdlkit._shared.splits import stratified_split
 
     labels = np.arange(cells) % N_CLASSES
@@ -57,6 +62,16 @@ def split_sizes(cells: int, *, val_size: float, test_size: float, seed: int) -> 
         np.arange(cells), labels, val_size=val_size, test_size=test_size, random_state=seed
     )
     train = outer["train"]
+    if calibration_size > 0:
+        share = min(calibration_size * cells / max(len(train), 1), 0.9)
+        parts, _ = stratified_split(
+            train,
+            labels[train],
+            val_size=share,
+            test_size=0.0,
+            random_state=np.random.default_rng([seed, 7]),
+        )
+        train = parts["train"]
     inner, _ = stratified_split(
         train, labels[train], val_size=val_size, test_size=0.0, random_state=seed
     )
@@ -70,13 +85,20 @@ def plan(
     batch_size: int = 64,
     val_size: float = 0.15,
     test_size: float = 0.15,
+    calibration_size: float = 0.1,
     seed: int = 42,
 ) -> Budget:
     """The budget of ``strategy`` (default settings) on ``cells`` labelled cells."""
     from scdlkit.foundation._training_settings import resolve_training, step_budget
     from scdlkit.training._schedule import Periods
 
-    fit, inner = split_sizes(cells, val_size=val_size, test_size=test_size, seed=seed)
+    fit, inner = split_sizes(
+        cells,
+        val_size=val_size,
+        test_size=test_size,
+        seed=seed,
+        calibration_size=calibration_size,
+    )
     settings = resolve_training(strategy, None, {})
     per_epoch = math.ceil(fit / batch_size)
     budget = step_budget(settings, per_epoch)
@@ -171,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         f"eval_every={settings['eval_every']}, lr_decay={settings['lr_decay']}, "
         f"early_stopping_patience={settings['early_stopping_patience']}, "
         f"max_patience_steps={settings.get('max_patience_steps')}; "
-        f"batch_size={args.batch_size}, val_size=test_size=0.15, {N_CLASSES} balanced classes"
+        f"batch_size={args.batch_size}, val_size=test_size=0.15, calibration_size=0.1, "
+        f"{N_CLASSES} balanced classes"
     )
     budgets = [plan(args.strategy, n, batch_size=args.batch_size) for n in args.cells]
     for row in table(budgets, train_rate=args.train_rate, eval_rate=args.eval_rate):

@@ -437,7 +437,7 @@ def test_step_budget_benchmark_prints_the_cost_table(capsys):
     assert large.evaluations == 10
     assert large.eval_passes == 10 * large.inner
     assert large.train_passes == 2 * large.fit + (MAX_STEPS - 2 * large.steps_per_epoch) * 64
-    assert "| 1,000,000 | 595,000 / 105,000 | 9,297 | 20,000 | 2.15 (3 begun) | cap |" in out
+    assert "| 1,000,000 | 510,000 / 90,000 | 7,969 | 20,000 | 2.51 (3 begun) | cap |" in out
     hours = bench.table([large], train_rate=1.0, eval_rate=1.0)[-1]
     total = (large.train_passes + large.eval_passes) / 3600
     assert hours.endswith(f"| {total:,.1f} |")

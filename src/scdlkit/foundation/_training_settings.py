@@ -76,12 +76,12 @@ MIN_STEPS = 2000
 #: 1.8-3.7x the capped one per fit on small data (4.7-9x the 300-step floor; docs/tuning.md)
 MAX_PATIENCE_STEPS = 100
 #: Optimiser steps an encoder-trained strategy takes at most: a cost cap, not measured at
-#: whole-human size (10x the floor; 1.28M cells seen at batch 64). It binds above ~215,000 cells,
+#: whole-human size (10x the floor; 1.28M cells seen at batch 64). It binds above ~250,000 cells,
 #: where 10 epochs would take more steps (1M cells: 93,000; docs/performance.md has the table)
 MAX_STEPS = 20_000
 #: An epoch of more optimiser steps than this is evaluated every this many steps instead (early
 #: stopping, best weights, lr decay): a run at the cap is evaluated 10 times, as the recipe's 10
-#: epochs are. Smaller epochs (up to ~215,000 cells at batch 64) are evaluated once each
+#: epochs are. Smaller epochs (up to ~250,000 cells at batch 64) are evaluated once each
 EVAL_EVERY = MAX_STEPS // 10
 #: A floor that stretches training past this many epochs is reported (a UserWarning, once per
 #: fit and strategy): every cell is then seen more times than the recipe ever shows it
