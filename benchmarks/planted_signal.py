@@ -290,7 +290,8 @@ def repeated_comparison(
             label_key=key,
             checkpoint=checkpoint,
             strategies=tuple(strategies),
-            strategy_configs=strategy_configs,
+            strategy_configs={k: v for k, v in (strategy_configs or {}).items() if k in strategies}
+            or None,
             training=resolved,
             n_repeats=n_repeats,
             precision="fp32",

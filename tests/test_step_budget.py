@@ -233,10 +233,20 @@ def test_a_stretched_floor_warns_once_per_fit_and_strategy():
         "from 10 to up to 334 epochs",
         "6 optimiser steps",
         "357 cells",
-        "after about 100 steps without improvement",
+        "after 17 epochs, 102 steps, without improvement",
     ):
         assert number in messages[0]
     assert STRETCH_WARNING_EPOCHS == 50
+    # the wait it names is the one the run will have; without early stopping it says so
+    long_wait = resolve_training("lora", {"min_steps": 2000, "max_patience_steps": 1000}, {})
+    never = resolve_training("lora", {"min_steps": 2000, "early_stopping_patience": None}, {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_stretched("lora", long_wait, 6, n_cells=357, batch_size=64, once_per=Fit())
+        warn_if_stretched("lora", never, 6, n_cells=357, batch_size=64, once_per=Fit())
+    waits = [str(w.message) for w in caught]
+    assert "after 101 epochs, 606 steps, without improvement" in waits[0]
+    assert "with no early stopping" in waits[1]
 
 
 def test_the_runner_warns_once_over_repeats(pbmc_raw):

@@ -77,7 +77,7 @@ MIN_STEPS = 2000
 MAX_PATIENCE_STEPS = 100
 #: Optimiser steps an encoder-trained strategy takes at most: a cost cap, not measured at
 #: whole-human size (10x the floor; 1.28M cells seen at batch 64). It binds above ~250,000 cells,
-#: where 10 epochs would take more steps (1M cells: 93,000; docs/performance.md has the table)
+#: where 10 epochs would take more steps (1M cells: about 79,700; docs/performance.md has the table)
 MAX_STEPS = 20_000
 #: An epoch of more optimiser steps than this is evaluated every this many steps instead (early
 #: stopping, best weights, lr decay): a run at the cap is evaluated 10 times, as the recipe's 10
@@ -290,7 +290,7 @@ def step_budget(settings: Mapping[str, Any], steps_per_epoch: int) -> dict[str, 
     >>> budget = step_budget(settings, steps_per_epoch=6)  # 357 cells at batch 64
     >>> budget["epochs"], budget["early_stopping_patience"], round(budget["lr_decay"], 4)
     (334, 17, 0.9969)
-    >>> budget = step_budget(settings, steps_per_epoch=9297)  # 1M cells
+    >>> budget = step_budget(settings, steps_per_epoch=7969)  # 1M cells
     >>> budget["epochs"], budget["max_steps"], budget["early_stopping_patience"]
     (3, 20000, 3)
     """
@@ -343,7 +343,8 @@ def warn_if_stretched(
 ) -> None:
     """A UserWarning when the ``min_steps`` floor may stretch ``strategy`` past
     :data:`STRETCH_WARNING_EPOCHS` epochs; once per strategy while ``once_per`` lives."""
-    epochs = step_budget(settings, steps_per_epoch)["epochs"]
+    budget = step_budget(settings, steps_per_epoch)
+    epochs = budget["epochs"]
     if epochs <= max(STRETCH_WARNING_EPOCHS, int(settings["epochs"])):
         return
     key = id(once_per)
@@ -353,14 +354,13 @@ def warn_if_stretched(
     if strategy in _WARNED[key]:
         return
     _WARNED[key].add(strategy)
-    wait = settings.get("max_patience_steps")
-    if settings.get("early_stopping_patience") is None:
+    patience = budget["early_stopping_patience"]  # in epochs: a stretched run's epochs are short
+    if patience is None:
         stop = "with no early stopping"
-    elif wait is None:
-        stop = "unless early stopping ends it sooner"
     else:
         stop = (
-            f"unless early stopping ends it sooner (after about {wait} steps without improvement)"
+            f"unless early stopping ends it sooner (after {patience} epochs, "
+            f"{patience * steps_per_epoch} steps, without improvement)"
         )
     msg = (
         f"strategy {strategy!r}: min_steps={settings['min_steps']} stretches training from "
