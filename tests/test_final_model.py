@@ -236,7 +236,7 @@ def test_a_refitted_encoder_strategy_trains_exactly_the_steps_of_its_kept_weight
 
     def spy(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
-        fitted.append(int(self.history_["step"].max()))
+        fitted.append((int(self.history_["step"].max()), self.best_step_))
         return out
 
     monkeypatch.setattr(Trainer, "fit", spy)
@@ -254,4 +254,7 @@ def test_a_refitted_encoder_strategy_trains_exactly_the_steps_of_its_kept_weight
     steps = int(runner.results_["lora"].extra["best_step"])
     assert steps > 10  # more than the recipe's 10 one-step epochs
     assert runner.final_models_["lora"]["steps"] == steps
-    assert fitted == [40, steps]  # the selection fit, then the refit
+    # the selection fit ran 40 steps and kept the best; the refit ran exactly the kept steps
+    # and keeps its last weights (without stop cells "best" would be the lowest training loss)
+    assert fitted == [(40, steps), (steps, steps)]
+    assert runner.kept_result("lora").training["keep"] == "last"

@@ -498,3 +498,25 @@ def test_the_head_strategy_trains_on_one_thread(pbmc_raw, monkeypatch):
     assert 1 in calls
     assert calls[-1] == before
     assert torch.get_num_threads() == before
+
+
+def test_keep_last_keeps_the_weights_of_the_last_step():
+    # 5 steps of 4 per epoch, evaluated every epoch: without validation data "best" restores the
+    # period with the lowest training loss, which need not be the last (a short one here)
+    kwargs = {"epochs": 10, "max_steps": 5, "lr": 0.5, "seed": 0}
+    best = _trainer(Head(seed=2), **kwargs).fit(Features(64, seed=0))
+    last = _trainer(Head(seed=2), keep="last", **kwargs).fit(Features(64, seed=0))
+    assert last.best_step_ == 5 == int(last.history_["step"].max())
+    assert best.best_step_ == 4  # the case keep="last" exists for
+    # the weights after step 5, however often the run was evaluated on the way
+    every_step = _trainer(Head(seed=2), keep="last", eval_every=1, **kwargs)
+    every_step.fit(Features(64, seed=0))
+    assert every_step.history_["step"].tolist() == [1, 2, 3, 4, 5]
+    for a, b in zip(last.model.parameters(), every_step.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(best.model.parameters(), last.model.parameters(), strict=True)
+    )
+    with pytest.raises(ValueError, match="keep"):
+        _trainer(keep="first")

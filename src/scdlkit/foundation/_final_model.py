@@ -75,7 +75,8 @@ def final_model(
     steps = result.extra.get("best_step")
     if steps is not None:  # a trained strategy: exactly the steps its kept weights had, no stopping
         steps = max(int(steps), 1)
-        settings = {**settings, "min_steps": steps, "max_steps": steps}
+        # the last step's weights: without stop cells "best" would mean the lowest training loss
+        settings = {**settings, "min_steps": steps, "max_steps": steps, "keep": "last"}
         settings["early_stopping_patience"] = None
     refitted = family.fit(name, refit_ctx, settings, config)
     final.model = refitted.model

@@ -248,4 +248,5 @@ TRAINER_ARGUMENTS: dict[str, Check] = {
     "seed": SEED,
     "num_threads": partial(check_optional_int, min_value=1),
     "progress": check_bool,
+    "keep": partial(check_choice, choices=("best", "last")),
 }

@@ -185,6 +185,10 @@ class Trainer:
         slower with 2 threads than with 1 on 2 cores at a load average of 4.5).
     progress
         Show tqdm progress bars (on the main process only).
+    keep
+        ``"best"`` (default): restore the weights of the period with the best ``monitor``
+        value at the end. ``"last"``: keep the weights of the last step, e.g. to train exactly
+        a given number of steps without validation data.
 
     Attributes
     ----------
@@ -262,6 +266,7 @@ class Trainer:
         seed: int = 0,
         num_threads: int | None = None,
         progress: bool = True,
+        keep: str = "best",
     ) -> None:
         # every argument checked (and made canonical) before Fabric or any work
         arguments = check_arguments(
@@ -293,6 +298,7 @@ class Trainer:
         self.seed = arguments["seed"]
         self.num_threads = arguments["num_threads"]
         self.progress = arguments["progress"]
+        self.keep = arguments["keep"]
         self.precision = resolve_precision(arguments["precision"], accelerator=accelerator)
         self.fabric = Fabric(
             accelerator=accelerator,
@@ -583,10 +589,11 @@ class Trainer:
 
     def _finish(self, run: _Run) -> None:
         """Restore the best period's weights and record the history."""
-        if run.best_state is None:
-            logger.warning(
-                "%s was never finite; keeping the weights of the last epoch.", run.monitored
-            )
+        if self.keep == "last" or run.best_state is None:
+            if self.keep == "best":
+                logger.warning(
+                    "%s was never finite; keeping the weights of the last epoch.", run.monitored
+                )
             run.best_epoch, run.best_step = run.rows[-1]["epoch"], run.rows[-1]["step"]
         else:
             self._restore(run.best_state)
