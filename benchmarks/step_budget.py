@@ -56,6 +56,7 @@ def split_sizes(
     split, the calibration cells carved from its training cells (``calibration_size`` of the
     labelled cells, stratified), then the inner early-stopping split of what is left."""
     from scdlkit._shared.splits import stratified_split
+    from scdlkit.foundation._comparison import draw_calibration
 
     labels = np.arange(cells) % N_CLASSES
     outer, _ = stratified_split(
@@ -63,15 +64,9 @@ def split_sizes(
     )
     train = outer["train"]
     if calibration_size > 0:
-        share = min(calibration_size * cells / max(len(train), 1), 0.9)
-        parts, _ = stratified_split(
-            train,
-            labels[train],
-            val_size=share,
-            test_size=0.0,
-            random_state=np.random.default_rng([seed, 7]),
+        train, _ = draw_calibration(
+            train, labels[train], size=calibration_size, n_labelled=cells, random_state=seed
         )
-        train = parts["train"]
     inner, _ = stratified_split(
         train, labels[train], val_size=val_size, test_size=0.0, random_state=seed
     )

@@ -194,23 +194,29 @@ def test_error_rate_refusals_leave_the_anndata_unchanged(calibrated, _pbmc_raw, 
     assert_equal(query, before)
 
 
+def _donor_baseline(fixture_dir, **batches):
+    """The baseline on pbmc68k split by ``obs["donor"]``, donor d held out for test."""
+    return sck.AnnotationRunner(
+        label_key="bulk_labels",
+        strategies=("baseline",),
+        checkpoint=fixture_dir.parent / "scgpt-tiny-pbmc-pretrained" / "checkpoint",
+        batch_key="donor",
+        split_by="batch",
+        test_batches=["d"],
+        **batches,
+        **FAST,
+    )
+
+
 def test_donor_held_out_calibration_uses_whole_batches(_pbmc_raw, fixture_dir):
     adata = _pbmc_raw.copy()
     adata.obs["donor"] = np.array(["a", "b", "c", "d"])[np.arange(adata.n_obs) % 4]
     with pytest.warns(
         UserWarning, match=r"calibrated on one batch \('b'\).*not for a new batch"
     ) as caught:
-        runner = sck.AnnotationRunner(
-            label_key="bulk_labels",
-            strategies=("baseline",),
-            checkpoint=fixture_dir.parent / "scgpt-tiny-pbmc-pretrained" / "checkpoint",
-            batch_key="donor",
-            split_by="batch",
-            test_batches=["d"],
-            val_batches=["c"],
-            calibration_batches=["b"],
-            **FAST,
-        ).fit(adata)
+        runner = _donor_baseline(fixture_dir, val_batches=["c"], calibration_batches=["b"]).fit(
+            adata
+        )
     assert {w.filename for w in caught if "one batch" in str(w.message)} == {__file__}
     donors = adata.obs["donor"].to_numpy()
     assert set(donors[runner.split_.calibration_indices]) == {"b"}
@@ -224,16 +230,7 @@ def test_donor_held_out_calibration_uses_whole_batches(_pbmc_raw, fixture_dir):
         "refit": True,
     }
     with pytest.raises(ValueError, match="also test or validation batches"):
-        sck.AnnotationRunner(
-            label_key="bulk_labels",
-            strategies=("baseline",),
-            checkpoint=fixture_dir.parent / "scgpt-tiny-pbmc-pretrained" / "checkpoint",
-            batch_key="donor",
-            split_by="batch",
-            test_batches=["d"],
-            calibration_batches=["d"],
-            **FAST,
-        ).fit(adata)
+        _donor_baseline(fixture_dir, calibration_batches=["d"]).fit(adata)
 
 
 def test_calibration_plot_and_coverage_bars(calibrated, _pbmc_raw, tmp_path):

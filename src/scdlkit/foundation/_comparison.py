@@ -25,6 +25,7 @@ __all__ = [
     "calibration_curve",
     "carve_calibration",
     "compare_strategies",
+    "draw_calibration",
     "fit_strategies",
     "repeat_splits",
     "split_summary",
@@ -195,16 +196,30 @@ def carve_calibration(
         )
     if size <= 0:
         return split
-    labelled = int(prepared.labelled.sum())
-    share = min(size * labelled / max(len(train), 1), 0.9)
-    parts, _ = stratified_split(
+    kept, calibration = draw_calibration(
         train,
         prepared.label_codes[train],
+        size=size,
+        n_labelled=int(prepared.labelled.sum()),
+        random_state=random_state,
+    )
+    return replace(split, train_indices=kept, calibration_indices=calibration)
+
+
+def draw_calibration(
+    train: np.ndarray, codes: np.ndarray, *, size: float, n_labelled: int, random_state: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(training cells kept, calibration cells)``: a stratified ``size`` share of the
+    ``n_labelled`` labelled cells, drawn from ``train`` (at most 90 % of it)."""
+    share = min(size * n_labelled / max(len(train), 1), 0.9)
+    parts, _ = stratified_split(
+        train,
+        codes,
         val_size=share,
         test_size=0.0,
         random_state=np.random.default_rng([random_state, 7]),
     )
-    return replace(split, train_indices=parts["train"], calibration_indices=parts["val"])
+    return parts["train"], parts["val"]
 
 
 def calibration_curve(
